@@ -1,0 +1,66 @@
+# PecSched developer entry points. `make run` and `make test` each set up everything they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/pecsched/v1/*.proto)
+PROTOC := $(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+	--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=.
+
+.PHONY: help setup run test test-fast lint fmt protos check-protos bench paper-eval clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## Create .venv with torch (CPU build) and the project in editable mode
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first and exact: a CPU build from local disk, so pip never pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dataplane,dev]'
+	@touch $@
+
+run: setup  ## The main job: the simulator's paper evaluation on the embedded defaults
+	$(VENV)/bin/pecsched sim --trace ../shared/traces/AzureLLMInferenceTrace_code.csv \
+		--trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
+		--gpus 32 --gpu a100 --model mistral-7b --policy all
+
+test: setup  ## Unit, integration and e2e tests on CPU (PostgreSQL tests run when it is reachable)
+	$(PY) -m pytest -q
+
+lint: setup  ## ruff check + format check, mypy strict on core/sim/sdk, import-linter contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy controlplane/core sim sdk pecsched
+	$(VENV)/bin/lint-imports
+
+fmt: setup  ## Format and autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+protos: setup  ## Regenerate the committed protobuf/gRPC code
+	$(PROTOC) $(PROTO_SRC)
+
+check-protos: setup  ## Fail if the committed generated code differs from a fresh generation
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/protos/pecsched/v1 && \
+	cp $(PROTO_SRC) $$tmp/protos/pecsched/v1/ && \
+	(cd $$tmp && $(abspath $(PY)) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(abspath $(VENV))/bin/protoc-gen-mypy --mypy_out=. \
+		protos/pecsched/v1/*.proto) && \
+	for f in $$tmp/protos/pecsched/v1/*_pb2*; do \
+		diff -u protos/pecsched/v1/$$(basename $$f) $$f || { echo "generated code is stale: run make protos"; exit 1; }; \
+	done && \
+	extra=$$(comm -13 <(cd $$tmp/protos/pecsched/v1 && ls *_pb2* | sort) <(cd protos/pecsched/v1 && ls *_pb2* | sort)) && \
+	{ [ -z "$$extra" ] || { echo "generated files without a .proto: $$extra"; exit 1; }; } && \
+	rm -rf $$tmp && echo "protos up to date"
+
+bench: setup  ## CPU benchmarks (tables on stdout; see BENCHMARKS.md)
+	@for f in bench/*.py; do case $$f in *_gpu.py) ;; *) echo "== $$f"; $(PY) $$f || exit 1;; esac; done
+
+clean:  ## Remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache

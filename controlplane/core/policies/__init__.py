@@ -1,0 +1,1 @@
+"""Scheduling policies, one file each, chosen by name through the registry."""

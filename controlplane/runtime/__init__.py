@@ -1,0 +1,1 @@
+"""The loop that feeds events to the policy, persists decisions and dispatches commands."""

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy tables and repositories that return core types."""

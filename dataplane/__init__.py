@@ -1,0 +1,1 @@
+"""The data plane: agents, worker engines, models, sequence parallelism and KV transfer."""

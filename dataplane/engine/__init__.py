@@ -1,0 +1,1 @@
+"""One worker's engine: KV cache, iteration loop, chunked prefill, sampling."""

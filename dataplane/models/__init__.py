@@ -1,0 +1,1 @@
+"""Llama-family decoder in plain PyTorch, presets, HF weight loading, tokenizers."""

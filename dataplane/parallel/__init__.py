@@ -1,0 +1,1 @@
+"""Sequence parallelism (Ulysses, ring), dynamic process groups, KV transfer."""

@@ -1,0 +1,1 @@
+"""The `pecsched` command: the composition root that gathers every component's subcommands."""

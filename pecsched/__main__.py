@@ -1,0 +1,7 @@
+"""`python -m pecsched` runs the `pecsched` command."""
+
+import sys
+
+from pecsched.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The wire contract shared by the control plane, the agents and the SDK (generated code below)."""

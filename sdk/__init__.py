@@ -1,0 +1,1 @@
+"""Typed gRPC client (sync and asyncio) and the client-side CLI commands."""

@@ -1,0 +1,1 @@
+"""Discrete-event simulator driving the unchanged controlplane.core policies."""
