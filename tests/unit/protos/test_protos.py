@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from protos.pecsched.v1 import cluster_pb2, cluster_pb2_grpc, common_pb2, inference_pb2
-from protos.pecsched.v1 import inference_pb2_grpc
+from protos.pecsched.v1 import (
+    cluster_pb2,
+    cluster_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 
 
 def test_submit_request_round_trips_through_bytes() -> None:
