@@ -1,0 +1,172 @@
+"""Metrics by request class, from per-request records. Pure functions returning data.
+
+Definitions (all times in seconds, measured on the simulated clock):
+
+* queueing delay = first time the request is scheduled for prefill − arrival. A request the
+  run never scheduled counts with `end − arrival` (a lower bound), so backlog is not hidden.
+* TTFT = first output token − arrival; TBT (time between tokens) of one request =
+  (finish − first token) / (output tokens − 1), reported over requests with >= 2 tokens.
+* JCT = finish − arrival.
+* short throughput = finished short requests / (last short finish − first short arrival).
+* makespan = last finish of any request − first arrival.
+* long starvation rate = fraction of long requests that did not finish by the end of the run or
+  whose JCT exceeds `starvation_factor` x their isolated JCT (the same request alone on an idle
+  cluster, prefilled on the fewest instances that hold its KV, then decoded alone).
+* preemptions = total pauses of running prefills, over all requests.
+* GPU idle rate = Σ idle GPU-seconds / Σ (busy + idle) over [first arrival, makespan end].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+DEFAULT_STARVATION_FACTOR = 5.0  # JCT above this multiple of the isolated JCT counts as starved
+PERCENTILES = (1, 25, 50, 75, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecords:
+    """Per-request outcomes, columnar; NaN marks an event that never happened."""
+
+    is_long: BoolArray  # class: prompt >= the long threshold
+    arrival_s: FloatArray
+    first_scheduled_s: FloatArray  # first StartPrefill that included the request
+    first_token_s: FloatArray  # prefill finished and the first token was out
+    finished_s: FloatArray
+    output_tokens: IntArray
+    preemptions: IntArray  # times the request's prefill was paused
+    isolated_jct_s: FloatArray  # JCT alone on an idle cluster (starvation reference)
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_s)
+        for field in self.__slots__:
+            if len(getattr(self, field)) != n:
+                raise ValueError(f"RequestRecords.{field} has a different length than arrival_s")
+
+
+@dataclass(frozen=True, slots=True)
+class ShortMetrics:
+    """Metrics of short requests."""
+
+    count: int  # short requests in the workload
+    queueing_delay_s: dict[str, float]  # "p1".."p99"
+    ttft_s: dict[str, float]  # "p50", "p99"
+    tbt_s: dict[str, float]  # "p50", "p99" of per-request mean TBT
+    throughput_rps: float
+
+
+@dataclass(frozen=True, slots=True)
+class LongMetrics:
+    """Metrics of long requests."""
+
+    count: int
+    queueing_delay_s: dict[str, float]  # "p50", "p99"
+    jct_mean_s: float  # over finished long requests
+    jct_p99_s: float
+    starvation_rate: float
+    preemptions_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Everything one simulation run reports."""
+
+    short: ShortMetrics
+    long: LongMetrics
+    preemptions_total: int  # over all requests
+    gpu_idle_rate: float
+    makespan_s: float
+
+
+def percentiles(values: FloatArray, which: tuple[int, ...]) -> dict[str, float]:
+    """{"pX": value} for each X in `which` (linear interpolation); NaN when `values` is empty."""
+    if len(values) == 0:
+        return {f"p{q}": float("nan") for q in which}
+    got = np.percentile(values, which)
+    return {f"p{q}": float(v) for q, v in zip(which, got, strict=True)}
+
+
+def queueing_delay_s(records: RequestRecords, mask: BoolArray, end_s: float) -> FloatArray:
+    """Queueing delays of the masked requests (never scheduled: end − arrival)."""
+    start = np.where(np.isnan(records.first_scheduled_s), end_s, records.first_scheduled_s)
+    return (start - records.arrival_s)[mask]
+
+
+def tbt_s(records: RequestRecords, mask: BoolArray) -> FloatArray:
+    """Mean time between tokens of each masked finished request with >= 2 output tokens."""
+    ok = mask & ~np.isnan(records.finished_s) & (records.output_tokens >= 2)
+    span = records.finished_s[ok] - records.first_token_s[ok]
+    return span / (records.output_tokens[ok] - 1)
+
+
+def starvation_rate(records: RequestRecords, mask: BoolArray, factor: float) -> float:
+    """Fraction of masked requests unfinished or with JCT > factor x isolated JCT."""
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    jct = records.finished_s[mask] - records.arrival_s[mask]
+    starved = np.isnan(jct) | (jct > factor * records.isolated_jct_s[mask])
+    return float(starved.sum()) / total
+
+
+def gpu_idle_rate(busy_gpu_s: float, num_gpus: int, makespan_s: float) -> float:
+    """Σ idle / Σ (busy + idle) over `num_gpus` GPUs for `makespan_s`."""
+    total = num_gpus * makespan_s
+    if total <= 0:
+        return 0.0
+    return max(0.0, total - busy_gpu_s) / total
+
+
+def summarize(
+    records: RequestRecords,
+    busy_gpu_s: float,
+    num_gpus: int,
+    end_s: float,
+    starvation_factor: float = DEFAULT_STARVATION_FACTOR,
+) -> Summary:
+    """All metrics of one run that ended at simulated time `end_s`."""
+    short = ~records.is_long
+    long = records.is_long
+    done = ~np.isnan(records.finished_s)
+    first_arrival = float(records.arrival_s.min()) if len(records.arrival_s) else 0.0
+    last_finish = float(records.finished_s[done].max()) if done.any() else first_arrival
+    makespan = last_finish - first_arrival
+
+    short_done = short & done
+    if short_done.any():
+        short_span = float(records.finished_s[short_done].max() - records.arrival_s[short].min())
+        throughput = int(short_done.sum()) / short_span if short_span > 0 else float("nan")
+    else:
+        throughput = 0.0
+    ttft = (records.first_token_s - records.arrival_s)[short & ~np.isnan(records.first_token_s)]
+
+    jct = (records.finished_s - records.arrival_s)[long & done]
+    short_metrics = ShortMetrics(
+        count=int(short.sum()),
+        queueing_delay_s=percentiles(queueing_delay_s(records, short, end_s), PERCENTILES),
+        ttft_s=percentiles(ttft, (50, 99)),
+        tbt_s=percentiles(tbt_s(records, short), (50, 99)),
+        throughput_rps=throughput,
+    )
+    long_metrics = LongMetrics(
+        count=int(long.sum()),
+        queueing_delay_s=percentiles(queueing_delay_s(records, long, end_s), (50, 99)),
+        jct_mean_s=float(jct.mean()) if len(jct) else float("nan"),
+        jct_p99_s=float(np.percentile(jct, 99)) if len(jct) else float("nan"),
+        starvation_rate=starvation_rate(records, long, starvation_factor),
+        preemptions_total=int(records.preemptions[long].sum()),
+    )
+    return Summary(
+        short=short_metrics,
+        long=long_metrics,
+        preemptions_total=int(records.preemptions.sum()),
+        gpu_idle_rate=gpu_idle_rate(busy_gpu_s, num_gpus, makespan),
+        makespan_s=makespan,
+    )
