@@ -1,0 +1,141 @@
+"""`SchedulerConfig`: every threshold of the policies, with the paper's defaults.
+
+Baselines read the shared fields (threshold, chunk size, SP, decode batch limit, reservation
+size); the PecSched switches (`preemption`, `disaggregation`, `long_decode_sharing`) are what
+the ablations change. One config object serves every policy; the registry applies each policy's
+fixed settings on top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from controlplane.core.errors import InvalidArgumentError
+from controlplane.core.types import SpKind
+
+
+class LongDecodeSharing(StrEnum):
+    """What a short prefill may do on an instance that is decoding a long request."""
+
+    NEVER = "never"  # nothing: the instance is off limits for prefills
+    STALL = "stall"  # StartPrefill there; the long decode waits while the prefill runs
+    COLOCATE = "colocate"  # Colocate there with a per-iteration prefill-token budget
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Thresholds and switches of the scheduling policies (validated, immutable)."""
+
+    short_threshold_tokens: int = field(
+        default=4096, metadata={"help": "prompts below this many tokens are SHORT"}
+    )
+    chunk_tokens: int = field(
+        default=8192, metadata={"help": "prefill chunk size; a prefill may pause between chunks"}
+    )
+    sp_kind: SpKind = field(
+        default=SpKind.ULYSSES, metadata={"help": "SP attention for long prefills"}
+    )
+    max_sp_degree: int = field(default=8, metadata={"help": "most instances in one SP group"})
+    target_prefill_tokens_per_instance: int | None = field(
+        default=None,
+        metadata={
+            "help": "when set, a long prefill uses at least ceil(prompt / this) instances "
+            "(a prefill-time target expressed in tokens per instance)"
+        },
+    )
+    max_decode_batch: int = field(
+        default=256, metadata={"help": "most requests decoding on one instance at a time"}
+    )
+    preemption: bool = field(
+        default=True, metadata={"help": "pecsched: short prefills may pause long prefills"}
+    )
+    disaggregation: bool = field(
+        default=True,
+        metadata={"help": "pecsched: short requests decode on SHORT_DECODE instances"},
+    )
+    long_decode_sharing: LongDecodeSharing = field(
+        default=LongDecodeSharing.COLOCATE,
+        metadata={"help": "pecsched: how a short prefill uses an instance decoding a long one"},
+    )
+    colocation_budget_tokens: int = field(
+        default=512, metadata={"help": "prompt tokens per iteration of a colocated prefill"}
+    )
+    short_decode_gpu_fraction: float = field(
+        default=0.125,
+        metadata={"help": "share of GPUs given the SHORT_DECODE role (4 of 32 in the paper)"},
+    )
+    num_short_decode_instances: int | None = field(
+        default=None,
+        metadata={"help": "exact SHORT_DECODE instance count; overrides the GPU fraction"},
+    )
+    max_pause_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "starvation bound: after this many seconds paused in total, a long "
+            "prefill is no longer preempted and resumes as soon as its group is free"
+        },
+    )
+    long_aging_s: float | None = field(
+        default=120.0,
+        metadata={
+            "help": "starvation bound for queued longs: after waiting this long, a long "
+            "request goes before shorts (None disables)"
+        },
+    )
+    num_long_reserved_instances: int | None = field(
+        default=None,
+        metadata={
+            "help": "reservation: LONG_RESERVED instance count; None sizes it so that "
+            "reservation_sized_for_tokens fits"
+        },
+    )
+    reservation_sized_for_tokens: int = field(
+        default=512_000,
+        metadata={"help": "reservation: longest request (prompt + output) the reserve must hold"},
+    )
+    max_kv_transfer_attempts: int = field(
+        default=3,
+        metadata={"help": "KV transfers tried before a short decodes where it was prefilled"},
+    )
+
+    def __post_init__(self) -> None:
+        positive = {
+            "short_threshold_tokens": self.short_threshold_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "max_sp_degree": self.max_sp_degree,
+            "max_decode_batch": self.max_decode_batch,
+            "colocation_budget_tokens": self.colocation_budget_tokens,
+            "reservation_sized_for_tokens": self.reservation_sized_for_tokens,
+            "max_kv_transfer_attempts": self.max_kv_transfer_attempts,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise InvalidArgumentError(name, f"must be >= 1, got {value}")
+        tpi = self.target_prefill_tokens_per_instance
+        if tpi is not None and tpi < 1:
+            raise InvalidArgumentError(
+                "target_prefill_tokens_per_instance", f"must be >= 1, got {tpi}"
+            )
+        if not 0.0 <= self.short_decode_gpu_fraction < 1.0:
+            raise InvalidArgumentError(
+                "short_decode_gpu_fraction",
+                f"must be in [0, 1), got {self.short_decode_gpu_fraction}",
+            )
+        for name, count in (
+            ("num_short_decode_instances", self.num_short_decode_instances),
+            ("num_long_reserved_instances", self.num_long_reserved_instances),
+        ):
+            if count is not None and count < 0:
+                raise InvalidArgumentError(name, f"must be >= 0, got {count}")
+        if not (math.isfinite(self.max_pause_s) and self.max_pause_s >= 0.0):
+            raise InvalidArgumentError(
+                "max_pause_s", f"must be finite and >= 0, got {self.max_pause_s}"
+            )
+        if self.long_aging_s is not None and not (
+            math.isfinite(self.long_aging_s) and self.long_aging_s >= 0.0
+        ):
+            raise InvalidArgumentError(
+                "long_aging_s", f"must be finite and >= 0 or None, got {self.long_aging_s}"
+            )
