@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from types import ModuleType
 
+import sdk.cli
+
 # Components that contribute subcommands, in the order `pecsched --help` lists them.
-COMPONENT_CLIS: tuple[ModuleType, ...] = ()
+COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli,)
 
 
 def build_parser() -> argparse.ArgumentParser:
