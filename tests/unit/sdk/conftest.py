@@ -1,0 +1,49 @@
+"""Fixtures serving the scripted fake control plane (`sdk_fake_control_plane.py`) on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from sdk_fake_control_plane import FakeControlPlane
+
+from protos.pecsched.v1 import inference_pb2_grpc
+
+
+def _serve(servicer: FakeControlPlane, credentials: object | None = None) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("localhost:0", credentials)
+    server.start()
+    try:
+        yield f"{'localhost' if credentials else '127.0.0.1'}:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture
+def fake() -> FakeControlPlane:
+    """A fresh scripted control plane (not serving yet; use `target`)."""
+    return FakeControlPlane()
+
+
+@pytest.fixture
+def target(fake: FakeControlPlane) -> Iterator[str]:
+    """host:port of a real gRPC server on loopback serving `fake`."""
+    yield from _serve(fake)
+
+
+@pytest.fixture
+def serve_tls() -> object:
+    """A function serving a fake over TLS with the given key and certificate PEMs."""
+
+    def serve(servicer: FakeControlPlane, key_pem: bytes, cert_pem: bytes) -> Iterator[str]:
+        credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        return _serve(servicer, credentials)
+
+    return serve
