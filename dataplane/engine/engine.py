@@ -1,0 +1,399 @@
+"""One worker's engine: admission, the iteration loop, pause/resume/cancel, KV export/import.
+
+Life of a request::
+
+    add_request ──▶ PREFILLING ──(last chunk)──▶ DECODING ──(EOS / max_new_tokens)──▶ finished
+                       │  ▲                         │  ▲        (hold_after_prefill: HELD)
+                 pause │  │ resume            pause │  │ resume
+                       ▼  │                         ▼  │
+                      PAUSED (KV resident)         PAUSED
+    begin_import ──▶ IMPORTING ──finish_import──▶ DECODING (or PREFILLING for a partial prefill)
+    cancel: any state ──▶ gone, its KV rows freed at once.
+
+`step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`),
+then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
+until `max_batch_tokens` is used. It returns the events of the iteration. All model work runs
+inside `step()`, so every other call happens at a chunk boundary by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from dataplane.engine.errors import EngineError, EngineErrorCode
+from dataplane.engine.kv_cache import KVCache, KVPlan, plan_pool_tokens
+from dataplane.engine.requests import RequestState, RunningRequest
+from dataplane.engine.sampling import sample_tokens
+from dataplane.engine.types import (
+    ChunkDone,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    KVExport,
+    KVMetadata,
+    PrefillDone,
+    SamplingParams,
+    TokenGenerated,
+)
+from dataplane.models.attention import CachedAttention, flash_varlen_works, make_attention_batch
+from dataplane.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Limits of one engine."""
+
+    max_batch_tokens: int = 2048  # tokens per iteration: decodes + prefill chunks
+    max_batch_seqs: int = 256  # sequences per iteration
+    chunk_tokens: int = 512  # default prefill chunk size (a request may override it)
+    kv_budget_bytes: int | None = None  # KV pool size; None: from free CUDA memory
+    memory_fraction: float = 0.92  # share of device memory the process may use (CUDA)
+    max_model_tokens: int | None = None  # longest prompt + output; None: the model's limit
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_seqs", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class KVImportTarget:
+    """Per-layer (num_kv_tokens, Hkv, D) views of the rows reserved for an incoming request."""
+
+    request_id: str
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+
+class AttentionKernel(Enum):
+    """Which attention kernels the engine uses (probed once at construction)."""
+
+    FLASH_VARLEN = "flash-varlen"
+    SDPA = "sdpa"
+
+
+class Engine:
+    """Runs one model instance: see the module docstring for the request life cycle."""
+
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = model.shape
+        self.max_model_tokens = config.max_model_tokens or shape.max_position_tokens
+        if shape.sliding_window_tokens is not None:
+            self.max_model_tokens = min(self.max_model_tokens, shape.sliding_window_tokens)
+        use_flash = flash_varlen_works(self.device, self.dtype)
+        self.kernel = AttentionKernel.FLASH_VARLEN if use_flash else AttentionKernel.SDPA
+        self.kv_plan: KVPlan = plan_pool_tokens(
+            bytes_per_token=shape.kv_bytes_per_token(self.dtype),
+            device=self.device,
+            kv_budget_bytes=config.kv_budget_bytes,
+            activation_reserve_bytes=self._activation_reserve_bytes(),
+            memory_fraction=config.memory_fraction,
+        )
+        self.kv = KVCache(
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            pool_tokens=self.kv_plan.pool_tokens,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._requests: dict[str, RunningRequest] = {}
+
+    # ----------------------------------------------------------------- admission
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        chunk_tokens: int | None = None,
+        hold_after_prefill: bool = False,
+    ) -> None:
+        """Admit a request and reserve all its KV rows now; raises EngineError if it can't fit.
+
+        `hold_after_prefill` keeps the request HELD after its first token (KV resident, not
+        decoded) so it can be exported to a decode worker.
+        """
+        self._check_new(request_id, prompt_token_ids, sampling)
+        chunk = self.config.chunk_tokens if chunk_tokens is None else chunk_tokens
+        if chunk < 1:
+            raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"chunk_tokens={chunk} < 1")
+        start = self.kv.reserve(request_id, _kv_rows(len(prompt_token_ids), sampling))
+        self._requests[request_id] = RunningRequest.new(
+            request_id,
+            prompt_token_ids,
+            sampling,
+            kv_start=start,
+            chunk_tokens=chunk,
+            hold_after_prefill=hold_after_prefill,
+            device=self.device,
+        )
+
+    def can_fit(self, num_prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a request of this size would be admitted now."""
+        rows = num_prompt_tokens + max_new_tokens - 1
+        return (
+            num_prompt_tokens + max_new_tokens <= self.max_model_tokens
+            and rows <= self.kv.allocator.largest_free_tokens
+        )
+
+    def _check_new(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"request_id {request_id!r} exists")
+        if not prompt:
+            raise EngineError(EngineErrorCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        vocab = self.model.shape.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT, f"prompt_token_ids must be in [0, {vocab})"
+            )
+        total = len(prompt) + sampling.max_new_tokens
+        if total > self.max_model_tokens:
+            raise EngineError(
+                EngineErrorCode.DOES_NOT_FIT,
+                f"request {request_id!r}: prompt {len(prompt)} + max_new_tokens "
+                f"{sampling.max_new_tokens} exceeds the model limit of {self.max_model_tokens}",
+            )
+
+    # ----------------------------------------------------------------- control
+    def pause(self, request_id: str) -> None:
+        """Stop scheduling a PREFILLING/DECODING/HELD request; its KV stays resident."""
+        req = self._get(request_id)
+        if req.state not in (RequestState.PREFILLING, RequestState.DECODING, RequestState.HELD):
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE, f"cannot pause {request_id!r} in {req.state.name}"
+            )
+        req.paused_from, req.state = req.state, RequestState.PAUSED
+
+    def resume(self, request_id: str) -> None:
+        """Continue a PAUSED request where it stopped (nothing is recomputed); HELD -> DECODING."""
+        req = self._get(request_id)
+        if req.state is RequestState.HELD:
+            req.state = RequestState.DECODING
+        elif req.state is RequestState.PAUSED and req.paused_from is not None:
+            req.state, req.paused_from = req.paused_from, None
+        else:
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE, f"cannot resume {request_id!r} in {req.state.name}"
+            )
+
+    def cancel(self, request_id: str) -> int:
+        """Drop a request in any state and free its KV rows at once; returns the rows freed."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise EngineError(EngineErrorCode.UNKNOWN_REQUEST, f"no request {request_id!r}")
+        self.kv.release(req.kv_start)
+        return req.kv_rows
+
+    def request_state(self, request_id: str) -> RequestState:
+        """The state of a resident request."""
+        return self._get(request_id).state
+
+    @property
+    def num_requests(self) -> int:
+        """Resident requests (any state)."""
+        return len(self._requests)
+
+    @property
+    def num_free_kv_tokens(self) -> int:
+        """Free KV rows in total."""
+        return self.kv.allocator.num_free_tokens
+
+    def has_runnable_work(self) -> bool:
+        """Whether `step()` would run anything."""
+        runnable = (RequestState.PREFILLING, RequestState.DECODING)
+        return any(r.state in runnable for r in self._requests.values())
+
+    def _get(self, request_id: str) -> RunningRequest:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise EngineError(EngineErrorCode.UNKNOWN_REQUEST, f"no request {request_id!r}")
+        return req
+
+    # ----------------------------------------------------------------- iteration
+    def step(self) -> list[EngineEvent]:
+        """Run one iteration (decodes first, then prefill chunks) and return its events."""
+        cfg = self.config
+        decodes = [r for r in self._requests.values() if r.state is RequestState.DECODING]
+        decodes = decodes[: min(cfg.max_batch_seqs, cfg.max_batch_tokens)]
+        budget = cfg.max_batch_tokens - len(decodes)
+        chunks: list[tuple[RunningRequest, int]] = []
+        for req in self._requests.values():
+            if budget <= 0 or len(decodes) + len(chunks) >= cfg.max_batch_seqs:
+                break
+            if req.state is RequestState.PREFILLING:
+                n = min(req.num_prompt_tokens - req.num_computed_tokens, req.chunk_tokens, budget)
+                chunks.append((req, n))
+                budget -= n
+        if not decodes and not chunks:
+            return []
+        return self._run(decodes, chunks)
+
+    def _run(
+        self, decodes: list[RunningRequest], chunks: list[tuple[RunningRequest, int]]
+    ) -> list[EngineEvent]:
+        ids = [r.output_token_ids[-1] for r in decodes]
+        pos = [r.num_computed_tokens for r in decodes]
+        id_parts, pos_parts = [torch.tensor(ids, dtype=torch.int64)], [torch.tensor(pos)]
+        num_new, num_kv = [1] * len(decodes), [p + 1 for p in pos]
+        starts = [r.kv_start for r in decodes]
+        logits_rows = list(range(len(decodes)))
+        row = len(decodes)
+        for req, n in chunks:
+            done = req.num_computed_tokens
+            id_parts.append(req.prompt_tensor[done : done + n])
+            pos_parts.append(torch.arange(done, done + n))
+            num_new.append(n)
+            num_kv.append(done + n)
+            starts.append(req.kv_start)
+            row += n
+            if done + n == req.num_prompt_tokens:
+                logits_rows.append(row - 1)
+        device = self.device
+        batch = make_attention_batch(num_new, num_kv, starts, device)
+        attend = CachedAttention(
+            self.kv.k_pools,
+            self.kv.v_pools,
+            batch,
+            use_flash_varlen=self.kernel is AttentionKernel.FLASH_VARLEN,
+        )
+        with torch.inference_mode():
+            logits = self.model(
+                torch.cat(id_parts).to(device, non_blocking=True),
+                torch.cat(pos_parts).to(device, non_blocking=True),
+                attend,
+                torch.tensor(logits_rows, dtype=torch.int64).to(device, non_blocking=True),
+            )
+            finishing = [r for r, n in chunks if r.num_computed_tokens + n == r.num_prompt_tokens]
+            sampled = decodes + finishing
+            tokens = sample_tokens(
+                logits, [r.sampling for r in sampled], [r.generator for r in sampled]
+            )
+        events: list[EngineEvent] = []
+        for req in decodes:
+            req.num_computed_tokens += 1
+        for req, n in chunks:
+            req.num_computed_tokens += n
+            events.append(
+                ChunkDone(req.request_id, n, req.num_computed_tokens, req.num_prompt_tokens)
+            )
+            if req.num_computed_tokens == req.num_prompt_tokens:
+                events.append(PrefillDone(req.request_id, req.num_prompt_tokens))
+                req.state = RequestState.HELD if req.hold_after_prefill else RequestState.DECODING
+        for req, token in zip(sampled, tokens, strict=True):
+            events.extend(self._append_token(req, token))
+        return events
+
+    def _append_token(self, req: RunningRequest, token: int) -> list[EngineEvent]:
+        req.output_token_ids.append(token)
+        events: list[EngineEvent] = [
+            TokenGenerated(req.request_id, token, len(req.output_token_ids))
+        ]
+        reason = None
+        if token in req.sampling.eos_token_ids:
+            reason = FinishReason.EOS
+        elif len(req.output_token_ids) >= req.sampling.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.cancel(req.request_id)
+            events.append(Finished(req.request_id, reason, tuple(req.output_token_ids)))
+        return events
+
+    def _activation_reserve_bytes(self) -> int:
+        """Upper estimate of one iteration's transient memory at the configured token budget."""
+        s, cfg = self.model.shape, self.config
+        item = torch.empty((), dtype=self.dtype).element_size()
+        qkv = (s.num_q_heads + 2 * s.num_kv_heads) * s.head_dim
+        per_token = (8 * s.hidden_size + 3 * qkv + 4 * s.intermediate_size) * item
+        per_token += 3 * s.hidden_size * 4  # float32 RMSNorm temporaries
+        logits = 3 * min(cfg.max_batch_seqs, cfg.max_batch_tokens) * s.vocab_size * 4
+        return cfg.max_batch_tokens * per_token + logits + (512 << 20)
+
+    # ----------------------------------------------------------------- KV export/import
+    def export_kv(self, request_id: str) -> KVExport:
+        """Metadata + per-layer views of the request's valid KV rows (see KVExport)."""
+        req = self._get(request_id)
+        if req.state is RequestState.IMPORTING:
+            raise EngineError(EngineErrorCode.INVALID_STATE, f"{request_id!r} is still importing")
+        n, start = req.num_computed_tokens, req.kv_start
+        gen_state = None if req.generator is None else bytes(req.generator.get_state().tolist())
+        shape = self.model.shape
+        meta = KVMetadata(
+            request_id=request_id,
+            prompt_token_ids=tuple(req.prompt_token_ids),
+            output_token_ids=tuple(req.output_token_ids),
+            num_kv_tokens=n,
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            dtype=str(self.dtype),
+            sampling=req.sampling,
+            generator_state=gen_state,
+        )
+        keys = tuple(k[start : start + n] for k in self.kv.k_pools)
+        values = tuple(v[start : start + n] for v in self.kv.v_pools)
+        return KVExport(meta, keys, values)
+
+    def begin_import(self, meta: KVMetadata) -> KVImportTarget:
+        """Reserve rows for an incoming request and return views to fill (e.g. by recv)."""
+        shape = self.model.shape
+        layout = (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype)
+        mine = (shape.num_layers, shape.num_kv_heads, shape.head_dim, str(self.dtype))
+        if layout != mine:
+            raise EngineError(
+                EngineErrorCode.KV_MISMATCH, f"KV layout {layout} != this engine's {mine}"
+            )
+        prompt, output = list(meta.prompt_token_ids), list(meta.output_token_ids)
+        decoding = meta.num_kv_tokens == len(prompt) + len(output) - 1 and bool(output)
+        prefilling = meta.num_kv_tokens < len(prompt) and not output
+        if not (decoding or prefilling) or meta.num_kv_tokens < 0:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT,
+                f"num_kv_tokens={meta.num_kv_tokens} fits neither a partial prefill nor a "
+                f"decode of prompt {len(prompt)} + output {len(output)}",
+            )
+        self.add_request(meta.request_id, prompt, meta.sampling)
+        req = self._requests[meta.request_id]
+        req.state, req.num_computed_tokens = RequestState.IMPORTING, meta.num_kv_tokens
+        req.output_token_ids = output
+        if req.generator is not None and meta.generator_state is not None:
+            req.generator.set_state(torch.tensor(list(meta.generator_state), dtype=torch.uint8))
+        n, start = meta.num_kv_tokens, req.kv_start
+        keys = tuple(k[start : start + n] for k in self.kv.k_pools)
+        values = tuple(v[start : start + n] for v in self.kv.v_pools)
+        return KVImportTarget(meta.request_id, keys, values)
+
+    def finish_import(self, request_id: str) -> None:
+        """Mark the rows filled: the request becomes DECODING (or PREFILLING if partial)."""
+        req = self._get(request_id)
+        if req.state is not RequestState.IMPORTING:
+            raise EngineError(EngineErrorCode.INVALID_STATE, f"{request_id!r} is not importing")
+        done = req.num_computed_tokens == req.num_prompt_tokens + len(req.output_token_ids) - 1
+        req.state = RequestState.DECODING if done else RequestState.PREFILLING
+
+    def import_kv(self, export: KVExport) -> None:
+        """Copy an export (from any device) into this engine and make the request runnable."""
+        target = self.begin_import(export.metadata)
+        try:
+            for dst, src in zip(
+                target.keys + target.values, export.keys + export.values, strict=True
+            ):
+                dst.copy_(src)
+        except (RuntimeError, ValueError) as exc:
+            self.cancel(target.request_id)
+            raise EngineError(EngineErrorCode.KV_MISMATCH, f"KV tensors do not fit: {exc}") from exc
+        self.finish_import(target.request_id)
+
+
+def _kv_rows(num_prompt_tokens: int, sampling: SamplingParams) -> int:
+    """Rows a request ever writes: the last generated token is never fed back."""
+    return num_prompt_tokens + sampling.max_new_tokens - 1
