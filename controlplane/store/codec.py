@@ -1,0 +1,139 @@
+"""Encodings and argument checks shared by the repositories (packed ids, seeds, paging)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from array import array
+from collections.abc import Sequence
+
+from controlplane.core.types import ClassStats, RequestClass, RequestState
+
+MAX_PAGE_SIZE = 1000
+_INT64_SPAN = 2**64
+
+
+def pack_token_ids(token_ids: Sequence[int], field_name: str) -> bytes:
+    """Token ids as little-endian uint32 bytes (4 bytes a token).
+
+    Raises:
+        ValueError: naming `field_name`, when an id is outside [0, 2**32 - 1].
+    """
+    try:
+        packed = array("I", token_ids)
+    except OverflowError as exc:
+        raise ValueError(f"{field_name}: token ids must be in [0, 2**32 - 1]") from exc
+    if packed.itemsize != 4:  # pragma: no cover - every supported platform has 32-bit "I"
+        raise RuntimeError("array('I') is not 32-bit on this platform")
+    if sys.byteorder != "little":  # pragma: no cover - stored order is little-endian
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_token_ids(data: bytes) -> tuple[int, ...]:
+    """Inverse of `pack_token_ids`."""
+    unpacked = array("I")
+    unpacked.frombytes(data)
+    if sys.byteorder != "little":  # pragma: no cover
+        unpacked.byteswap()
+    return tuple(unpacked)
+
+
+def seed_to_db(seed: int) -> int:
+    """A uint64 seed as the signed 64-bit integer a BIGINT column holds (two's complement)."""
+    return seed - _INT64_SPAN if seed >= 2**63 else seed
+
+
+def seed_from_db(stored: int) -> int:
+    """Inverse of `seed_to_db`."""
+    return stored + _INT64_SPAN if stored < 0 else stored
+
+
+def join_ids(ids: Sequence[str], field_name: str) -> str:
+    """Comma-join ids for storage.
+
+    Raises:
+        ValueError: naming `field_name`, when an id is empty or contains a comma.
+    """
+    for one_id in ids:
+        if not one_id or "," in one_id:
+            raise ValueError(f"{field_name}: id {one_id!r} is empty or contains a comma")
+    return ",".join(ids)
+
+
+def split_ids(text: str) -> tuple[str, ...]:
+    """Inverse of `join_ids`."""
+    return tuple(text.split(",")) if text else ()
+
+
+def join_ints(values: Sequence[int]) -> str:
+    """Comma-join small non-negative integers (device indices)."""
+    return ",".join(str(int(value)) for value in values)
+
+
+def split_ints(text: str) -> tuple[int, ...]:
+    """Inverse of `join_ints`."""
+    return tuple(int(part) for part in text.split(",")) if text else ()
+
+
+def check_page_size(page_size: int) -> None:
+    """Raise ValueError naming `page_size` when it is outside 1..MAX_PAGE_SIZE."""
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size: must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
+
+
+def encode_page_token(arrival_s: float, request_id: str) -> str:
+    """An opaque token for the keyset position after (arrival_s, request_id)."""
+    raw = json.dumps([arrival_s, request_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[float, str]:
+    """Inverse of `encode_page_token`.
+
+    Raises:
+        ValueError: naming `page_token`, for anything `encode_page_token` did not produce.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        arrival_s, request_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValueError("page_token: malformed; pass next_page_token unchanged") from exc
+    if not isinstance(arrival_s, int | float) or not isinstance(request_id, str):
+        raise ValueError("page_token: malformed; pass next_page_token unchanged")
+    return float(arrival_s), request_id
+
+
+def build_class_stats(
+    counts: dict[tuple[RequestClass, RequestState], int], queued_tokens: dict[RequestClass, int]
+) -> tuple[ClassStats, ...]:
+    """ClassStats per class (SHORT first) from counts by (class, state) and queued tokens."""
+    return tuple(
+        ClassStats(
+            request_class=cls,
+            queued=counts.get((cls, RequestState.QUEUED), 0),
+            prefilling=counts.get((cls, RequestState.PREFILLING), 0),
+            paused=counts.get((cls, RequestState.PAUSED), 0),
+            transferring_kv=counts.get((cls, RequestState.TRANSFERRING_KV), 0),
+            decoding=counts.get((cls, RequestState.DECODING), 0),
+            finished_total=counts.get((cls, RequestState.FINISHED), 0),
+            queued_tokens=queued_tokens.get(cls, 0),
+        )
+        for cls in (RequestClass.SHORT, RequestClass.LONG)
+    )
+
+
+def check_token_chunk(start_index: int, token_ids: Sequence[int]) -> None:
+    """Raise ValueError naming the field for a negative start or an empty chunk."""
+    if start_index < 0:
+        raise ValueError(f"start_index: must be >= 0, got {start_index}")
+    if not token_ids:
+        raise ValueError("token_ids: must not be empty")
+
+
+def check_tenant(tenant: str) -> None:
+    """Raise ValueError when `tenant` is empty."""
+    if not tenant:
+        raise ValueError("tenant: must not be empty")

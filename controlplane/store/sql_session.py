@@ -1,0 +1,86 @@
+"""The SQL unit of work: a re-entrant transaction scope and the one DB-error translation.
+
+`SqlUnitOfWork.scope(write=...)` yields the Connection of the transaction open in this context
+(asyncio task or thread), or opens one that commits when the outermost scope exits without an
+exception and rolls back otherwise. Helpers run statements on the yielded connection; they
+never commit. Every DB-API error raised inside a scope leaves it as a `StoreError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from controlplane.store.engine import SQLITE_BEGIN_OPTION
+from controlplane.store.errors import AlreadyExists, Conflict, NotFound, StoreError, Unavailable
+from controlplane.store.repository import ReadOnlyTransactionError
+
+# PostgreSQL SQLSTATEs and SQLite extended result names of integrity failures.
+_PG_UNIQUE, _PG_FOREIGN_KEY = "23505", "23503"
+_SQLITE_UNIQUE = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
+_SQLITE_FOREIGN_KEY = "SQLITE_CONSTRAINT_FOREIGNKEY"
+
+
+@dataclass(slots=True)
+class _Open:
+    connection: Connection
+    write: bool
+
+
+class SqlUnitOfWork:
+    """Re-entrant transactions on one Engine, tracked per execution context."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._is_sqlite = engine.dialect.name == "sqlite"
+        self._current: ContextVar[_Open | None] = ContextVar(f"uow-{id(self)}", default=None)
+
+    @contextmanager
+    def scope(self, *, write: bool) -> Iterator[Connection]:
+        """Join the open transaction or begin one; see the module docstring.
+
+        Raises:
+            ReadOnlyTransactionError: `write` inside a read-only transaction.
+            StoreError: the translation of any database error inside the scope.
+        """
+        current = self._current.get()
+        if current is not None:
+            if write and not current.write:
+                raise ReadOnlyTransactionError("write inside a read-only transaction")
+            try:
+                yield current.connection
+            except DBAPIError as exc:
+                raise translate_db_error(exc) from exc
+            return
+        try:
+            with self.engine.connect() as connection:
+                if write and self._is_sqlite:
+                    connection.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                with connection.begin():
+                    token = self._current.set(_Open(connection, write))
+                    try:
+                        yield connection
+                    finally:
+                        self._current.reset(token)
+        except DBAPIError as exc:
+            raise translate_db_error(exc) from exc
+
+
+def translate_db_error(exc: DBAPIError) -> StoreError:
+    """The store error for a DB-API error (the only place that inspects driver errors)."""
+    detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    if isinstance(exc, IntegrityError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        sqlite_name = getattr(exc.orig, "sqlite_errorname", None)
+        if sqlstate == _PG_UNIQUE or sqlite_name in _SQLITE_UNIQUE:
+            return AlreadyExists(f"already exists: {detail}")
+        if sqlstate == _PG_FOREIGN_KEY or sqlite_name == _SQLITE_FOREIGN_KEY:
+            return NotFound(f"a referenced row does not exist: {detail}")
+        return Conflict(f"constraint violated: {detail}")
+    return Unavailable(f"database unavailable: {detail}")
