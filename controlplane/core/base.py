@@ -1,0 +1,298 @@
+"""`BasePolicy`: the `Policy` plumbing every policy shares; subclasses only decide placement.
+
+`schedule()` runs, in order: deadlines, admission rejections, the Cancels produced while
+observing, StartDecode for arrived KV, TransferKV for prefilled short requests, then the
+subclass's `_plan()` (prefills, pauses, resumes). Helpers here are the placement vocabulary
+the policy files speak: place a short on the best instance of some slots, pick an SP group.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from controlplane.core import lifecycle
+from controlplane.core.accounting import check_fits
+from controlplane.core.actions import Action, Decision
+from controlplane.core.config import LongDecodeSharing, SchedulerConfig
+from controlplane.core.errors import CoreError, ErrorCode
+from controlplane.core.events import Event
+from controlplane.core.observer import apply_event
+from controlplane.core.records import InstanceRecord, RequestRecord, Slot
+from controlplane.core.roles import RolePlan
+from controlplane.core.state import ClusterState
+from controlplane.core.types import (
+    AdmissionVerdict,
+    ClassStats,
+    ClusterView,
+    InstanceRole,
+    RequestClass,
+    RequestSpec,
+    RequestState,
+    RequestView,
+    classify,
+)
+
+if TYPE_CHECKING:
+    import random
+
+_S = RequestState
+_ROLE = InstanceRole
+
+
+class BasePolicy:
+    """Shared implementation of the `Policy` protocol; subclasses implement `_plan`."""
+
+    def __init__(
+        self, name: str, config: SchedulerConfig, rng: random.Random, role_plan: RolePlan
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._state = ClusterState(config, rng, role_plan)
+
+    @property
+    def name(self) -> str:
+        """Registry name of the policy."""
+        return self._name
+
+    @property
+    def config(self) -> SchedulerConfig:
+        """Effective configuration."""
+        return self._config
+
+    # ---- what the subclasses decide --------------------------------------------------------
+
+    def _prefill_role(self, request_class: RequestClass) -> InstanceRole:
+        """Role of the instances that prefill requests of `request_class`."""
+        return _ROLE.GENERAL
+
+    def _plan(self, now_s: float, out: list[Action]) -> None:
+        """Append this policy's prefill/pause/resume actions for `now_s` to `out`."""
+        raise AssertionError(f"{type(self).__name__} must implement _plan")
+
+    # ---- Policy protocol -------------------------------------------------------------------
+
+    def observe(self, events: Sequence[Event]) -> None:
+        """Apply events in order (see controlplane.core.observer)."""
+        for event in events:
+            apply_event(self._state, event, self.check_admission)
+
+    def schedule(self, now_s: float) -> Decision:
+        """Decide the actions for `now_s` (see module docstring for the order)."""
+        out: list[Action] = []
+        self._expire_deadlines(now_s)
+        self._reject_admissions(out)
+        out.extend(self._state.pending)
+        self._state.pending.clear()
+        self._start_decodes(out)
+        self._place_transfers(out)
+        self._plan(now_s, out)
+        return Decision(tuple(out))
+
+    def check_admission(self, spec: RequestSpec) -> AdmissionVerdict:
+        """Can the cluster, as it is now, ever hold `spec`? Changes nothing."""
+        request_class = classify(spec.prompt_tokens, self._config.short_threshold_tokens)
+        role = self._prefill_role(request_class)
+        degree = self._config.max_sp_degree if request_class is RequestClass.LONG else 1
+        capacities = self._state.census.capacities(role)
+        if sum(capacities[-degree:]) >= spec.total_tokens:
+            return AdmissionVerdict(ok=True)
+        return check_fits(spec.total_tokens, capacities, degree, f"{role.value} instances")
+
+    def request_view(self, request_id: str) -> RequestView:
+        """Snapshot of one tracked request."""
+        req = self._state.requests.get(request_id)
+        if req is None:
+            raise CoreError(ErrorCode.UNKNOWN_REQUEST, f"no request {request_id!r}")
+        return req.to_view()
+
+    def cluster_view(self, now_s: float) -> ClusterView:
+        """Snapshot of queues and instances."""
+        st = self._state
+        classes = tuple(
+            ClassStats(
+                request_class=c,
+                queued=st.counts[(c, _S.QUEUED)],
+                prefilling=st.counts[(c, _S.PREFILLING)],
+                paused=st.counts[(c, _S.PAUSED)],
+                transferring_kv=st.counts[(c, _S.TRANSFERRING_KV)],
+                decoding=st.counts[(c, _S.DECODING)],
+                finished_total=st.counts[(c, _S.FINISHED)],
+                queued_tokens=st.queued_tokens[c],
+            )
+            for c in RequestClass
+        )
+        instances = tuple(
+            st.instances[i].to_view(st.ledger.used(i), st.ledger.requests_on(i))
+            for i in sorted(st.instances)
+        )
+        return ClusterView(
+            at_s=now_s,
+            policy=self._name,
+            classes=classes,
+            instances=instances,
+            preemptions_total=st.stats["preemptions"],
+            colocations_total=st.stats["colocations"],
+            decode_stalls_total=st.stats["decode_stalls"],
+            kv_transfers_total=st.stats["kv_transfers"],
+            cancelled_total=st.stats["cancelled"],
+            failed_total=st.stats["failed"],
+        )
+
+    def num_active_requests(self) -> int:
+        """Requests not yet terminal."""
+        counts = self._state.counts
+        return sum(counts[(c, s)] for c in RequestClass for s in _S if not s.is_terminal)
+
+    def take_completed(self) -> tuple[RequestView, ...]:
+        """Views of newly terminal requests; they are forgotten."""
+        st = self._state
+        views = tuple(st.requests.pop(r).to_view() for r in st.completed)
+        st.completed.clear()
+        return views
+
+    # ---- housekeeping ----------------------------------------------------------------------
+
+    def _expire_deadlines(self, now_s: float) -> None:
+        st = self._state
+        while st.deadlines and st.deadlines[0][0] <= now_s:
+            _, _, request_id = heapq.heappop(st.deadlines)
+            req = st.requests.get(request_id)
+            if req is not None and not req.state.is_terminal:
+                st.cancel(req, lifecycle.FAIL, "deadline exceeded", now_s)
+
+    def _reject_admissions(self, out: list[Action]) -> None:
+        st = self._state
+        while st.to_reject:
+            request_id, reason = st.to_reject.popleft()
+            req = st.requests.get(request_id)
+            if req is not None and req.state is _S.QUEUED:
+                out.append(st.reject(req, reason))
+
+    def _start_decodes(self, out: list[Action]) -> None:
+        st = self._state
+        while st.ready_to_decode:
+            req = st.requests.get(st.ready_to_decode.popleft())
+            if req is not None and req.state is _S.TRANSFERRING_KV and req.decode_ids:
+                out.append(st.start_decode(req, f"KV arrived from {req.prefill_ids[0]}"))
+
+    def _place_transfers(self, out: list[Action]) -> None:
+        st = self._state
+        wait = st.transfer_wait
+        while wait:
+            req = st.requests.get(wait[0])
+            if (
+                req is None
+                or req.state is not _S.TRANSFERRING_KV
+                or req.transfer_dst
+                or req.decode_ids
+            ):
+                wait.popleft()
+                continue
+            no_pool = st.census.count(_ROLE.SHORT_DECODE) == 0
+            if no_pool or req.transfer_attempts >= self._config.max_kv_transfer_attempts:
+                if not st.ledger.can_allocate(req.prefill_ids[0], req.spec.max_new_tokens):
+                    return
+                wait.popleft()
+                why = "no short-decode instance" if no_pool else "KV transfers kept failing"
+                out.append(st.start_decode(req, f"decode where prefilled: {why}"))
+                continue
+            dst = st.pool.best(_ROLE.SHORT_DECODE, Slot.OPEN)
+            if dst is None or not st.ledger.can_allocate(dst.instance_id, req.spec.total_tokens):
+                return
+            wait.popleft()
+            out.append(st.begin_transfer(req, dst, "least-loaded short-decode instance"))
+
+    # ---- placement vocabulary --------------------------------------------------------------
+
+    def _head(self, request_class: RequestClass) -> RequestRecord | None:
+        """Best queued request of a class, or None."""
+        top = self._state.queues[request_class].peek()
+        return None if top is None else self._state.requests[top[1]]
+
+    def _place_short(
+        self,
+        req: RequestRecord,
+        now_s: float,
+        out: list[Action],
+        slots: Sequence[Slot],
+        *,
+        decode_in_place: bool,
+        role: InstanceRole = _ROLE.GENERAL,
+    ) -> bool:
+        """Start `req` on the best instance of the first of `slots` that can hold it.
+
+        An instance decoding a long request (Slot.LONG_DECODE) gets a Colocate when the
+        config's sharing is COLOCATE, else a StartPrefill that stalls the long decode.
+        """
+        st = self._state
+        need = req.spec.total_tokens if decode_in_place else req.spec.prompt_tokens
+        for slot in slots:
+            inst = st.pool.best(role, slot)
+            if inst is None or not st.ledger.can_allocate(inst.instance_id, need):
+                continue
+            colocate = False
+            if slot is Slot.LONG_DECODE:
+                colocate = self._config.long_decode_sharing is LongDecodeSharing.COLOCATE
+                if not colocate:
+                    st.stats["decode_stalls"] += 1
+            reason = f"{_SLOT_REASON[slot]} {inst.instance_id}"
+            action = st.start_prefill(
+                req,
+                [inst],
+                decode_in_place=decode_in_place,
+                now_s=now_s,
+                reason=reason,
+                colocate=colocate,
+            )
+            out.append(action)
+            return True
+        return False
+
+    def _place_long(
+        self, req: RequestRecord, now_s: float, out: list[Action], role: InstanceRole
+    ) -> bool:
+        """Start `req` on the smallest SP group of open `role` instances holding its KV.
+
+        The group is larger when `target_prefill_tokens_per_instance` asks for it (as far as
+        open instances allow). It decodes in place on the same group.
+        """
+        group = self._select_group(req, role)
+        if group is None:
+            return False
+        ids = ", ".join(i.instance_id for i in group)
+        reason = f"SP group of {len(group)} holding {req.spec.total_tokens} KV tokens: {ids}"
+        st = self._state
+        out.append(st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason))
+        return True
+
+    def _select_group(self, req: RequestRecord, role: InstanceRole) -> list[InstanceRecord] | None:
+        st, cfg = self._state, self._config
+        candidates = st.pool.top(role, Slot.OPEN, cfg.max_sp_degree)
+        wanted = 1
+        if cfg.target_prefill_tokens_per_instance is not None:
+            wanted = -(-req.spec.prompt_tokens // cfg.target_prefill_tokens_per_instance)
+        wanted = min(wanted, len(candidates))
+        held = 0
+        for size, inst in enumerate(candidates, start=1):
+            held += st.ledger.free_tokens(inst.instance_id)
+            if held >= req.spec.total_tokens and size >= wanted:
+                return candidates[:size]
+        return None
+
+    def _reject_if_never_fits(self, req: RequestRecord, out: list[Action]) -> bool:
+        """Reject `req` when the cluster as it is now can never hold it; True if rejected."""
+        verdict = self.check_admission(req.spec)
+        if verdict.ok:
+            return False
+        out.append(self._state.reject(req, verdict.reason))
+        return True
+
+
+_SLOT_REASON = {
+    Slot.OPEN: "open instance",
+    Slot.LONG_DECODE: "instance decoding a long request",
+    Slot.PAUSED_HOST: "instance holding a paused long prefill",
+    Slot.BUSY: "busy instance",
+}

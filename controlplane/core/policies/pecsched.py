@@ -1,0 +1,159 @@
+"""`pecsched` and its ablations: shorts first, colocation, preemption at chunk boundaries.
+
+Each schedule():
+1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` is
+   protected: never paused again, and its group takes no new short work until it resumes.
+2. Aging: when the oldest long request has waited `long_aging_s`, it is placed before any
+   short; while it cannot be, shorts may only colocate or preempt, not take open instances.
+3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
+   an open general instance (most free KV); an instance decoding a long request (Colocate with
+   a per-iteration prefill budget, or a stalling StartPrefill when `long_decode_sharing` is
+   STALL: the /CoL ablation); an instance whose long prefill is already paused; else, with
+   `preemption`, pause a running long prefill (least paused so far, newest first, not on its
+   last chunk) and take one of its instances. With `disaggregation` the short decodes on the
+   least-loaded SHORT_DECODE instance after a KV transfer; else where it prefilled.
+4. Resume paused long prefills whose whole group is free (protected ones first).
+5. Long requests, first-come-first-served: the smallest SP group of open general instances
+   whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
+   prefilled in `chunk_tokens` chunks, decoding in place on the same group.
+
+The ablations are this class with one switch of `SchedulerConfig` flipped (see registry.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+from controlplane.core.actions import Action
+from controlplane.core.base import BasePolicy
+from controlplane.core.config import LongDecodeSharing, SchedulerConfig
+from controlplane.core.records import InstanceRecord, RequestRecord, Slot
+from controlplane.core.roles import short_decode_plan
+from controlplane.core.types import InstanceRole, RequestClass, RequestState
+
+if TYPE_CHECKING:
+    import random
+
+_GENERAL = InstanceRole.GENERAL
+_MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
+
+
+class PecSchedPolicy(BasePolicy):
+    """PecSched; the config's switches give the ablations."""
+
+    def __init__(self, name: str, config: SchedulerConfig, rng: random.Random) -> None:
+        super().__init__(name, config, rng, short_decode_plan(config))
+        slots = [Slot.OPEN]
+        if config.long_decode_sharing is not LongDecodeSharing.NEVER:
+            slots.append(Slot.LONG_DECODE)
+        slots.append(Slot.PAUSED_HOST)
+        self._short_slots = tuple(slots)
+        self._aged_slots = tuple(s for s in slots if s is Slot.LONG_DECODE)
+
+    def _plan(self, now_s: float, out: list[Action]) -> None:
+        self._protect_starving(now_s)
+        shorts_may_take_open = True
+        aging_s = self._config.long_aging_s
+        oldest_long = self._head(RequestClass.LONG)
+        if (
+            aging_s is not None
+            and oldest_long is not None
+            and now_s - oldest_long.spec.arrival_s >= aging_s
+        ):
+            shorts_may_take_open = self._place_long(oldest_long, now_s, out, _GENERAL)
+        self._place_shorts(now_s, out, shorts_may_take_open)
+        self._resume_paused(now_s, out)
+        while (req := self._head(RequestClass.LONG)) is not None:
+            if not self._place_long(req, now_s, out, _GENERAL):
+                if not self._reject_if_never_fits(req, out):
+                    return
+
+    def _place_shorts(self, now_s: float, out: list[Action], may_take_open: bool) -> None:
+        slots = self._short_slots if may_take_open else self._aged_slots
+        while (req := self._head(RequestClass.SHORT)) is not None:
+            in_place = self._short_decodes_in_place(req)
+            if self._place_short(req, now_s, out, slots, decode_in_place=in_place):
+                continue
+            if self._config.preemption and self._preempt_for(req, now_s, out, in_place):
+                continue
+            if not self._reject_if_never_fits(req, out):
+                return
+
+    def _short_decodes_in_place(self, req: RequestRecord) -> bool:
+        if not self._config.disaggregation:
+            return True
+        decoders = self._state.census.capacities(InstanceRole.SHORT_DECODE)
+        return not decoders or decoders[-1] < req.spec.total_tokens
+
+    def _preempt_for(
+        self, req: RequestRecord, now_s: float, out: list[Action], in_place: bool
+    ) -> bool:
+        """Pause a running long prefill and start `req` on one of its instances."""
+        st = self._state
+        need = req.spec.total_tokens if in_place else req.spec.prompt_tokens
+        found = self._find_victim(need)
+        if found is None:
+            return False
+        victim, host = found
+        out.append(st.pause(victim, now_s, f"make room for short request {req.request_id}"))
+        reason = f"preempted long request {victim.request_id} on {host.instance_id}"
+        out.append(
+            st.start_prefill(req, [host], decode_in_place=in_place, now_s=now_s, reason=reason)
+        )
+        return True
+
+    def _find_victim(self, need_tokens: int) -> tuple[RequestRecord, InstanceRecord] | None:
+        st = self._state
+        heap = st.running_longs
+        skipped: list[tuple[float, int, str, int]] = []
+        found = None
+        while heap and len(skipped) < _MAX_VICTIMS_TRIED:
+            entry = heapq.heappop(heap)
+            victim = st.requests.get(entry[2])
+            if (
+                victim is None
+                or victim.state is not RequestState.PREFILLING
+                or victim.num_preemptions != entry[3]
+                or victim.is_protected
+                or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
+            ):
+                continue  # stale for good
+            host = max(
+                (st.instances[i] for i in victim.prefill_ids),
+                key=lambda inst: (st.ledger.free_tokens(inst.instance_id), inst.instance_id),
+            )
+            if st.ledger.can_allocate(host.instance_id, need_tokens):
+                found = (victim, host)
+                break
+            skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _protect_starving(self, now_s: float) -> None:
+        st = self._state
+        heap = st.pause_deadlines
+        while heap and heap[0][0] <= now_s:
+            _, _, request_id, preemptions = heapq.heappop(heap)
+            req = st.requests.get(request_id)
+            if (
+                req is not None
+                and req.state is RequestState.PAUSED
+                and req.num_preemptions == preemptions
+            ):
+                st.protect(req)
+
+    def _resume_paused(self, now_s: float, out: list[Action]) -> None:
+        st = self._state
+        if not st.resumable:
+            return
+        candidates = sorted(
+            (st.requests[r] for r in st.resumable if r in st.requests),
+            key=lambda r: (not r.is_protected, r.seq),
+        )
+        st.resumable.clear()
+        for req in candidates:
+            if req.state is RequestState.PAUSED and st.group_is_free(req):
+                why = "starvation bound reached" if req.is_protected else "group free again"
+                out.append(st.resume(req, now_s, why))

@@ -1,0 +1,116 @@
+"""Indexed pools of instances: one heap per (role, Slot), best = most free KV first.
+
+Heaps use lazy invalidation: every refresh bumps the instance's version and pushes a fresh
+entry; entries whose version is stale are skipped when met. Heaps are rebuilt when stale
+entries dominate, so memory stays O(instances) and each operation is O(log instances).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from controlplane.core.accounting import KvLedger
+from controlplane.core.records import InstanceRecord, Slot
+from controlplane.core.types import InstanceRole
+
+_Entry = tuple[int, float, str, int]  # (-free KV tokens, tiebreak, instance id, version)
+
+
+class InstancePool:
+    """Offers instances by (role, Slot), most free KV first; `classify` decides the Slot."""
+
+    def __init__(self, ledger: KvLedger, max_decode_batch: int) -> None:
+        self._ledger = ledger
+        self._max_decode_batch = max_decode_batch
+        self._instances: dict[str, InstanceRecord] = {}
+        self._heaps: dict[tuple[InstanceRole, Slot], list[_Entry]] = {}
+        self._num_entries = 0
+
+    def add(self, inst: InstanceRecord) -> None:
+        """Start offering `inst` (it must be in the ledger already)."""
+        self._instances[inst.instance_id] = inst
+        self.refresh(inst)
+
+    def remove(self, inst: InstanceRecord) -> None:
+        """Stop offering `inst`; its heap entries become stale."""
+        del self._instances[inst.instance_id]
+        inst.version += 1
+        inst.slot = Slot.BUSY
+
+    def classify(self, inst: InstanceRecord) -> Slot:
+        """The Slot `inst` belongs in now (pure)."""
+        if inst.role is InstanceRole.SHORT_DECODE:
+            return Slot.OPEN if len(inst.decoding) < self._max_decode_batch else Slot.BUSY
+        if inst.prefill_id is not None or inst.held_for is not None:
+            return Slot.BUSY
+        if len(inst.decoding) >= self._max_decode_batch:
+            return Slot.BUSY
+        if inst.paused:
+            return Slot.PAUSED_HOST
+        if inst.num_long_decoding:
+            return Slot.LONG_DECODE
+        return Slot.OPEN
+
+    def refresh(self, inst: InstanceRecord) -> None:
+        """Re-offer `inst` after any change to its work or KV."""
+        if inst.instance_id not in self._instances:
+            return
+        inst.version += 1
+        inst.slot = self.classify(inst)
+        if inst.slot is Slot.BUSY:
+            return
+        entry = (
+            -self._ledger.free_tokens(inst.instance_id),
+            inst.tiebreak,
+            inst.instance_id,
+            inst.version,
+        )
+        heapq.heappush(self._heaps.setdefault((inst.role, inst.slot), []), entry)
+        self._num_entries += 1
+        if self._num_entries > 4 * len(self._instances) + 64:
+            self._rebuild()
+
+    def best(self, role: InstanceRole, slot: Slot) -> InstanceRecord | None:
+        """The instance of `role` in `slot` with the most free KV, or None. Changes nothing."""
+        heap = self._heaps.get((role, slot))
+        while heap:
+            inst = self._valid(heap[0])
+            if inst is not None:
+                return inst
+            heapq.heappop(heap)
+            self._num_entries -= 1
+        return None
+
+    def top(self, role: InstanceRole, slot: Slot, limit: int) -> list[InstanceRecord]:
+        """Up to `limit` instances of `role` in `slot`, most free KV first. Changes nothing."""
+        heap = self._heaps.get((role, slot))
+        found: list[tuple[_Entry, InstanceRecord]] = []
+        while heap and len(found) < limit:
+            entry = heapq.heappop(heap)
+            self._num_entries -= 1
+            inst = self._valid(entry)
+            if inst is not None:
+                found.append((entry, inst))
+        for entry, _ in found:
+            heapq.heappush(self._heaps[(role, slot)], entry)
+            self._num_entries += 1
+        return [inst for _, inst in found]
+
+    def _valid(self, entry: _Entry) -> InstanceRecord | None:
+        inst = self._instances.get(entry[2])
+        if inst is None or inst.version != entry[3]:
+            return None
+        return inst
+
+    def _rebuild(self) -> None:
+        self._heaps = {}
+        self._num_entries = 0
+        for inst in self._instances.values():
+            if inst.slot is Slot.BUSY:
+                continue
+            free = self._ledger.free_tokens(inst.instance_id)
+            entry = (-free, inst.tiebreak, inst.instance_id, inst.version)
+            self._heaps.setdefault((inst.role, inst.slot), []).append(entry)
+            self._num_entries += 1
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
