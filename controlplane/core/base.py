@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from controlplane.core import lifecycle
 from controlplane.core.accounting import check_fits
@@ -22,6 +21,7 @@ from controlplane.core.observer import apply_event
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import RolePlan
 from controlplane.core.state import ClusterState
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import (
     AdmissionVerdict,
     ClassStats,
@@ -34,9 +34,6 @@ from controlplane.core.types import (
     classify,
 )
 
-if TYPE_CHECKING:
-    import random
-
 _S = RequestState
 _ROLE = InstanceRole
 
@@ -45,7 +42,7 @@ class BasePolicy:
     """Shared implementation of the `Policy` protocol; subclasses implement `_plan`."""
 
     def __init__(
-        self, name: str, config: SchedulerConfig, rng: random.Random, role_plan: RolePlan
+        self, name: str, config: SchedulerConfig, rng: Tiebreak, role_plan: RolePlan
     ) -> None:
         self._name = name
         self._config = config

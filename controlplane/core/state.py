@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from controlplane.core import lifecycle
 from controlplane.core.accounting import KvLedger, split_tokens
@@ -35,10 +34,8 @@ from controlplane.core.pool import InstancePool
 from controlplane.core.queues import RequestQueue
 from controlplane.core.records import InstanceRecord, RequestRecord
 from controlplane.core.roles import RoleCensus, RolePlan
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import RequestClass, RequestState
-
-if TYPE_CHECKING:
-    import random
 
 _LONG = RequestClass.LONG
 _S = RequestState
@@ -47,7 +44,7 @@ _S = RequestState
 class ClusterState:
     """Requests, instances, KV ledger, queues and indices of one policy."""
 
-    def __init__(self, config: SchedulerConfig, rng: random.Random, role_plan: RolePlan) -> None:
+    def __init__(self, config: SchedulerConfig, rng: Tiebreak, role_plan: RolePlan) -> None:
         self.config = config
         self.rng = rng
         self.role_plan = role_plan

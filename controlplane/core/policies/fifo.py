@@ -10,17 +10,13 @@ instances whose free KV holds prompt + output, then decodes on that group. No pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
 from controlplane.core.config import SchedulerConfig
 from controlplane.core.records import RequestRecord, Slot
 from controlplane.core.roles import all_general
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass
-
-if TYPE_CHECKING:
-    import random
 
 SHORT_SLOTS = (Slot.OPEN, Slot.LONG_DECODE)
 
@@ -28,7 +24,7 @@ SHORT_SLOTS = (Slot.OPEN, Slot.LONG_DECODE)
 class FifoPolicy(BasePolicy):
     """One FCFS queue; long requests on elastic SP groups; strict head-of-line order."""
 
-    def __init__(self, name: str, config: SchedulerConfig, rng: random.Random) -> None:
+    def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
         super().__init__(name, config, rng, all_general)
 
     def _plan(self, now_s: float, out: list[Action]) -> None:

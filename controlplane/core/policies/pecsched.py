@@ -23,17 +23,14 @@ The ablations are this class with one switch of `SchedulerConfig` flipped (see r
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import short_decode_plan
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
-
-if TYPE_CHECKING:
-    import random
 
 _GENERAL = InstanceRole.GENERAL
 _MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
@@ -42,7 +39,7 @@ _MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
 class PecSchedPolicy(BasePolicy):
     """PecSched; the config's switches give the ablations."""
 
-    def __init__(self, name: str, config: SchedulerConfig, rng: random.Random) -> None:
+    def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
         super().__init__(name, config, rng, short_decode_plan(config))
         slots = [Slot.OPEN]
         if config.long_decode_sharing is not LongDecodeSharing.NEVER:

@@ -9,23 +9,19 @@ long prefill is never paused, so it still blocks the shorts that arrive after it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
 from controlplane.core.config import SchedulerConfig
 from controlplane.core.policies.fifo import SHORT_SLOTS
 from controlplane.core.roles import all_general
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass
-
-if TYPE_CHECKING:
-    import random
 
 
 class PriorityPolicy(BasePolicy):
     """Two class queues; longs only when no short waits; no preemption."""
 
-    def __init__(self, name: str, config: SchedulerConfig, rng: random.Random) -> None:
+    def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
         super().__init__(name, config, rng, all_general)
 
     def _plan(self, now_s: float, out: list[Action]) -> None:

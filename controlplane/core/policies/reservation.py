@@ -10,23 +10,19 @@ instance up at all (a one-instance cluster), long requests use general instances
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
 from controlplane.core.config import SchedulerConfig
 from controlplane.core.policies.fifo import SHORT_SLOTS
 from controlplane.core.roles import reservation_plan
+from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass
-
-if TYPE_CHECKING:
-    import random
 
 
 class ReservationPolicy(BasePolicy):
     """Long requests on reserved instances, short ones on the rest; routed by length."""
 
-    def __init__(self, name: str, config: SchedulerConfig, rng: random.Random) -> None:
+    def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
         super().__init__(name, config, rng, reservation_plan(config))
 
     def _prefill_role(self, request_class: RequestClass) -> InstanceRole:

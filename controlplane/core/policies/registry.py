@@ -1,4 +1,4 @@
-"""Policies by name: `make_policy(name, rng, config)` and `policy_names()`.
+"""Policies by name: `make_policy(name, config, rng)` and `policy_names()`.
 
 Adding a policy is a new file in policies/ and one line in `_FACTORIES`. Baselines run with
 their defining settings forced (no preemption, no disaggregation, a short prefill may stall a
@@ -17,12 +17,13 @@ from controlplane.core.policies.pecsched import PecSchedPolicy
 from controlplane.core.policies.priority import PriorityPolicy
 from controlplane.core.policies.reservation import ReservationPolicy
 from controlplane.core.policy import Policy
+from controlplane.core.tiebreak import SeededTiebreak, Tiebreak
 from controlplane.core.types import SpKind
 
 if TYPE_CHECKING:
     import random
 
-_Factory = Callable[[str, SchedulerConfig, "random.Random"], Policy]
+_Factory = Callable[[str, SchedulerConfig, Tiebreak], Policy]
 
 
 def _baseline(config: SchedulerConfig) -> SchedulerConfig:
@@ -54,14 +55,17 @@ def policy_names() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def make_policy(name: str, rng: random.Random, config: SchedulerConfig | None = None) -> Policy:
+def make_policy(
+    name: str, config: SchedulerConfig | None = None, rng: random.Random | int = 0
+) -> Policy:
     """Build the policy called `name`.
 
     Args:
         name: one of `policy_names()`.
-        rng: seeded generator; the policy draws from it only to break ties between equally
-            good instances, so the same seed and events give the same decisions.
         config: thresholds and switches; defaults to `SchedulerConfig()` (the paper's).
+        rng: a seeded `random.Random`, or an int seed for the core's own generator. The
+            policy draws from it only to break ties between equally good instances (one draw
+            per InstanceUp), so the same seed and events give the same decisions.
 
     Raises:
         KeyError: unknown name; the message lists the supported names.
@@ -70,4 +74,5 @@ def make_policy(name: str, rng: random.Random, config: SchedulerConfig | None = 
     if entry is None:
         raise KeyError(f"Unsupported policy {name!r}. Supported policies: {list(_FACTORIES)}")
     factory, adjust = entry
-    return factory(name, adjust(config or SchedulerConfig()), rng)
+    tiebreak = SeededTiebreak(rng) if isinstance(rng, int) else rng
+    return factory(name, adjust(config or SchedulerConfig()), tiebreak)
