@@ -1,0 +1,97 @@
+"""Local attention kernels used by the SP schemes, with position-based causal masks.
+
+Layout convention (one sequence, no batch dim): q is (n, h, d), k and v are (m, g, d) with GQA
+(h = g * rep); `q_pos` (n,) and `k_pos` (m,) are absolute token positions, and query i sees key j
+iff `k_pos[j] <= q_pos[i]`. This covers chunked prefill (keys = history + chunk), ring blocks
+with arbitrary offsets, and decode, without special cases.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Query rows per block: bounds the (h, rows, m) score matrix the math path materialises.
+_BLOCK_Q_ROWS = 1024
+
+
+def _expand_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """GQA: (m, g, d) -> (h, m, d) with each KV head repeated `rep` times."""
+    # (m, g, d) -> (g, m, d) -> (g*rep, m, d)
+    return x.transpose(0, 1).repeat_interleave(rep, dim=0)
+
+
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> int:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"need q (n,h,d), k=v (m,g,d); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q heads/dim {tuple(q.shape[1:])} incompatible with kv {tuple(k.shape[1:])}"
+        )
+    if q_pos.shape != (q.shape[0],) or k_pos.shape != (k.shape[0],):
+        raise ValueError(f"q_pos {tuple(q_pos.shape)} / k_pos {tuple(k_pos.shape)} mismatch q/k")
+    return q.shape[1] // k.shape[1]
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention that also returns the log-sum-exp of each row's scores.
+
+    Returns:
+        out: (n, h, d) float32, zero for rows that see no key.
+        lse: (n, h) float32, -inf for rows that see no key.
+    """
+    rep = _check(q, k, v, q_pos, k_pos)
+    scale = q.shape[-1] ** -0.5
+    kh = _expand_kv(k, rep).float()  # (h, m, d)
+    vh = _expand_kv(v, rep).float()  # (h, m, d)
+    outs, lses = [], []
+    for lo in range(0, max(q.shape[0], 1), _BLOCK_Q_ROWS):  # one (empty) block if n == 0
+        qb = q[lo : lo + _BLOCK_Q_ROWS].transpose(0, 1).float()  # (nb, h, d) -> (h, nb, d)
+        scores = torch.matmul(qb, kh.transpose(1, 2)) * scale  # (h, nb, m)
+        visible = k_pos[None, :] <= q_pos[lo : lo + _BLOCK_Q_ROWS, None]  # (nb, m)
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # (h, nb)
+        safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        probs = torch.exp(scores - safe[..., None])  # masked entries -> exp(-inf) = 0
+        outs.append(torch.matmul(probs, vh).transpose(0, 1))  # (h, nb, d) -> (nb, h, d)
+        lses.append(lse.transpose(0, 1))  # (h, nb) -> (nb, h)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets (online-softmax merge).
+
+    out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}), done stably in log space;
+    a side with lse = -inf (no visible keys) contributes nothing. Shapes: out (n, h, d), lse (n, h).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)  # (n, h)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse))
+    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse))
+    return out_a * w_a[..., None] + out_b * w_b[..., None], lse
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    """Masked attention through PyTorch SDPA (fused kernels); every query must see >= 1 key.
+
+    Returns (n, h, d) in q's dtype.
+    """
+    rep = _check(q, k, v, q_pos, k_pos)
+    kh = k.transpose(0, 1)[None]  # (m, g, d) -> (1, g, m, d)
+    vh = v.transpose(0, 1)[None]  # (m, g, d) -> (1, g, m, d)
+    outs = []
+    for lo in range(0, max(q.shape[0], 1), _BLOCK_Q_ROWS):  # one (empty) block if n == 0
+        qb = q[lo : lo + _BLOCK_Q_ROWS].transpose(0, 1)[None]  # (nb, h, d) -> (1, h, nb, d)
+        visible = k_pos[None, :] <= q_pos[lo : lo + _BLOCK_Q_ROWS, None]  # (nb, m)
+        ob = F.scaled_dot_product_attention(qb, kh, vh, attn_mask=visible, enable_gqa=rep > 1)
+        outs.append(ob[0].transpose(0, 1))  # (1, h, nb, d) -> (nb, h, d)
+    return torch.cat(outs, dim=0)
