@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -133,7 +133,7 @@ class AsyncClient:
         is_done: Callable[[], bool],
         ended_early: Callable[[], PecSchedError] | None,
         timeout_s: float | None,
-    ) -> AsyncIterator[_T]:
+    ) -> AsyncGenerator[_T, None]:
         # The asyncio twin of Client._resuming_stream (same contract).
         budget = self._budget(timeout_s, use_default=False)
         while True:
@@ -194,7 +194,7 @@ class AsyncClient:
 
     def generate(
         self, request_id: str, *, from_token_index: int = 0, timeout_s: float | None = None
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         """The request's output tokens, resumed transparently; see `Client.generate`."""
         cursor = TokenCursor(request_id, from_token_index)
 
@@ -264,7 +264,7 @@ class AsyncClient:
         page_size: int = 0,
         limit: int | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[RequestInfo]:
+    ) -> AsyncGenerator[RequestInfo, None]:
         """Every request matching the filters, fetching pages as needed; at most `limit`."""
         wanted_states = tuple(states)
         num_yielded, token = 0, ""
@@ -286,7 +286,7 @@ class AsyncClient:
 
     def watch(
         self, *, interval_s: float = 1.0, timeout_s: float | None = None
-    ) -> AsyncIterator[ClusterSnapshot]:
+    ) -> AsyncGenerator[ClusterSnapshot, None]:
         """Cluster snapshots every `interval_s`, reconnecting after UNAVAILABLE."""
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")

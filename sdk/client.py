@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -145,7 +145,7 @@ class Client:
         is_done: Callable[[], bool],
         ended_early: Callable[[], PecSchedError] | None,
         timeout_s: float | None,
-    ) -> Iterator[_T]:
+    ) -> Generator[_T, None, None]:
         # Opens the stream, re-opens it (with a fresh request) after a retryable failure, and
         # stops when `is_done()`; `ended_early` None means a clean close is a normal end.
         budget = self._budget(timeout_s, use_default=False)
@@ -211,7 +211,7 @@ class Client:
 
     def generate(
         self, request_id: str, *, from_token_index: int = 0, timeout_s: float | None = None
-    ) -> Iterator[TokenChunk]:
+    ) -> Generator[TokenChunk, None, None]:
         """The request's output tokens from `from_token_index`, until its final chunk.
 
         A dropped stream is resumed transparently from the last received token; each token is
@@ -283,7 +283,7 @@ class Client:
         page_size: int = 0,
         limit: int | None = None,
         timeout_s: float | None = None,
-    ) -> Iterator[RequestInfo]:
+    ) -> Generator[RequestInfo, None, None]:
         """Every request matching the filters, fetching pages as needed; at most `limit`."""
         wanted_states = tuple(states)
         num_yielded, token = 0, ""
@@ -305,7 +305,7 @@ class Client:
 
     def watch(
         self, *, interval_s: float = 1.0, timeout_s: float | None = None
-    ) -> Iterator[ClusterSnapshot]:
+    ) -> Generator[ClusterSnapshot, None, None]:
         """Cluster snapshots every `interval_s`, reconnecting after UNAVAILABLE, until closed."""
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
