@@ -39,7 +39,7 @@ def seq_to_heads(
     `x` is (seq_lens[rank], H, d); rank s receives heads `ranges[s]` (ranges may overlap: GQA
     replication). Returns (sum(seq_lens), hi - lo, d) for this rank's range, in token order.
     """
-    rank, size = group.rank, group.size
+    rank = group.rank
     d = x.shape[-1]
     if x.shape[0] != seq_lens[rank]:
         raise ValueError(f"x has {x.shape[0]} tokens, seq_lens[{rank}] is {seq_lens[rank]}")

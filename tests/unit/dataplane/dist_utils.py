@@ -111,7 +111,9 @@ class WorkerPool:
             try:
                 rid, index, ok, value = self._results.get(timeout=timeout_s)
             except queue.Empty:
-                raise TimeoutError(f"job {job_id}: {len(got)}/{want} results in {timeout_s}s")
+                raise TimeoutError(
+                    f"job {job_id}: {len(got)}/{want} results in {timeout_s}s"
+                ) from None
             if rid != job_id:
                 continue  # a late result of an earlier job whose peer died
             got[index] = value if ok else RuntimeError(value)
