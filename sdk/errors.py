@@ -18,13 +18,12 @@ anything else          PecSchedError               never
 Error-detail convention (for the server side): a server that wants to tell the client more than
 a status code and message attaches one serialized `pecsched.v1.ErrorDetail` message in the
 **trailing metadata** under the binary key `pecsched-error-detail-bin` (`ERROR_DETAIL_KEY`).
-gRPC base64-encodes `-bin` values on the wire; both ends see raw bytes. In Python:
+gRPC base64-encodes `-bin` values on the wire; both ends see raw bytes. In a Python servicer
+(sync or grpc.aio), set the trailing metadata first, then abort:
 
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
-    # preceded by:
-    context.set_trailing_metadata(
-        ((ERROR_DETAIL_KEY, ErrorDetail(code="BAD_MAX_NEW_TOKENS", field="max_new_tokens")
-          .SerializeToString()),))
+    detail = ErrorDetail(code="MAX_NEW_TOKENS_TOO_LARGE", field="max_new_tokens")
+    context.set_trailing_metadata((("pecsched-error-detail-bin", detail.SerializeToString()),))
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens above 4096")
 
 `ErrorDetail.code` is the stable catalog name (`.detail_code` here), `field` the request field at
 fault (`InvalidArgumentError.field`), `retry_after_s` a back-off hint

@@ -9,11 +9,12 @@ import grpc
 import pytest
 from sdk_fake_control_plane import API_KEY, Failure, FakeControlPlane, output_tokens, token_text
 
-from protos.pecsched.v1 import common_pb2, inference_pb2
+from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from sdk.aio import AsyncClient
 from sdk.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -142,3 +143,42 @@ async def test_list_requests_and_watch(fake: FakeControlPlane, target: str) -> N
     assert listed == ids[::-1] and len(fake.calls_of("List")) == 3
     assert [s.num_preemptions_total for s in snapshots] == [0, 1]
     assert snapshots[0].classes[1].num_paused == 1
+
+
+class _AioDetailServicer(inference_pb2_grpc.InferenceServicer):
+    """A grpc.aio servicer that follows the documented error-detail convention."""
+
+    async def Get(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        detail = common_pb2.ErrorDetail(code="BAD_REQUEST_ID", field="request_id")
+        context.set_trailing_metadata((("pecsched-error-detail-bin", detail.SerializeToString()),))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is malformed")
+
+    async def Cancel(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        detail = common_pb2.ErrorDetail(code="QUEUE_FULL", retry_after_s=1.25)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "busy",
+            trailing_metadata=(("pecsched-error-detail-bin", detail.SerializeToString()),),
+        )
+
+
+async def test_error_detail_convention_works_from_a_grpc_aio_server() -> None:
+    # Prepare
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(_AioDetailServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    # Execute
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(InvalidArgumentError) as invalid:
+                await client.get("??")
+            with pytest.raises(ResourceExhaustedError) as exhausted:
+                await client.cancel("r")
+    finally:
+        await server.stop(grace=None)
+
+    # Assert
+    assert invalid.value.field == "request_id" and invalid.value.detail_code == "BAD_REQUEST_ID"
+    assert exhausted.value.retry_after_s == 1.25
