@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from types import ModuleType
 
+import controlplane.cli
+import dataplane.cli
 import sdk.cli
 
 # Components that contribute subcommands, in the order `pecsched --help` lists them.
-COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli,)
+COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli, dataplane.cli, controlplane.cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

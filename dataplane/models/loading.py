@@ -63,7 +63,7 @@ def load_hf_directory(path: Path, *, dtype: torch.dtype, device: torch.device) -
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = LlamaForCausalLM(config)
-    load_checkpoint_in_model(model, str(path), device_map={"": device}, dtype=dtype)
+    load_checkpoint_in_model(model, str(path), device_map={"": str(device)}, dtype=dtype)
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -1,0 +1,180 @@
+"""Engine greedy output equals transformers' generate: one-shot, chunked, paused, mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Oracle
+
+from dataplane.engine.requests import RequestState
+from dataplane.engine.types import (
+    ChunkDone,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    PrefillDone,
+    SamplingParams,
+    TokenGenerated,
+)
+
+NEW_TOKENS = 16
+
+
+def test_one_shot_prefill_equals_transformers(oracle: Oracle) -> None:
+    # Prepare
+    prompt = oracle.prompt(10, 60)
+    want = oracle.greedy(prompt, NEW_TOKENS)
+    oracle.assert_varied(want)
+    engine = oracle.engine(chunk_tokens=1024, max_batch_tokens=1024)
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=NEW_TOKENS))
+    events: list[EngineEvent] = []
+
+    # Execute
+    outputs = oracle.run(engine, lambda _, step_events: events.extend(step_events))
+
+    # Assert
+    assert outputs["a"] == want
+    assert events[:3] == [
+        ChunkDone("a", 60, 60, 60),
+        PrefillDone("a", 60),
+        TokenGenerated("a", want[0], 1),
+    ]
+    assert events[-1] == Finished("a", FinishReason.LENGTH, tuple(want))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 32])
+def test_chunked_prefill_equals_transformers(oracle: Oracle, chunk_tokens: int) -> None:
+    # Prepare
+    prompt = oracle.prompt(11, 45)
+    want = oracle.greedy(prompt, NEW_TOKENS)
+    oracle.assert_varied(want)
+    engine = oracle.engine(chunk_tokens=chunk_tokens)
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=NEW_TOKENS))
+    chunks: list[int] = []
+
+    # Execute
+    outputs = oracle.run(
+        engine,
+        lambda _, evs: chunks.extend(e.num_chunk_tokens for e in evs if isinstance(e, ChunkDone)),
+    )
+
+    # Assert
+    assert outputs["a"] == want
+    assert chunks == [min(chunk_tokens, 45 - i) for i in range(0, 45, chunk_tokens)]
+
+
+def test_paused_prefill_resumes_from_its_last_chunk(oracle: Oracle) -> None:
+    # Prepare: a long prompt is paused after two chunks while a short one runs to the end.
+    long_prompt, short_prompt = oracle.prompt(12, 80), oracle.prompt(13, 9)
+    want_long, want_short = oracle.greedy(long_prompt, NEW_TOKENS), oracle.greedy(short_prompt, 6)
+    oracle.assert_varied(want_long)
+    engine = oracle.engine(chunk_tokens=16, max_batch_tokens=16)
+    engine.add_request("long", long_prompt, SamplingParams(max_new_tokens=NEW_TOKENS))
+    prefilled: list[int] = []
+
+    # Execute
+    for _ in range(2):
+        prefilled += [e.num_chunk_tokens for e in engine.step() if isinstance(e, ChunkDone)]
+    engine.pause("long")
+    engine.add_request("short", short_prompt, SamplingParams(max_new_tokens=6))
+    short_out = oracle.run(engine)
+    state_while_paused = engine.request_state("long")
+    engine.resume("long")
+    long_out = oracle.run(
+        engine,
+        lambda _, evs: prefilled.extend(
+            e.num_chunk_tokens for e in evs if isinstance(e, ChunkDone)
+        ),
+    )
+
+    # Assert: nothing recomputed (the chunks sum to the prompt), tokens equal the reference.
+    assert state_while_paused is RequestState.PAUSED
+    assert short_out == {"short": want_short}
+    assert long_out == {"long": want_long}
+    assert sum(prefilled) == 80
+
+
+def test_requests_in_mixed_batches_at_different_lengths_equal_transformers(oracle: Oracle) -> None:
+    # Prepare: requests arrive while others decode, so steps mix decodes and prefill chunks.
+    lengths = [5, 70, 23, 41, 1]
+    prompts = [oracle.prompt(20 + i, n) for i, n in enumerate(lengths)]
+    wants = [oracle.greedy(p, NEW_TOKENS) for p in prompts]
+    for want in wants[:4]:
+        oracle.assert_varied(want)
+    engine = oracle.engine(chunk_tokens=16, max_batch_tokens=24)
+    arrivals = {0: [0, 1], 3: [2], 5: [3, 4]}
+    mixed_steps: list[int] = []
+
+    def on_step(step: int, events: list[EngineEvent]) -> None:
+        kinds = {type(e) for e in events}
+        decoded = {e.request_id for e in events if isinstance(e, TokenGenerated)}
+        chunked = {e.request_id for e in events if isinstance(e, ChunkDone)}
+        if ChunkDone in kinds and decoded - chunked:
+            mixed_steps.append(step)
+        for idx in arrivals.get(step + 1, []):
+            engine.add_request(f"r{idx}", prompts[idx], SamplingParams(max_new_tokens=NEW_TOKENS))
+
+    for idx in arrivals[0]:
+        engine.add_request(f"r{idx}", prompts[idx], SamplingParams(max_new_tokens=NEW_TOKENS))
+
+    # Execute
+    outputs = oracle.run(engine, on_step)
+
+    # Assert
+    assert mixed_steps, "no step mixed decode tokens with prefill chunks"
+    assert outputs == {f"r{i}": wants[i] for i in range(len(lengths))}
+
+
+def test_eos_stops_a_request_and_frees_its_kv(oracle: Oracle) -> None:
+    # Prepare: make the reference's 4th token the end-of-sequence token.
+    prompt = oracle.prompt(30, 12)
+    want = oracle.greedy(prompt, NEW_TOKENS)
+    eos = want[3]
+    stop = want.index(eos) + 1
+    engine = oracle.engine()
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=NEW_TOKENS, eos_token_ids=(eos,)))
+
+    # Execute
+    finished: list[Finished] = []
+    oracle.run(engine, lambda _, evs: finished.extend(e for e in evs if isinstance(e, Finished)))
+
+    # Assert
+    assert finished == [Finished("a", FinishReason.EOS, tuple(want[:stop]))]
+    assert engine.num_free_kv_tokens == 4096 and engine.num_requests == 0
+
+
+def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(oracle: Oracle) -> None:
+    # Prepare
+    prompt = oracle.prompt(31, 20)
+    want_greedy = oracle.greedy(prompt, NEW_TOKENS)
+    engine = oracle.engine()
+    hot = {"temperature": 1.5, "max_new_tokens": NEW_TOKENS}
+    engine.add_request("s1", prompt, SamplingParams(seed=5, **hot))
+    engine.add_request("s2", prompt, SamplingParams(seed=5, **hot))
+    engine.add_request("s3", prompt, SamplingParams(seed=6, **hot))
+    engine.add_request("nucleus", prompt, SamplingParams(seed=7, top_p=1e-6, **hot))
+
+    # Execute
+    outputs = oracle.run(engine)
+
+    # Assert
+    assert outputs["s1"] == outputs["s2"]
+    assert outputs["s1"] != outputs["s3"]
+    assert outputs["nucleus"] == want_greedy
+
+
+def test_long_prompt_of_5000_tokens_in_chunks_equals_transformers(
+    oracles: dict[str, Oracle],
+) -> None:
+    # Prepare
+    oracle = oracles["tiny"]
+    prompt = oracle.prompt(40, 5000)
+    want = oracle.greedy(prompt, 8)
+    oracle.assert_varied(want)
+    engine = oracle.engine(kv_tokens=5100, chunk_tokens=1024, max_batch_tokens=1024)
+    engine.add_request("long", prompt, SamplingParams(max_new_tokens=8))
+
+    # Execute
+    outputs = oracle.run(engine)
+
+    # Assert
+    assert outputs == {"long": want}
