@@ -275,7 +275,8 @@ class BasePolicy:
         for size, inst in enumerate(candidates, start=1):
             held += st.ledger.free_tokens(inst.instance_id)
             if held >= req.spec.total_tokens and size >= wanted:
-                return candidates[:size]
+                # Rank order: by node, so ranks of one node are neighbours (cheaper SP hops).
+                return sorted(candidates[:size], key=lambda i: (i.spec.node_id, i.instance_id))
         return None
 
     def _reject_if_never_fits(self, req: RequestRecord, out: list[Action]) -> bool:
