@@ -7,6 +7,7 @@ DDL is transactional, so a failed upgrade leaves the database where it was.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,3 +131,16 @@ def verify_schema(engine: Engine) -> None:
         f"the database {found}, this control plane needs revision {head}; "
         f"run `{upgrade_command(engine)}` first"
     )
+
+
+def offline_sql(dialect_url: str = "postgresql+psycopg://", revision: str = "head") -> str:
+    """The SQL that upgrading an empty database to `revision` runs, rendered without a server.
+
+    `docs/schema.sql` is this text for PostgreSQL (checked by tests/migrations).
+    """
+    buffer = io.StringIO()
+    config = Config(str(MIGRATIONS_DIR / "alembic.ini"), output_buffer=buffer)
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", dialect_url)
+    command.upgrade(config, revision, sql=True)
+    return buffer.getvalue()

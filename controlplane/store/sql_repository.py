@@ -70,6 +70,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
         self._insert_request = dialect_insert(_requests).on_conflict_do_nothing(
             index_elements=["tenant", "idempotency_key"]
         )
+        self._insert_returning = self._insert_request.returning(_requests.c.id)
         values: dict[str, Any] = {name: bindparam(f"b_{name}") for name in _MUTABLE}
         for name in _SET_ONCE:
             values[name] = func.coalesce(_requests.c[name], bindparam(f"b_{name}"))
@@ -88,8 +89,8 @@ class SqlRepository(ClusterSqlMixin, Repository):
         """See Repository.add_request."""
         row = _insert_params(new)
         with self.uow.scope(write=True) as connection:
-            inserted = connection.execute(self._insert_request, row).rowcount
-            if inserted == 1:
+            inserted = connection.execute(self._insert_returning, row).first()
+            if inserted is not None:
                 return AddResult(_queued_view(new), True)
             return AddResult(self._by_keys(connection, [new])[0], False)
 
@@ -99,7 +100,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
             return []
         rows = [_insert_params(new) for new in news]
         with self.uow.scope(write=True) as connection:
-            result = connection.execute(self._insert_request.returning(_requests.c.id), rows)
+            result = connection.execute(self._insert_returning, rows)
             inserted = set(result.scalars().all())
             results: list[AddResult | None] = []
             replays: list[NewRequest] = []

@@ -47,7 +47,9 @@ SELECT
     r.finished_s - r.arrival_s AS jct_s,
     CASE WHEN r.output_tokens > 1
         THEN (r.finished_s - r.first_token_s) / (r.output_tokens - 1) END AS mean_tbt_s,
-    r.preemptions,
+    r.num_preemptions AS preemptions,
+    r.num_requeues AS requeues,
+    r.paused_total_s,
     {instances} AS instances,
     r.error
 FROM requests r
@@ -73,7 +75,7 @@ JOIN requests r ON r.id = e.request_id
 
 def upgrade() -> None:
     """Create the admin views."""
-    dialect = op.get_bind().dialect.name
+    dialect = op.get_context().dialect.name
     timestamp = _TIMESTAMP[dialect]
     op.execute(
         _REQUEST_HISTORY.format(

@@ -1,0 +1,433 @@
+"""ONE contract suite for every Repository implementation (memory, SQLite, PostgreSQL).
+
+Subclasses implement `repo_factory()` returning a fresh, empty repository; every test here
+runs against each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import pytest
+
+from controlplane.core.types import (
+    InstanceRole,
+    InstanceSpec,
+    RequestClass,
+    RequestSpec,
+    RequestState,
+    RequestView,
+)
+from controlplane.store import codec
+from controlplane.store.errors import AlreadyExists, NotFound
+from controlplane.store.records import (
+    ApiKeyRole,
+    InstanceRecord,
+    InstanceState,
+    NewRequest,
+    NodeRecord,
+    NodeState,
+    RequestEvent,
+    RequestEventKind,
+    RequestFilter,
+    SamplingParams,
+)
+from controlplane.store.repository import ReadOnlyTransactionError, Repository
+
+
+def make_new_request(
+    request_id: str,
+    *,
+    tenant: str = "acme",
+    prompt: Sequence[int] = (1, 2, 3),
+    arrival_s: float = 100.0,
+    request_class: RequestClass = RequestClass.SHORT,
+    key: str | None = None,
+    sampling: SamplingParams | None = None,
+    max_new_tokens: int = 16,
+) -> NewRequest:
+    """A NewRequest with defaults for every field a test does not care about."""
+    spec = RequestSpec(
+        request_id=request_id,
+        tenant=tenant,
+        prompt_tokens=len(prompt),
+        max_new_tokens=max_new_tokens,
+        priority=0,
+        arrival_s=arrival_s,
+    )
+    return NewRequest(spec, request_class, prompt, sampling or SamplingParams(), key)
+
+
+def make_node(node_id: str = "node-a", *, at_s: float = 1.0) -> NodeRecord:
+    """An UP node registered at `at_s`."""
+    return NodeRecord(node_id, f"{node_id}:7000", NodeState.UP, at_s, at_s)
+
+
+def make_instance(instance_id: str, node_id: str = "node-a", *, tp: int = 1) -> InstanceRecord:
+    """An UP general instance on `node_id` using devices 0..tp-1."""
+    spec = InstanceSpec(instance_id, node_id, InstanceRole.GENERAL, tp, 100_000)
+    return InstanceRecord(spec, InstanceState.UP, tuple(range(tp)), 1.0)
+
+
+def running(view: RequestView, **changes: object) -> RequestView:
+    """`view` with `changes` applied (a new state, times, counters...)."""
+    return dataclasses.replace(view, **changes)  # type: ignore[arg-type]
+
+
+class RepositoryContract(ABC):
+    """The behaviour every Repository must have."""
+
+    @abstractmethod
+    def repo_factory(self) -> Repository:
+        """A fresh, empty repository."""
+
+    @pytest.fixture
+    def repo(self) -> Repository:
+        return self.repo_factory()
+
+    # -- adding and reading requests -------------------------------------------------------
+
+    def test_add_then_get_returns_a_queued_view_and_the_inputs(self, repo: Repository) -> None:
+        # Prepare
+        sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=2**64 - 1, stop_at_eos=False)
+        new = make_new_request("r1", prompt=(0, 7, 2**32 - 1), sampling=sampling, key="k1")
+        # Execute
+        result = repo.add_request(new)
+        view = repo.get_request("r1")
+        inputs = repo.get_request_inputs("r1")
+        # Assert
+        assert result.created
+        assert result.view == view == RequestView(new.spec, RequestClass.SHORT, RequestState.QUEUED)
+        assert inputs.prompt_token_ids == (0, 7, 2**32 - 1)
+        assert inputs.sampling == sampling
+        assert inputs.idempotency_key == "k1"
+
+    def test_idempotent_replay_returns_the_first_request(self, repo: Repository) -> None:
+        first = repo.add_request(make_new_request("r1", key="same"))
+
+        replay = repo.add_request(make_new_request("r2", key="same", arrival_s=200.0))
+        other_tenant = repo.add_request(make_new_request("r3", key="same", tenant="other"))
+
+        assert not replay.created and replay.view == first.view
+        assert other_tenant.created
+        with pytest.raises(NotFound):
+            repo.get_request("r2")
+
+    def test_same_request_id_twice_is_already_exists(self, repo: Repository) -> None:
+        repo.add_request(make_new_request("r1"))
+
+        with pytest.raises(AlreadyExists):
+            repo.add_request(make_new_request("r1", arrival_s=5.0))
+
+    def test_add_requests_batch_resolves_replays_in_input_order(self, repo: Repository) -> None:
+        stored = repo.add_request(make_new_request("r0", key="k0"))
+        batch = [
+            make_new_request("r1", key="k1"),
+            make_new_request("r2", key="k0"),  # replay of a stored request
+            make_new_request("r3"),
+            make_new_request("r4", key="k1"),  # replay of r1 from the same batch
+        ]
+
+        results = repo.add_requests(batch)
+
+        assert [r.created for r in results] == [True, False, True, False]
+        assert [r.view.request_id for r in results] == ["r1", "r0", "r3", "r1"]
+        assert results[1].view == stored.view
+        assert repo.add_requests([]) == []
+        ids = [v.request_id for v in repo.list_requests(RequestFilter()).views]
+        assert ids == ["r0", "r1", "r3"]
+
+    def test_unknown_request_is_not_found(self, repo: Repository) -> None:
+        with pytest.raises(NotFound):
+            repo.get_request("nope")
+        with pytest.raises(NotFound):
+            repo.get_request_inputs("nope")
+
+    def test_bad_token_ids_name_the_field(self, repo: Repository) -> None:
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            repo.add_request(make_new_request("r1", prompt=(1, 2**32)))
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            repo.add_request(make_new_request("r1", prompt=(-1,)))
+
+    # -- updating ------------------------------------------------------------------------
+
+    def test_update_persists_every_mutable_field(self, repo: Repository) -> None:
+        view = repo.add_request(make_new_request("r1")).view
+        changed = running(
+            view,
+            state=RequestState.DECODING,
+            first_scheduled_s=101.0,
+            prefill_done_s=102.5,
+            first_token_s=102.5,
+            chunks_done=3,
+            chunks_total=3,
+            num_preemptions=2,
+            num_requeues=1,
+            paused_total_s=0.75,
+            prefill_instance_ids=("i-1", "i-2"),
+            decode_instance_ids=("i-9",),
+            output_tokens=5,
+        )
+
+        repo.update_requests([changed])
+
+        assert repo.get_request("r1") == changed
+
+    def test_update_keeps_first_times_and_the_spec(self, repo: Repository) -> None:
+        view = repo.add_request(make_new_request("r1")).view
+        repo.update_requests([running(view, state=RequestState.PREFILLING, first_scheduled_s=1.0)])
+        tampered_spec = dataclasses.replace(view.spec, tenant="evil", prompt_tokens=99)
+
+        repo.update_requests(
+            [
+                running(
+                    view,
+                    spec=tampered_spec,
+                    request_class=RequestClass.LONG,
+                    state=RequestState.FAILED,
+                    first_scheduled_s=7.0,
+                    finished_s=8.0,
+                    error="boom",
+                )
+            ]
+        )
+
+        stored = repo.get_request("r1")
+        assert stored.spec == view.spec and stored.request_class is RequestClass.SHORT
+        assert stored.first_scheduled_s == 1.0
+        assert (stored.state, stored.finished_s, stored.error) == (RequestState.FAILED, 8.0, "boom")
+
+    def test_update_of_unknown_request_rolls_the_batch_back(self, repo: Repository) -> None:
+        view = repo.add_request(make_new_request("r1")).view
+        ghost = running(view, spec=dataclasses.replace(view.spec, request_id="ghost"))
+
+        with pytest.raises(NotFound), repo.transaction(write=True):
+            repo.update_requests([running(view, state=RequestState.PREFILLING), ghost])
+
+        assert repo.get_request("r1").state is RequestState.QUEUED
+        assert repo.update_requests([]) is None
+
+    # -- listing -------------------------------------------------------------------------
+
+    def test_list_filters_by_state_class_and_tenant(self, repo: Repository) -> None:
+        repo.add_request(make_new_request("a", tenant="t1", arrival_s=1.0))
+        b = repo.add_request(make_new_request("b", tenant="t2", arrival_s=2.0)).view
+        repo.add_request(
+            make_new_request("c", tenant="t1", arrival_s=3.0, request_class=RequestClass.LONG)
+        )
+        repo.update_requests([running(b, state=RequestState.DECODING)])
+
+        def ids(request_filter: RequestFilter) -> list[str]:
+            return [v.request_id for v in repo.list_requests(request_filter).views]
+
+        assert ids(RequestFilter()) == ["a", "b", "c"]
+        assert ids(RequestFilter(states=frozenset({RequestState.QUEUED}))) == ["a", "c"]
+        assert ids(RequestFilter(request_class=RequestClass.LONG)) == ["c"]
+        assert ids(RequestFilter(tenant="t1", request_class=RequestClass.SHORT)) == ["a"]
+        states = frozenset({RequestState.DECODING, RequestState.FINISHED})
+        assert ids(RequestFilter(states=states, tenant="t2")) == ["b"]
+
+    def test_pages_cover_everything_once_in_arrival_order(self, repo: Repository) -> None:
+        # Equal arrival times are ordered by id; a request added after page 1 with an earlier
+        # key must not shift later pages.
+        for i in range(7):
+            repo.add_request(make_new_request(f"r{i}", arrival_s=float(i // 2)))
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            page = repo.list_requests(RequestFilter(), page_size=3, page_token=token)
+            seen += [v.request_id for v in page.views]
+            pages += 1
+            if pages == 1:
+                repo.add_request(make_new_request("early", arrival_s=-1.0))
+            token = page.next_page_token
+            if not token:
+                break
+
+        assert seen == [f"r{i}" for i in range(7)]
+        assert pages == 3
+
+    def test_bad_paging_arguments_name_the_field(self, repo: Repository) -> None:
+        with pytest.raises(ValueError, match="page_size"):
+            repo.list_requests(RequestFilter(), page_size=0)
+        with pytest.raises(ValueError, match="page_size"):
+            repo.list_requests(RequestFilter(), page_size=codec.MAX_PAGE_SIZE + 1)
+        with pytest.raises(ValueError, match="page_token"):
+            repo.list_requests(RequestFilter(), page_token="not-a-token")
+
+    def test_unfinished_requests_skip_terminal_states(self, repo: Repository) -> None:
+        views = [
+            repo.add_request(make_new_request(f"r{i}", arrival_s=10.0 - i)).view for i in range(5)
+        ]
+        terminal = (RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED)
+        repo.update_requests(
+            [running(v, state=s) for v, s in zip(views[:3], terminal, strict=True)]
+        )
+        repo.update_requests([running(views[3], state=RequestState.PAUSED)])
+
+        unfinished = repo.unfinished_requests()
+
+        assert [v.request_id for v in unfinished] == ["r4", "r3"]
+        assert unfinished[1].state is RequestState.PAUSED
+
+    def test_class_stats_count_by_class_and_state(self, repo: Repository) -> None:
+        repo.add_request(make_new_request("s1", prompt=(1,) * 5))
+        repo.add_request(make_new_request("s2", prompt=(1,) * 7))
+        s3 = repo.add_request(make_new_request("s3")).view
+        long_view = repo.add_request(
+            make_new_request("l1", prompt=(1,) * 50, request_class=RequestClass.LONG)
+        ).view
+        repo.update_requests(
+            [
+                running(s3, state=RequestState.FINISHED),
+                running(long_view, state=RequestState.PAUSED),
+            ]
+        )
+
+        short, long = repo.class_stats()
+
+        assert (short.request_class, long.request_class) == (RequestClass.SHORT, RequestClass.LONG)
+        assert (short.queued, short.finished_total, short.queued_tokens) == (2, 1, 12)
+        assert (long.queued, long.paused, long.queued_tokens, long.decoding) == (0, 1, 0, 0)
+
+    # -- tokens and timeline ---------------------------------------------------------------
+
+    def test_output_tokens_append_read_and_discard(self, repo: Repository) -> None:
+        repo.add_request(make_new_request("r1"))
+        repo.append_output_tokens("r1", 0, [5, 6])
+        repo.append_output_tokens("r1", 2, [7, 2**32 - 1])
+
+        assert repo.get_output_tokens("r1") == (5, 6, 7, 2**32 - 1)
+        assert repo.get_output_tokens("r1", from_index=3) == (2**32 - 1,)
+        with pytest.raises(AlreadyExists):
+            repo.append_output_tokens("r1", 2, [9])
+        with pytest.raises(NotFound):
+            repo.append_output_tokens("ghost", 0, [1])
+        with pytest.raises(ValueError, match="token_ids"):
+            repo.append_output_tokens("r1", 4, [])
+        repo.discard_output_tokens("r1")
+        assert repo.get_output_tokens("r1") == ()
+        assert repo.get_output_tokens("ghost") == ()
+
+    def test_events_keep_their_order_and_details(self, repo: Repository) -> None:
+        repo.add_request(make_new_request("r1"))
+        events = [
+            RequestEvent("r1", RequestEventKind.QUEUED, 1.0, None, {"prompt_tokens": 3}),
+            RequestEvent("r1", RequestEventKind.PAUSED, 2.0, "i-1", {"reason": "short s9"}),
+            RequestEvent(
+                "r1",
+                RequestEventKind.KV_TRANSFER_DONE,
+                2.0,
+                "i-2",
+                {"bytes": 2**40, "duration_s": 0.25, "ok": True},
+            ),
+        ]
+
+        repo.record_events(events[:1])
+        repo.record_events(events[1:])
+
+        assert repo.list_events("r1") == events
+        assert repo.list_events("ghost") == []
+        with pytest.raises(NotFound):
+            repo.record_events([RequestEvent("ghost", RequestEventKind.QUEUED, 1.0)])
+
+    # -- cluster -------------------------------------------------------------------------
+
+    def test_nodes_and_instances_upsert_list_and_go_down(self, repo: Repository) -> None:
+        repo.upsert_node(make_node("node-a"))
+        repo.upsert_node(make_node("node-b"))
+        repo.upsert_instance(make_instance("i-2", "node-a", tp=2))
+        repo.upsert_instance(make_instance("i-1", "node-a"))
+        repo.upsert_instance(make_instance("i-3", "node-b"))
+        moved = dataclasses.replace(make_instance("i-3", "node-b"), device_indices=(5,))
+        repo.upsert_instance(moved)
+        repo.touch_node("node-a", 9.0)
+
+        down = repo.mark_node_down("node-a", 10.0)
+
+        assert down == ["i-1", "i-2"]
+        nodes = repo.list_nodes()
+        assert [(n.node_id, n.state, n.last_heartbeat_s) for n in nodes] == [
+            ("node-a", NodeState.DOWN, 9.0),
+            ("node-b", NodeState.UP, 1.0),
+        ]
+        instances = repo.list_instances()
+        assert [(i.spec.instance_id, i.state) for i in instances] == [
+            ("i-1", InstanceState.DOWN),
+            ("i-2", InstanceState.DOWN),
+            ("i-3", InstanceState.UP),
+        ]
+        assert instances[1].device_indices == (0, 1) and instances[1].updated_s == 10.0
+        assert repo.list_instances("node-b") == [moved]
+
+    def test_instance_state_and_missing_cluster_rows(self, repo: Repository) -> None:
+        repo.upsert_node(make_node())
+        repo.upsert_instance(make_instance("i-1"))
+
+        repo.set_instance_state("i-1", InstanceState.DRAINING, 3.0)
+
+        assert repo.list_instances()[0].state is InstanceState.DRAINING
+        with pytest.raises(NotFound):
+            repo.upsert_instance(make_instance("i-9", "ghost-node"))
+        with pytest.raises(NotFound):
+            repo.set_instance_state("ghost", InstanceState.DOWN, 3.0)
+        with pytest.raises(NotFound):
+            repo.touch_node("ghost", 3.0)
+        with pytest.raises(NotFound):
+            repo.mark_node_down("ghost", 3.0)
+        with pytest.raises(ValueError, match="instance_id"):
+            repo.upsert_instance(make_instance("a,b"))
+
+    # -- API keys ------------------------------------------------------------------------
+
+    def test_api_keys_verify_until_revoked(self, repo: Repository) -> None:
+        record, key = repo.create_api_key(ApiKeyRole.ADMIN, "acme", 5.0)
+        _, other_key = repo.create_api_key(ApiKeyRole.CLIENT, "beta", 6.0)
+
+        assert repo.verify_api_key(key) == record
+        assert record.role is ApiKeyRole.ADMIN and record.tenant == "acme"
+        verified_other = repo.verify_api_key(other_key)
+        assert verified_other is not None and verified_other.role is ApiKeyRole.CLIENT
+        tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+        for bad in (tampered, "", "garbage", key.replace(record.key_id, "0" * 16)):
+            assert repo.verify_api_key(bad) is None
+        repo.revoke_api_key(record.key_id, 7.0)
+        assert repo.verify_api_key(key) is None
+        with pytest.raises(NotFound):
+            repo.revoke_api_key("ghost", 7.0)
+        with pytest.raises(ValueError, match="tenant"):
+            repo.create_api_key(ApiKeyRole.CLIENT, "", 1.0)
+
+    # -- transactions --------------------------------------------------------------------
+
+    def test_outer_transaction_owns_commit_and_rollback(self, repo: Repository) -> None:
+        class Boom(Exception):
+            pass
+
+        with pytest.raises(Boom), repo.transaction(write=True):
+            repo.add_request(make_new_request("r1"))
+            repo.record_events([RequestEvent("r1", RequestEventKind.QUEUED, 1.0)])
+            with repo.transaction(write=True):  # joins, does not commit
+                repo.add_request(make_new_request("r2"))
+            raise Boom
+
+        assert repo.list_requests(RequestFilter()).views == ()
+        assert repo.list_events("r1") == []
+        with repo.transaction(write=True):
+            repo.add_request(make_new_request("r3"))
+            assert repo.get_request("r3").request_id == "r3"  # reads its own writes
+        assert repo.get_request("r3").state is RequestState.QUEUED
+
+    def test_read_only_transactions_refuse_writes(self, repo: Repository) -> None:
+        with repo.transaction():
+            with pytest.raises(ReadOnlyTransactionError):
+                repo.add_request(make_new_request("r1"))
+            with pytest.raises(ReadOnlyTransactionError):
+                repo.upsert_node(make_node())
+            assert repo.list_nodes() == []
+
+        with pytest.raises(NotFound):
+            repo.get_request("r1")

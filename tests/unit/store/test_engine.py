@@ -1,0 +1,106 @@
+"""The engine factory's dialect settings and the one DB-error translation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from repository_contract import make_new_request
+
+from controlplane.store.engine import make_engine
+from controlplane.store.errors import StoreErrorCode, Unavailable
+from controlplane.store.memory import InMemoryRepository
+from controlplane.store.sql_repository import SqlRepository
+from controlplane.store.tables import metadata
+
+
+def test_sqlite_file_gets_wal_foreign_keys_full_sync_and_busy_timeout(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'p.db'}")
+
+    with engine.connect() as connection:
+        pragmas = {
+            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "foreign_keys", "synchronous", "busy_timeout")
+        }
+    engine.dispose()
+
+    assert pragmas == {
+        "journal_mode": "wal",
+        "foreign_keys": 1,
+        "synchronous": 2,
+        "busy_timeout": 10_000,
+    }
+
+
+def test_committed_requests_survive_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    engine = make_engine(url)
+    metadata.create_all(engine)
+    SqlRepository(engine).add_request(make_new_request("r1"))
+    engine.dispose()
+
+    reopened = make_engine(url)
+    view = SqlRepository(reopened).get_request("r1")
+    reopened.dispose()
+
+    assert view.request_id == "r1"
+
+
+def test_concurrent_writers_wait_for_the_lock_instead_of_failing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    setup = make_engine(url)
+    metadata.create_all(setup)
+    setup.dispose()
+    engines = [make_engine(url) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def submit(worker: int) -> None:
+        repo = SqlRepository(engines[worker])
+        try:
+            for i in range(30):
+                with repo.transaction(write=True):
+                    repo.add_request(make_new_request(f"w{worker}-{i}", arrival_s=float(i)))
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(w,)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    count = len(SqlRepository(engines[0]).unfinished_requests())
+    for engine in engines:
+        engine.dispose()
+
+    assert errors == []
+    assert count == 60
+
+
+def test_unreachable_database_is_unavailable() -> None:
+    repo = SqlRepository(make_engine("sqlite:////nonexistent-dir/x/p.db"))
+
+    with pytest.raises(Unavailable) as raised:
+        repo.get_request("r1")
+
+    assert raised.value.code is StoreErrorCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://u@h/db", "unsupported database 'mysql'"),
+        ("postgresql+psycopg2://u@h/db", "psycopg driver"),
+    ],
+)
+def test_unsupported_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_engine(url)
+
+
+def test_memory_repository_is_isolated_per_instance() -> None:
+    first, second = InMemoryRepository(), InMemoryRepository()
+
+    first.add_request(make_new_request("r1"))
+
+    assert second.unfinished_requests() == []
