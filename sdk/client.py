@@ -93,7 +93,7 @@ class Client:
         )
         self._rng = self._settings.make_rng()
         credentials = channel_credentials(self._settings)
-        options = list(self._settings.channel_options)
+        options = self._settings.grpc_options()
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:

@@ -28,7 +28,9 @@ from sdk.errors import DeadlineExceededError, PecSchedError, ResourceExhaustedEr
 class RetryPolicy:
     """When and how fast a client retries a failed call."""
 
-    max_attempts: int = 5  # attempts per call, the first included; 1 disables retries
+    # Attempts per call, the first included; 1 disables retries. The default 8 waits about 11 s
+    # in total (0.1 + 0.2 + ... + 3.2 + 5 s), enough to ride out a control-plane restart.
+    max_attempts: int = 8
     initial_backoff_s: float = 0.1  # delay before the first retry
     max_backoff_s: float = 5.0  # cap on one delay
     backoff_multiplier: float = 2.0  # growth of the delay per failed attempt

@@ -22,6 +22,14 @@ from sdk.retry import RetryPolicy
 # A W3C trace-context `traceparent` header: version-traceid-parentid-flags, lower-case hex.
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
+# Channel arguments the SDK sets unless the caller overrides them: reconnect within a second of
+# the control plane coming back (grpc's default backoff grows to minutes), so retries and stream
+# resumption ride out a restart.
+DEFAULT_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+
 # Supplies the traceparent of the caller's current span, or None when there is none.
 TraceparentSource = str | Callable[[], str | None] | None
 
@@ -37,7 +45,7 @@ class ClientSettings:
     traceparent: TraceparentSource = None  # W3C traceparent, or a callable read on every call
     timeout_s: float | None = 30.0  # default deadline of unary calls (retries included)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    channel_options: tuple[tuple[str, Any], ...] = ()  # passed to grpc as channel arguments
+    channel_options: tuple[tuple[str, Any], ...] = ()  # grpc channel arguments, over the defaults
     seed: int | None = None  # seeds the backoff jitter (None: nondeterministic)
 
     def __post_init__(self) -> None:
@@ -56,6 +64,10 @@ class ClientSettings:
     def uses_tls(self) -> bool:
         """True when the channel is encrypted."""
         return self.tls or self.root_certificates is not None
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        """Channel arguments: `DEFAULT_CHANNEL_OPTIONS` updated with `channel_options`."""
+        return list({**DEFAULT_CHANNEL_OPTIONS, **dict(self.channel_options)}.items())
 
     def make_rng(self) -> random.Random:
         """The jitter generator for one client."""

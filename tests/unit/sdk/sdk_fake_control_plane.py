@@ -61,6 +61,8 @@ class FakeControlPlane(inference_pb2_grpc.InferenceServicer):
     drop_after_chunks: list[int] = field(default_factory=list)  # per stream: abort after N chunks
     drop_with_clean_close: bool = False  # end the dropped stream cleanly instead of UNAVAILABLE
     ignore_from_index: bool = False  # resend from token 0 on every stream (a sloppy server)
+    chunk_interval_s: float = 0.0  # pause between chunks (a slow decode)
+    num_chunks_sent: int = 0  # TokenChunks sent over all streams
     skip_tokens: int = 0  # start streams this many tokens past from_token_index (a broken server)
     calls: list[Call] = field(default_factory=list)
     requests: dict[str, inference_pb2.Request] = field(default_factory=dict)
@@ -158,6 +160,8 @@ class FakeControlPlane(inference_pb2_grpc.InferenceServicer):
                     return
                 context.abort(grpc.StatusCode.UNAVAILABLE, "agent connection lost")
             ids = tokens[begin : begin + self.chunk_size]
+            time.sleep(self.chunk_interval_s)
+            self.num_chunks_sent += 1
             is_last = begin + self.chunk_size >= len(tokens)
             yield inference_pb2.TokenChunk(
                 request_id=request.request_id,

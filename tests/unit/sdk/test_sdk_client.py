@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent import futures
 from datetime import UTC, datetime
 
 import grpc
 import pytest
 from sdk_fake_control_plane import API_KEY, Failure, FakeControlPlane, output_tokens, token_text
 
-from protos.pecsched.v1 import common_pb2, inference_pb2
+from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from sdk.client import Client
 from sdk.errors import (
     DeadlineExceededError,
@@ -430,3 +432,45 @@ def test_tls_with_root_certificates(fake: FakeControlPlane, serve_tls, tmp_path)
 
     # Assert
     assert info.request_id == request_id
+
+
+def test_generate_survives_a_control_plane_restart(fake: FakeControlPlane) -> None:
+    # Prepare: a slow stream; after 3 chunks the server goes away and comes back 1 s later
+    # on the same port (same state, as a restarted control plane recovers it from its DB).
+
+    def start(address: str) -> tuple[grpc.Server, int]:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        inference_pb2_grpc.add_InferenceServicer_to_server(fake, server)
+        port = server.add_insecure_port(address)
+        server.start()
+        return server, port
+
+    request_id = fake.add_request(prompt_tokens=2, max_new_tokens=12)
+    fake.chunk_size, fake.chunk_interval_s = 1, 0.05
+    first, port = start("127.0.0.1:0")
+    servers = [first]
+
+    def restart() -> None:
+        while fake.num_chunks_sent < 3:
+            time.sleep(0.005)
+        first.stop(grace=None)
+        time.sleep(1.0)
+        servers.append(start(f"127.0.0.1:{port}")[0])
+
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+
+    # Execute
+    try:
+        with Client(f"127.0.0.1:{port}", seed=1) as client:
+            result = client.result(request_id, timeout_s=20)
+    finally:
+        restarter.join()
+        for server in servers:
+            server.stop(grace=None)
+
+    # Assert
+    from_indices = [c.request.from_token_index for c in fake.calls_of("Generate")]  # type: ignore[attr-defined]
+    assert result.token_ids == tuple(output_tokens(2, 12))
+    assert result.state is RequestState.FINISHED
+    assert from_indices[0] == 0 and from_indices[-1] >= 3 and len(from_indices) == 2
