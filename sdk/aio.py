@@ -103,14 +103,14 @@ class AsyncClient:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _budget(self, timeout_s: float | None, use_default: bool) -> CallBudget:
+    def _budget(self, label: str, timeout_s: float | None, use_default: bool) -> CallBudget:
         effective_s = self._settings.timeout_s if use_default and timeout_s is None else timeout_s
-        return CallBudget(self._settings.retry, effective_s, self._rng)
+        return CallBudget(self._settings.retry, effective_s, self._rng, label)
 
     async def _unary(
         self, method: Callable[..., Awaitable[_T]], request: Any, timeout_s: float | None
     ) -> _T:
-        budget = self._budget(timeout_s, use_default=True)
+        budget = self._budget(type(request).__name__.removesuffix("Request"), timeout_s, True)
         while True:
             try:
                 return await method(
@@ -127,6 +127,7 @@ class AsyncClient:
 
     async def _resuming_stream(
         self,
+        label: str,
         method: Any,
         make_request: Callable[[], Any],
         on_message: Callable[[Any], Iterable[_T]],
@@ -135,7 +136,7 @@ class AsyncClient:
         timeout_s: float | None,
     ) -> AsyncGenerator[_T, None]:
         # The asyncio twin of Client._resuming_stream (same contract).
-        budget = self._budget(timeout_s, use_default=False)
+        budget = self._budget(label, timeout_s, use_default=False)
         while True:
             call = method(
                 make_request(),
@@ -203,6 +204,7 @@ class AsyncClient:
             return () if chunk is None else (chunk,)
 
         return self._resuming_stream(
+            "Generate",
             self._methods.generate,
             cursor.generate_request,
             on_message,
@@ -295,6 +297,7 @@ class AsyncClient:
             return (convert.snapshot_from_proto(message),)
 
         return self._resuming_stream(
+            "Watch",
             self._methods.watch,
             lambda: inference_pb2.WatchRequest(interval_s=interval_s),
             on_message,

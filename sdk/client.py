@@ -117,12 +117,12 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _budget(self, timeout_s: float | None, use_default: bool) -> CallBudget:
+    def _budget(self, label: str, timeout_s: float | None, use_default: bool) -> CallBudget:
         effective_s = self._settings.timeout_s if use_default and timeout_s is None else timeout_s
-        return CallBudget(self._settings.retry, effective_s, self._rng)
+        return CallBudget(self._settings.retry, effective_s, self._rng, label)
 
     def _unary(self, method: Callable[..., _T], request: Any, timeout_s: float | None) -> _T:
-        budget = self._budget(timeout_s, use_default=True)
+        budget = self._budget(type(request).__name__.removesuffix("Request"), timeout_s, True)
         while True:
             try:
                 return method(
@@ -139,6 +139,7 @@ class Client:
 
     def _resuming_stream(
         self,
+        label: str,
         method: Any,
         make_request: Callable[[], Any],
         on_message: Callable[[Any], Iterable[_T]],
@@ -148,7 +149,7 @@ class Client:
     ) -> Generator[_T, None, None]:
         # Opens the stream, re-opens it (with a fresh request) after a retryable failure, and
         # stops when `is_done()`; `ended_early` None means a clean close is a normal end.
-        budget = self._budget(timeout_s, use_default=False)
+        budget = self._budget(label, timeout_s, use_default=False)
         while True:
             call = method(
                 make_request(),
@@ -224,6 +225,7 @@ class Client:
             return () if chunk is None else (chunk,)
 
         return self._resuming_stream(
+            "Generate",
             self._methods.generate,
             cursor.generate_request,
             on_message,
@@ -314,6 +316,7 @@ class Client:
             return (convert.snapshot_from_proto(message),)
 
         return self._resuming_stream(
+            "Watch",
             self._methods.watch,
             lambda: inference_pb2.WatchRequest(interval_s=interval_s),
             on_message,

@@ -2,7 +2,7 @@
 
 The clients own the loop and the sleeping; this module decides *whether* and *how long*:
 
-    budget = CallBudget(policy, timeout_s, rng)
+    budget = CallBudget(policy, timeout_s, rng, label)
     while True:
         try: return call(timeout=budget.attempt_timeout_s())
         except rpc error as e: delay = budget.next_delay_s(e)   # None: raise e
@@ -17,11 +17,14 @@ key, so a retry returns the first request's id).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
 
 from sdk.errors import DeadlineExceededError, PecSchedError, ResourceExhaustedError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +68,17 @@ class RetryPolicy:
 class CallBudget:
     """Attempts and remaining time of one logical call (its retries and stream resumptions)."""
 
-    def __init__(self, policy: RetryPolicy, timeout_s: float | None, rng: random.Random) -> None:
-        """Start the clock; `timeout_s` None means no deadline."""
+    def __init__(
+        self, policy: RetryPolicy, timeout_s: float | None, rng: random.Random, label: str
+    ) -> None:
+        """Start the clock; `timeout_s` None means no deadline; `label` names the call in logs."""
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._policy = policy
         self._timeout_s = timeout_s
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._rng = rng
+        self._label = label
         self._num_failures = 0
 
     def remaining_s(self) -> float | None:
@@ -103,4 +109,12 @@ class CallBudget:
         remaining_s = self.remaining_s()
         if remaining_s is not None and delay_s >= remaining_s:
             return None
+        _log.debug(
+            "%s failed (%s); attempt %d of %d in %.3f s",
+            self._label,
+            error,
+            self._num_failures + 1,
+            self._policy.max_attempts,
+            delay_s,
+        )
         return delay_s

@@ -48,12 +48,12 @@ def test_retry_after_raises_the_delay_and_the_deadline_stops_retrying() -> None:
     policy = RetryPolicy(initial_backoff_s=0.01, retry_resource_exhausted=True)
     exhausted = ResourceExhaustedError("RESOURCE_EXHAUSTED", "full", retry_after_s=0.5)
 
-    assert CallBudget(policy, None, random.Random(0)).next_delay_s(exhausted) == 0.5
-    assert CallBudget(policy, 0.2, random.Random(0)).next_delay_s(exhausted) is None
+    assert CallBudget(policy, None, random.Random(0), "Get").next_delay_s(exhausted) == 0.5
+    assert CallBudget(policy, 0.2, random.Random(0), "Get").next_delay_s(exhausted) is None
 
 
 def test_spent_budget_raises_deadline_exceeded() -> None:
-    budget = CallBudget(RetryPolicy(), 1e-9, random.Random(0))
+    budget = CallBudget(RetryPolicy(), 1e-9, random.Random(0), "Get")
 
     with pytest.raises(DeadlineExceededError):
         budget.attempt_timeout_s()
