@@ -17,9 +17,10 @@ from types import ModuleType
 import controlplane.cli
 import dataplane.cli
 import sdk.cli
+import sim.cli
 
 # Components that contribute subcommands, in the order `pecsched --help` lists them.
-COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli, dataplane.cli, controlplane.cli)
+COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli, dataplane.cli, controlplane.cli, sim.cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,7 @@ KV memory: `kvb` bytes per token; capacity per instance = tp · memory · utilis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from sim.hardware import GpuSpec, ModelShape
@@ -70,10 +70,10 @@ class Efficiency:
     comm_eff: float = 0.8  # achieved / nominal NVLink or network bandwidth
 
     def __post_init__(self) -> None:
-        for field in ("mfu", "bw_eff", "comm_eff"):
-            value = getattr(self, field)
+        for name in ("mfu", "bw_eff", "comm_eff"):
+            value = getattr(self, name)
             if not 0.0 < value <= 1.0:
-                raise ValueError(f"Efficiency.{field} must be in (0, 1], got {value}")
+                raise ValueError(f"Efficiency.{name} must be in (0, 1], got {value}")
         if self.overhead_s < 0.0:
             raise ValueError(f"Efficiency.overhead_s must be >= 0, got {self.overhead_s}")
 
@@ -87,6 +87,8 @@ class CostModel:
     tp: int = 1  # tensor-parallel GPUs per instance
     efficiency: Efficiency = Efficiency()
     memory_utilization: float = 0.9  # fraction of HBM for weights + KV (the rest: activations)
+    # Constants of the formulas, derived once in __post_init__ (the engine calls these a lot).
+    _c: _Constants = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.tp > self.gpu.gpus_per_node:
@@ -102,6 +104,27 @@ class CostModel:
                 f"{self.model.name} ({self.model.weight_bytes / 1e9:.1f} GB of weights) does not "
                 f"fit on tp={self.tp} x {self.gpu.name}"
             )
+        m, g, e = self.model, self.gpu, self.efficiency
+        lm_head = m.vocab_size * m.hidden_size
+        nvlink = g.nvlink_bytes_per_s * e.comm_eff
+        tp_share = 2.0 * (self.tp - 1) / self.tp
+        constants = _Constants(
+            linear_flops_per_token=2.0 * (m.matmul_params - lm_head),
+            head_flops_per_row=2.0 * lm_head,
+            attn_flops_per_pair=4.0 * m.num_layers * m.num_heads * m.head_dim,
+            weight_bytes=float(m.matmul_params * m.dtype_bytes),
+            kv_bytes_per_token=float(m.kv_bytes_per_token),
+            flops_per_s=self.tp * g.peak_flops * e.mfu,
+            bytes_per_s=self.tp * g.hbm_bytes_per_s * e.bw_eff,
+            allreduce_s_per_token=2.0
+            * m.num_layers
+            * tp_share
+            * m.hidden_size
+            * m.dtype_bytes
+            / nvlink,
+            allreduce_fixed_s=2.0 * m.num_layers * 2.0 * (self.tp - 1) * g.nvlink_latency_s,
+        )
+        object.__setattr__(self, "_c", constants)
 
     def with_efficiency(self, efficiency: Efficiency) -> CostModel:
         """A copy using `efficiency` (e.g. a fitted calibration)."""
@@ -124,35 +147,27 @@ class CostModel:
 
     def flops(self, new_tokens: int, attn_pairs: float, logit_rows: int) -> float:
         """FLOPs of `new_tokens` through the model, `attn_pairs` query-key pairs, S logit rows."""
-        m = self.model
-        lm_head = m.vocab_size * m.hidden_size
-        linear = 2.0 * (m.matmul_params - lm_head) * new_tokens + 2.0 * lm_head * logit_rows
-        return linear + 4.0 * m.num_layers * m.num_heads * m.head_dim * attn_pairs
+        c = self._c
+        return (
+            c.linear_flops_per_token * new_tokens
+            + c.head_flops_per_row * logit_rows
+            + c.attn_flops_per_pair * attn_pairs
+        )
 
     def hbm_bytes(self, new_tokens: int, kv_read_tokens: float) -> float:
         """HBM bytes: weights once, cached KV read once, new KV written."""
-        m = self.model
-        return m.matmul_params * m.dtype_bytes + m.kv_bytes_per_token * (
-            kv_read_tokens + new_tokens
-        )
+        c = self._c
+        return c.weight_bytes + c.kv_bytes_per_token * (kv_read_tokens + new_tokens)
 
     def allreduce_s(self, new_tokens: int) -> float:
         """Tensor-parallel all-reduces of one iteration (2 per layer, ring over NVLink)."""
         if self.tp == 1:
             return 0.0
-        m, g = self.model, self.gpu
-        bw = g.nvlink_bytes_per_s * self.efficiency.comm_eff
-        payload = new_tokens * m.hidden_size * m.dtype_bytes
-        one = (
-            2.0 * (self.tp - 1) / self.tp * payload / bw + 2.0 * (self.tp - 1) * g.nvlink_latency_s
-        )
-        return 2.0 * m.num_layers * one
+        return self._c.allreduce_s_per_token * new_tokens + self._c.allreduce_fixed_s
 
     def _roofline_s(self, flops: float, hbm_bytes: float) -> float:
-        e, g = self.efficiency, self.gpu
-        compute = flops / (self.tp * g.peak_flops * e.mfu)
-        memory = hbm_bytes / (self.tp * g.hbm_bytes_per_s * e.bw_eff)
-        return max(compute, memory)
+        c = self._c
+        return max(flops / c.flops_per_s, hbm_bytes / c.bytes_per_s)
 
     # --- iterations ---------------------------------------------------------------------------
 
@@ -237,6 +252,21 @@ class CostModel:
         g = self.gpu
         nominal = g.network_bytes_per_s if cross_node else g.nvlink_bytes_per_s
         return nominal * self.efficiency.comm_eff
+
+
+@dataclass(frozen=True, slots=True)
+class _Constants:
+    """Per-(model, gpu, tp, efficiency) factors of the formulas in the module docstring."""
+
+    linear_flops_per_token: float  # 2 · (P_mm − V·d)
+    head_flops_per_row: float  # 2 · V · d
+    attn_flops_per_pair: float  # 4 · L · H · hd
+    weight_bytes: float  # P_mm · b
+    kv_bytes_per_token: float  # kvb
+    flops_per_s: float  # tp · peak · mfu
+    bytes_per_s: float  # tp · hbm · bw_eff
+    allreduce_s_per_token: float  # 2 · L · 2(tp−1)/tp · d · b / nvlink
+    allreduce_fixed_s: float  # 2 · L · 2(tp−1) · latency
 
 
 def causal_pairs(tokens: int, context_tokens: int) -> float:

@@ -74,7 +74,7 @@ class Engine:
         prompt_tokens: np.ndarray,
         output_tokens: np.ndarray,
         isolated_jct: Callable[[int, int], float],
-        tick_s: float = 1.0,
+        tick_s: float = 2.0,
         max_idle_s: float = 3600.0,
         log_decisions: bool = False,
     ) -> None:
@@ -110,6 +110,7 @@ class Engine:
         self.log: list[str] | None = [] if log_decisions else None
         self.chunk_cache: dict[tuple[int, int, int, str, bool], float] = {}
         self.num_events = 0
+        self.active = 0  # requests arrived and not yet finished, rejected or cancelled
 
     # --- queue ------------------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class Engine:
             t_next = min(
                 self.heap[0][0] if self.heap else INF, self.arrival[nxt] if nxt < n else INF
             )
-            if policy.num_active_requests() > 0:
+            if self.active > 0:
                 if t_next == INF:
                     idle_since = min(idle_since, now)
                     if now - idle_since > self.max_idle_s:
@@ -177,6 +178,7 @@ class Engine:
                     )
                 )
                 self.num_events += 1
+                self.active += 1
                 nxt += 1
             events, self.out = self.out, []
             start = time.perf_counter()
@@ -274,6 +276,7 @@ class Engine:
         self.out.append(ev.TokensGenerated(rid, 1, now))
         if self.output[req] == 1:
             self.finished[req] = now
+            self.active -= 1
             self.out.append(ev.RequestFinished(rid, now))
         elif job.decode_in_place:
             self._start_decode(req, job.group, now)
@@ -297,6 +300,7 @@ class Engine:
             if i != group[0]:
                 self._wake(inst)
         self.finished[req] = now
+        self.active -= 1
         rid = str(req)
         if self.output[req] > 1:
             self.out.append(ev.TokensGenerated(rid, self.output[req] - 1, now))
@@ -423,6 +427,7 @@ class Engine:
 
     def _drop(self, req: int, now: float) -> None:
         """Stop all work of `req` (cancel or reject); it stays unfinished in the records."""
+        self.active -= 1
         job = self.jobs.pop(req, None)
         if job is not None and job.running:
             group = [self.instances[i] for i in job.group]

@@ -1,0 +1,214 @@
+"""`pecsched sim`: replay traces through the simulator under one or more policies.
+
+The only module of `sim` that reads files or writes outputs. Imports only argparse at import
+time; the simulator loads inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+MAIN_POLICIES = ("fifo", "reservation", "priority", "pecsched")
+ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
+
+
+def register(subparsers: Any) -> None:
+    """Add the `sim` subcommand to the `pecsched` parser."""
+    p = subparsers.add_parser(
+        "sim",
+        help="simulate a cluster replaying traces under scheduling policies",
+        description="Replay Azure LLM traces on a simulated cluster under each policy; print a "
+        "table, optionally write JSON and a PNG of paper-style plots.",
+    )
+    p.add_argument(
+        "--trace",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="Azure trace CSV (repeat to merge by timestamp)",
+    )
+    p.add_argument(
+        "--long-rescale",
+        default="100000:500000",
+        metavar="LOW:HIGH",
+        help="map prompts >= 4096 tokens into [LOW, HIGH] ('none' keeps them)",
+    )
+    p.add_argument("--long-rescale-mode", choices=("minmax", "quantile"), default="minmax")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--time-scale",
+        type=float,
+        metavar="F",
+        help="multiply inter-arrival times by F (F < 1 compresses)",
+    )
+    scale.add_argument("--rate", type=float, metavar="R", help="target mean arrival rate (req/s)")
+    p.add_argument("--max-requests", type=int, metavar="N", help="keep the first N requests")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    p.add_argument("--gpu", required=True, help="GPU type: a100 or h100")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="mistral-7b, phi-3-14b, yi-34b, llama-3.1-70b, llama-3-8b, llama-3.2-1b",
+    )
+    p.add_argument("--tp", type=int, help="GPUs per instance (default: the paper's TP)")
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="comma-separated policy names, or 'all' (the four policies) or 'all+ablations'",
+    )
+    p.add_argument(
+        "--long-reserved-instances",
+        type=int,
+        metavar="N",
+        help="reservation: instances kept for long requests (default: sized for "
+        "the longest request)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="measured iteration times (JSON) to fit the cost model to",
+    )
+    p.add_argument("--json", metavar="OUT", help="write results as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="write paper-style plots")
+    p.set_defaults(handler=_handle)
+
+
+def policy_names(spec: str) -> list[str]:
+    """Expand a --policy value into registry names, in order."""
+    names: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "all":
+            names += MAIN_POLICIES
+        elif part == "all+ablations":
+            names += MAIN_POLICIES + ABLATIONS
+        elif part:
+            names.append(part)
+    if not names:
+        raise ValueError("--policy: no policy named")
+    return list(dict.fromkeys(names))
+
+
+def _handle(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, KeyError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pecsched sim: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from controlplane.core.config import SchedulerConfig
+    from sim import workloads as wl
+    from sim.calibration import calibration_error, fit_efficiency, load_calibration
+    from sim.cost_model import CostModel
+    from sim.engine import ClusterSpec
+    from sim.hardware import PAPER_TP, gpu_spec, model_shape
+    from sim.plots import plot_results
+    from sim.report import result_to_dict, table
+    from sim.runner import run_policy
+
+    names = policy_names(args.policy)
+    workload = wl.load_azure_traces(args.trace)
+    if args.long_rescale != "none":
+        try:
+            low, high = (int(x) for x in args.long_rescale.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"--long-rescale: expected LOW:HIGH, got {args.long_rescale!r}"
+            ) from None
+        workload = wl.rescale_long(workload, low, high, args.long_rescale_mode)
+    if args.time_scale is not None:
+        workload = wl.scale_time(workload, args.time_scale)
+    if args.rate is not None:
+        workload = wl.set_rate(workload, args.rate)
+    if args.max_requests is not None:
+        workload = wl.head(workload, args.max_requests)
+
+    model = model_shape(args.model)
+    tp = args.tp if args.tp is not None else PAPER_TP.get(model.name, 1)
+    cost = CostModel(model, gpu_spec(args.gpu), tp)
+    calibration_report: dict[str, Any] | None = None
+    if args.calibration:
+        calibration = load_calibration(args.calibration)
+        before = calibration_error(cost, calibration)
+        cost = cost.with_efficiency(fit_efficiency(cost, calibration))
+        after = calibration_error(cost, calibration)
+        calibration_report = {
+            "file": args.calibration,
+            "measured_on": {"gpu": calibration.gpu, "model": calibration.model},
+            "efficiency": {
+                "mfu": cost.efficiency.mfu,
+                "bw_eff": cost.efficiency.bw_eff,
+                "overhead_s": cost.efficiency.overhead_s,
+            },
+            "mean_abs_rel_error_before": before.mean_abs_rel,
+            "mean_abs_rel_error_after": after.mean_abs_rel,
+            "max_abs_rel_error_after": after.max_abs_rel,
+        }
+        print(
+            f"calibration: fitted mfu={cost.efficiency.mfu:.3f} "
+            f"bw_eff={cost.efficiency.bw_eff:.3f} overhead={cost.efficiency.overhead_s * 1e3:.2f} "
+            f"ms; mean |error| {before.mean_abs_rel:.1%} -> {after.mean_abs_rel:.1%}"
+        )
+    cluster = ClusterSpec(args.gpus, cost)
+    config = SchedulerConfig(num_long_reserved_instances=args.long_reserved_instances)
+
+    n_long = int((workload.prompt_tokens >= config.short_threshold_tokens).sum())
+    print(
+        f"workload: {len(workload)} requests ({n_long} long) over {workload.duration_s:.0f} s "
+        f"({workload.rate_rps:.2f} req/s); cluster: {args.gpus} x {args.gpu}, {model.name} "
+        f"tp={tp} ({cluster.num_instances} instances)",
+        flush=True,
+    )
+    results = []
+    for name in names:
+        outcome = run_policy(workload, cluster, name, config, args.seed)
+        results.append(outcome.result)
+        print(
+            f"  {name}: simulated {outcome.result.summary.makespan_s:.0f} s in "
+            f"{outcome.result.wall_s:.1f} s",
+            flush=True,
+        )
+    print(table(results))
+
+    if args.json:
+        config_out: dict[str, Any] = {
+            "traces": args.trace,
+            "long_rescale": args.long_rescale,
+            "long_rescale_mode": args.long_rescale_mode,
+            "time_scale": args.time_scale,
+            "rate": args.rate,
+            "max_requests": args.max_requests,
+            "gpus": args.gpus,
+            "gpu": args.gpu,
+            "model": model.name,
+            "tp": tp,
+            "instances": cluster.num_instances,
+            "policies": names,
+            "seed": args.seed,
+            "num_requests": len(workload),
+            "num_long": n_long,
+            "efficiency": {
+                "mfu": cost.efficiency.mfu,
+                "bw_eff": cost.efficiency.bw_eff,
+                "overhead_s": cost.efficiency.overhead_s,
+            },
+            "calibration": calibration_report,
+        }
+        payload = {"config": config_out, "results": [result_to_dict(r) for r in results]}
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+    if args.plot:
+        plot_results(
+            results,
+            args.plot,
+            f"{model.name} on {args.gpus} x {args.gpu}, {len(workload)} requests",
+        )
+    return 0
