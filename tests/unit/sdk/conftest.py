@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -39,11 +41,16 @@ def target(fake: FakeControlPlane) -> Iterator[str]:
 
 
 @pytest.fixture
-def serve_tls() -> object:
-    """A function serving a fake over TLS with the given key and certificate PEMs."""
-
-    def serve(servicer: FakeControlPlane, key_pem: bytes, cert_pem: bytes) -> Iterator[str]:
-        credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)])
-        return _serve(servicer, credentials)
-
-    return serve
+def tls_target(fake: FakeControlPlane, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """(host:port, certificate PEM) of a TLS server for `fake` with a self-signed certificate."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    for address in _serve(fake, credentials):
+        yield address, cert.read_bytes()

@@ -408,27 +408,17 @@ def test_bad_client_input_names_the_field(target: str) -> None:
         Client(target, traceparent="not-a-traceparent")
 
 
-def test_tls_with_root_certificates(fake: FakeControlPlane, serve_tls, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: a self-signed certificate for localhost.
-    import subprocess
-
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost"],
-        check=True,
-        capture_output=True,
-    )
+def test_tls_with_root_certificates(fake: FakeControlPlane, tls_target: tuple[str, bytes]) -> None:
+    # Prepare
+    address, cert_pem = tls_target
     request_id = fake.add_request()
 
     # Execute
-    for tls_target in serve_tls(fake, key.read_bytes(), cert.read_bytes()):
-        with Client(tls_target, root_certificates=cert.read_bytes()) as client:
-            info = client.get(request_id)
-        with Client(tls_target, retry=RetryPolicy(max_attempts=1), timeout_s=2) as plain:
-            with pytest.raises((UnavailableError, DeadlineExceededError)):
-                plain.get(request_id)
+    with Client(address, root_certificates=cert_pem) as client:
+        info = client.get(request_id)
+    with Client(address, retry=RetryPolicy(max_attempts=1), timeout_s=2) as plaintext:
+        with pytest.raises((UnavailableError, DeadlineExceededError)):
+            plaintext.get(request_id)
 
     # Assert
     assert info.request_id == request_id

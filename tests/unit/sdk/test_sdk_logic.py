@@ -107,3 +107,9 @@ def test_cursor_trims_overlap_drops_split_text_and_keeps_the_final_state() -> No
         final is not None and final.token_ids == () and final.final_state is RequestState.FINISHED
     )
     assert cursor.next_index == 4 and cursor.final_state is RequestState.FINISHED
+
+
+def test_cli_state_choices_match_the_sdk_states() -> None:
+    from sdk import cli
+
+    assert set(cli._STATES) == {s.value for s in RequestState} - {"unspecified"}
