@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent import futures
@@ -43,6 +44,8 @@ def target(fake: FakeControlPlane) -> Iterator[str]:
 @pytest.fixture
 def tls_target(fake: FakeControlPlane, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     """(host:port, certificate PEM) of a TLS server for `fake` with a self-signed certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
