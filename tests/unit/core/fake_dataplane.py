@@ -10,6 +10,7 @@ deaths, cancels, retryable failures) are injected by the caller through `inject`
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from controlplane.core import actions as act
@@ -43,14 +44,29 @@ class FakeDataPlane:
     now_s: float = 0.0
     jobs: dict[str, Job] = field(default_factory=dict)
     decoding: dict[str, int] = field(default_factory=dict)  # request -> tokens left
+    decode_at: dict[str, tuple[str, ...]] = field(default_factory=dict)  # request -> instances
     transfers: dict[str, str] = field(default_factory=dict)  # request -> dst
     chunks_run: dict[str, list[int]] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     pending: list[ev.Event] = field(default_factory=list)
 
     def inject(self, *events: ev.Event) -> None:
-        """Report `events` with the next step's progress."""
+        """Report `events` with the next step's progress; a dead instance's work stops."""
+        for event in events:
+            if isinstance(event, ev.InstanceDown):
+                self._kill(event.instance_id)
         self.pending.extend(events)
+
+    def _kill(self, instance_id: str) -> None:
+        for request_id in sorted(self.jobs):
+            if instance_id in self.jobs[request_id].group:
+                del self.jobs[request_id]
+        for request_id in sorted(self.decoding):
+            if instance_id in self.decode_at.get(request_id, ()):
+                del self.decoding[request_id]
+        for request_id in sorted(self.transfers):
+            if self.transfers[request_id] == instance_id:
+                del self.transfers[request_id]
 
     def submit(self, spec: RequestSpec) -> None:
         """A client submits `spec` now."""
@@ -93,6 +109,7 @@ class FakeDataPlane:
                     out.append(ev.RequestFinished(request_id, t))
                 elif job.decode_in_place:
                     self.decoding[request_id] = left
+                    self.decode_at[request_id] = job.group
                 continue
             out.append(ev.PrefillChunkDone(request_id, job.next_chunk - 1, t))
             if job.pause_pending:
@@ -136,6 +153,7 @@ class FakeDataPlane:
                 self.transfers[action.request_id] = action.dst_instance_id
             case act.StartDecode():
                 self.decoding[action.request_id] = self.specs[action.request_id].max_new_tokens - 1
+                self.decode_at[action.request_id] = (action.instance_id,)
             case act.Cancel():
                 self.jobs.pop(action.request_id, None)
                 self.decoding.pop(action.request_id, None)
@@ -144,9 +162,20 @@ class FakeDataPlane:
                 pass
 
 
-def check_invariants(policy: Policy, now_s: float) -> None:
-    """KV within capacity everywhere; every request is in at most one place at a time."""
+def check_invariants(policy: Policy, now_s: float, request_ids: Iterable[str] = ()) -> None:
+    """KV within capacity everywhere; every request is in at most one place at a time.
+
+    `request_ids` (tracked, not yet taken) also get their prefill slots checked: a PREFILLING
+    request holds the slot of every instance of its group, a PAUSED one holds none.
+    """
     view = policy.cluster_view(now_s)
+    slot_of = {i.spec.instance_id: i.prefill_request_id for i in view.instances}
+    for request_id in request_ids:
+        req = policy.request_view(request_id)
+        if req.state is RequestState.PREFILLING:
+            assert all(slot_of.get(i) == request_id for i in req.prefill_instance_ids), req
+        elif req.state is not RequestState.QUEUED:
+            assert request_id not in slot_of.values(), req
     where: dict[str, set[str]] = {}
     for inst in view.instances:
         assert 0 <= inst.kv_used_tokens <= inst.spec.kv_capacity_tokens, inst
