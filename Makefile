@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/pecsched/v1/*.proto)
 PROTOC := $(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
-	--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=.
+	--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=. \
+	--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=.
 
 .PHONY: help setup run test test-fast lint fmt protos check-protos bench paper-eval clean
 
@@ -51,6 +52,7 @@ check-protos: setup  ## Fail if the committed generated code differs from a fres
 	cp $(PROTO_SRC) $$tmp/protos/pecsched/v1/ && \
 	(cd $$tmp && $(abspath $(PY)) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(abspath $(VENV))/bin/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(abspath $(VENV))/bin/protoc-gen-mypy_grpc --mypy_grpc_out=. \
 		protos/pecsched/v1/*.proto) && \
 	for f in $$tmp/protos/pecsched/v1/*_pb2*; do \
 		diff -u protos/pecsched/v1/$$(basename $$f) $$f || { echo "generated code is stale: run make protos"; exit 1; }; \
