@@ -1,0 +1,158 @@
+"""End-to-end simulations through the real policies: determinism, every policy, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from controlplane.core.config import SchedulerConfig
+from pecsched.cli import main as pecsched_main
+from sim.cost_model import CostModel
+from sim.engine import ClusterSpec
+from sim.hardware import GPUS, MODELS
+from sim.runner import Outcome, run_policy
+from sim.workloads import SyntheticSpec, Workload, synthetic
+
+ALL_POLICIES = (
+    "fifo",
+    "reservation",
+    "priority",
+    "pecsched",
+    "pecsched-no-preempt",
+    "pecsched-no-disagg",
+    "pecsched-no-coloc",
+    "pecsched-ring",
+)
+COST = CostModel(MODELS["llama-3.2-1b"], GPUS["a100"])
+
+
+def _workload(seed: int = 5, n: int = 400) -> Workload:
+    spec = SyntheticSpec(
+        n,
+        rate_rps=20.0,
+        long_fraction=0.05,
+        long_prompt_tokens=(20_000, 80_000),
+        short_prompt_tokens=(64, 2048),
+        output_tokens=(1, 64),
+        burstiness_cv=2.0,
+    )
+    return synthetic(spec, seed)
+
+
+def _run(policy: str, seed: int = 0, log: bool = False) -> Outcome:
+    config = SchedulerConfig(num_long_reserved_instances=2)
+    return run_policy(_workload(), ClusterSpec(8, COST), policy, config, seed, log_decisions=log)
+
+
+def test_same_seed_gives_identical_decisions_and_records() -> None:
+    a, b = _run("pecsched", log=True), _run("pecsched", log=True)
+
+    assert a.run.decisions == b.run.decisions
+    assert len(a.run.decisions) > 400
+    for field in ("first_scheduled_s", "first_token_s", "finished_s", "preemptions"):
+        assert np.array_equal(getattr(a.run.records, field), getattr(b.run.records, field))
+    assert a.result.summary == b.result.summary
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_every_policy_serves_every_request(policy: str) -> None:
+    out = _run(policy)
+
+    records = out.run.records
+    assert not np.isnan(records.finished_s).any(), "some requests never finished"
+    delays = records.first_scheduled_s - records.arrival_s
+    assert (delays >= 0).all()
+    assert (records.first_token_s >= records.first_scheduled_s).all()
+    assert (records.finished_s >= records.first_token_s).all()
+    assert 0.0 <= out.result.summary.gpu_idle_rate < 1.0
+    assert out.result.summary.short.count + out.result.summary.long.count == 400
+
+
+def test_pecsched_preempts_and_baselines_do_not() -> None:
+    pec, fifo = _run("pecsched"), _run("fifo")
+
+    assert pec.result.summary.long.preemptions_total > 0
+    assert fifo.result.summary.long.preemptions_total == 0
+    short_p99 = pec.result.summary.short.queueing_delay_s["p99"]
+    assert short_p99 < fifo.result.summary.short.queueing_delay_s["p99"]
+
+
+def test_cli_writes_the_json_contract_and_a_plot(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    rng = np.random.default_rng(0)
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(200):
+        prompt = int(rng.integers(5000, 8000)) if i % 25 == 0 else int(rng.integers(50, 3000))
+        rows.append(
+            f"2023-11-16 18:{i // 60:02d}:{i % 60:02d}.0000000,{prompt},{rng.integers(1, 50)}"
+        )
+    trace.write_text("\n".join(rows) + "\n")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+
+    code = pecsched_main(
+        [
+            "sim",
+            "--trace",
+            str(trace),
+            "--long-rescale",
+            "20000:60000",
+            "--time-scale",
+            "0.5",
+            "--gpus",
+            "8",
+            "--gpu",
+            "h100",
+            "--model",
+            "llama-3.2-1b",
+            "--policy",
+            "all",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
+
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert data["config"]["gpus"] == 8
+    assert [r["policy"] for r in data["results"]] == ["fifo", "reservation", "priority", "pecsched"]
+    for r in data["results"]:
+        assert set(r["short"]["queueing_delay_s"]) == {"p1", "p25", "p50", "p75", "p99"}
+        assert set(r["short"]["ttft_s"]) == {"p50", "p99"}
+        assert r["short"]["count"] + r["long"]["count"] == 200
+        for key in ("jct_mean_s", "jct_p99_s", "starvation_rate", "preemptions_total"):
+            assert key in r["long"]
+        for key in ("gpu_idle_rate", "makespan_s", "wall_s"):
+            assert isinstance(r[key], float)
+        assert isinstance(r["short"]["throughput_rps"], float)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_unknown_model_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0,10,1\n")
+
+    code = pecsched_main(
+        [
+            "sim",
+            "--trace",
+            str(trace),
+            "--gpus",
+            "8",
+            "--gpu",
+            "a100",
+            "--model",
+            "gpt-9",
+            "--policy",
+            "fifo",
+        ]
+    )
+
+    assert code == 2
+    assert "gpt-9" in capsys.readouterr().err
