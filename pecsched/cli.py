@@ -16,11 +16,20 @@ from types import ModuleType
 
 import controlplane.cli
 import dataplane.cli
+import pecsched.replay
+import pecsched.up
 import sdk.cli
 import sim.cli
 
 # Components that contribute subcommands, in the order `pecsched --help` lists them.
-COMPONENT_CLIS: tuple[ModuleType, ...] = (sdk.cli, dataplane.cli, controlplane.cli, sim.cli)
+COMPONENT_CLIS: tuple[ModuleType, ...] = (
+    sdk.cli,
+    dataplane.cli,
+    controlplane.cli,
+    sim.cli,
+    pecsched.replay,
+    pecsched.up,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

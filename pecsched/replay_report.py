@@ -1,0 +1,136 @@
+"""Turn a live replay's measurements into the simulator's metrics, a per-class table and JSON.
+
+The metrics come from `sim.metrics.summarize` on the measured records, and the JSON result from
+`sim.report.result_to_dict`, so a live run and a simulated one are compared field by field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pecsched.loadgen import ReplayOutcome
+from pecsched.replay import ReplayReport
+from sdk.types import RequestState
+from sim.metrics import RequestRecords, percentiles, queueing_delay_s, summarize, tbt_s
+from sim.report import PolicyResult, result_to_dict
+
+_P50_P99 = (50, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassRow:
+    """One request class's row of the table (seconds; NaN when nothing to measure)."""
+
+    name: str  # "short" or "long"
+    count: int  # requests of the class
+    num_finished: int
+    queueing_delay_s: dict[str, float]  # p50, p99 (unscheduled: end - arrival)
+    ttft_s: dict[str, float]  # p50, p99 over requests with a first token
+    tbt_s: dict[str, float]  # p50, p99 of per-request mean TBT
+    jct_s: dict[str, float]  # p50, p99 over finished requests
+    preemptions: int  # pauses of the class's prefills
+
+
+def class_rows(records: RequestRecords, end_s: float) -> tuple[ClassRow, ClassRow]:
+    """The short and the long row, with the definitions of `sim.metrics`."""
+    rows: list[ClassRow] = []
+    done = ~np.isnan(records.finished_s)
+    started = ~np.isnan(records.first_token_s)
+    for name, mask in (("short", ~records.is_long), ("long", records.is_long)):
+        rows.append(
+            ClassRow(
+                name=name,
+                count=int(mask.sum()),
+                num_finished=int((mask & done).sum()),
+                queueing_delay_s=percentiles(queueing_delay_s(records, mask, end_s), _P50_P99),
+                ttft_s=percentiles(
+                    (records.first_token_s - records.arrival_s)[mask & started], _P50_P99
+                ),
+                tbt_s=percentiles(tbt_s(records, mask), _P50_P99),
+                jct_s=percentiles((records.finished_s - records.arrival_s)[mask & done], _P50_P99),
+                preemptions=int(records.preemptions[mask].sum()),
+            )
+        )
+    return rows[0], rows[1]
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+def _json_num(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def format_table(rows: tuple[ClassRow, ...], footer: str) -> str:
+    """A fixed-width per-class table followed by `footer`."""
+    header = (
+        f"{'class':<6} {'reqs':>5} {'done':>5} {'qd p50':>8} {'qd p99':>8} {'ttft p50':>9} "
+        f"{'ttft p99':>9} {'tbt p50':>8} {'jct p50':>8} {'jct p99':>8} {'preempt':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<6} {r.count:>5} {r.num_finished:>5} {_fmt(r.queueing_delay_s['p50']):>8} "
+            f"{_fmt(r.queueing_delay_s['p99']):>8} {_fmt(r.ttft_s['p50']):>9} "
+            f"{_fmt(r.ttft_s['p99']):>9} {_fmt(r.tbt_s['p50']):>8} {_fmt(r.jct_s['p50']):>8} "
+            f"{_fmt(r.jct_s['p99']):>8} {r.preemptions:>7}"
+        )
+    lines.append(footer)
+    lines.append("qd = queueing delay (arrival -> first scheduled), seconds on the control plane")
+    return "\n".join(lines)
+
+
+def build_report(
+    outcome: ReplayOutcome, records: RequestRecords, policy: str, config: dict[str, Any]
+) -> ReplayReport:
+    """The table and JSON document of one replay against a cluster running `policy`."""
+    counters = outcome.counters
+    finished = [r.finished_s for r in outcome.requests if not math.isnan(r.finished_s)]
+    end_s = max([counters.last_at_s, *finished])
+    summary = summarize(records, counters.busy_gpu_s, counters.num_gpus, end_s)
+    rows = class_rows(records, end_s)
+    states = [r.state for r in outcome.requests]
+    num_state = {s: states.count(s) for s in RequestState}
+    num_unfinished = sum(1 for s in states if not s.is_terminal)
+    num_failed = len(states) - num_state[RequestState.FINISHED] + outcome.num_submit_errors
+    footer = (
+        f"policy {policy}: {counters.preemptions} preemptions, {counters.colocations} "
+        f"colocations, {counters.kv_transfers} KV transfers; short throughput "
+        f"{summary.short.throughput_rps:.2f} req/s; makespan {summary.makespan_s:.1f} s; "
+        f"GPU idle {summary.gpu_idle_rate:.0%}; not finished: {num_failed}"
+    )
+    if outcome.first_submit_error:
+        footer += f" (first refused submit: {outcome.first_submit_error})"
+    result = result_to_dict(PolicyResult(policy, summary, outcome.wall_s, 0, 0.0, 0))
+    result["live"] = {
+        "colocations_total": counters.colocations,
+        "kv_transfers_total": counters.kv_transfers,
+        "preemptions_counter": counters.preemptions,
+        "busy_gpu_s": counters.busy_gpu_s,
+        "num_gpus": counters.num_gpus,
+        "finished": num_state[RequestState.FINISHED],
+        "cancelled": num_state[RequestState.CANCELLED],
+        "failed": num_state[RequestState.FAILED],
+        "unfinished": num_unfinished,
+        "submit_errors": outcome.num_submit_errors,
+        "classes": {
+            r.name: {
+                "count": r.count,
+                "finished": r.num_finished,
+                "queueing_delay_s": {k: _json_num(v) for k, v in r.queueing_delay_s.items()},
+                "ttft_s": {k: _json_num(v) for k, v in r.ttft_s.items()},
+                "tbt_s": {k: _json_num(v) for k, v in r.tbt_s.items()},
+                "jct_s": {k: _json_num(v) for k, v in r.jct_s.items()},
+                "preemptions": r.preemptions,
+            }
+            for r in rows
+        },
+        "request_ids": [r.request_id for r in outcome.requests],
+    }
+    payload = {"config": {**config, "policies": [policy]}, "results": [result]}
+    return ReplayReport(format_table(rows, footer), payload, num_failed)

@@ -1,0 +1,271 @@
+"""`pecsched up`: a whole cluster on this machine, in the foreground, with a live status line.
+
+Runs `pecsched db upgrade`, starts the control plane and one agent (N workers: N-1 general and
+one short-decode) as child processes, waits until every instance is registered, and then shows a
+status line (queues by class, busy instances, throughput, counters) until Ctrl-C, which stops
+the children cleanly (SIGTERM, then SIGKILL after a grace period).
+
+`--demo` first replays a slice of the Azure traces (both files, merged) with lengths scaled to
+what the `tiny` model on CPU can serve: shorts ~15-600 prompt tokens, the trace's long prompts
+spread over 2,000-6,000 tokens, so that preemption, colocation, KV transfer and SP prefill all
+happen; the control plane's long threshold (1,024 tokens) and chunk size are set to match. It
+prints the per-class table, then keeps serving. `--demo-only` exits after the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pecsched.cluster import ClusterSpec, LocalCluster
+    from sdk.types import ClusterSnapshot
+
+DEFAULT_TRACES = (
+    "../shared/traces/AzureLLMInferenceTrace_code.csv",
+    "../shared/traces/AzureLLMInferenceTrace_conv.csv",
+)
+CUDA_DEFAULT_MODEL = "llama-3.2-1b"
+# Scheduler settings for `tiny` on CPU (4,096-token KV per worker): prompts of 1,024+ tokens are
+# long, prefills run in 256-token chunks so a long one can be paused many times.
+CPU_CONFIG_TOML = """\
+auth_enabled = false
+
+[scheduler]
+short_threshold_tokens = 1024
+chunk_tokens = 256
+"""
+GPU_CONFIG_TOML = "auth_enabled = false\n"
+# Demo workload shaping (see the module docstring).
+DEMO_TOKEN_SCALE = 0.15
+DEMO_LONG_RESCALE = "2000:6000"
+DEMO_MAX_OUTPUT_TOKENS = 64
+
+
+def register(subparsers: Any) -> None:
+    """Add `up` to the `pecsched` command."""
+    p = subparsers.add_parser(
+        "up",
+        help="run a local cluster (control plane + agent) in the foreground",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--model",
+        help=f"preset or HF directory (default: tiny on cpu, {CUDA_DEFAULT_MODEL} on cuda)",
+    )
+    p.add_argument("--db", default="sqlite:///pecsched.db", help="database URL")
+    p.add_argument("--port", type=int, default=50051, help="control plane port on 127.0.0.1")
+    p.add_argument("--policy", default="pecsched", help="scheduling policy")
+    p.add_argument("--kv-budget", help="KV pool per worker (default: the agent's)")
+    p.add_argument(
+        "--log-dir", default="pecsched-logs", help="children's logs (default ./pecsched-logs)"
+    )
+    p.add_argument("--demo", action="store_true", help="replay a slice of the Azure trace first")
+    p.add_argument("--demo-only", action="store_true", help="exit after the demo's table")
+    p.add_argument(
+        "--demo-duration", type=float, default=120.0, metavar="S", help="seconds of trace to replay"
+    )
+    p.add_argument(
+        "--trace",
+        action="append",
+        metavar="FILE",
+        help="demo trace CSV (default: both Azure files)",
+    )
+    p.set_defaults(handler=_handle)
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The ClusterSpec `up` starts for its flags."""
+    from pecsched.cluster import AgentSpec, ClusterSpec
+
+    if args.workers < 2:
+        raise ValueError(f"--workers must be >= 2 (one is short-decode), got {args.workers}")
+    model = args.model or ("tiny" if args.device == "cpu" else CUDA_DEFAULT_MODEL)
+    roles = ("general",) * (args.workers - 1) + ("short_decode",)
+    return ClusterSpec(
+        db_url=args.db,
+        port=args.port,
+        policy=args.policy,
+        config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
+        agents=(AgentSpec("local", roles, model, args.device, args.kv_budget),),
+    )
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from pecsched.cluster import ClusterError, LocalCluster
+
+    try:
+        spec = cluster_spec(args)
+    except ValueError as exc:
+        print(f"pecsched up: error: {exc}", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(spec, Path(args.log_dir))
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        print(
+            f"starting: control plane on {spec.target} ({spec.db_url}, policy {spec.policy}), "
+            f"agent with {args.workers} {spec.agents[0].model} workers on {args.device} "
+            f"(logs in {args.log_dir}/)",
+            flush=True,
+        )
+        cluster.start(ready_timeout_s=180.0)
+        print(f"ready: {spec.num_instances} instances registered", flush=True)
+        if args.demo or args.demo_only:
+            code = _run_demo(args, spec.target, cluster)
+            if args.demo_only:
+                return code
+        _print_usage(spec)
+        _serve(cluster, spec.target)
+    except _Stop:
+        print("\nstopping...", file=sys.stderr, flush=True)
+    except ClusterError as exc:
+        print(f"pecsched up: error: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        codes = cluster.stop()
+        print(f"stopped ({', '.join(f'{k}: {v}' for k, v in codes.items())})", file=sys.stderr)
+    return code
+
+
+def _run_demo(args: argparse.Namespace, target: str, cluster: LocalCluster) -> int:
+    import asyncio
+
+    from pecsched.replay import run_replay
+
+    traces = args.trace or [t for t in DEFAULT_TRACES if Path(t).exists()]
+    if not traces:
+        print(f"pecsched up: error: no trace found at {', '.join(DEFAULT_TRACES)}", file=sys.stderr)
+        return 2
+    demo = argparse.Namespace(
+        time_scale=1.0,
+        token_scale=DEMO_TOKEN_SCALE,
+        long_threshold_tokens=4096,
+        long_rescale=DEMO_LONG_RESCALE,
+        max_prompt_tokens=None,
+        max_output_tokens=DEMO_MAX_OUTPUT_TOKENS,
+        duration=args.demo_duration,
+        max_requests=None,
+        seed=0,
+        drain_timeout=max(120.0, args.demo_duration * 2),
+    )
+    status = _StatusThread(target, cluster)
+    status.start()
+    try:
+        report = asyncio.run(run_replay(traces, demo, target, None))
+    finally:
+        status.stop()
+    print(report.table, flush=True)
+    return 0 if report.num_failed == 0 else 1
+
+
+def _print_usage(spec: ClusterSpec) -> None:
+    script = Path(sys.executable).parent / "pecsched"
+    cli = str(script) if script.exists() else f"{sys.executable} -m pecsched"
+    db_file = spec.db_url.removeprefix("sqlite:///") if spec.db_url.startswith("sqlite:///") else ""
+    lines = [
+        f"serving on {spec.target}; Ctrl-C stops the cluster. From another terminal:",
+        f'  {cli} submit "hello" --max-tokens 16 --target {spec.target}',
+        f"  {cli} list --target {spec.target}",
+        f"  {cli} top --target {spec.target}",
+    ]
+    if db_file:
+        query = "select * from request_history limit 10"
+        if shutil.which("sqlite3"):
+            lines.append(f"  sqlite3 {db_file} '{query}'")
+        else:
+            lines.append(
+                f'  {sys.executable} -c "import sqlite3; '
+                f"[print(r) for r in sqlite3.connect('{db_file}').execute('{query}')]\""
+            )
+    print("\n".join(lines), flush=True)
+
+
+def status_line(snapshot: ClusterSnapshot) -> str:
+    """One line: queues by class, busy instances, throughput and the cluster's counters."""
+    by_class = {c.request_class.value: c for c in snapshot.classes}
+    parts = []
+    for name in ("short", "long"):
+        c = by_class.get(name)
+        if c is not None:
+            parts.append(
+                f"{name}: {c.num_queued} queued {c.num_prefilling + c.num_paused} prefill "
+                f"{c.num_decoding} decode {c.num_finished_total} done"
+            )
+    busy = sum(1 for i in snapshot.instances if i.request_ids)
+    parts.append(f"busy {busy}/{len(snapshot.instances)}")
+    parts.append(f"{snapshot.throughput_rps:.2f} req/s")
+    parts.append(
+        f"preempt {snapshot.num_preemptions_total} coloc {snapshot.num_colocations_total} "
+        f"kv {snapshot.num_kv_transfers_total}"
+    )
+    return " | ".join(parts)
+
+
+class _StatusThread(threading.Thread):
+    """Prints the status line: in place on a terminal, else one line every 10 seconds."""
+
+    def __init__(self, target: str, cluster: LocalCluster) -> None:
+        super().__init__(daemon=True, name="status")
+        self._target = target
+        self._cluster = cluster
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        from sdk.client import Client
+        from sdk.errors import PecSchedError
+
+        tty = sys.stderr.isatty()
+        last_print = 0.0
+        with Client(self._target) as client:
+            while not self._done.is_set():
+                try:
+                    for snapshot in client.watch(interval_s=1.0):
+                        if self._done.is_set():
+                            break
+                        now = time.monotonic()
+                        if tty:
+                            sys.stderr.write("\r\x1b[K" + status_line(snapshot))
+                            sys.stderr.flush()
+                        elif now - last_print >= 10.0:
+                            print(status_line(snapshot), file=sys.stderr, flush=True)
+                            last_print = now
+                except PecSchedError:
+                    self._done.wait(1.0)
+        if tty:
+            sys.stderr.write("\n")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=3.0)
+
+
+def _serve(cluster: LocalCluster, target: str) -> None:
+    # The status line runs until a signal raises _Stop here, or a child dies.
+    status = _StatusThread(target, cluster)
+    status.start()
+    try:
+        while True:
+            cluster.check_alive()
+            time.sleep(0.5)
+    finally:
+        status.stop()
