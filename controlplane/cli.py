@@ -1,4 +1,4 @@
-"""`pecsched` subcommands of the control plane: `db upgrade|current`, `keys create`.
+"""`pecsched` subcommands of the control plane: `controlplane`, `db upgrade|current`, `keys create`.
 
 `register(subparsers)` adds one top-level command per entry of `_COMMANDS`; each adds its own
 sub-subcommands and sets `handler`. Only argparse is imported at module level: SQLAlchemy and
@@ -52,7 +52,30 @@ def _add_keys_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     create.set_defaults(handler=_keys_create)
 
 
+def _add_controlplane_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    from controlplane.__main__ import add_arguments
+
+    server = subparsers.add_parser(
+        "controlplane",
+        help="run the control plane (gRPC API, scheduler, agent streams)",
+        description="Serve the PecSched control plane until SIGTERM. Settings come from "
+        "defaults < --config FILE < PECSCHED_* environment variables < flags "
+        "(docs/deploying.md lists them).",
+    )
+    add_arguments(server)
+    server.set_defaults(handler=_controlplane)
+
+
+def _controlplane(args: argparse.Namespace) -> int:
+    from controlplane.__main__ import run
+
+    return run(args)
+
+
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_controlplane_command,
     _add_db_command,
     _add_keys_command,
 )

@@ -1,0 +1,152 @@
+"""Composition root of the control plane: `python -m controlplane [flags]`.
+
+Builds the one frozen Config, the database engine (refusing a stale schema with the command
+that fixes it), the repository, the policy, telemetry, the runtime (which recovers unfinished
+requests) and the servers, then serves until SIGTERM/SIGINT. `pecsched controlplane` runs
+`main()` with the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from controlplane.config import Config, load_config
+
+_log = logging.getLogger("controlplane")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pecsched controlplane` (None = keep the file/env/default value)."""
+    parser.add_argument("--db", dest="db_url", metavar="URL", help="database URL")
+    parser.add_argument("--listen", metavar="ADDR", help="gRPC listen address HOST:PORT")
+    parser.add_argument("--policy", metavar="NAME", help="scheduling policy")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    parser.add_argument("--metrics-port", type=int, metavar="P", help="Prometheus HTTP port")
+    parser.add_argument("--otlp-endpoint", metavar="URL", help="OTLP gRPC endpoint for spans")
+    parser.add_argument(
+        "--no-auth",
+        dest="auth_enabled",
+        action="store_const",
+        const=False,
+        help="accept calls without API keys (local development only)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval-s", type=float, metavar="S", help="agent heartbeat period"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config for parsed flags, the config file and the process environment."""
+    overrides = {
+        name: getattr(args, name, None)
+        for name in (
+            "db_url",
+            "listen",
+            "policy",
+            "metrics_port",
+            "otlp_endpoint",
+            "auth_enabled",
+            "heartbeat_interval_s",
+        )
+    }
+    return load_config(file=args.config, env=os.environ, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until a signal; returns the process exit code."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))
+
+
+async def serve(config: Config) -> int:
+    """Build everything from `config` and serve until SIGTERM/SIGINT or a fatal error."""
+    from controlplane.api.auth import Authenticator
+    from controlplane.api.metrics_http import MetricsHttpServer
+    from controlplane.api.server import ApiServer
+    from controlplane.core.policies.registry import make_policy
+    from controlplane.runtime.clock import SystemClock
+    from controlplane.runtime.loop import Runtime
+    from controlplane.store import migrate
+    from controlplane.store.engine import make_engine
+    from controlplane.store.errors import SchemaOutdated, StoreError
+    from controlplane.store.sql_repository import SqlRepository
+    from controlplane.telemetry import Telemetry
+
+    try:
+        policy = make_policy(config.policy, config.scheduler, config.seed)
+        engine = make_engine(config.db_url)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    try:
+        migrate.verify_schema(engine)
+    except SchemaOutdated as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 3
+    except StoreError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    repo = SqlRepository(engine)
+    telemetry = Telemetry.otlp(config.otlp_endpoint) if config.otlp_endpoint else Telemetry.noop()
+    runtime = Runtime(config, policy, repo, telemetry, SystemClock())
+    recovered = await runtime.start()
+    authenticator = Authenticator(repo if config.auth_enabled else None, None)
+    api = ApiServer(runtime, authenticator, config.listen)
+    port = await api.start()
+    metrics = None
+    if config.metrics_port is not None:
+        metrics = MetricsHttpServer(
+            runtime.metrics.render, config.metrics_host, config.metrics_port
+        )
+        metrics_port = await metrics.start()
+        _log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
+    host = config.listen.rsplit(":", 1)[0]
+    _log.info(
+        "listening on %s:%d policy=%s recovered=%d auth=%s",
+        host,
+        port,
+        config.policy,
+        recovered,
+        "on" if config.auth_enabled else "OFF",
+    )
+    print(f"pecsched controlplane listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(runtime.stopped.wait())
+    await asyncio.wait((asyncio.ensure_future(stop.wait()), stopped), return_when="FIRST_COMPLETED")
+    await api.stop()
+    if metrics is not None:
+        await metrics.stop()
+    if runtime.failure is None:
+        await runtime.stop()
+    telemetry.shutdown()
+    engine.dispose()
+    return 1 if runtime.failure is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m controlplane`: parse flags and serve."""
+    parser = argparse.ArgumentParser(prog="controlplane", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""API-key authentication: a server interceptor that puts the caller's `Principal` in context.
+
+Keys travel as `authorization: Bearer <key>` metadata (keys from `pecsched keys create`).
+Missing, malformed, unknown or revoked keys get UNAUTHENTICATED. Client keys act for their
+own tenant; admin keys act for every tenant and alone may Watch the cluster and Attach agents
+(`require_admin` / `require_tenant` raise PERMISSION_DENIED). Health checks and reflection
+need no key. With authentication disabled (`--no-auth`, local development only) every caller
+is an admin of tenant "default". Verified keys are cached for `cache_ttl_s` (revocation takes
+effect within that time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from controlplane.api.errors import ApiError, ApiErrorCode, abort_with
+from controlplane.store.records import ApiKeyRole
+from controlplane.store.repository import Repository
+
+DEFAULT_TENANT = "default"
+_PROTECTED_PREFIXES = ("/pecsched.v1.Inference/", "/pecsched.v1.Cluster/")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling."""
+
+    tenant: str  # the key's tenant
+    is_admin: bool  # admin keys may act for every tenant
+    key_id: str  # public key id ("" without authentication)
+
+
+_ANONYMOUS_ADMIN = Principal(DEFAULT_TENANT, True, "")
+_current: ContextVar[Principal | None] = ContextVar("pecsched-principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by the interceptor)."""
+    principal = _current.get()
+    assert principal is not None, "RPC served without the auth interceptor"
+    return principal
+
+
+def require_admin(principal: Principal, what: str) -> None:
+    """PERMISSION_DENIED unless the caller holds an admin key."""
+    if not principal.is_admin:
+        raise ApiError(ApiErrorCode.PERMISSION_DENIED, f"{what} needs an admin API key")
+
+
+def require_tenant(principal: Principal, tenant: str) -> None:
+    """PERMISSION_DENIED when a client key touches another tenant's requests."""
+    if not principal.is_admin and tenant != principal.tenant:
+        raise ApiError(
+            ApiErrorCode.PERMISSION_DENIED,
+            f"this API key belongs to tenant {principal.tenant!r}, not {tenant!r}",
+        )
+
+
+class Authenticator:
+    """Checks bearer keys against the repository, with a small TTL cache."""
+
+    def __init__(
+        self, repo: Repository | None, executor: Executor | None, cache_ttl_s: float = 30.0
+    ) -> None:
+        self._repo = repo  # None: authentication disabled
+        self._executor = executor
+        self._ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """False when every caller is an anonymous admin."""
+        return self._repo is not None
+
+    async def authenticate(self, metadata: Any) -> Principal:
+        """The principal of the `authorization` metadata entry.
+
+        Raises:
+            ApiError: UNAUTHENTICATED for a missing, malformed, unknown or revoked key.
+        """
+        if self._repo is None:
+            return _ANONYMOUS_ADMIN
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode()
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                ApiErrorCode.UNAUTHENTICATED,
+                "missing API key: send metadata 'authorization: Bearer <key>'",
+            )
+        key = key.strip()
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        repo = self._repo
+        record = await asyncio.get_running_loop().run_in_executor(
+            self._executor, repo.verify_api_key, key
+        )
+        if record is None:
+            raise ApiError(ApiErrorCode.UNAUTHENTICATED, "unknown or revoked API key")
+        principal = Principal(record.tenant, record.role is ApiKeyRole.ADMIN, record.key_id)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl_s, principal)
+        return principal
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every Inference and Cluster call before its handler runs."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        """Wrap the method handler so it authenticates first (see the module docstring)."""
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(_PROTECTED_PREFIXES):
+            return handler
+        auth = self._auth
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                token = await _enter(auth, context)
+                try:
+                    return await inner_uu(request, context)
+                finally:
+                    _current.reset(token)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                token = await _enter(auth, context)
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                finally:
+                    _current.reset(token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(request_iterator: Any, context: Any) -> Any:
+            token = await _enter(auth, context)
+            try:
+                async for item in inner_ss(request_iterator, context):
+                    yield item
+            finally:
+                _current.reset(token)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+
+async def _enter(auth: Authenticator, context: Any) -> Any:
+    try:
+        principal = await auth.authenticate(context.invocation_metadata())
+    except ApiError as exc:
+        await abort_with(context, exc)
+    return _current.set(principal)

@@ -1,0 +1,113 @@
+"""Submit validation: a SubmitRequest -> a NewRequest, or ApiError naming the field.
+
+Checked here, before the request reaches the runtime: a prompt is present and non-empty (text
+is tokenized by the byte tokenizer, or refused when text prompts are off), at most
+`max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
+in range; the tenant is the caller's (client keys); the deadline lies in the future; ids and
+keys have sane lengths. Whether the cluster could ever hold the request is checked by the
+policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the cluster.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from controlplane.api import convert
+from controlplane.api.auth import Principal, require_tenant
+from controlplane.api.errors import ApiError, ApiErrorCode
+from controlplane.api.tokenizer import encode_text
+from controlplane.config import Config, TextTokenizer
+from controlplane.core.errors import InvalidArgumentError
+from controlplane.core.types import RequestSpec, classify
+from controlplane.store.records import UINT32_MAX, NewRequest
+from protos.pecsched.v1 import inference_pb2
+
+MAX_TENANT_CHARS = 128
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+
+
+def new_request_from_proto(
+    request: inference_pb2.SubmitRequest, principal: Principal, config: Config, now_s: float
+) -> NewRequest:
+    """Validate `request` and build the request to persist (arrival = `now_s`)."""
+    prompt = _prompt_ids(request, config)
+    if not 0 < request.max_new_tokens <= config.max_new_tokens_limit:
+        raise ApiError(
+            ApiErrorCode.BAD_MAX_NEW_TOKENS,
+            f"max_new_tokens: must be in [1, {config.max_new_tokens_limit}], "
+            f"got {request.max_new_tokens}",
+            field="max_new_tokens",
+        )
+    sampling = convert.sampling_from_proto(request.sampling)
+    tenant = request.tenant or principal.tenant
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise ApiError(
+            ApiErrorCode.INVALID_ARGUMENT,
+            f"tenant: at most {MAX_TENANT_CHARS} characters",
+            field="tenant",
+        )
+    require_tenant(principal, tenant)
+    key = request.idempotency_key or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise ApiError(
+            ApiErrorCode.INVALID_ARGUMENT,
+            f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+            field="idempotency_key",
+        )
+    deadline_s = None
+    if request.HasField("deadline"):
+        deadline_s = convert.timestamp_to_seconds(request.deadline)
+        if deadline_s <= now_s:
+            raise ApiError(
+                ApiErrorCode.INVALID_ARGUMENT,
+                "deadline: must lie in the future",
+                field="deadline",
+            )
+    try:
+        spec = RequestSpec(
+            request_id=f"req-{uuid.uuid4().hex}",
+            tenant=tenant,
+            prompt_tokens=len(prompt),
+            max_new_tokens=request.max_new_tokens,
+            priority=request.priority,
+            arrival_s=now_s,
+            deadline_s=deadline_s,
+        )
+    except InvalidArgumentError as exc:
+        raise ApiError(ApiErrorCode.INVALID_ARGUMENT, str(exc), field=exc.field) from exc
+    request_class = classify(spec.prompt_tokens, config.scheduler.short_threshold_tokens)
+    return NewRequest(spec, request_class, prompt, sampling, key)
+
+
+def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[int]:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        if config.text_tokenizer is TextTokenizer.NONE:
+            raise ApiError(
+                ApiErrorCode.TEXT_PROMPT_UNSUPPORTED,
+                "prompt.text: this cluster's model has its own tokenizer; "
+                "send prompt.token_ids instead",
+                field="prompt.text",
+            )
+        ids = encode_text(request.text)
+    elif which == "token_ids":
+        ids = list(request.token_ids.ids)
+    else:
+        ids = []
+    if not ids:
+        raise ApiError(
+            ApiErrorCode.PROMPT_EMPTY,
+            "prompt: set prompt.text or prompt.token_ids to a non-empty prompt",
+            field="prompt",
+        )
+    if len(ids) > config.max_prompt_tokens:
+        raise ApiError(
+            ApiErrorCode.PROMPT_TOO_LONG,
+            f"prompt: {len(ids)} tokens, at most {config.max_prompt_tokens} are accepted",
+            field="prompt",
+        )
+    if max(ids) > UINT32_MAX:  # pragma: no cover - uint32 on the wire
+        raise ApiError(
+            ApiErrorCode.INVALID_ARGUMENT, "prompt.token_ids: out of range", field="prompt"
+        )
+    return ids

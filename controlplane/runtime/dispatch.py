@@ -1,0 +1,187 @@
+"""Turning the policy's actions into agent commands and timeline entries (tick thread).
+
+Addressing: an action goes to every node hosting one of its instances (an SP group spanning
+nodes gets one command per node, each naming the whole group). TransferKV goes to the source
+and the destination node. Reject needs no command: the request fails without running.
+"""
+
+from __future__ import annotations
+
+from controlplane.core.actions import (
+    Action,
+    Cancel,
+    Colocate,
+    Pause,
+    Reject,
+    Resume,
+    StartDecode,
+    StartPrefill,
+    TransferKV,
+)
+from controlplane.core.types import RequestView, SpKind
+from controlplane.runtime.commands import (
+    AgentCommand,
+    CancelOrder,
+    ColocateOrder,
+    DecodeOrder,
+    Order,
+    PauseOrder,
+    PrefillOrder,
+    ResumeOrder,
+    TransferOrder,
+)
+from controlplane.runtime.state import RuntimeState, TransferInfo
+from controlplane.store.records import DetailValue, RequestEvent, RequestEventKind
+from controlplane.telemetry import TraceContext
+
+_K = RequestEventKind
+
+
+def commands_for(
+    action: Action,
+    state: RuntimeState,
+    *,
+    sp_kind: SpKind,
+    transfer_timeout_s: float,
+    trace: TraceContext | None,
+) -> list[AgentCommand]:
+    """The commands carrying out `action` (updates transfer and attempt bookkeeping)."""
+    rid = action.request_id
+    order: Order
+    match action:
+        case StartPrefill():
+            order = _prefill(
+                state,
+                rid,
+                action.instance_ids,
+                action.sp_kind,
+                action.chunk_tokens,
+                action.decode_in_place,
+            )
+            nodes = action.instance_ids
+        case Colocate():
+            prefill = _prefill(
+                state,
+                rid,
+                (action.host_instance_id,),
+                sp_kind,
+                action.chunk_tokens,
+                action.decode_in_place,
+            )
+            order = ColocateOrder(prefill, action.iteration_prefill_budget_tokens)
+            nodes = (action.host_instance_id,)
+        case Pause():
+            order, nodes = PauseOrder(rid), action.instance_ids
+        case Resume():
+            order, nodes = ResumeOrder(rid), action.instance_ids
+        case TransferKV():
+            state.attempts[rid] += 1
+            transfer_id = f"{rid}/t{state.attempts[rid]}"
+            src, dst = action.src_instance_id, action.dst_instance_id
+            state.transfers[transfer_id] = TransferInfo(rid, src, dst)
+            order = TransferOrder(
+                rid,
+                transfer_id,
+                src,
+                dst,
+                group_id=transfer_id,
+                rendezvous_address=state.rendezvous.get(state.instance_node.get(src, ""), ""),
+                timeout_s=transfer_timeout_s,
+            )
+            nodes = (src, dst)
+        case StartDecode():
+            inputs = state.inputs[rid]
+            log = state.logs[rid]
+            order = DecodeOrder(
+                rid,
+                action.instance_id,
+                state.last_transfer.get(rid, ""),
+                inputs.max_new_tokens,
+                inputs.sampling,
+                tuple(log.ids),
+            )
+            nodes = (action.instance_id,)
+        case Cancel():
+            order, nodes = CancelOrder(rid), action.instance_ids
+        case Reject():
+            return []
+    node_ids = sorted({state.instance_node[i] for i in nodes if i in state.instance_node})
+    return [AgentCommand(node_id, order, rid, trace) for node_id in node_ids]
+
+
+def _prefill(
+    state: RuntimeState,
+    rid: str,
+    instance_ids: tuple[str, ...],
+    sp_kind: SpKind,
+    chunk_tokens: int,
+    decode_in_place: bool,
+) -> PrefillOrder:
+    inputs = state.inputs[rid]
+    generated = tuple(state.logs[rid].ids)
+    state.attempts[rid] += 1
+    state.gen_base[rid] = len(generated)
+    state.last_transfer.pop(rid, None)
+    return PrefillOrder(
+        request_id=rid,
+        prompt_token_ids=inputs.prompt_token_ids,
+        instance_ids=instance_ids,
+        sp_kind=sp_kind,
+        chunk_tokens=chunk_tokens,
+        group_id=f"{rid}/p{state.attempts[rid]}",
+        max_new_tokens=inputs.max_new_tokens,
+        sampling=inputs.sampling,
+        decode_in_place=decode_in_place,
+        generated_token_ids=generated,
+    )
+
+
+def timeline_for(action: Action, view: RequestView | None, at_s: float) -> RequestEvent | None:
+    """The timeline entry of an action (None for Cancel/Reject: the final state records it)."""
+    rid = action.request_id
+    match action:
+        case StartPrefill():
+            details: dict[str, DetailValue] = {
+                "sp_degree": action.sp_degree,
+                "num_chunks": action.num_chunks,
+                "first_chunk_index": action.first_chunk_index,
+                "reason": action.reason,
+            }
+            return RequestEvent(rid, _K.PREFILL_STARTED, at_s, action.instance_ids[0], details)
+        case Colocate():
+            details = {
+                "budget_tokens": action.iteration_prefill_budget_tokens,
+                "reason": action.reason,
+            }
+            return RequestEvent(rid, _K.COLOCATED, at_s, action.host_instance_id, details)
+        case Pause():
+            chunks = view.chunks_done if view is not None else 0
+            details = {"reason": action.reason, "chunks_done": chunks}
+            return RequestEvent(rid, _K.PAUSED, at_s, action.instance_ids[0], details)
+        case Resume():
+            paused = view.paused_total_s if view is not None else 0.0
+            details = {"reason": action.reason, "paused_s": paused}
+            return RequestEvent(rid, _K.RESUMED, at_s, action.instance_ids[0], details)
+        case TransferKV():
+            details = {
+                "src": action.src_instance_id,
+                "dst": action.dst_instance_id,
+            }
+            return RequestEvent(rid, _K.KV_TRANSFER_STARTED, at_s, action.src_instance_id, details)
+        case StartDecode():
+            return RequestEvent(rid, _K.DECODE_STARTED, at_s, action.instance_id)
+    return None
+
+
+def action_instances(action: Action) -> list[str]:
+    """Instance ids an action names, for span attributes."""
+    match action:
+        case StartPrefill() | Pause() | Resume() | Cancel():
+            return list(action.instance_ids)
+        case Colocate():
+            return [action.host_instance_id]
+        case TransferKV():
+            return [action.src_instance_id, action.dst_instance_id]
+        case StartDecode():
+            return [action.instance_id]
+    return []

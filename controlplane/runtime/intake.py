@@ -1,0 +1,146 @@
+"""Turning agent reports into policy events, stored tokens and timeline entries (tick thread).
+
+A report is applied only when it is about the request's current work: it must come from an
+instance of the request's last persisted placement (KV transfer progress is matched by its
+transfer id instead). Reports from an earlier attempt (before a re-queue, a restart or an
+agent reconnect) are dropped here, because the policy cannot tell attempts apart.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from controlplane.core.events import (
+    Event,
+    KVTransferDone,
+    PrefillChunkDone,
+    PrefillDone,
+    PrefillPaused,
+    RequestFailed,
+    RequestFinished,
+    TokensGenerated,
+)
+from controlplane.runtime.reports import (
+    AgentReport,
+    Broken,
+    ChunkDone,
+    Done,
+    Dropped,
+    PrefillFinished,
+    PrefillStopped,
+    TokensOut,
+    TransferProgress,
+    TransferStatus,
+)
+from controlplane.runtime.state import RuntimeState
+from controlplane.store.records import DetailValue, RequestEvent, RequestEventKind
+
+_log = logging.getLogger(__name__)
+_K = RequestEventKind
+
+
+class Intake:
+    """Accumulates what one tick's reports mean; read the fields after `add` calls."""
+
+    def __init__(self, state: RuntimeState) -> None:
+        self._state = state
+        self.events: list[Event] = []  # for policy.observe, in order
+        self.timeline: list[RequestEvent] = []  # for repo.record_events
+        self.touched: set[str] = set()  # requests whose reports were applied
+        self.tokens_added: set[str] = set()  # requests with new output tokens
+        self.num_stale = 0  # reports dropped as stale
+
+    def add(self, report: AgentReport) -> bool:
+        """Apply one report; False when it was dropped as stale or about an unknown request."""
+        st = self._state
+        rid = report.request_id
+        log = st.logs.get(rid)
+        if log is None:
+            self.num_stale += 1
+            return False
+        at = report.received_s
+        body = report.body
+        if isinstance(body, TransferProgress):
+            return self._transfer(report, body)
+        if report.instance_id not in st.placement.get(rid, frozenset()):
+            self.num_stale += 1
+            return False
+        match body:
+            case ChunkDone():
+                self.events.append(PrefillChunkDone(rid, body.chunk_index, at))
+                details: dict[str, DetailValue] = {
+                    "chunk_index": body.chunk_index,
+                    "num_chunks": body.chunks_total,
+                    "duration_s": body.duration_s,
+                }
+                self._note(rid, _K.PREFILL_CHUNK_DONE, at, report.instance_id, details)
+            case PrefillFinished():
+                self.events.append(PrefillDone(rid, at))
+                self._note(rid, _K.PREFILL_DONE, at, report.instance_id, {})
+                self._tokens(rid, st.gen_base.get(rid, len(log.ids)), (body.first_token_id,), at)
+            case PrefillStopped():
+                self.events.append(PrefillPaused(rid, body.chunks_done, at))
+            case TokensOut():
+                self._tokens(rid, body.start_index, body.token_ids, at)
+            case Done():
+                self.events.append(RequestFinished(rid, at))
+            case Broken():
+                self.events.append(RequestFailed(rid, body.retryable, at, body.error))
+                if body.retryable:  # a final failure is recorded with the FAILED state
+                    details = {"error": body.error, "retryable": True}
+                    self._note(rid, _K.FAILED, at, report.instance_id, details)
+            case Dropped():
+                pass
+        self.touched.add(rid)
+        return True
+
+    def _transfer(self, report: AgentReport, body: TransferProgress) -> bool:
+        st = self._state
+        info = st.transfers.get(body.transfer_id)
+        if info is None or info.request_id != report.request_id:
+            self.num_stale += 1
+            return False
+        if body.status not in (TransferStatus.DONE, TransferStatus.FAILED):
+            return True
+        del st.transfers[body.transfer_id]
+        ok = body.status is TransferStatus.DONE
+        rid, dst, at = info.request_id, info.destination_instance_id, report.received_s
+        self.events.append(KVTransferDone(rid, dst, ok, at, body.error))
+        if ok:
+            st.last_transfer[rid] = body.transfer_id
+            details: dict[str, DetailValue] = {
+                "dst": dst,
+                "bytes": body.num_bytes,
+                "duration_s": body.duration_s,
+            }
+            self._note(rid, _K.KV_TRANSFER_DONE, at, info.source_instance_id, details)
+        else:
+            details = {"dst": dst, "error": body.error}
+            self._note(rid, _K.KV_TRANSFER_FAILED, at, info.source_instance_id, details)
+        self.touched.add(rid)
+        return True
+
+    def _tokens(self, rid: str, start_index: int, token_ids: tuple[int, ...], at: float) -> None:
+        log = self._state.logs[rid]
+        had = len(log.ids)
+        new = log.accept(start_index, token_ids)
+        if start_index > had:
+            _log.warning(
+                "request %s: token chunk at %d skips past %d; dropped", rid, start_index, had
+            )
+        if not new:
+            return
+        if had == 0:
+            self._note(rid, _K.FIRST_TOKEN, at, None, {})
+        self.events.append(TokensGenerated(rid, len(new), at))
+        self.tokens_added.add(rid)
+
+    def _note(
+        self,
+        rid: str,
+        kind: RequestEventKind,
+        at: float,
+        instance_id: str | None,
+        details: dict[str, DetailValue],
+    ) -> None:
+        self.timeline.append(RequestEvent(rid, kind, at, instance_id, details))

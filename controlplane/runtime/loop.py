@@ -1,0 +1,460 @@
+"""`Runtime`: the asyncio driver of the policy, and the API layer's only way into it.
+
+The event loop collects submits, cancels, agent reports and membership changes; a single
+tick thread applies them (controlplane/runtime/ticker.py: observe -> schedule -> one
+transaction); after the commit the loop acknowledges submits, publishes tokens to Generate
+streams and sends commands to agents. While a tick runs, new submits pile up and go into the
+next tick's transaction together (group commit). Reads (Get of finished requests, List,
+tokens of finished requests) run on a small reader pool and never wait for a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from controlplane.config import Config
+from controlplane.core.policy import Policy
+from controlplane.core.types import ClusterView, RequestState, RequestView
+from controlplane.runtime.agents import AgentRegistry, AgentSession, Registration
+from controlplane.runtime.clock import Clock
+from controlplane.runtime.commands import AgentCommand
+from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
+from controlplane.runtime.inputs import (
+    CancelAsk,
+    Happening,
+    NodeJoin,
+    PendingSubmit,
+    SubmitOutcome,
+    TickInput,
+    TickOutput,
+)
+from controlplane.runtime.metrics import Metrics
+from controlplane.runtime.recovery import recover
+from controlplane.runtime.reports import AgentReport
+from controlplane.runtime.state import RuntimeState
+from controlplane.runtime.ticker import Ticker
+from controlplane.runtime.tokens import TokenLog
+from controlplane.store.errors import StoreError
+from controlplane.store.records import RequestFilter, RequestPage
+from controlplane.store.repository import Repository
+from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, TraceContext
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class Runtime:
+    """Drives the policy; see the module docstring. Create, `await start()`, `await stop()`."""
+
+    def __init__(
+        self,
+        settings: Config,
+        policy: Policy,
+        repo: Repository,
+        telemetry: Telemetry,
+        clock: Clock,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.repo = repo
+        self.telemetry = telemetry
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.agents = AgentRegistry(settings.model)
+        self._state = RuntimeState()
+        self._ticker = Ticker(
+            policy, repo, self._state, telemetry, transfer_timeout_s=settings.kv_transfer_timeout_s
+        )
+        self._tick_pool = ThreadPoolExecutor(1, thread_name_prefix="pecsched-tick")
+        self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
+        self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
+        self._pending_by_tenant: Counter[str] = Counter()
+        self._happenings: list[Happening] = []
+        self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
+        self._heartbeats: dict[str, float] = {}
+        self._logs: dict[str, TokenLog] = {}  # unfinished requests' output (committed part)
+        self._views: dict[str, RequestView] = {}  # committed views of unfinished requests
+        self._num_active = 0
+        self._tenant_active: dict[str, int] = {}
+        self._snapshot: ClusterView | None = None
+        self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
+        self._finished_at: deque[float] = deque()  # finish times within the last minute
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.failure: BaseException | None = None  # set when the runtime stopped on an error
+        self.stopped = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Recover unfinished requests from the database and start ticking; returns how many."""
+        now = self.clock.now_s()
+        logs, views = await self._in_tick_thread(recover, self._ticker, now)
+        self._logs.update(logs)
+        for view in views:
+            if not view.state.is_terminal:
+                self._views[view.request_id] = view
+        self._num_active = self.policy.num_active_requests()
+        self._tenant_active = dict(self._state.tenant_active)
+        self._task = asyncio.create_task(self._run(), name="pecsched-runtime")
+        return len(logs)
+
+    async def stop(self) -> None:
+        """Stop ticking (pending submits fail with SHUTTING_DOWN) and close agent streams."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        for session in self.agents.sessions():
+            self.agents.lose(session, "control plane stopping")
+        self._fail_waiters(RuntimeServiceError(RuntimeErrorCode.SHUTTING_DOWN, "shutting down"))
+        self._tick_pool.shutdown(wait=True)
+        self._read_pool.shutdown(wait=False)
+        self.stopped.set()
+
+    # ---- client side -----------------------------------------------------------------------
+
+    async def submit(self, pending: PendingSubmit) -> SubmitOutcome:
+        """Persist and queue a request; returns after the commit.
+
+        Raises:
+            RuntimeServiceError: QUEUE_FULL / TENANT_LIMIT (with retry_after_s), SHUTTING_DOWN.
+            StoreError: the database failed (the request was not accepted).
+        """
+        self._check_open()
+        tenant = pending.new.spec.tenant
+        if self._num_active + len(self._submits) >= self.settings.max_active_requests:
+            raise RuntimeServiceError(
+                RuntimeErrorCode.QUEUE_FULL,
+                f"the cluster holds {self.settings.max_active_requests} unfinished requests",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        tenant_load = self._tenant_active.get(tenant, 0) + self._pending_by_tenant[tenant]
+        if tenant_load >= self.settings.max_active_requests_per_tenant:
+            raise RuntimeServiceError(
+                RuntimeErrorCode.TENANT_LIMIT,
+                f"tenant {tenant!r} has {tenant_load} unfinished requests "
+                f"(limit {self.settings.max_active_requests_per_tenant})",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
+        self._submits.append((pending, future))
+        self._pending_by_tenant[tenant] += 1
+        self._wake.set()
+        return await future
+
+    async def cancel(self, request_id: str, reason: str) -> RequestView:
+        """Cancel an unfinished request (no-op for a finished one); returns its committed view.
+
+        Raises:
+            StoreError: NotFound when no such request exists.
+        """
+        self._check_open()
+        future: asyncio.Future[RequestView | None] = asyncio.get_running_loop().create_future()
+        self._happenings.append(CancelAsk(request_id, reason))
+        self._cancel_waiters.append((request_id, future))
+        self._wake.set()
+        view = await future
+        return view if view is not None else await self.get(request_id)
+
+    async def get(self, request_id: str) -> RequestView:
+        """The committed view of a request.
+
+        Raises:
+            StoreError: NotFound when no such request exists.
+        """
+        view = self._views.get(request_id)
+        if view is not None:
+            return view
+        return await self._read(self.repo.get_request, request_id)
+
+    def token_log(self, request_id: str) -> TokenLog | None:
+        """The live output log of an unfinished request (None once finished or unknown)."""
+        return self._logs.get(request_id)
+
+    async def read_tokens(self, request_id: str, from_index: int) -> tuple[int, ...]:
+        """Stored output tokens of a request from `from_index` on."""
+        return await self._read(self.repo.get_output_tokens, request_id, from_index)
+
+    async def list_requests(
+        self, request_filter: RequestFilter, page_size: int, page_token: str
+    ) -> RequestPage:
+        """One page of stored requests (see Repository.list_requests)."""
+
+        def run() -> RequestPage:
+            return self.repo.list_requests(
+                request_filter, page_size=page_size, page_token=page_token
+            )
+
+        return await self._read(run)
+
+    async def cluster_view(self) -> ClusterView:
+        """A cluster snapshot taken by the next tick."""
+        self._check_open()
+        future: asyncio.Future[ClusterView] = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(future)
+        self._wake.set()
+        return await future
+
+    def throughput_rps(self) -> float:
+        """Requests finished per second over the last minute."""
+        self._trim_finished(self.clock.now_s())
+        return len(self._finished_at) / 60.0
+
+    # ---- agent side ------------------------------------------------------------------------
+
+    def attach(self, registration: Registration, join: NodeJoin) -> AgentSession:
+        """Register an agent; its instances come up at the next tick.
+
+        Raises:
+            RuntimeServiceError: AGENT_REJECTED (model mismatch, instance held elsewhere).
+        """
+        self._check_open()
+        session, leave = self.agents.attach(registration, self.clock.now_s())
+        if leave is not None:
+            self._happenings.append(leave)
+        self._happenings.append(join)
+        self._wake.set()
+        return session
+
+    def detach(self, session: AgentSession, reason: str) -> None:
+        """The agent's stream ended: its work is re-queued at the next tick."""
+        leave = self.agents.lose(session, reason)
+        if leave is not None:
+            self._happenings.append(leave)
+            self._wake.set()
+
+    def heard_from(self, session: AgentSession) -> None:
+        """Any message from the agent proves it alive."""
+        now = self.clock.now_s()
+        session.last_seen_s = now
+        self._heartbeats[session.node_id] = now
+
+    def report(self, session: AgentSession, report: AgentReport) -> None:
+        """An event from a live agent about one request."""
+        if session.is_live:
+            self._happenings.append(report)
+            self._wake.set()
+
+    def record_busy(self, instance_id: str, busy_s: float) -> None:
+        """Busy seconds an agent reported for one instance (metrics)."""
+        if busy_s > 0:
+            self.metrics.busy.inc(busy_s, instance=instance_id)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        interval = self.settings.tick_interval_s
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = self.clock.now_s()
+            for session in self.agents.expired(now, self.settings.heartbeat_interval_s):
+                self.detach(session, "missed 3 heartbeats")
+            tick, submit_futures, cancels = self._take_inputs(now)
+            try:
+                out = await self._in_tick_thread(self._ticker.run, tick)
+            except Exception as exc:  # the policy and the database may now disagree
+                self._abort(exc, submit_futures, cancels)
+                return
+            self._apply(out, submit_futures, cancels, now)
+            if self._submits or self._happenings:
+                self._wake.set()
+
+    def _take_inputs(
+        self, now: float
+    ) -> tuple[
+        TickInput,
+        list[asyncio.Future[SubmitOutcome]],
+        list[tuple[str, asyncio.Future[RequestView | None]]],
+    ]:
+        batch = self._submits[: self.settings.max_submits_per_tick]
+        del self._submits[: len(batch)]
+        for pending, _ in batch:
+            self._pending_by_tenant[pending.new.spec.tenant] -= 1
+        tick = TickInput(
+            now_s=now,
+            submits=[p for p, _ in batch],
+            happenings=self._happenings,
+            heartbeats=self._heartbeats,
+            want_snapshot=bool(self._snapshot_waiters) or self._snapshot is None,
+        )
+        self._happenings, self._heartbeats = [], {}
+        cancels, self._cancel_waiters = self._cancel_waiters, []
+        return tick, [f for _, f in batch], cancels
+
+    def _apply(
+        self,
+        out: TickOutput,
+        submit_futures: list[asyncio.Future[SubmitOutcome]],
+        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
+        now: float,
+    ) -> None:
+        self._logs.update(out.new_logs)
+        for view in out.views:
+            self._settle(view, now)
+        for rid in out.touched_logs:
+            log = self._logs.get(rid)
+            if log is not None:
+                log.publish()
+        self._num_active = out.num_active
+        self._tenant_active = out.tenant_active
+        for outcome, future in zip(out.submits, submit_futures, strict=True):
+            result = "refused" if outcome.view is None else "created"
+            if outcome.view is not None and not outcome.created:
+                result = "deduplicated"
+            self.metrics.submits.inc(result=result)
+            if outcome.view is not None and outcome.created:
+                view = outcome.view
+                self.metrics.tokens.inc(
+                    view.spec.prompt_tokens, request_class=view.request_class.value, kind="prompt"
+                )
+            if not future.done():
+                future.set_result(outcome)
+        for rid, cancel_future in cancels:
+            if not cancel_future.done():
+                cancel_future.set_result(out.cancels.get(rid))
+        for command in out.commands:
+            self._dispatch(command)
+        if out.snapshot is not None:
+            self._snapshot = out.snapshot
+            self._update_gauges(out.snapshot)
+            waiters, self._snapshot_waiters = self._snapshot_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(out.snapshot)
+        if out.num_actions:
+            self.metrics.decision.observe(out.decision_s)
+
+    def _settle(self, view: RequestView, now: float) -> None:
+        rid = view.request_id
+        previous = self._views.get(rid)
+        label = view.request_class.value
+        spec = view.spec
+        if view.first_scheduled_s is not None and (
+            previous is None or previous.first_scheduled_s is None
+        ):
+            self.metrics.queueing_delay.observe(
+                max(0.0, view.first_scheduled_s - spec.arrival_s), request_class=label
+            )
+        if view.first_token_s is not None and (previous is None or previous.first_token_s is None):
+            self.metrics.ttft.observe(
+                max(0.0, view.first_token_s - spec.arrival_s), request_class=label
+            )
+        if not view.state.is_terminal:
+            self._views[rid] = view
+            return
+        self._views.pop(rid, None)
+        log = self._logs.pop(rid, None)
+        if log is not None:
+            grown = len(log.ids) - log.committed
+            if grown > 0:
+                self.metrics.tokens.inc(grown, request_class=label, kind="output")
+            log.final_state = view.state
+            log.error = view.error
+            log.publish()
+        if view.state is RequestState.FINISHED:
+            self._finished_at.append(now)
+            self.metrics.jct.observe(max(0.0, now - spec.arrival_s), request_class=label)
+
+    def _dispatch(self, command: AgentCommand) -> None:
+        session = self.agents.session(command.node_id)
+        if session is None:
+            return  # the node is gone; its leave re-queues the work
+        span = self.telemetry.start_span(
+            SPAN_DISPATCH,
+            parent=command.trace,
+            attributes={ATTR_NODE_ID: command.node_id},
+        )
+        session.send(_with_trace(command, span.context))
+        span.end()
+
+    def _update_gauges(self, view: ClusterView) -> None:
+        m = self.metrics
+        for stats in view.classes:
+            label = stats.request_class.value
+            m.queue_depth.set(stats.queued, request_class=label)
+            m.queued_tokens.set(stats.queued_tokens, request_class=label)
+            for state in ("prefilling", "paused", "transferring_kv", "decoding"):
+                m.requests.set(getattr(stats, state), request_class=label, state=state)
+        m.preemptions.set(view.preemptions_total)
+        m.colocations.set(view.colocations_total)
+        m.kv_transfers.set(view.kv_transfers_total)
+        m.agents.set(len(self.agents.sessions()))
+        roles: Counter[str] = Counter(i.role.value for i in view.instances)
+        for role, count in roles.items():
+            m.instances.set(count, role=role)
+
+    def _abort(
+        self,
+        exc: Exception,
+        submit_futures: list[asyncio.Future[SubmitOutcome]],
+        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
+    ) -> None:
+        _log.critical("tick failed; the control plane stops (restart recovers): %r", exc)
+        self.failure = exc
+        self._stopping = True
+        error: Exception = (
+            exc
+            if isinstance(exc, StoreError)
+            else RuntimeServiceError(
+                RuntimeErrorCode.SHUTTING_DOWN, "the control plane stopped after an internal error"
+            )
+        )
+        for future in submit_futures:
+            if not future.done():
+                future.set_exception(error)
+        for _, cancel_future in cancels:
+            if not cancel_future.done():
+                cancel_future.set_exception(error)
+        self._fail_waiters(error)
+        for session in self.agents.sessions():
+            self.agents.lose(session, "control plane stopped")
+        self.stopped.set()
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for _, future in self._submits:
+            if not future.done():
+                future.set_exception(error)
+        self._submits.clear()
+        for _, cancel_future in self._cancel_waiters:
+            if not cancel_future.done():
+                cancel_future.set_exception(error)
+        self._cancel_waiters.clear()
+        for waiter in self._snapshot_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._snapshot_waiters.clear()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._stopping:
+            raise RuntimeServiceError(
+                RuntimeErrorCode.SHUTTING_DOWN, "the control plane is shutting down"
+            )
+
+    def _trim_finished(self, now: float) -> None:
+        while self._finished_at and self._finished_at[0] < now - 60.0:
+            self._finished_at.popleft()
+
+    async def _in_tick_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._tick_pool, fn, *args)
+
+    async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
+
+
+def _with_trace(command: AgentCommand, trace: TraceContext) -> AgentCommand:
+    return replace(command, trace=trace)

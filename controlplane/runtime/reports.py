@@ -1,0 +1,102 @@
+"""What agents report about requests: the domain form of `pecsched.v1.Event`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkDone:
+    """A prefill chunk finished on the whole SP group (reported by rank 0)."""
+
+    chunk_index: int  # 0-based
+    chunks_total: int  # chunks the agent planned
+    duration_s: float  # how long the chunk ran
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillFinished:
+    """The whole prompt is prefilled; `first_token_id` is output token `len(generated)`."""
+
+    first_token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillStopped:
+    """The prefill paused at a chunk boundary (acknowledges a Pause)."""
+
+    chunks_done: int
+
+
+class TransferStatus(StrEnum):
+    """Progress of a KV transfer (mirrors pecsched.v1.TransferState)."""
+
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferProgress:
+    """A KV transfer moved on; DONE and FAILED end it."""
+
+    transfer_id: str
+    status: TransferStatus
+    destination_instance_id: str
+    num_bytes: int
+    duration_s: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokensOut:
+    """Generated tokens `start_index ..` of the request's output."""
+
+    start_index: int
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The request stopped at max_new_tokens ("length") or EOS ("eos")."""
+
+    output_tokens: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The request's work failed on the agent; `retryable` re-queues it."""
+
+    error: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The agent stopped the request's work (acknowledges a Cancel)."""
+
+
+ReportBody = (
+    ChunkDone
+    | PrefillFinished
+    | PrefillStopped
+    | TransferProgress
+    | TokensOut
+    | Done
+    | Broken
+    | Dropped
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReport:
+    """One event about one request from one instance of a node."""
+
+    node_id: str  # the reporting agent
+    request_id: str  # whose work
+    instance_id: str  # which instance it happened on
+    body: ReportBody  # what happened
+    received_s: float  # when the control plane received it (its clock)
