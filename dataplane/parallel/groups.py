@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -157,6 +158,24 @@ class Group:
         except RuntimeError as exc:
             self.mark_broken(f"{what} failed: {exc}")
             raise GroupError(self.group_id, f"{what} failed: {exc}") from exc
+
+    def wait_work(self, work: dist.Work, what: str, should_stop: Callable[[], bool]) -> None:
+        """Block until a point-to-point `work` completes (call from a helper thread).
+
+        gloo: `Work.wait` with the group timeout (gloo P2P works report completion only through
+        wait). NCCL: poll `is_completed()` so that `should_stop()` (an abort) is honoured.
+        Raises GroupError on failure, timeout or stop.
+        """
+        if self.backend_kind is CommBackend.GLOO:
+            self._wait(work, what)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():
+            if should_stop() or time.monotonic() > deadline:
+                self.mark_broken(f"{what} stopped or timed out")
+                raise GroupError(self.group_id, f"{what} stopped or timed out")
+            time.sleep(0.0005)
+        self._wait(work, what)  # completed: surfaces the op's error, if any
 
     def mark_broken(self, reason: str) -> None:
         """Record a failure; later calls raise GroupError. The first reason is kept."""

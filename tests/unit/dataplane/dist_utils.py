@@ -93,11 +93,12 @@ class WorkerPool:
         *args: Any,
         timeout_s: float = 120.0,
         expect: int | None = None,
+        check: bool = True,
     ) -> list[Any]:
         """Run `fn(group, manager, *args)` on `workers` (rank = position in the list).
 
-        Returns each rank's value, or an `Exception` carrying the worker's traceback if its job
-        raised. `expect` = how many results to wait for (default: all; fewer when a job kills
+        Returns each rank's value; if a job raised, `check` re-raises its traceback here, else
+        its slot holds a RuntimeError carrying it. `expect` = how many results to wait for (default: all; fewer when a job kills
         its own worker). Raises TimeoutError if results do not arrive in time (a hang).
         """
         job_id = next(self._ids)
@@ -117,7 +118,11 @@ class WorkerPool:
             if rid != job_id:
                 continue  # a late result of an earlier job whose peer died
             got[index] = value if ok else RuntimeError(value)
-        return [got.get(i) for i in workers]
+        values = [got.get(i) for i in workers]
+        errors = [v for v in values if isinstance(v, RuntimeError)]
+        if check and errors:
+            raise errors[0]
+        return values
 
     def close(self) -> None:
         """Stop all workers."""

@@ -78,7 +78,7 @@ def test_paused_prefill_resumes_from_its_last_chunk(oracle: Oracle) -> None:
     engine.add_request("short", short_prompt, SamplingParams(max_new_tokens=6))
     short_out = oracle.run(engine)
     state_while_paused = engine.request_state("long")
-    engine.resume("long")
+    engine.resume("long", chunk_tokens=12)
     long_out = oracle.run(
         engine,
         lambda _, evs: prefilled.extend(
@@ -90,7 +90,7 @@ def test_paused_prefill_resumes_from_its_last_chunk(oracle: Oracle) -> None:
     assert state_while_paused is RequestState.PAUSED
     assert short_out == {"short": want_short}
     assert long_out == {"long": want_long}
-    assert sum(prefilled) == 80
+    assert prefilled == [16, 16, 12, 12, 12, 12] and sum(prefilled) == 80
 
 
 def test_requests_in_mixed_batches_at_different_lengths_equal_transformers(oracle: Oracle) -> None:

@@ -1,0 +1,330 @@
+"""KV transfer between two workers over their pair group: a pollable, non-blocking state machine.
+
+    PENDING ──(group ready, first ops posted)──▶ TRANSFERRING ──(all layers landed)──▶ DONE
+       │                                              │
+       └────────(peer died / timeout / abort)─────────┴──────────────────────────────▶ FAILED
+
+The states mirror `TransferState` in protos/pecsched/v1/common.proto. `poll()` never blocks:
+the blocking waits on point-to-point ops run on one helper thread per transfer (gloo P2P works
+report completion only through `wait()`), while everything that touches the engine
+(`begin_import`, `finish_import`, `cancel`) runs inside `poll()`, on the caller's thread, so the
+engine needs no locks. The agent loop calls `poll()` between engine steps.
+
+Wire order on the pair (the receiver posts the same order):
+    1. int64[1]    length of the metadata JSON
+    2. uint8[len]  `KVMetadata` as JSON (prompt, output so far, sampling, layout)
+    3. per layer l = 0..L-1: keys[l], values[l], each (num_kv_tokens, Hkv, D) in the KV dtype
+Layers go one at a time; `num_layers_done` reports progress.
+
+The receiver reserves rows with `Engine.begin_import` and receives straight into them; the
+request stays IMPORTING (never scheduled) until every layer has landed and `finish_import`
+runs, so no decode ever sees partial KV. On failure it cancels the import, freeing the rows.
+On timeout or abort the pending op is cancelled (gloo: its pair is closed, so the peer fails
+too; NCCL: the communicator is aborted) and the pair group is broken: the caller destroys it
+(`GroupManager.destroy`) and the next transfer uses a fresh group id. Rows are freed only after
+the helper thread has stopped writing into them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dataplane.engine.types import KVExport, KVMetadata, SamplingParams
+from dataplane.parallel.groups import Group
+
+
+class TransferState(Enum):
+    """Progress of one transfer; values equal `TransferState` in common.proto."""
+
+    PENDING = 1  # waiting for the pair group or the metadata
+    TRANSFERRING = 2  # layers in flight
+    DONE = 3  # every layer landed (receiver: the request is importable/decodable)
+    FAILED = 4  # see `failure()`; memory already released
+
+
+def metadata_to_bytes(meta: KVMetadata) -> bytes:
+    """JSON encoding of the metadata (no pickle: the bytes come from another process)."""
+    s = meta.sampling
+    doc = {
+        "request_id": meta.request_id,
+        "prompt_token_ids": list(meta.prompt_token_ids),
+        "output_token_ids": list(meta.output_token_ids),
+        "num_kv_tokens": meta.num_kv_tokens,
+        "num_layers": meta.num_layers,
+        "num_kv_heads": meta.num_kv_heads,
+        "head_dim": meta.head_dim,
+        "dtype": meta.dtype,
+        "sampling": [s.max_new_tokens, s.temperature, s.top_p, s.seed, list(s.eos_token_ids)],
+        "generator_state": None if meta.generator_state is None else meta.generator_state.hex(),
+    }
+    return json.dumps(doc).encode()
+
+
+def metadata_from_bytes(raw: bytes) -> KVMetadata:
+    """Inverse of `metadata_to_bytes`; ValueError naming the field on malformed input."""
+    doc: dict[str, Any] = json.loads(raw)
+    try:
+        max_new, temp, top_p, seed, eos = doc["sampling"]
+        gen = doc["generator_state"]
+        return KVMetadata(
+            request_id=str(doc["request_id"]),
+            prompt_token_ids=tuple(int(t) for t in doc["prompt_token_ids"]),
+            output_token_ids=tuple(int(t) for t in doc["output_token_ids"]),
+            num_kv_tokens=int(doc["num_kv_tokens"]),
+            num_layers=int(doc["num_layers"]),
+            num_kv_heads=int(doc["num_kv_heads"]),
+            head_dim=int(doc["head_dim"]),
+            dtype=str(doc["dtype"]),
+            sampling=SamplingParams(int(max_new), float(temp), float(top_p), int(seed), tuple(eos)),
+            generator_state=None if gen is None else bytes.fromhex(gen),
+        )
+    except KeyError as exc:
+        raise ValueError(f"KV metadata lacks field {exc}") from None
+
+
+class _Transfer(ABC):
+    """Shared machinery: the helper thread, cancellable ops, deadline, failure bookkeeping."""
+
+    def __init__(
+        self,
+        group: Group | Future[Group],
+        peer_rank: int,
+        tag: int,
+        timeout_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if isinstance(group, Group):
+            ready: Future[Group] = Future()
+            ready.set_result(group)
+            group = ready
+        self._group_future = group
+        self._group: Group | None = None
+        self.peer_rank = peer_rank
+        self.tag = tag
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._deadline = clock() + timeout_s
+        self.state = TransferState.PENDING
+        self._failure: str | None = None
+        self.num_layers_done = 0  # layers whose K and V have both completed
+        self.num_bytes = 0  # bytes moved so far
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._current: dist.Work | None = None  # the op the helper thread waits on
+        self._started = threading.Event()  # the first op was posted
+        self._thread_error: str | None = None
+        self._thread_done = False
+        self._thread = threading.Thread(target=self._thread_main, daemon=True)
+        self._thread.start()
+
+    def failure(self) -> str | None:
+        """Why the transfer failed, or None."""
+        return self._failure
+
+    # ------------------------------------------------------------ helper thread
+    def _thread_main(self) -> None:
+        try:
+            remaining_s = max(self._deadline - self._clock(), 0.001)
+            self._group = self._group_future.result(timeout=remaining_s)
+            self._run(self._group)
+        except FutureTimeout:
+            self._thread_error = "pair group rendezvous did not finish in time"
+        except Exception as exc:  # any error of the peer or backend fails this transfer
+            self._thread_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._thread_done = True
+
+    def _op(self, group: Group, post: Callable[..., dist.Work], t: torch.Tensor) -> None:
+        """Post one send/recv and block until it completes; cancellable by `_fail`."""
+        with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("stopped")
+            work = post(t, self.peer_rank, self.tag)
+            self._current = work
+        self._started.set()
+        group.wait_work(work, "kv transfer", self._stop.is_set)
+        with self._lock:
+            self._current = None
+        self.num_bytes += t.numel() * t.element_size()
+
+    def _layers(self, group: Group, pairs: Any, post: Callable[..., dist.Work]) -> None:
+        for k, v in pairs:
+            self._op(group, post, k)
+            self._op(group, post, v)
+            self.num_layers_done += 1
+
+    @abstractmethod
+    def _run(self, group: Group) -> None:
+        """The blocking protocol, on the helper thread."""
+
+    # ------------------------------------------------------------ caller's thread
+    def poll(self) -> TransferState:
+        """Advance without blocking and return the state (terminal states are sticky)."""
+        if self.state is TransferState.FAILED:
+            self._release_if_stopped()
+        if self.state in (TransferState.DONE, TransferState.FAILED):
+            return self.state
+        if self._thread_error is not None:
+            self._fail(self._thread_error)
+        elif self._clock() > self._deadline:
+            self._fail(f"timed out after {self.timeout_s}s")
+        else:
+            try:
+                self._on_poll()
+            except Exception as exc:  # e.g. the engine refused the import
+                self._fail(f"{type(exc).__name__}: {exc}")
+        return self.state
+
+    def abort(self) -> None:
+        """Cancel (e.g. the request was cancelled): the pending op stops, state becomes FAILED."""
+        if self.state not in (TransferState.DONE, TransferState.FAILED):
+            self._fail("aborted")
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        self.state = TransferState.FAILED
+        with self._lock:
+            self._stop.set()
+            current = self._current
+        if self._group is not None:
+            self._group.cancel([current] if current is not None else [])
+        self._thread.join(timeout=1.0)  # a cancelled op returns at once
+        self._release_if_stopped()
+
+    def _release_if_stopped(self) -> None:
+        if not self._thread.is_alive():
+            self._release()
+
+    @abstractmethod
+    def _on_poll(self) -> None:
+        """Caller-thread progress: engine calls and state changes."""
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Free what a failed transfer holds (called once the helper thread has stopped)."""
+
+
+class KVSender(_Transfer):
+    """Streams one request's exported KV to `peer_rank` of the pair group.
+
+    Args:
+        group: the pair group, or a future of it (`GroupManager.connect_async`).
+        peer_rank: the receiver's rank in that group.
+        export: `Engine.export_kv(...)`; its tensors must stay valid until DONE or FAILED
+            (keep the request HELD on the prefill engine and cancel it afterwards).
+        tag: distinguishes concurrent transfers on one gloo pair (both sides use the same);
+            NCCL ignores tags, so transfers on one NCCL pair must run one at a time.
+        timeout_s: the whole transfer must finish within this, counted from construction.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        group: Group | Future[Group],
+        peer_rank: int,
+        export: KVExport,
+        *,
+        tag: int = 0,
+        timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.export = export
+        super().__init__(group, peer_rank, tag, timeout_s, clock)
+
+    def _run(self, group: Group) -> None:
+        raw = torch.frombuffer(
+            bytearray(metadata_to_bytes(self.export.metadata)), dtype=torch.uint8
+        )
+        header = torch.tensor([raw.numel()], dtype=torch.int64)
+        self._op(group, group.send, header.to(group.device))
+        self._op(group, group.send, raw.to(group.device))
+        pairs = (
+            (k.contiguous(), v.contiguous())
+            for k, v in zip(self.export.keys, self.export.values, strict=True)
+        )
+        self._layers(group, pairs, group.send)
+
+    def _on_poll(self) -> None:
+        if self._thread_done:
+            self.state = TransferState.DONE
+        elif self._started.is_set():
+            self.state = TransferState.TRANSFERRING
+
+    def _release(self) -> None:
+        """Nothing to free: the export's rows belong to the prefill engine."""
+
+
+class KVReceiver(_Transfer):
+    """Receives one request's KV from `peer_rank` straight into rows the engine reserves.
+
+    Args:
+        group: the pair group, or a future of it.
+        peer_rank: the sender's rank in that group.
+        begin_import: `Engine.begin_import`: reserves rows for the metadata, returns views.
+        finish_import: `Engine.finish_import`: called once, after every layer has landed.
+        cancel_import: `Engine.cancel`: frees the rows if the transfer fails.
+        tag, timeout_s, clock: as for `KVSender`.
+    """
+
+    def __init__(
+        self,
+        group: Group | Future[Group],
+        peer_rank: int,
+        begin_import: Callable[[KVMetadata], Any],
+        finish_import: Callable[[str], None],
+        cancel_import: Callable[[str], object],
+        *,
+        tag: int = 0,
+        timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._begin, self._finish, self._cancel = begin_import, finish_import, cancel_import
+        self.metadata: KVMetadata | None = None  # set by the helper thread when it arrives
+        self._target: Any = None  # KVImportTarget, set by poll() once rows are reserved
+        self._target_ready = threading.Event()
+        super().__init__(group, peer_rank, tag, timeout_s, clock)
+
+    @property
+    def request_id(self) -> str | None:
+        """The incoming request's id, known once the metadata has arrived."""
+        return None if self.metadata is None else self.metadata.request_id
+
+    def _run(self, group: Group) -> None:
+        header = torch.zeros(1, dtype=torch.int64, device=group.device)
+        self._op(group, group.recv, header)
+        raw = torch.empty(int(header.item()), dtype=torch.uint8, device=group.device)
+        self._op(group, group.recv, raw)
+        self.metadata = metadata_from_bytes(bytes(raw.cpu().tolist()))
+        # poll() reserves the rows on the caller's thread; wait for it (or for a stop).
+        while not self._target_ready.wait(timeout=0.01):
+            if self._stop.is_set():
+                raise RuntimeError("stopped")
+        target = self._target
+        self._layers(group, zip(target.keys, target.values, strict=True), group.recv)
+
+    def _on_poll(self) -> None:
+        if self.metadata is not None and self._target is None:
+            self._target = self._begin(self.metadata)  # reserves rows; request is IMPORTING
+            self._target_ready.set()
+            self.state = TransferState.TRANSFERRING
+        if self._thread_done and self._target is not None:
+            self._finish(self._target.request_id)  # only now may the engine decode it
+            self.state = TransferState.DONE
+
+    def _release(self) -> None:
+        if self._target is not None:
+            target, self._target = self._target, None
+            self._cancel(target.request_id)

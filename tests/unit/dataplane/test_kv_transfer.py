@@ -1,0 +1,177 @@
+"""KV transfer between two engines over a real gloo pair: equal tokens, failure, timeout, abort."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from dist_utils import WorkerPool
+
+from dataplane.engine.engine import Engine, EngineConfig
+from dataplane.engine.types import Finished, KVExport, SamplingParams
+from dataplane.models.loading import random_model
+from dataplane.models.presets import preset_config
+from dataplane.parallel.groups import Group
+from dataplane.parallel.kv_transfer import (
+    KVReceiver,
+    KVSender,
+    TransferState,
+    metadata_from_bytes,
+    metadata_to_bytes,
+)
+
+PROMPT = [(i * 37 + 11) % 320 for i in range(300)]
+SAMPLING = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WorkerPool]:
+    workers = WorkerPool(2)
+    yield workers
+    workers.close()
+
+
+def _engine() -> Engine:
+    model = random_model(
+        preset_config("tiny"), seed=0, dtype=torch.float32, device=torch.device("cpu")
+    )
+    return Engine(model, EngineConfig(chunk_tokens=128, kv_budget_bytes=4 << 20))
+
+
+def _prefill_and_export(engine: Engine, request_id: str) -> KVExport:
+    engine.add_request(request_id, PROMPT, SAMPLING, hold_after_prefill=True)
+    while engine.has_runnable_work():
+        engine.step()
+    return engine.export_kv(request_id)
+
+
+def _run_to_end(engine: Engine) -> tuple[int, ...]:
+    while True:
+        for event in engine.step():
+            if isinstance(event, Finished):
+                return event.output_token_ids
+
+
+def _poll_until_final(
+    transfer: KVSender | KVReceiver, limit_s: float = 60.0
+) -> tuple[TransferState, float]:
+    start = time.monotonic()
+    worst_poll_s = 0.0
+    while transfer.state not in (TransferState.DONE, TransferState.FAILED):
+        t0 = time.monotonic()
+        transfer.poll()
+        worst_poll_s = max(worst_poll_s, time.monotonic() - t0)
+        assert time.monotonic() - start < limit_s, "transfer hung"
+        time.sleep(0.001)
+    return transfer.state, worst_poll_s
+
+
+def _serve_short(engine: Engine) -> tuple[int, ...]:
+    engine.add_request("short", PROMPT[:40], SamplingParams(max_new_tokens=3))
+    return _run_to_end(engine)
+
+
+def _transfer_job(group: Group, _: Any, mode: str) -> Any:
+    torch.set_num_threads(1)
+    engine = _engine()
+    if group.rank == 0:
+        export = _prefill_and_export(engine, "r1")
+        if mode == "sender_stuck":
+            time.sleep(4.0)  # alive but silent: the receiver must time out
+            return None
+        if mode == "sender_dies":  # a hand-driven sender that dies after layer 0's keys
+            raw = torch.frombuffer(bytearray(metadata_to_bytes(export.metadata)), dtype=torch.uint8)
+            for t in (torch.tensor([raw.numel()]), raw, export.keys[0].contiguous()):
+                group.send(t, 1).wait()
+            os._exit(1)
+        sender = KVSender(group, 1, export, timeout_s=30.0)
+        state, _ = _poll_until_final(sender)
+        engine.resume("r1")  # decode in place for the reference tokens
+        return state, _run_to_end(engine)
+    free_before = engine.num_free_kv_tokens
+    timeout_s = 1.5 if mode == "sender_stuck" else 30.0
+    receiver = KVReceiver(
+        group,
+        0,
+        engine.begin_import,
+        engine.finish_import,
+        engine.cancel,
+        timeout_s=timeout_s,
+    )
+    t0 = time.monotonic()
+    if mode == "abort":
+        while receiver.metadata is None:
+            receiver.poll()
+        receiver.abort()
+        state, worst_poll_s = receiver.state, 0.0
+    else:
+        state, worst_poll_s = _poll_until_final(receiver)
+    elapsed_s = time.monotonic() - t0
+    if state is TransferState.DONE:
+        return state, _run_to_end(engine), worst_poll_s
+    freed = engine.num_free_kv_tokens == free_before and engine.num_requests == 0
+    return state, receiver.failure(), elapsed_s, freed, _serve_short(engine)
+
+
+def test_transferred_kv_decodes_to_the_same_tokens_as_in_place(pool: WorkerPool) -> None:
+    # Execute
+    sender, receiver = pool.run(_transfer_job, [0, 1], "ok")
+
+    # Assert
+    assert sender[0] is TransferState.DONE and receiver[0] is TransferState.DONE
+    assert len(set(sender[1])) > 2, "random model degenerate: tokens must vary"
+    assert receiver[1] == sender[1]
+    assert receiver[2] < 0.5, "poll() must not block"
+
+
+def test_sender_killed_mid_transfer_fails_receiver_frees_rows_and_keeps_serving(
+    pool: WorkerPool,
+) -> None:
+    # Execute
+    _, receiver = pool.run(_transfer_job, [0, 1], "sender_dies", expect=1)
+    pool.restart(0)
+
+    # Assert
+    state, failure, elapsed_s, freed, short_tokens = receiver
+    assert state is TransferState.FAILED and "kv transfer failed" in failure
+    assert elapsed_s < 10.0
+    assert freed and len(short_tokens) == 3
+
+
+def test_silent_sender_times_out_and_receiver_keeps_serving(pool: WorkerPool) -> None:
+    # Execute
+    _, receiver = pool.run(_transfer_job, [0, 1], "sender_stuck")
+
+    # Assert
+    state, failure, elapsed_s, freed, short_tokens = receiver
+    assert state is TransferState.FAILED and "timed out" in failure
+    assert 1.4 < elapsed_s < 3.0
+    assert freed and len(short_tokens) == 3
+
+
+def test_abort_after_metadata_frees_the_reserved_rows(pool: WorkerPool) -> None:
+    # Execute
+    _, receiver = pool.run(_transfer_job, [0, 1], "abort", expect=2)
+
+    # Assert
+    state, failure, _, freed, short_tokens = receiver
+    assert state is TransferState.FAILED and failure == "aborted"
+    assert freed and len(short_tokens) == 3
+
+
+def test_metadata_round_trips_through_json() -> None:
+    # Prepare
+    engine = _engine()
+    meta = _prefill_and_export(engine, "r9").metadata
+
+    # Execute
+    back = metadata_from_bytes(metadata_to_bytes(meta))
+
+    # Assert
+    assert back == meta
+    with pytest.raises(ValueError, match="request_id"):
+        metadata_from_bytes(b'{"sampling": [1, 0, 1, 0, []], "generator_state": null}')
