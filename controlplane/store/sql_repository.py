@@ -58,6 +58,7 @@ _MUTABLE = (
     "paused_total_s prefill_instance_ids decode_instance_ids output_tokens error"
 ).split()
 _SET_ONCE = ("first_scheduled_s", "first_token_s")
+_INSERT_COLUMNS = tuple(column.name for column in _requests.columns)
 
 
 class SqlRepository(ClusterSqlMixin, Repository):
@@ -71,6 +72,14 @@ class SqlRepository(ClusterSqlMixin, Repository):
             index_elements=["tenant", "idempotency_key"]
         )
         self._insert_returning = self._insert_request.returning(_requests.c.id)
+        # The batch path bypasses SQLAlchemy's multi-row VALUES rewrite: the driver's own
+        # executemany reuses one short prepared statement (a long multi-row text is re-parsed
+        # by psycopg on every call).
+        self._insert_many_sql = (
+            f"INSERT INTO requests ({', '.join(_INSERT_COLUMNS)}) VALUES "
+            f"({', '.join(_placeholder(engine.dialect.name, c) for c in _INSERT_COLUMNS)}) "
+            "ON CONFLICT (tenant, idempotency_key) DO NOTHING"
+        )
         values: dict[str, Any] = {name: bindparam(f"b_{name}") for name in _MUTABLE}
         for name in _SET_ONCE:
             values[name] = func.coalesce(_requests.c[name], bindparam(f"b_{name}"))
@@ -95,25 +104,30 @@ class SqlRepository(ClusterSqlMixin, Repository):
             return AddResult(self._by_keys(connection, [new])[0], False)
 
     def add_requests(self, news: Sequence[NewRequest]) -> list[AddResult]:
-        """See Repository.add_requests."""
+        """See Repository.add_requests.
+
+        One executemany INSERT ... ON CONFLICT DO NOTHING (pipelined and prepared by psycopg),
+        then, only when some requests carry an idempotency key, one SELECT of those keys to
+        tell new rows from replays.
+        """
         if not news:
             return []
         rows = [_insert_params(new) for new in news]
         with self.uow.scope(write=True) as connection:
-            result = connection.execute(self._insert_returning, rows)
-            inserted = set(result.scalars().all())
-            results: list[AddResult | None] = []
-            replays: list[NewRequest] = []
+            connection.exec_driver_sql(self._insert_many_sql, rows)
+            keyed = [new for new in news if new.idempotency_key is not None]
+            stored = iter(self._by_keys(connection, keyed)) if keyed else iter(())
+            results = []
+            claimed: set[str] = set()
             for new in news:
+                view = next(stored) if new.idempotency_key is not None else None
                 request_id = new.spec.request_id
-                if request_id in inserted:
-                    inserted.discard(request_id)
+                if view is None or (view.request_id == request_id and request_id not in claimed):
+                    claimed.add(request_id)
                     results.append(AddResult(_queued_view(new), True))
                 else:
-                    results.append(None)
-                    replays.append(new)
-            existing = iter(self._by_keys(connection, replays)) if replays else iter(())
-            return [r if r is not None else AddResult(next(existing), False) for r in results]
+                    results.append(AddResult(view, False))
+            return results
 
     def _by_keys(self, connection: Any, news: Sequence[NewRequest]) -> list[RequestView]:
         """Views of the stored requests matching each new request's (tenant, key)."""
@@ -281,6 +295,13 @@ class SqlRepository(ClusterSqlMixin, Repository):
                 RequestEvent(request_id, RequestEventKind(kind), at_s, instance_id, details)
                 for kind, at_s, instance_id, details in connection.execute(query)
             ]
+
+
+def _placeholder(dialect: str, column: str) -> str:
+    """A named parameter in the driver's style; blobs go to psycopg in binary (`%(x)b`)."""
+    if dialect != "postgresql":
+        return f":{column}"
+    return f"%({column})b" if column == "prompt_token_ids" else f"%({column})s"
 
 
 def _insert_params(new: NewRequest) -> dict[str, Any]:
