@@ -23,6 +23,7 @@ from enum import Enum
 
 import torch
 
+from dataplane.engine.cuda_graphs import DecodeGraphs
 from dataplane.engine.errors import EngineError, EngineErrorCode
 from dataplane.engine.kv_cache import KVCache, KVPlan, plan_pool_tokens
 from dataplane.engine.requests import RequestState, RunningRequest
@@ -52,11 +53,17 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # KV pool size; None: from free CUDA memory
     memory_fraction: float = 0.92  # share of device memory the process may use (CUDA)
     max_model_tokens: int | None = None  # longest prompt + output; None: the model's limit
+    cuda_graphs: bool = True  # capture decode-only steps as CUDA graphs (flash kernel only)
+    attention_kernel: str = "auto"  # "auto" (probe flash varlen), "flash-varlen" or "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_seqs", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_kernel not in ("auto", "flash-varlen", "sdpa"):
+            raise ValueError(
+                f"attention_kernel must be auto|flash-varlen|sdpa, got {self.attention_kernel!r}"
+            )
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
@@ -89,7 +96,14 @@ class Engine:
         self.max_model_tokens = config.max_model_tokens or shape.max_position_tokens
         if shape.sliding_window_tokens is not None:
             self.max_model_tokens = min(self.max_model_tokens, shape.sliding_window_tokens)
-        use_flash = flash_varlen_works(self.device, self.dtype)
+        use_flash = config.attention_kernel != "sdpa" and flash_varlen_works(
+            self.device, self.dtype
+        )
+        if config.attention_kernel == "flash-varlen" and not use_flash:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT,
+                f"attention_kernel='flash-varlen' does not run on {self.device} in {self.dtype}",
+            )
         self.kernel = AttentionKernel.FLASH_VARLEN if use_flash else AttentionKernel.SDPA
         self.kv_plan: KVPlan = plan_pool_tokens(
             bytes_per_token=shape.kv_bytes_per_token(self.dtype),
@@ -107,6 +121,38 @@ class Engine:
             device=self.device,
         )
         self._requests: dict[str, RunningRequest] = {}
+        self.graphs: DecodeGraphs | None = None
+        self.graph_error: str | None = None  # why CUDA graphs are off, when they were wanted
+        if config.cuda_graphs and self.kernel is AttentionKernel.FLASH_VARLEN:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture decode graphs and check one against the eager forward; off on any failure."""
+        scratch = self.kv.reserve("<graph scratch row>", 1)  # padding rows write here
+        try:
+            graphs = DecodeGraphs(
+                self.model,
+                self.kv.k_pools,
+                self.kv.v_pools,
+                max_batch_seqs=min(self.config.max_batch_seqs, self.config.max_batch_tokens),
+                max_kv_tokens=self.max_model_tokens,
+                scratch_row=scratch,
+            )
+            got = graphs.run([0], [0], [scratch], [1])
+            batch = make_attention_batch([1], [1], [scratch], self.device)
+            attend = CachedAttention(self.kv.k_pools, self.kv.v_pools, batch, use_flash_varlen=True)
+            with torch.inference_mode():
+                want = self.model(
+                    torch.zeros(1, dtype=torch.int64, device=self.device),
+                    torch.zeros(1, dtype=torch.int64, device=self.device),
+                    attend,
+                )
+            if not torch.allclose(got, want, atol=1e-1, rtol=1e-2):
+                raise RuntimeError("graph replay differs from the eager forward")
+        except RuntimeError as exc:
+            self.graph_error = str(exc)
+            return
+        self.graphs = graphs
 
     # ----------------------------------------------------------------- admission
     def add_request(
@@ -174,9 +220,18 @@ class Engine:
             )
         req.paused_from, req.state = req.state, RequestState.PAUSED
 
-    def resume(self, request_id: str) -> None:
-        """Continue a PAUSED request where it stopped (nothing is recomputed); HELD -> DECODING."""
+    def resume(self, request_id: str, *, chunk_tokens: int | None = None) -> None:
+        """Continue a PAUSED request where it stopped (nothing is recomputed); HELD -> DECODING.
+
+        `chunk_tokens` changes the prefill chunk size for the rest of the prompt.
+        """
         req = self._get(request_id)
+        if chunk_tokens is not None:
+            if chunk_tokens < 1:
+                raise EngineError(
+                    EngineErrorCode.INVALID_ARGUMENT, f"chunk_tokens={chunk_tokens} < 1"
+                )
+            req.chunk_tokens = chunk_tokens
         if req.state is RequestState.HELD:
             req.state = RequestState.DECODING
         elif req.state is RequestState.PAUSED and req.paused_from is not None:
@@ -258,21 +313,15 @@ class Engine:
             row += n
             if done + n == req.num_prompt_tokens:
                 logits_rows.append(row - 1)
-        device = self.device
-        batch = make_attention_batch(num_new, num_kv, starts, device)
-        attend = CachedAttention(
-            self.kv.k_pools,
-            self.kv.v_pools,
-            batch,
-            use_flash_varlen=self.kernel is AttentionKernel.FLASH_VARLEN,
-        )
         with torch.inference_mode():
-            logits = self.model(
-                torch.cat(id_parts).to(device, non_blocking=True),
-                torch.cat(pos_parts).to(device, non_blocking=True),
-                attend,
-                torch.tensor(logits_rows, dtype=torch.int64).to(device, non_blocking=True),
-            )
+            if (
+                not chunks
+                and self.graphs is not None
+                and len(decodes) <= self.graphs.max_batch_seqs
+            ):
+                logits = self.graphs.run(ids, pos, starts, num_kv)
+            else:
+                logits = self._forward(id_parts, pos_parts, num_new, num_kv, starts, logits_rows)
             finishing = [r for r, n in chunks if r.num_computed_tokens + n == r.num_prompt_tokens]
             sampled = decodes + finishing
             tokens = sample_tokens(
@@ -292,6 +341,32 @@ class Engine:
         for req, token in zip(sampled, tokens, strict=True):
             events.extend(self._append_token(req, token))
         return events
+
+    def _forward(
+        self,
+        id_parts: list[torch.Tensor],
+        pos_parts: list[torch.Tensor],
+        num_new: list[int],
+        num_kv: list[int],
+        starts: list[int],
+        logits_rows: list[int],
+    ) -> torch.Tensor:
+        """The eager forward of one iteration; logits (len(logits_rows), vocab) float32."""
+        device = self.device
+        batch = make_attention_batch(num_new, num_kv, starts, device)
+        attend = CachedAttention(
+            self.kv.k_pools,
+            self.kv.v_pools,
+            batch,
+            use_flash_varlen=self.kernel is AttentionKernel.FLASH_VARLEN,
+        )
+        logits: torch.Tensor = self.model(
+            torch.cat(id_parts).to(device, non_blocking=True),
+            torch.cat(pos_parts).to(device, non_blocking=True),
+            attend,
+            torch.tensor(logits_rows, dtype=torch.int64).to(device, non_blocking=True),
+        )
+        return logits
 
     def _append_token(self, req: RunningRequest, token: int) -> list[EngineEvent]:
         req.output_token_ids.append(token)

@@ -144,6 +144,7 @@ class CachedAttention:
         self._batch = batch
         self._use_flash_varlen = use_flash_varlen
         self._decode_gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._flash_cu: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per forward
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -157,15 +158,67 @@ class CachedAttention:
         nd = batch.num_decodes
         if nd > 0:
             if self._use_flash_varlen:
-                out[:nd] = _flash_decode(q[:nd], k_pool, v_pool, batch)
+                out[:nd] = self._flash_decode(q[:nd], k_pool, v_pool)
             else:
                 out[:nd] = self._sdpa_decode(q[:nd], k_pool, v_pool)
         if nd < len(batch.num_new_tokens):
             if self._use_flash_varlen:
-                out[nd:] = _flash_prefill(q[nd:], k_pool, v_pool, batch)
+                out[nd:] = self._flash_prefill(q[nd:], k_pool, v_pool)
             else:
                 _sdpa_prefill(q, k_pool, v_pool, batch, out)
         return out
+
+    def _flash_decode(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
+    ) -> torch.Tensor:
+        """All decodes: the GQA group folded into the query length (G rows see the same keys),
+        so every KV row is read once per KV head."""
+        batch = self._batch
+        num_seqs, num_q_heads, head_dim = q.shape
+        num_kv_heads = k_pool.shape[1]
+        group = num_q_heads // num_kv_heads
+        if "decode" not in self._flash_cu:  # built by the first layer, reused by the rest
+            cu_q = torch.arange(
+                0, (num_seqs + 1) * group, group, device=q.device, dtype=torch.int32
+            )
+            self._flash_cu["decode"] = (cu_q, _cu_k(batch.decode_kv_starts))
+        cu_q, cu_k = self._flash_cu["decode"]
+        queries = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(1, 2)
+        queries = queries.reshape(num_seqs * group, num_kv_heads, head_dim)  # -> (B*G, Hkv, D)
+        out = _flash_call(
+            queries,
+            k_pool,
+            v_pool,
+            cu_q,
+            cu_k,
+            batch.decode_kv_lens,
+            group,
+            max(batch.num_kv_tokens[:num_seqs]),
+            causal=False,
+        )
+        out = out.view(num_seqs, group, num_kv_heads, head_dim).transpose(1, 2)
+        return out.reshape(num_seqs, num_q_heads, head_dim)  # (B, Hkv, G, D) -> (B, Hq, D)
+
+    def _flash_prefill(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
+    ) -> torch.Tensor:
+        """All prefill chunks in one varlen call with bottom-right causal masking."""
+        batch = self._batch
+        nd = batch.num_decodes
+        if "prefill" not in self._flash_cu:
+            self._flash_cu["prefill"] = (batch.prefill_cu_q, _cu_k(batch.prefill_kv_starts))
+        cu_q, cu_k = self._flash_cu["prefill"]
+        return _flash_call(
+            q,
+            k_pool,
+            v_pool,
+            cu_q,
+            cu_k,
+            batch.prefill_kv_lens,
+            max(batch.num_new_tokens[nd:]),
+            max(batch.num_kv_tokens[nd:]),
+            causal=True,
+        )
 
     def _sdpa_decode(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
@@ -226,18 +279,14 @@ def _flash_call(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     cu_q: torch.Tensor,
-    kv_starts: torch.Tensor,
+    cu_k: torch.Tensor,
     kv_lens: torch.Tensor,
     max_q: int,
     max_k: int,
     *,
     causal: bool,
-    head_dim: int,
 ) -> torch.Tensor:
-    """Flash-attention varlen over pools: sequence b reads rows kv_starts[b] + [0, kv_lens[b])."""
-    # Only cu_seqlens_k[b] (the start) is read when seqused_k is given, so the starts need
-    # not be sorted; the last entry is a placeholder.
-    cu_k = torch.cat((kv_starts, kv_starts[-1:]))
+    """Flash-attention varlen over pools: sequence b reads rows cu_k[b] + [0, kv_lens[b])."""
     result = torch.ops.aten._flash_attention_forward(
         q,
         k_pool,
@@ -249,56 +298,17 @@ def _flash_call(
         0.0,
         causal,
         False,
-        scale=1.0 / math.sqrt(head_dim),
+        scale=1.0 / math.sqrt(q.shape[-1]),
         seqused_k=kv_lens,
     )
     out: torch.Tensor = result[0]
     return out
 
 
-def _flash_decode(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttentionBatch
-) -> torch.Tensor:
-    """All decodes: fold the GQA group into the query length (G rows see the same keys)."""
-    num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[1]
-    group = num_q_heads // num_kv_heads
-    queries = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(1, 2)
-    queries = queries.reshape(num_seqs * group, num_kv_heads, head_dim)  # -> (B*G, Hkv, D)
-    cu_q = torch.arange(0, (num_seqs + 1) * group, group, device=q.device, dtype=torch.int32)
-    out = _flash_call(
-        queries,
-        k_pool,
-        v_pool,
-        cu_q,
-        batch.decode_kv_starts,
-        batch.decode_kv_lens,
-        group,
-        max(batch.num_kv_tokens[:num_seqs]),
-        causal=False,
-        head_dim=head_dim,
-    )
-    out = out.view(num_seqs, group, num_kv_heads, head_dim).transpose(1, 2)
-    return out.reshape(num_seqs, num_q_heads, head_dim)  # (B, Hkv, G, D) -> (B, Hq, D)
-
-
-def _flash_prefill(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttentionBatch
-) -> torch.Tensor:
-    """All prefill chunks in one varlen call with bottom-right causal masking."""
-    nd = batch.num_decodes
-    return _flash_call(
-        q,
-        k_pool,
-        v_pool,
-        batch.prefill_cu_q,
-        batch.prefill_kv_starts,
-        batch.prefill_kv_lens,
-        max(batch.num_new_tokens[nd:]),
-        max(batch.num_kv_tokens[nd:]),
-        causal=True,
-        head_dim=q.shape[-1],
-    )
+def _cu_k(kv_starts: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens_k for `seqused_k` mode: only entry b (the start) is read, so the starts need
+    not be sorted; the last entry is a placeholder."""
+    return torch.cat((kv_starts, kv_starts[-1:]))
 
 
 def flash_varlen_works(device: torch.device, dtype: torch.dtype) -> bool:
