@@ -100,7 +100,12 @@ class StartDecode:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Stop every piece of work of the request and drop its KV on `instance_ids`."""
+    """Stop every piece of work of the request and drop its KV on `instance_ids`.
+
+    Not only for client cancels: also issued when the request failed (deadline, fatal error)
+    or was re-queued (an SP peer died, a retryable failure), to clean up the surviving
+    instances. `request_view(request_id).state` says which (CANCELLED, FAILED or QUEUED).
+    """
 
     request_id: str  # which request
     instance_ids: tuple[str, ...]  # instances holding its work or KV (may be empty)

@@ -267,17 +267,20 @@ class BasePolicy:
     def _select_group(self, req: RequestRecord, role: InstanceRole) -> list[InstanceRecord] | None:
         st, cfg = self._state, self._config
         candidates = st.pool.top(role, Slot.OPEN, cfg.max_sp_degree)
-        wanted = 1
-        if cfg.target_prefill_tokens_per_instance is not None:
-            wanted = -(-req.spec.prompt_tokens // cfg.target_prefill_tokens_per_instance)
-        wanted = min(wanted, len(candidates))
+        wanted = min(self._wanted_degree(req), len(candidates))
         held = 0
         for size, inst in enumerate(candidates, start=1):
             held += st.ledger.free_tokens(inst.instance_id)
             if held >= req.spec.total_tokens and size >= wanted:
-                # Rank order: by node, so ranks of one node are neighbours (cheaper SP hops).
-                return sorted(candidates[:size], key=lambda i: (i.spec.node_id, i.instance_id))
+                return rank_order(candidates[:size])
         return None
+
+    def _wanted_degree(self, req: RequestRecord) -> int:
+        """SP degree a prefill-time target asks for (1 without a target), capped by the max."""
+        per_instance = self._config.target_prefill_tokens_per_instance
+        if per_instance is None:
+            return 1
+        return min(self._config.max_sp_degree, -(-req.spec.prompt_tokens // per_instance))
 
     def _reject_if_never_fits(self, req: RequestRecord, out: list[Action]) -> bool:
         """Reject `req` when the cluster as it is now can never hold it; True if rejected."""
@@ -286,6 +289,11 @@ class BasePolicy:
             return False
         out.append(self._state.reject(req, verdict.reason))
         return True
+
+
+def rank_order(group: list[InstanceRecord]) -> list[InstanceRecord]:
+    """SP ranks by node, so ranks of one node are neighbours (cheaper SP hops)."""
+    return sorted(group, key=lambda i: (i.spec.node_id, i.instance_id))
 
 
 _SLOT_REASON = {

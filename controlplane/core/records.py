@@ -35,6 +35,7 @@ class RequestRecord:
         "error",
         "finished_s",
         "first_scheduled_s",
+        "held_ids",
         "first_token_s",
         "is_protected",
         "num_preemptions",
@@ -71,6 +72,7 @@ class RequestRecord:
         self.prefill_ids: tuple[str, ...] = ()
         self.decode_ids: tuple[str, ...] = ()
         self.decode_in_place = False
+        self.held_ids: tuple[str, ...] = ()  # instances held for it (an aged queued long)
         self.transfer_dst: str | None = None  # destination of the transfer in flight
         self.transfer_attempts = 0
         self.output_tokens = 0
@@ -127,7 +129,7 @@ class InstanceRecord:
         self.decoding: set[str] = set()  # requests decoding here (long group members included)
         self.num_long_decoding = 0  # long requests among `decoding`
         self.paused: set[str] = set()  # paused long prefills with KV here
-        self.held_for: str | None = None  # protected paused request waiting to resume here
+        self.held_for: str | None = None  # request it is held for (resume or aged start)
         self.slot = Slot.BUSY  # pool it is offered in (kept by InstancePool)
         self.version = 0  # bumped on every pool refresh; stale heap entries are skipped
 

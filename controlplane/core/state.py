@@ -179,6 +179,23 @@ class ClusterState:
             self.refresh(req.prefill_ids)
             self.resumable.add(req.request_id)
 
+    def hold(self, req: RequestRecord, inst: InstanceRecord) -> None:
+        """Keep `inst` free of new work until the queued `req` starts (starvation bound)."""
+        assert inst.held_for is None, f"{inst.instance_id} already held for {inst.held_for}"
+        inst.held_for = req.request_id
+        req.held_ids += (inst.instance_id,)
+        self.refresh((inst.instance_id,))
+
+    def release_holds(self, req: RequestRecord) -> list[InstanceRecord]:
+        """Stop holding instances for `req`; returns those still up, in hold order."""
+        held = [self.instances[i] for i in req.held_ids if i in self.instances]
+        req.held_ids = ()
+        for inst in held:
+            if inst.held_for == req.request_id:
+                inst.held_for = None
+        self.refresh(inst.instance_id for inst in held)
+        return held
+
     def group_is_free(self, req: RequestRecord) -> bool:
         """True when every instance of `req`'s prefill group has a free prefill slot."""
         return all(self.instances[i].prefill_id is None for i in req.prefill_ids)
@@ -257,6 +274,7 @@ class ClusterState:
 
     def reject(self, req: RequestRecord, reason: str) -> Reject:
         """Fail a queued request that can never fit."""
+        self.release_holds(req)
         self.dequeue(req)
         self._terminate(req, lifecycle.FAIL, reason, req.spec.arrival_s)
         self.stats["failed"] += 1
@@ -267,6 +285,7 @@ class ClusterState:
     def release(self, req: RequestRecord) -> tuple[str, ...]:
         """Drop every slot, decode place and KV of `req`; returns the instances it was on."""
         rid = req.request_id
+        self.release_holds(req)
         touched = set(self.ledger.free_all(rid))
         for instance_id in (*req.prefill_ids, *req.decode_ids, req.transfer_dst):
             inst = self.instances.get(instance_id) if instance_id else None

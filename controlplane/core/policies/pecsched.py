@@ -4,7 +4,8 @@ Each schedule():
 1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` is
    protected: never paused again, and its group takes no new short work until it resumes.
 2. Aging: when the oldest long request has waited `long_aging_s`, it is placed before any
-   short; while it cannot be, shorts may only colocate or preempt, not take open instances.
+   short; when it does not fit, it holds open instances as they appear (shorts cannot take
+   them) until the held ones can take it. Shorts keep every instance it does not hold.
 3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
    an open general instance (most free KV); an instance decoding a long request (Colocate with
    a per-iteration prefill budget, or a stalling StartPrefill when `long_decode_sharing` is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import heapq
 
 from controlplane.core.actions import Action
-from controlplane.core.base import BasePolicy
+from controlplane.core.base import BasePolicy, rank_order
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import short_decode_plan
@@ -46,36 +47,63 @@ class PecSchedPolicy(BasePolicy):
             slots.append(Slot.LONG_DECODE)
         slots.append(Slot.PAUSED_HOST)
         self._short_slots = tuple(slots)
-        self._aged_slots = tuple(s for s in slots if s is Slot.LONG_DECODE)
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
         self._protect_starving(now_s)
-        shorts_may_take_open = True
-        aging_s = self._config.long_aging_s
-        oldest_long = self._head(RequestClass.LONG)
-        if (
-            aging_s is not None
-            and oldest_long is not None
-            and now_s - oldest_long.spec.arrival_s >= aging_s
-        ):
-            shorts_may_take_open = self._place_long(oldest_long, now_s, out, _GENERAL)
-        self._place_shorts(now_s, out, shorts_may_take_open)
+        aged_waits = self._serve_aged_longs(now_s, out)
+        self._place_shorts(now_s, out)
         self._resume_paused(now_s, out)
+        if aged_waits:
+            return  # first come, first served among longs: nothing overtakes the aged one
         while (req := self._head(RequestClass.LONG)) is not None:
             if not self._place_long(req, now_s, out, _GENERAL):
                 if not self._reject_if_never_fits(req, out):
                     return
 
-    def _place_shorts(self, now_s: float, out: list[Action], may_take_open: bool) -> None:
-        slots = self._short_slots if may_take_open else self._aged_slots
+    def _place_shorts(self, now_s: float, out: list[Action]) -> None:
         while (req := self._head(RequestClass.SHORT)) is not None:
             in_place = self._short_decodes_in_place(req)
-            if self._place_short(req, now_s, out, slots, decode_in_place=in_place):
+            if self._place_short(req, now_s, out, self._short_slots, decode_in_place=in_place):
                 continue
             if self._config.preemption and self._preempt_for(req, now_s, out, in_place):
                 continue
             if not self._reject_if_never_fits(req, out):
                 return
+
+    def _serve_aged_longs(self, now_s: float, out: list[Action]) -> bool:
+        """Start long requests queued for `long_aging_s` or more, before any short.
+
+        An aged long that does not fit the open instances holds them, one by one as they
+        become open, until the held ones can take it: shorts keep every other instance.
+        Returns True when an aged long still waits.
+        """
+        st, cfg = self._state, self._config
+        while (req := self._head(RequestClass.LONG)) is not None:
+            if cfg.long_aging_s is None or now_s - req.spec.arrival_s < cfg.long_aging_s:
+                return False
+            held = [st.instances[i] for i in req.held_ids if i in st.instances]
+            free_tokens = sum(st.ledger.free_tokens(i.instance_id) for i in held)
+            wanted = self._wanted_degree(req)
+            need = req.spec.total_tokens
+            while (free_tokens < need or len(held) < wanted) and len(held) < cfg.max_sp_degree:
+                inst = st.pool.best(_GENERAL, Slot.OPEN)
+                if inst is None:
+                    break
+                st.hold(req, inst)
+                held.append(inst)
+                free_tokens += st.ledger.free_tokens(inst.instance_id)
+            if free_tokens < need or len(held) < wanted:
+                if len(held) >= cfg.max_sp_degree:
+                    st.release_holds(req)  # these can never hold it: gather afresh next time
+                if self._reject_if_never_fits(req, out):
+                    continue
+                return True
+            group = rank_order(st.release_holds(req))
+            reason = f"aged {now_s - req.spec.arrival_s:.1f} s: SP group of {len(group)} held"
+            out.append(
+                st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason)
+            )
+        return False
 
     def _short_decodes_in_place(self, req: RequestRecord) -> bool:
         if not self._config.disaggregation:
