@@ -6,6 +6,10 @@ method runs inside the caller's transaction when there is one, else inside its o
 commits when the method returns. Methods never commit a caller's transaction. A failure
 inside rolls the whole outermost transaction back.
 
+Calls block (SQL drivers are synchronous): asyncio code runs them in a worker thread
+(`asyncio.to_thread`), with a whole `with repo.transaction(...)` block inside one such call.
+Never await while a transaction is open: on SQLite a second writer would wait for the lock.
+
 Every method returns core or store values (controlplane.core.types, controlplane.store.records),
 never ORM rows, and raises only `StoreError` subclasses (plus ValueError for bad arguments).
 """

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -25,6 +26,9 @@ from controlplane.store.repository import ReadOnlyTransactionError
 _PG_UNIQUE, _PG_FOREIGN_KEY = "23505", "23503"
 _SQLITE_UNIQUE = {"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"}
 _SQLITE_FOREIGN_KEY = "SQLITE_CONSTRAINT_FOREIGNKEY"
+
+
+_WRITE_VERBS = {"INSERT", "UPDATE", "DELETE"}
 
 
 @dataclass(slots=True)
@@ -40,6 +44,17 @@ class SqlUnitOfWork:
         self.engine = engine
         self._is_sqlite = engine.dialect.name == "sqlite"
         self._current: ContextVar[_Open | None] = ContextVar(f"uow-{id(self)}", default=None)
+        event.listen(engine, "before_cursor_execute", self._refuse_writes_when_read_only)
+
+    def _refuse_writes_when_read_only(
+        self, connection: Connection, _cursor: Any, statement: str, *_args: Any
+    ) -> None:
+        """Second line of defence: a write statement on a read-only scope's connection fails."""
+        current = self._current.get()
+        if current is None or current.write or current.connection is not connection:
+            return
+        if statement.lstrip()[:6].upper() in _WRITE_VERBS:
+            raise ReadOnlyTransactionError(f"write in a read-only transaction: {statement[:60]}")
 
     @contextmanager
     def scope(self, *, write: bool) -> Iterator[Connection]:

@@ -11,6 +11,7 @@ from repository_contract import make_new_request
 from controlplane.store.engine import make_engine
 from controlplane.store.errors import StoreErrorCode, Unavailable
 from controlplane.store.memory import InMemoryRepository
+from controlplane.store.repository import ReadOnlyTransactionError
 from controlplane.store.sql_repository import SqlRepository
 from controlplane.store.tables import metadata
 
@@ -104,3 +105,15 @@ def test_memory_repository_is_isolated_per_instance() -> None:
     first.add_request(make_new_request("r1"))
 
     assert second.unfinished_requests() == []
+
+
+def test_a_write_statement_in_a_read_only_scope_fails() -> None:
+    engine = make_engine("sqlite://")
+    metadata.create_all(engine)
+    repo = SqlRepository(engine)
+
+    with pytest.raises(ReadOnlyTransactionError), repo.uow.scope(write=False) as connection:
+        connection.exec_driver_sql("DELETE FROM requests")
+    with repo.uow.scope(write=False) as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM requests").scalar() == 0
+    engine.dispose()
