@@ -73,9 +73,11 @@ class ClusterError(RuntimeError):
 class LocalCluster:
     """Start, inspect, kill and stop the processes of a `ClusterSpec`."""
 
-    def __init__(self, spec: ClusterSpec, log_dir: Path) -> None:
-        """Nothing starts until `start()`; logs go under `log_dir` (created)."""
+    def __init__(self, spec: ClusterSpec, log_dir: Path, api_key: str | None = None) -> None:
+        """Nothing starts until `start()`; logs go under `log_dir` (created); `api_key` is
+        what this object's own calls (the readiness Watch) send."""
         self.spec = spec
+        self.api_key = api_key
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.controlplane: subprocess.Popen[bytes] | None = None
@@ -181,7 +183,7 @@ class LocalCluster:
 
         deadline = time.monotonic() + timeout_s
         last = "no snapshot yet"
-        with Client(self.spec.target, timeout_s=5.0) as client:
+        with Client(self.spec.target, api_key=self.api_key, timeout_s=5.0) as client:
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:

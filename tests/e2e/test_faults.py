@@ -1,0 +1,109 @@
+"""Faults on a live cluster: an agent SIGKILLed mid-run, the control plane SIGKILLed and restarted.
+
+Durability contract (DESIGN.md): after an agent dies its requests are re-queued and finish
+elsewhere; after a control-plane restart on the same database every acknowledged request
+finishes. Outputs must still equal transformers' greedy output (a resumed request continues
+from its generated tokens, a re-run one starts over: both must give the same tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from e2e_cluster import Reference, prompt_ids, start_cluster, tiny_agent
+
+from sdk.types import GenerateResult, RequestState
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+OUTPUT_TOKENS = 300
+
+
+def test_agent_sigkill_requests_finish_on_the_other_agent(
+    tmp_path: Path, reference: Reference
+) -> None:
+    # Prepare
+    cluster = start_cluster(
+        tmp_path,
+        (
+            tiny_agent("node-a", ("general", "short_decode")),
+            tiny_agent("node-b", ("general", "short_decode")),
+        ),
+    )
+    prompts = [prompt_ids(700 + i, 80 + 40 * i) for i in range(8)]
+    try:
+        with cluster.client() as client:
+            ids = [client.submit(p, max_new_tokens=OUTPUT_TOKENS).request_id for p in prompts]
+            deadline = time.monotonic() + 60
+            victims: list[str] = []
+            while not victims and time.monotonic() < deadline:
+                infos = [client.get(rid) for rid in ids]
+                victims = [
+                    i.request_id
+                    for i in infos
+                    if not i.state.is_terminal
+                    and i.output_tokens > 0
+                    and any(x.startswith("node-a/") for x in i.instance_ids)
+                ]
+            assert victims, "no request observed running on node-a"
+
+            # Execute
+            cluster.local.kill_agent("node-a")
+            results = [client.result(rid, timeout_s=240) for rid in ids]
+        events = cluster.events(ids)
+    finally:
+        cluster.local.stop()
+
+    # Assert
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.state is RequestState.FINISHED, (result.request_id, result.error)
+        assert list(result.token_ids) == reference.greedy(prompt, OUTPUT_TOKENS), result.request_id
+    for rid in victims:
+        kinds = [k for r, k, _, _ in events if r == rid]
+        assert "requeued" in kinds, (rid, kinds)
+        finished_on = [
+            i for r, k, i, _ in events if r == rid and k in ("finished", "decode_started")
+        ]
+        assert finished_on and finished_on[-1].startswith("node-b/"), (rid, finished_on)
+
+
+def test_controlplane_sigkill_restart_every_acknowledged_request_finishes(
+    tmp_path: Path, reference: Reference
+) -> None:
+    # Prepare
+    cluster = start_cluster(
+        tmp_path, (tiny_agent("node-a", ("general", "general", "short_decode")),)
+    )
+    prompts = [prompt_ids(800 + i, 60 + 50 * i) for i in range(8)] + [prompt_ids(899, 2500)]
+    outputs = [OUTPUT_TOKENS] * 8 + [40]
+    try:
+        with cluster.client() as client, ThreadPoolExecutor(len(prompts)) as pool:
+            acks = [
+                client.submit(p, max_new_tokens=n) for p, n in zip(prompts, outputs, strict=True)
+            ]
+            # Token streams open across the restart: the SDK must resume each one.
+            futures = [pool.submit(client.result, a.request_id, timeout_s=240) for a in acks]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if sum(client.get(a.request_id).output_tokens for a in acks) >= 20:
+                    break
+                time.sleep(0.01)
+
+            # Execute
+            cluster.local.kill_controlplane()
+            time.sleep(1.0)
+            cluster.local.start_controlplane()
+            cluster.local.wait_ready(3, timeout_s=120)
+            results: list[GenerateResult] = [f.result() for f in futures]
+            finals = [client.get(a.request_id) for a in acks]
+    finally:
+        cluster.local.stop()
+
+    # Assert
+    for prompt, n, result, info in zip(prompts, outputs, results, finals, strict=True):
+        assert info.state is RequestState.FINISHED, (info.request_id, info.state, info.error)
+        assert result.state is RequestState.FINISHED, (result.request_id, result.error)
+        assert list(result.token_ids) == reference.greedy(prompt, n), result.request_id
