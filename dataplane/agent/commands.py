@@ -1,0 +1,280 @@
+"""Commands from the control plane -> worker commands; worker reports -> wire events.
+
+Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
+
+* StartPrefill with one instance runs on that worker's engine in `chunk_tokens` chunks (0 means
+  the default of 512); `decode_in_place` decodes there afterwards, otherwise the request is
+  HELD after its first token until TransferKv. `generated_token_ids` (a re-queue) are
+  prefilled with the prompt and decoding continues after them; output indices and counts on
+  the wire include them. More than one instance (SP) is refused with a non-retryable Failed
+  naming `instance_ids`: this agent runs SP prefill only once the parallel module provides it.
+* Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
+  `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
+* Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`.
+* TransferKv: the worker holding the source sends over a pair group (rendezvous through
+  `rendezvous_address`, default this node's store; group id `group_id`, default
+  "kv/<transfer_id>"); TRANSFERRING is reported when sending starts, DONE once the destination
+  holds all of it (the source copy is freed then), FAILED from either side. The destination
+  never decodes before DONE and StartDecode.
+* StartDecode resumes the destination of `transfer_id` (or the one worker holding the request).
+* Cancel frees the request on every worker here (aborting transfers) and answers one
+  Cancelled, also for a request this node does not hold.
+* Tokens events carry every generated token including the first; PrefillDone repeats it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from dataplane.agent import convert
+from dataplane.agent.routes import Route, TransferInfo
+from dataplane.worker import messages as m
+from protos.pecsched.v1 import cluster_pb2
+
+if TYPE_CHECKING:
+    from dataplane.agent.core import AgentCore
+
+DEFAULT_CHUNK_TOKENS = 512
+
+
+class CommandError(ValueError):
+    """An invalid command; the message names the field."""
+
+
+class CommandRouter:
+    """The command and report half of `AgentCore` (shares its state)."""
+
+    def __init__(self, core: AgentCore) -> None:
+        self.core = core
+
+    # ------------------------------------------------------------------ commands
+    def dispatch(self, command: cluster_pb2.Command) -> None:
+        """Apply one command; an invalid one becomes a Failed event."""
+        kind = command.WhichOneof("kind")
+        body = getattr(command, kind) if kind else None
+        rid = (
+            getattr(body, "request_id", "")
+            if kind != "colocate"
+            else command.colocate.prefill.request_id
+        )
+        try:
+            if kind == "start_prefill":
+                self._start_prefill(command.start_prefill, None)
+            elif kind == "colocate":
+                budget = command.colocate.iteration_prefill_budget_tokens
+                if budget < 1:
+                    raise CommandError("colocate.iteration_prefill_budget_tokens must be >= 1")
+                self._start_prefill(command.colocate.prefill, budget)
+            elif kind == "pause":
+                self._to_holders(rid, m.Pause(rid), "pause")
+            elif kind == "resume":
+                self._to_holders(rid, m.Resume(rid), "resume")
+                self.core.routes[rid].paused = False
+            elif kind == "cancel":
+                self._cancel(rid)
+            elif kind == "transfer_kv":
+                self._transfer(command.transfer_kv)
+            elif kind == "start_decode":
+                self._start_decode(command.start_decode)
+            elif kind == "shutdown":
+                self._shutdown(command.shutdown.drain)
+            else:
+                raise CommandError(f"command has no known kind (got {kind!r})")
+        except CommandError as exc:
+            retryable = isinstance(exc, _Retryable)
+            self.core.emit_failed(rid, "", f"{kind or 'command'}: {exc}", retryable)
+
+    def _start_prefill(self, cmd: cluster_pb2.StartPrefill, budget_tokens: int | None) -> None:
+        core = self.core
+        if not cmd.request_id:
+            raise CommandError("request_id must not be empty")
+        if core.draining:
+            raise _Retryable(f"node {core.config.node_id} is draining; run it elsewhere")
+        if cmd.request_id in core.routes:
+            raise CommandError(f"request_id {cmd.request_id!r} is already resident here")
+        if not cmd.prompt_token_ids:
+            raise CommandError("prompt_token_ids must not be empty")
+        if cmd.max_new_tokens < 1:
+            raise CommandError(f"max_new_tokens must be >= 1, got {cmd.max_new_tokens}")
+        if len(cmd.instance_ids) != 1:
+            raise CommandError(
+                f"instance_ids lists {len(cmd.instance_ids)} instances: this agent runs "
+                "prefill on exactly one instance (SP prefill is not available)"
+            )
+        index = self._local(cmd.instance_ids[0], "instance_ids[0]")
+        ready = core.ready[index]
+        assert ready is not None
+        generated = tuple(cmd.generated_token_ids)
+        remaining = cmd.max_new_tokens - len(generated)
+        if remaining < 1:
+            raise CommandError(
+                f"generated_token_ids has {len(generated)} tokens: nothing left of "
+                f"max_new_tokens={cmd.max_new_tokens}"
+            )
+        try:
+            sampling = convert.sampling_from_proto(cmd.sampling, remaining, ready.eos_token_ids)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        chunk = cmd.chunk_tokens or DEFAULT_CHUNK_TOKENS
+        if budget_tokens is not None:
+            chunk = min(chunk, budget_tokens)
+        core.routes[cmd.request_id] = Route({index}, len(generated), len(cmd.prompt_token_ids))
+        core.ports.send_worker(
+            index,
+            m.Prefill(
+                request_id=cmd.request_id,
+                prompt_token_ids=tuple(cmd.prompt_token_ids) + generated,
+                sampling=sampling,
+                chunk_tokens=chunk,
+                decode_in_place=cmd.decode_in_place,
+            ),
+        )
+
+    def _local(self, instance_id: str, field: str) -> int:
+        index = self.core.index_of(instance_id)
+        if index is None:
+            raise CommandError(
+                f"{field} {instance_id!r} is not an instance of node {self.core.config.node_id!r}"
+            )
+        return index
+
+    def _route(self, request_id: str, what: str) -> Route:
+        route = self.core.routes.get(request_id)
+        if route is None:
+            raise _Retryable(f"request {request_id!r} is not resident on this node ({what})")
+        return route
+
+    def _to_holders(self, request_id: str, cmd: m.WorkerCommand, what: str) -> None:
+        for index in sorted(self._route(request_id, what).workers):
+            self.core.ports.send_worker(index, cmd)
+
+    def _cancel(self, request_id: str) -> None:
+        route = self.core.routes.get(request_id)
+        if route is None or not route.workers:
+            self.core.routes.pop(request_id, None)
+            event = cluster_pb2.Event(request_id=request_id, at_s=time.time())
+            event.cancelled.CopyFrom(cluster_pb2.Cancelled())
+            self.core.emit(event)
+            return
+        route.cancel_waiting = set(route.workers)
+        for index in sorted(route.workers):
+            self.core.ports.send_worker(index, m.Cancel(request_id))
+
+    def _transfer(self, cmd: cluster_pb2.TransferKv) -> None:
+        core = self.core
+        if not cmd.transfer_id:
+            raise CommandError("transfer_id must not be empty")
+        if cmd.timeout_s < 0:
+            raise CommandError(f"timeout_s must be >= 0, got {cmd.timeout_s}")
+        src, dst = core.index_of(cmd.source_instance_id), core.index_of(cmd.destination_instance_id)
+        if src is None and dst is None:
+            raise CommandError(
+                f"neither source_instance_id {cmd.source_instance_id!r} nor "
+                f"destination_instance_id {cmd.destination_instance_id!r} is on this node"
+            )
+        if src is not None and src == dst:
+            raise CommandError("source_instance_id equals destination_instance_id")
+        store = cmd.rendezvous_address or core.rendezvous_address
+        group_id = cmd.group_id or f"kv/{cmd.transfer_id}"
+        timeout_s = cmd.timeout_s or core.config.group_timeout_s
+        route = core.routes.get(cmd.request_id)
+        if src is not None:
+            if route is None or src not in route.workers:
+                raise _Retryable(
+                    f"request {cmd.request_id!r} is not resident on {cmd.source_instance_id}"
+                )
+        elif route is None:
+            route = core.routes[cmd.request_id] = Route(set(), 0, 0)
+        core.transfers[cmd.transfer_id] = TransferInfo(
+            cmd.request_id, cmd.source_instance_id, cmd.destination_instance_id
+        )
+        args = (cmd.request_id, cmd.transfer_id, group_id)
+        if src is not None:
+            core.ports.send_worker(
+                src, m.SendKv(*args, cmd.destination_instance_id, store, timeout_s)
+            )
+        if dst is not None:
+            route.workers.add(dst)
+            core.ports.send_worker(dst, m.RecvKv(*args, cmd.source_instance_id, store, timeout_s))
+
+    def _start_decode(self, cmd: cluster_pb2.StartDecode) -> None:
+        core = self.core
+        route = self._route(cmd.request_id, "start_decode")
+        info = core.transfers.get(cmd.transfer_id) if cmd.transfer_id else None
+        if info is not None:
+            index = core.index_of(info.destination_id)
+            if index is None:
+                raise CommandError(f"transfer {cmd.transfer_id!r} ends on another node")
+        elif len(route.workers) == 1:
+            index = next(iter(route.workers))
+        else:
+            raise CommandError(f"transfer_id {cmd.transfer_id!r} is unknown here")
+        if route.prompt_tokens == 0 and cmd.generated_token_ids:
+            # KV from another node: it carries exactly the first generated token.
+            route.offset_tokens = len(cmd.generated_token_ids) - 1
+        core.ports.send_worker(index, m.StartDecode(cmd.request_id))
+
+    def _shutdown(self, drain: bool) -> None:
+        self.core.start_drain(time.monotonic())
+        if not drain:
+            self.core.hand_back_all("agent shut down: the request was handed back")
+
+    # ------------------------------------------------------------------ reports
+    def on_report(self, index: int, report: m.WorkerReport) -> None:
+        """Turn one worker report into at most one event and update the route."""
+        core = self.core
+        rid = getattr(report, "request_id", "")
+        route = core.routes.get(rid)
+        if route is None:
+            return
+        instance_id = core.instance_id(index)
+        destination = ""
+        if isinstance(report, m.TransferUpdate):
+            info = core.transfers.get(report.transfer_id)
+            if info is None or not self._transfer_report(index, report, route):
+                return
+            instance_id, destination = info.source_id, info.destination_id
+        elif isinstance(report, m.Cancelled):
+            route.cancel_waiting.discard(index)
+            if route.cancel_waiting:
+                return
+            del core.routes[rid]
+        elif isinstance(report, m.Finished):
+            del core.routes[rid]
+        elif isinstance(report, m.Failed):
+            route.workers.discard(index)
+            if not route.workers:
+                del core.routes[rid]
+        elif isinstance(report, m.Paused):
+            route.paused = True
+        elif isinstance(report, m.ChunkDone):
+            route.paused = False
+        event = convert.report_to_event(
+            report, instance_id, time.time(), route.offset_tokens, route.prompt_tokens, destination
+        )
+        if event is not None:
+            core.emit(event)
+
+    def _transfer_report(self, index: int, report: m.TransferUpdate, route: Route) -> bool:
+        """Bookkeeping of a transfer report; True when it becomes an event."""
+        core = self.core
+        if report.state == "failed":
+            if not report.is_source:
+                route.workers.discard(index)
+            if report.transfer_id in core.failed_transfers:
+                return False
+            core.failed_transfers.add(report.transfer_id)
+            return True
+        if report.state == "done":
+            if report.is_source:
+                route.workers.discard(index)  # the source copy is freed
+                if not route.workers:
+                    del core.routes[report.request_id]
+                return False
+            return True
+        return report.is_source  # "transferring": once, from the sender
+
+
+class _Retryable(CommandError):
+    """An invalid command whose request may still run elsewhere (Failed, retryable)."""

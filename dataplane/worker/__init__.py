@@ -1,0 +1,1 @@
+"""One worker process per GPU (or CPU slot): an engine driven by commands from the agent."""

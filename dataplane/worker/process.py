@@ -1,0 +1,124 @@
+"""The worker process: builds the model and engine, then loops over commands and iterations.
+
+Started by the agent with `torch.multiprocessing` (spawn) as `worker_main(spec, commands,
+reports)`: `commands` is the receiving end of a one-way pipe from the agent, `reports` the
+sending end of one to it. The loop, between engine iterations: take every pending command,
+poll transfers, run one iteration, send the reports and (at most every `load_interval_s`, and
+whenever something changed) a `Load`. Idle, it blocks on the command pipe for up to
+`idle_wait_s`. `Stop` (or the agent's end of the pipe closing) ends the process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from dataplane.worker import messages as m
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything one worker needs to start (picklable; built once by the agent)."""
+
+    member_id: str  # the instance id, e.g. "node-a/0"
+    model: str  # preset name or local HF directory
+    seed: int  # weight seed for presets
+    device: str  # "cpu" or "cuda:N"
+    dtype: str  # float32 | bfloat16 | float16
+    kv_budget_tokens: int | None  # KV pool rows; None: from kv_budget_bytes or free memory
+    kv_budget_bytes: int | None  # KV pool bytes (used when kv_budget_tokens is None)
+    max_batch_tokens: int  # tokens per iteration (decodes + prefill chunks)
+    store_address: str  # host:port of the agent's rendezvous TCPStore
+    group_timeout_s: float  # rendezvous and collective timeout
+    num_threads: int  # torch intra-op threads (CPU)
+    load_interval_s: float = 0.2  # most frequent Load report while busy
+    idle_wait_s: float = 0.05  # blocking wait for a command when idle
+
+
+def build_engine(spec: WorkerSpec):  # type: ignore[no-untyped-def]
+    """The model on its device and an engine whose KV pool follows the spec's budget."""
+    import torch
+
+    from dataplane.engine.engine import Engine, EngineConfig
+    from dataplane.models.loading import parse_dtype, resolve_model
+
+    device = torch.device(spec.device)
+    dtype = parse_dtype(spec.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = resolve_model(spec.model, seed=spec.seed, dtype=dtype, device=device)
+    budget = spec.kv_budget_bytes
+    if spec.kv_budget_tokens is not None:
+        budget = spec.kv_budget_tokens * model.shape.kv_bytes_per_token(dtype)
+    chunk = min(512, spec.max_batch_tokens)
+    config = EngineConfig(
+        max_batch_tokens=spec.max_batch_tokens, chunk_tokens=chunk, kv_budget_bytes=budget
+    )
+    return Engine(model, config)
+
+
+def device_name(device: str) -> str:
+    """ "cpu" or "cuda:<GPU name>" for InstanceSpec.device."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return dev.type
+
+
+def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> None:
+    """Process entry point (see the module docstring)."""
+    import torch
+
+    from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
+    from dataplane.worker.runtime import WorkerRuntime
+
+    torch.set_num_threads(spec.num_threads)
+    engine = build_engine(spec)
+    factory = make_backend_factory(spec.device, "127.0.0.1" if _is_local(spec) else "")
+    managers: dict[str, GroupManager] = {}
+
+    def manager_for(address: str) -> GroupManager:
+        address = address or spec.store_address
+        if address not in managers:
+            host, port = address.rsplit(":", 1)
+            store = connect_store(host, int(port), spec.group_timeout_s)
+            managers[address] = GroupManager(store, spec.member_id, factory, spec.group_timeout_s)
+        return managers[address]
+
+    runtime = WorkerRuntime(engine, spec.member_id, manager_for)
+    eos = engine.model.config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids))
+    last_load_s, last_load = 0.0, None
+    try:
+        while True:
+            wait_s = 0.0 if runtime.has_work() else spec.idle_wait_s
+            while commands.poll(wait_s):
+                cmd = commands.recv()
+                if isinstance(cmd, m.Stop):
+                    return
+                runtime.handle(cmd)
+                wait_s = 0.0
+            runtime.run_once()
+            for report in runtime.take_reports():
+                reports.send(report)
+            now_s = time.monotonic()
+            load = runtime.load()
+            changed = (
+                last_load is None or load.resident_request_ids != last_load.resident_request_ids
+            )
+            if changed or (now_s - last_load_s >= spec.load_interval_s and load != last_load):
+                reports.send(load)
+                last_load_s, last_load = now_s, load
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return  # the agent is gone (or the terminal's Ctrl-C): nothing to report to
+    finally:
+        for manager in managers.values():
+            manager.close()
+
+
+def _is_local(spec: WorkerSpec) -> bool:
+    return spec.store_address.startswith(("127.", "localhost"))

@@ -1,0 +1,333 @@
+"""A worker's command handling and iteration loop around one engine (no process, no pipes).
+
+`WorkerRuntime.handle(cmd)` applies an agent command at a chunk boundary; `run_once()` polls
+the KV transfers and runs one engine iteration; both append `WorkerReport`s that
+`take_reports()` hands to the caller (`dataplane.worker.process` ships them to the agent).
+Output indices and counts in reports are relative to what this engine generated; the agent
+adds the offset of tokens generated before a re-queue.
+
+Failures are per request: an engine refusal, a broken transfer or an unknown request becomes
+`Failed` for that request only, and the loop goes on. `retryable` is True when the request
+could run elsewhere (it did not fit here, or this worker no longer holds it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dataplane.engine import types as ev
+from dataplane.engine.engine import Engine
+from dataplane.engine.errors import EngineError, EngineErrorCode
+from dataplane.engine.requests import RequestState
+from dataplane.engine.types import KVMetadata
+from dataplane.parallel.groups import GroupManager, GroupSpec
+from dataplane.parallel.kv_transfer import KVReceiver, KVSender, TransferState
+from dataplane.worker import messages as m
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """One side of a KV transfer (the parallel module's sender or receiver) and its group."""
+
+    side: KVSender | KVReceiver
+    manager: GroupManager  # destroys the pair group when the transfer ends
+    group_id: str
+    started_s: float  # monotonic start, for duration_s
+    announced: bool = False  # TRANSFERRING reported (sender)
+
+    @property
+    def is_source(self) -> bool:
+        """True for the sending side."""
+        return isinstance(self.side, KVSender)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Per-request bookkeeping the engine does not keep."""
+
+    chunk_tokens: int  # prompt tokens per chunk (0 for an imported request)
+    chunks_total: int  # chunks of the prompt
+    chunks_done: int = 0  # chunks that ran
+    pending_first_token: bool = False  # PrefillDone seen, first token not yet
+    prompt_tokens: int = 0  # prompt length
+    decode_requested: bool = False  # StartDecode arrived (destination of a transfer)
+
+
+class WorkerRuntime:
+    """Owns one engine and its transfers; every method runs on the worker's single thread.
+
+    Args:
+        engine: this worker's engine.
+        member_id: this worker's instance id (its member id in groups).
+        managers: store address -> the GroupManager rendezvousing through that store.
+    """
+
+    def __init__(
+        self, engine: Engine, member_id: str, managers: Callable[[str], GroupManager]
+    ) -> None:
+        self.engine = engine
+        self.member_id = member_id
+        self._managers = managers
+        self._tracked: dict[str, _Tracked] = {}
+        self._transfers: dict[tuple[str, str], _Transfer] = {}  # (request_id, transfer_id)
+        self._reports: list[m.WorkerReport] = []
+        self.busy_total_s = 0.0
+
+    # ------------------------------------------------------------------ queries
+    def has_work(self) -> bool:
+        """Whether `run_once` would do anything (a runnable request or a live transfer)."""
+        return self.engine.has_runnable_work() or bool(self._transfers)
+
+    def take_reports(self) -> list[m.WorkerReport]:
+        """The reports produced since the last call, in order."""
+        out, self._reports = self._reports, []
+        return out
+
+    def load(self) -> m.Load:
+        """The current load report."""
+        eng = self.engine
+        return m.Load(
+            kv_used_tokens=eng.kv.pool_tokens - eng.num_free_kv_tokens,
+            running_requests=eng.num_requests,
+            busy_total_s=self.busy_total_s,
+            resident_request_ids=tuple(sorted(self._tracked)),
+        )
+
+    # ------------------------------------------------------------------ commands
+    def handle(self, cmd: m.WorkerCommand) -> None:
+        """Apply one command; problems become reports, never exceptions."""
+        try:
+            if isinstance(cmd, m.Prefill):
+                self._prefill(cmd)
+            elif isinstance(cmd, m.Pause):
+                self._pause(cmd.request_id)
+            elif isinstance(cmd, m.Resume):
+                self._resume(cmd.request_id)
+            elif isinstance(cmd, m.Cancel):
+                self._cancel(cmd.request_id, cmd.silent)
+            elif isinstance(cmd, m.SendKv | m.RecvKv):
+                self._start_transfer(cmd)
+            elif isinstance(cmd, m.StartDecode):
+                self._start_decode(cmd.request_id)
+            else:
+                raise TypeError(f"unknown worker command {type(cmd).__name__}")
+        except EngineError as exc:
+            rid = getattr(cmd, "request_id", "")
+            retryable = exc.code in (EngineErrorCode.DOES_NOT_FIT, EngineErrorCode.UNKNOWN_REQUEST)
+            self._fail(rid, f"{type(cmd).__name__.lower()}: {exc}", retryable)
+        except ValueError as exc:  # e.g. a reused transfer group id
+            self._fail(
+                getattr(cmd, "request_id", ""), f"{type(cmd).__name__.lower()}: {exc}", False
+            )
+
+    def _prefill(self, cmd: m.Prefill) -> None:
+        if cmd.chunk_tokens < 1:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT,
+                f"chunk_tokens must be >= 1, got {cmd.chunk_tokens}",
+            )
+        self.engine.add_request(
+            cmd.request_id,
+            list(cmd.prompt_token_ids),
+            cmd.sampling,
+            chunk_tokens=cmd.chunk_tokens,
+            hold_after_prefill=not cmd.decode_in_place,
+        )
+        num_prompt = len(cmd.prompt_token_ids)
+        self._tracked[cmd.request_id] = _Tracked(
+            cmd.chunk_tokens, math.ceil(num_prompt / cmd.chunk_tokens), prompt_tokens=num_prompt
+        )
+
+    def _pause(self, request_id: str) -> None:
+        self.engine.pause(request_id)
+        tracked = self._tracked.get(request_id)
+        self._reports.append(m.Paused(request_id, 0 if tracked is None else tracked.chunks_done))
+
+    def _resume(self, request_id: str) -> None:
+        state = self.engine.request_state(request_id)
+        if state in (RequestState.PAUSED, RequestState.HELD):
+            self.engine.resume(request_id)
+        # PREFILLING / DECODING / IMPORTING: already running or about to; nothing to do.
+
+    def _cancel(self, request_id: str, silent: bool) -> None:
+        for key in [k for k in self._transfers if k[0] == request_id]:
+            transfer = self._transfers.pop(key)
+            transfer.side.abort()  # a receiver frees its partial import itself
+            transfer.manager.destroy(transfer.group_id)
+        if request_id in self._tracked or self._is_resident(request_id):
+            if self._is_resident(request_id):
+                self.engine.cancel(request_id)
+            self._tracked.pop(request_id, None)
+        if not silent:
+            self._reports.append(m.Cancelled(request_id))
+
+    def _start_transfer(self, cmd: m.SendKv | m.RecvKv) -> None:
+        key = (cmd.request_id, cmd.transfer_id)
+        if key in self._transfers:
+            raise EngineError(EngineErrorCode.INVALID_STATE, f"transfer {cmd.transfer_id!r} exists")
+        manager = self._managers(cmd.store_address)
+        side: KVSender | KVReceiver
+        if isinstance(cmd, m.SendKv):
+            state = self.engine.request_state(cmd.request_id)
+            if state is RequestState.DECODING:
+                self.engine.pause(cmd.request_id)  # KV must not change while it is sent
+            elif state not in (RequestState.HELD, RequestState.PAUSED):
+                raise EngineError(
+                    EngineErrorCode.INVALID_STATE,
+                    f"request {cmd.request_id!r} is {state.name}: its prefill is not finished",
+                )
+            export = self.engine.export_kv(cmd.request_id)
+            spec = GroupSpec(cmd.group_id, (self.member_id, cmd.peer_member_id))
+            future = manager.connect_async(spec)
+            side = KVSender(future, 1, export, timeout_s=cmd.timeout_s)
+        else:
+            if self._is_resident(cmd.request_id):
+                raise EngineError(
+                    EngineErrorCode.INVALID_STATE, f"request {cmd.request_id!r} is already here"
+                )
+            spec = GroupSpec(cmd.group_id, (cmd.peer_member_id, self.member_id))
+            future = manager.connect_async(spec)
+            rid = cmd.request_id
+
+            def begin(meta: KVMetadata) -> object:
+                if meta.request_id != rid:
+                    raise ValueError(f"incoming KV is for {meta.request_id!r}, expected {rid!r}")
+                return self.engine.begin_import(meta)
+
+            side = KVReceiver(
+                future, 0, begin, self._finish_import, self.engine.cancel, timeout_s=cmd.timeout_s
+            )
+            self._tracked.setdefault(rid, _Tracked(0, 0))
+        self._transfers[key] = _Transfer(side, manager, cmd.group_id, time.monotonic())
+
+    def _finish_import(self, request_id: str) -> None:
+        """All KV landed: runnable, but held until StartDecode unless that already came."""
+        self.engine.finish_import(request_id)
+        tracked = self._tracked.get(request_id)
+        if tracked is None or not tracked.decode_requested:
+            self.engine.pause(request_id)
+
+    def _start_decode(self, request_id: str) -> None:
+        tracked = self._tracked.get(request_id)
+        if not self._is_resident(request_id):
+            if tracked is not None and any(k[0] == request_id for k in self._transfers):
+                tracked.decode_requested = True  # decode once the import completes
+                return
+            raise EngineError(EngineErrorCode.UNKNOWN_REQUEST, f"no KV for {request_id!r} here")
+        state = self.engine.request_state(request_id)
+        if state is RequestState.IMPORTING:
+            if tracked is not None:
+                tracked.decode_requested = True
+            return
+        if state in (RequestState.PAUSED, RequestState.HELD):
+            self.engine.resume(request_id)
+
+    # ------------------------------------------------------------------ iteration
+    def run_once(self) -> None:
+        """Poll every transfer, then run one engine iteration if anything is runnable."""
+        for key, transfer in list(self._transfers.items()):
+            state = transfer.side.poll()
+            if (
+                state is TransferState.TRANSFERRING
+                and transfer.is_source
+                and not transfer.announced
+            ):
+                transfer.announced = True
+                self._transfer_report(transfer, key, "transferring")
+            if state in (TransferState.DONE, TransferState.FAILED):
+                del self._transfers[key]
+                transfer.manager.destroy(transfer.group_id)
+                self._transfer_finished(transfer, key, state)
+        if not self.engine.has_runnable_work():
+            return
+        start_s = time.perf_counter()
+        events = self.engine.step()
+        duration_s = time.perf_counter() - start_s
+        self.busy_total_s += duration_s
+        self._convert(events, duration_s)
+
+    def _transfer_finished(
+        self, transfer: _Transfer, key: tuple[str, str], state: TransferState
+    ) -> None:
+        rid = key[0]
+        if state is TransferState.FAILED:
+            self._transfer_report(transfer, key, "failed")
+            if not transfer.is_source:
+                self._tracked.pop(rid, None)  # the receiver freed its partial import
+            return
+        if transfer.is_source:
+            if self._is_resident(rid):
+                self.engine.cancel(rid)  # the destination holds the KV now
+            self._tracked.pop(rid, None)
+        self._transfer_report(transfer, key, "done")
+
+    def _transfer_report(self, transfer: _Transfer, key: tuple[str, str], state: str) -> None:
+        self._reports.append(
+            m.TransferUpdate(
+                request_id=key[0],
+                transfer_id=key[1],
+                state=state,
+                is_source=transfer.is_source,
+                num_bytes=transfer.side.num_bytes,
+                duration_s=time.monotonic() - transfer.started_s,
+                error=transfer.side.failure() or "",
+            )
+        )
+
+    def _convert(self, events: list[ev.EngineEvent], duration_s: float) -> None:
+        tokens: dict[str, list[tuple[int, int]]] = {}
+        for event in events:
+            rid = event.request_id
+            tracked = self._tracked.get(rid)
+            if isinstance(event, ev.ChunkDone) and tracked is not None:
+                tracked.chunks_done += 1
+                self._reports.append(
+                    m.ChunkDone(
+                        rid,
+                        tracked.chunks_done - 1,
+                        max(tracked.chunks_total, tracked.chunks_done),
+                        event.num_prefilled_tokens,
+                        duration_s,
+                    )
+                )
+            elif isinstance(event, ev.PrefillDone) and tracked is not None:
+                tracked.pending_first_token = True
+            elif isinstance(event, ev.TokenGenerated):
+                if tracked is not None and tracked.pending_first_token:
+                    tracked.pending_first_token = False
+                    self._reports.append(m.PrefillDone(rid, tracked.prompt_tokens, event.token_id))
+                tokens.setdefault(rid, []).append((event.num_output_tokens - 1, event.token_id))
+            elif isinstance(event, ev.Finished):
+                self._flush_tokens(rid, tokens.pop(rid, []))
+                self._tracked.pop(rid, None)
+                self._reports.append(
+                    m.Finished(rid, len(event.output_token_ids), event.reason.value)
+                )
+        for rid, items in tokens.items():
+            self._flush_tokens(rid, items)
+
+    def _flush_tokens(self, request_id: str, items: list[tuple[int, int]]) -> None:
+        if items:
+            self._reports.append(
+                m.Tokens(request_id, items[0][0], tuple(token for _, token in items))
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _is_resident(self, request_id: str) -> bool:
+        try:
+            self.engine.request_state(request_id)
+        except EngineError:
+            return False
+        return True
+
+    def _fail(self, request_id: str, error: str, retryable: bool) -> None:
+        self._reports.append(m.Failed(request_id, error, retryable))
+
+    def fail_all(self, error: str) -> None:
+        """Hand back every resident request (Failed, retryable) and free its KV."""
+        for rid in sorted(set(self._tracked) | {k[0] for k in self._transfers}):
+            self._cancel(rid, silent=True)
+            self._fail(rid, error, True)
