@@ -91,6 +91,7 @@ def scale_lengths(workload: Workload, plan: LengthPlan) -> Workload:
         (is_long, plan.max_long_total_tokens),
     ):
         if total is not None:
+            # Prompt + output must fit; the output gets at most half of it.
             output[mask] = np.minimum(output[mask], max(total // 2, 1))
             scaled[mask] = np.minimum(scaled[mask], total - output[mask])
     return Workload(
