@@ -22,7 +22,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from controlplane.store.engine import SQLITE_BEGIN_OPTION
-from controlplane.store.errors import SchemaOutdated, Unavailable
+from controlplane.store.errors import SchemaOutdated
+from controlplane.store.sql_session import translate_db_error
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -51,7 +52,19 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     tables, and a DROP with foreign keys on would fire ON DELETE CASCADE into child tables) and
     `PRAGMA foreign_key_check` must come back empty before the commit; renames run in legacy
     mode so the admin views that name a table do not block its batch copy.
+
+    Raises:
+        StoreError: the translation of a database error (Unavailable when unreachable).
     """
+    try:
+        with _migration_connection(engine) as connection:
+            yield connection
+    except DBAPIError as exc:
+        raise translate_db_error(exc) from exc
+
+
+@contextmanager
+def _migration_connection(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as connection:
         is_sqlite = connection.dialect.name == "sqlite"
         if is_sqlite:
@@ -90,7 +103,7 @@ def current_revision(engine: Engine) -> str | None:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     except DBAPIError as exc:
-        raise Unavailable(f"cannot read the schema revision: {exc.orig}") from exc
+        raise translate_db_error(exc) from exc
 
 
 def upgrade_command(engine: Engine) -> str:

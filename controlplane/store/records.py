@@ -163,14 +163,16 @@ class InstanceRecord:
 
     spec: InstanceSpec  # id, node, role, tp, KV capacity
     state: InstanceState
-    device_indices: tuple[int, ...]  # GPU indices on the node, one per TP rank
+    device_indices: tuple[int, ...]  # GPU indices on the node, one per TP rank; () on CPU
     updated_s: float  # when state or placement last changed
 
     def __post_init__(self) -> None:
-        if len(self.device_indices) != self.spec.tp:
+        if self.device_indices and len(self.device_indices) != self.spec.tp:
             raise ValueError(
                 f"device_indices: {len(self.device_indices)} devices but tp={self.spec.tp}"
             )
+        if any(index < 0 for index in self.device_indices):
+            raise ValueError(f"device_indices: must be >= 0, got {self.device_indices}")
 
 
 class ApiKeyRole(StrEnum):

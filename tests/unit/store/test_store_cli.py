@@ -60,3 +60,14 @@ def test_unreachable_database_is_a_clean_error(capsys: pytest.CaptureFixture[str
 
     assert code == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_upgrade_of_an_unreachable_server_is_a_clean_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2"
+
+    code = main(["db", "upgrade", "--db", url])
+
+    assert code == 1
+    assert "error: database unavailable" in capsys.readouterr().err
