@@ -9,6 +9,7 @@ the policy files speak: place a short on the best instance of some slots, pick a
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 
 from controlplane.core import lifecycle
@@ -47,6 +48,9 @@ class BasePolicy:
         self._name = name
         self._config = config
         self._state = ClusterState(config, rng, role_plan)
+        self._wake_at_s = math.inf  # earliest time a timer may change the plan
+        # (request id, role, pool offers) of the last long request that found no group
+        self._long_blocked: tuple[str, InstanceRole, int] | None = None
 
     @property
     def name(self) -> str:
@@ -65,8 +69,15 @@ class BasePolicy:
         return _ROLE.GENERAL
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
-        """Append this policy's prefill/pause/resume actions for `now_s` to `out`."""
+        """Append this policy's prefill/pause/resume actions for `now_s` to `out`.
+
+        Must reach a fixpoint: called again with nothing changed, it would do nothing.
+        """
         raise AssertionError(f"{type(self).__name__} must implement _plan")
+
+    def _next_timer_s(self, now_s: float) -> float:
+        """When a time-based rule may next change the plan (inf: never without events)."""
+        return math.inf
 
     # ---- Policy protocol -------------------------------------------------------------------
 
@@ -84,7 +95,11 @@ class BasePolicy:
         self._state.pending.clear()
         self._start_decodes(out)
         self._place_transfers(out)
-        self._plan(now_s, out)
+        st = self._state
+        if st.dirty or now_s >= self._wake_at_s:
+            self._plan(now_s, out)
+            st.dirty = False
+            self._wake_at_s = self._next_timer_s(now_s)
         return Decision(tuple(out))
 
     def check_admission(self, spec: RequestSpec) -> AdmissionVerdict:
@@ -255,8 +270,12 @@ class BasePolicy:
         The group is larger when `target_prefill_tokens_per_instance` asks for it (as far as
         open instances allow). It decodes in place on the same group.
         """
+        offers = self._state.pool.offers(role, Slot.OPEN)
+        if self._long_blocked == (req.request_id, role, offers):
+            return False  # no instance became open or freer since it last found no group
         group = self._select_group(req, role)
         if group is None:
+            self._long_blocked = (req.request_id, role, offers)
             return False
         ids = ", ".join(i.instance_id for i in group)
         reason = f"SP group of {len(group)} holding {req.spec.total_tokens} KV tokens: {ids}"
@@ -284,8 +303,12 @@ class BasePolicy:
 
     def _reject_if_never_fits(self, req: RequestRecord, out: list[Action]) -> bool:
         """Reject `req` when the cluster as it is now can never hold it; True if rejected."""
+        version = self._state.census.version
+        if req.fits_census_version == version:
+            return False
         verdict = self.check_admission(req.spec)
         if verdict.ok:
+            req.fits_census_version = version
             return False
         out.append(self._state.reject(req, verdict.reason))
         return True

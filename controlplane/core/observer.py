@@ -111,6 +111,7 @@ def _instance_up(state: ClusterState, event: InstanceUp) -> None:
     state.instances[spec.instance_id] = inst
     state.ledger.add_instance(spec.instance_id, spec.kv_capacity_tokens)
     state.pool.add(inst)
+    state.dirty = True
 
 
 def _instance_down(state: ClusterState, event: InstanceDown) -> None:
@@ -125,6 +126,7 @@ def _instance_down(state: ClusterState, event: InstanceDown) -> None:
     state.ledger.remove_instance(instance_id)
     state.census.remove(inst.role, inst.spec)
     del state.instances[instance_id]
+    state.dirty = True
     reason = f"{event.reason}: {instance_id}"
     for request_id in sorted(affected, key=lambda r: state.requests[r].seq):
         req = state.requests[request_id]

@@ -25,6 +25,7 @@ class InstancePool:
         self._instances: dict[str, InstanceRecord] = {}
         self._heaps: dict[tuple[InstanceRole, Slot], list[_Entry]] = {}
         self._num_entries = 0
+        self.num_offers: dict[tuple[InstanceRole, Slot], int] = {}  # pushes per pool, ever
 
     def add(self, inst: InstanceRecord) -> None:
         """Start offering `inst` (it must be in the ledger already)."""
@@ -65,10 +66,17 @@ class InstancePool:
             inst.instance_id,
             inst.version,
         )
-        heapq.heappush(self._heaps.setdefault((inst.role, inst.slot), []), entry)
+        key = (inst.role, inst.slot)
+        heapq.heappush(self._heaps.setdefault(key, []), entry)
+        self.num_offers[key] = self.num_offers.get(key, 0) + 1
         self._num_entries += 1
         if self._num_entries > 4 * len(self._instances) + 64:
             self._rebuild()
+
+    def offers(self, role: InstanceRole, slot: Slot) -> int:
+        """How many times an instance was (re-)offered in (role, slot): grows on every chance
+        that a placement refused earlier would now succeed."""
+        return self.num_offers.get((role, slot), 0)
 
     def best(self, role: InstanceRole, slot: Slot) -> InstanceRecord | None:
         """The instance of `role` in `slot` with the most free KV, or None. Changes nothing."""

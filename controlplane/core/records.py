@@ -34,6 +34,7 @@ class RequestRecord:
         "decode_in_place",
         "error",
         "finished_s",
+        "fits_census_version",
         "first_scheduled_s",
         "held_ids",
         "first_token_s",
@@ -77,6 +78,7 @@ class RequestRecord:
         self.transfer_attempts = 0
         self.output_tokens = 0
         self.error = ""
+        self.fits_census_version = -1  # census version at which it was last found to fit
 
     @property
     def request_id(self) -> str:

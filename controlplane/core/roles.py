@@ -24,15 +24,18 @@ class RoleCensus:
     num_instances: dict[InstanceRole, int] = field(default_factory=dict)
     num_gpus: dict[InstanceRole, int] = field(default_factory=dict)
     capacities_tokens: dict[InstanceRole, list[int]] = field(default_factory=dict)
+    version: int = 0  # bumped on every change, so admission verdicts can be cached
 
     def add(self, role: InstanceRole, spec: InstanceSpec) -> None:
         """Count an instance that came up with `role`."""
+        self.version += 1
         self.num_instances[role] = self.num_instances.get(role, 0) + 1
         self.num_gpus[role] = self.num_gpus.get(role, 0) + spec.tp
         bisect.insort(self.capacities_tokens.setdefault(role, []), spec.kv_capacity_tokens)
 
     def remove(self, role: InstanceRole, spec: InstanceSpec) -> None:
         """Uncount an instance that went down."""
+        self.version += 1
         self.num_instances[role] -= 1
         self.num_gpus[role] -= spec.tp
         capacities = self.capacities_tokens[role]

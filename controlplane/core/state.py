@@ -69,6 +69,9 @@ class ClusterState:
         self.pause_deadlines: list[tuple[float, int, str, int]] = []
         self.deadlines: list[tuple[float, int, str]] = []  # request deadlines
         self.next_seq = 0
+        # Set by anything that may let a waiting request start: an instance re-offered, a
+        # request queued. schedule() skips planning while it is clear and no timer is due.
+        self.dirty = True
 
     # ---- lifecycle bookkeeping -------------------------------------------------------------
 
@@ -83,6 +86,7 @@ class ClusterState:
         """Put a QUEUED request in its class queue (admission order within a priority)."""
         self.queues[req.request_class].push(req.request_id, (-req.spec.priority, req.seq))
         self.queued_tokens[req.request_class] += req.spec.prompt_tokens
+        self.dirty = True
 
     def dequeue(self, req: RequestRecord) -> None:
         """Take a request out of its queue (no-op when it is not queued)."""
@@ -97,6 +101,7 @@ class ClusterState:
             inst = self.instances.get(instance_id)
             if inst is None:
                 continue
+            self.dirty = True
             self.pool.refresh(inst)
             if inst.prefill_id is None and inst.paused:
                 self.resumable.update(inst.paused)

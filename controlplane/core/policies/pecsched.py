@@ -24,6 +24,7 @@ The ablations are this class with one switch of `SchedulerConfig` flipped (see r
 from __future__ import annotations
 
 import heapq
+import math
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
@@ -59,6 +60,16 @@ class PecSchedPolicy(BasePolicy):
             if not self._place_long(req, now_s, out, _GENERAL):
                 if not self._reject_if_never_fits(req, out):
                     return
+
+    def _next_timer_s(self, now_s: float) -> float:
+        st, aging_s = self._state, self._config.long_aging_s
+        wake_s = st.pause_deadlines[0][0] if st.pause_deadlines else math.inf
+        oldest = self._head(RequestClass.LONG)
+        if aging_s is not None and oldest is not None:
+            aged_s = oldest.spec.arrival_s + aging_s
+            if aged_s > now_s:
+                wake_s = min(wake_s, aged_s)
+        return wake_s
 
     def _place_shorts(self, now_s: float, out: list[Action]) -> None:
         while (req := self._head(RequestClass.SHORT)) is not None:
