@@ -74,7 +74,7 @@ CREATE INDEX ix_requests_request_class_state ON requests (request_class, state);
 
 CREATE INDEX ix_requests_tenant_arrival_s_id ON requests (tenant, arrival_s, id);
 
-CREATE INDEX ix_requests_unfinished ON requests (arrival_s) WHERE NOT (state IN ('finished', 'cancelled', 'failed'));
+CREATE INDEX ix_requests_unfinished ON requests (arrival_s, id) WHERE NOT (state IN ('finished', 'cancelled', 'failed'));
 
 CREATE TABLE instances (
     id VARCHAR(64) NOT NULL,

@@ -139,6 +139,7 @@ class RequestRow(Base):
         Index(
             "ix_requests_unfinished",
             "arrival_s",
+            "id",
             sqlite_where=_UNFINISHED,
             postgresql_where=_UNFINISHED,
         ),

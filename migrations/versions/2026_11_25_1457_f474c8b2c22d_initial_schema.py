@@ -93,7 +93,7 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             "ix_requests_unfinished",
-            ["arrival_s"],
+            ["arrival_s", "id"],
             unique=False,
             sqlite_where=sa.text("NOT (state IN ('finished', 'cancelled', 'failed'))"),
             postgresql_where=sa.text("NOT (state IN ('finished', 'cancelled', 'failed'))"),
