@@ -10,7 +10,6 @@ source. `on_command` lets a test observe every command (e.g. to echo its trace c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.pecsched.v1 import cluster_pb2, cluster_pb2_grpc, common_pb2
-
 
 # Prompts by request id, shared by every agent of the process (stands in for the KV a
 # transfer carries to another node).
@@ -56,7 +54,6 @@ class SimAgent:
         chunk_s: float = 0.004,
         transfer_s: float = 0.004,
         token_s: float = 0.002,
-        heartbeats: bool = True,
         on_command: Callable[[cluster_pb2.Command], None] | None = None,
     ) -> None:
         self.target = target
@@ -64,7 +61,6 @@ class SimAgent:
         self.instances = list(instances)
         self.api_key = api_key
         self.chunk_s, self.transfer_s, self.token_s = chunk_s, transfer_s, token_s
-        self.heartbeats = heartbeats
         self.on_command = on_command
         self.commands: list[cluster_pb2.Command] = []
         self.registered: cluster_pb2.Registered | None = None
@@ -76,6 +72,7 @@ class SimAgent:
         self._channel: grpc.aio.Channel | None = None
         self._call: object | None = None
         self.ended = asyncio.Event()
+        self.frozen = False
 
     async def start(self) -> None:
         """Attach and register; returns once Registered arrived."""
@@ -101,8 +98,7 @@ class SimAgent:
         assert first.WhichOneof("body") == "registered", first
         self.registered = first.registered
         self._tasks.append(asyncio.create_task(self._read(call)))
-        if self.heartbeats:
-            self._tasks.append(asyncio.create_task(self._beat()))
+        self._tasks.append(asyncio.create_task(self._beat()))
 
     async def stop(self) -> None:
         """Drop the stream and all work (like a crashed agent)."""
@@ -119,7 +115,13 @@ class SimAgent:
 
     # ---- wire -------------------------------------------------------------------------------
 
+    def freeze(self) -> None:
+        """Go silent (a hung agent): nothing is sent from now on, the stream stays open."""
+        self.frozen = True
+
     def _send(self, **body: object) -> None:
+        if self.frozen:
+            return
         self._seq += 1
         self._out.put_nowait(cluster_pb2.AgentMessage(seq=self._seq, **body))  # type: ignore[arg-type]
 
@@ -140,7 +142,9 @@ class SimAgent:
         interval = self.registered.heartbeat_interval_s if self.registered else 1.0
         while True:
             await asyncio.sleep(interval)
-            loads = [cluster_pb2.InstanceLoad(instance_id=i, busy_s=0.01) for i, _, _ in self.instances]
+            loads = [
+                cluster_pb2.InstanceLoad(instance_id=i, busy_s=0.01) for i, _, _ in self.instances
+            ]
             self._send(heartbeat=cluster_pb2.Heartbeat(loads=loads))
 
     async def _read(self, call) -> None:  # type: ignore[no-untyped-def]
@@ -230,24 +234,39 @@ class SimAgent:
             await asyncio.sleep(self.chunk_s)
             last = index == chunks - 1
             if not last:
-                self._event(rid, rank0, chunk_done=cluster_pb2.PrefillChunkDone(
-                    chunk_index=index, chunks_total=chunks))
+                self._event(
+                    rid,
+                    rank0,
+                    chunk_done=cluster_pb2.PrefillChunkDone(chunk_index=index, chunks_total=chunks),
+                )
             if work.paused and not last:
                 self._event(rid, rank0, paused=cluster_pb2.Paused(chunks_done=index + 1))
                 await work.resume.wait()
         first_index = len(work.generated)
         first = expected_token(work.prompt, first_index)
-        self._event(rid, rank0, prefill_done=cluster_pb2.PrefillDone(
-            prompt_tokens=len(work.prompt), first_token_id=first))
+        self._event(
+            rid,
+            rank0,
+            prefill_done=cluster_pb2.PrefillDone(
+                prompt_tokens=len(work.prompt), first_token_id=first
+            ),
+        )
         work.generated.append(first)
         if work.decode_in_place:
             await self._decode(rid, rank0, work)
 
     async def _transfer(self, t: cluster_pb2.TransferKv) -> None:
         await asyncio.sleep(self.transfer_s)
-        self._event(t.request_id, t.source_instance_id, kv_transfer=cluster_pb2.KvTransferUpdate(
-            transfer_id=t.transfer_id, state=common_pb2.TRANSFER_STATE_DONE,
-            destination_instance_id=t.destination_instance_id, bytes=1024))
+        self._event(
+            t.request_id,
+            t.source_instance_id,
+            kv_transfer=cluster_pb2.KvTransferUpdate(
+                transfer_id=t.transfer_id,
+                state=common_pb2.TRANSFER_STATE_DONE,
+                destination_instance_id=t.destination_instance_id,
+                bytes=1024,
+            ),
+        )
         self._work.pop(t.request_id, None)
 
     async def _decode(self, rid: str, instance: str, work: _Work) -> None:
@@ -255,8 +274,14 @@ class SimAgent:
             await asyncio.sleep(self.token_s)
             index = len(work.generated)
             work.generated.append(expected_token(work.prompt, index))
-            self._event(rid, instance, tokens=cluster_pb2.Tokens(
-                start_index=index, token_ids=[work.generated[-1]]))
-        self._event(rid, instance, finished=cluster_pb2.Finished(
-            output_tokens=len(work.generated), reason="length"))
+            self._event(
+                rid,
+                instance,
+                tokens=cluster_pb2.Tokens(start_index=index, token_ids=[work.generated[-1]]),
+            )
+        self._event(
+            rid,
+            instance,
+            finished=cluster_pb2.Finished(output_tokens=len(work.generated), reason="length"),
+        )
         self._work.pop(rid, None)

@@ -74,9 +74,7 @@ async def test_generate_streams_tokens_live_and_text_prompts_use_bytes(tmp_path)
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:
         # Execute
-        submitted = await stub.Submit(
-            inference_pb2.SubmitRequest(text="héllo", max_new_tokens=12)
-        )
+        submitted = await stub.Submit(inference_pb2.SubmitRequest(text="héllo", max_new_tokens=12))
         tokens, final = await generate_all(stub, submitted.request_id)
         # Assert
         prompt = list("héllo".encode())
