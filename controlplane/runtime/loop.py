@@ -79,6 +79,7 @@ class Runtime:
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
+        self._touched_at: dict[str, float] = {}  # node -> when its heartbeat was last persisted
         self._logs: dict[str, TokenLog] = {}  # unfinished requests' output (committed part)
         self._views: dict[str, RequestView] = {}  # committed views of unfinished requests
         self._num_active = 0
@@ -233,10 +234,12 @@ class Runtime:
             self._wake.set()
 
     def heard_from(self, session: AgentSession) -> None:
-        """Any message from the agent proves it alive."""
+        """Any message from the agent proves it alive (persisted once per heartbeat period)."""
         now = self.clock.now_s()
         session.last_seen_s = now
-        self._heartbeats[session.node_id] = now
+        if now - self._touched_at.get(session.node_id, 0.0) >= self.settings.heartbeat_interval_s:
+            self._touched_at[session.node_id] = now
+            self._heartbeats[session.node_id] = now
 
     def report(self, session: AgentSession, report: AgentReport) -> None:
         """An event from a live agent about one request."""

@@ -56,6 +56,9 @@ async def test_mixed_requests_finish_under_every_policy(tmp_path, policy):
             assert views[rid].timestamps.HasField("first_token")
         long_ids = [r for r, p in zip(ids, prompts, strict=True) if len(p) >= 64]
         assert all(views[r].request_class == common_pb2.REQUEST_CLASS_LONG for r in long_ids)
+        kinds = {c.WhichOneof("kind") for agent in agents for c in agent.commands}
+        if policy == "pecsched":  # shorts decode on the short-decode instance b1
+            assert {"transfer_kv", "start_decode"} <= kinds
         resumed, _ = await generate_all(stub, ids[0], from_index=4)
         assert resumed == [expected_token(prompts[0], i) for i in (4, 5)]
     finally:
