@@ -56,8 +56,11 @@ class KvLedger:
 
     def free_tokens(self, instance_id: str) -> int:
         """KV tokens still free on the instance."""
-        self._check(instance_id)
-        return self._capacity[instance_id] - self._used[instance_id]
+        try:
+            return self._capacity[instance_id] - self._used[instance_id]
+        except KeyError:
+            self._check(instance_id)
+            raise
 
     def can_allocate(self, instance_id: str, tokens: int) -> bool:
         """True when `tokens` more fit on the instance. Changes nothing."""
@@ -119,6 +122,8 @@ def split_tokens(tokens: int, free_tokens: list[int]) -> list[int]:
     Requires sum(free_tokens) >= tokens.
     """
     assert sum(free_tokens) >= tokens, f"cannot split {tokens} over free {free_tokens}"
+    if len(free_tokens) == 1:
+        return [tokens]
     order = sorted(range(len(free_tokens)), key=lambda i: free_tokens[i])
     shares = [0] * len(free_tokens)
     remaining = tokens

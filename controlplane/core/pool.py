@@ -53,21 +53,23 @@ class InstancePool:
         return Slot.OPEN
 
     def refresh(self, inst: InstanceRecord) -> None:
-        """Re-offer `inst` after any change to its work or KV."""
-        if inst.instance_id not in self._instances:
+        """Re-offer `inst` after any change to its work or KV (no-op when nothing moved)."""
+        instance_id = inst.instance_id
+        if instance_id not in self._instances:
             return
+        slot = self.classify(inst)
+        free = 0 if slot is Slot.BUSY else self._ledger.free_tokens(instance_id)
+        if slot is inst.slot and free == inst.offered_free:
+            return  # its heap entry (if any) is still exact
         inst.version += 1
-        inst.slot = self.classify(inst)
-        if inst.slot is Slot.BUSY:
+        inst.slot = slot
+        inst.offered_free = free
+        if slot is Slot.BUSY:
             return
-        entry = (
-            -self._ledger.free_tokens(inst.instance_id),
-            inst.tiebreak,
-            inst.instance_id,
-            inst.version,
+        key = (inst.role, slot)
+        heapq.heappush(
+            self._heaps.setdefault(key, []), (-free, inst.tiebreak, instance_id, inst.version)
         )
-        key = (inst.role, inst.slot)
-        heapq.heappush(self._heaps.setdefault(key, []), entry)
         self.num_offers[key] = self.num_offers.get(key, 0) + 1
         self._num_entries += 1
         if self._num_entries > 4 * len(self._instances) + 64:
@@ -116,8 +118,7 @@ class InstancePool:
         for inst in self._instances.values():
             if inst.slot is Slot.BUSY:
                 continue
-            free = self._ledger.free_tokens(inst.instance_id)
-            entry = (-free, inst.tiebreak, inst.instance_id, inst.version)
+            entry = (-inst.offered_free, inst.tiebreak, inst.instance_id, inst.version)
             self._heaps.setdefault((inst.role, inst.slot), []).append(entry)
             self._num_entries += 1
         for heap in self._heaps.values():

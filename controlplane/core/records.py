@@ -47,6 +47,7 @@ class RequestRecord:
         "prefill_done_s",
         "prefill_ids",
         "request_class",
+        "request_id",
         "seq",
         "spec",
         "state",
@@ -56,6 +57,7 @@ class RequestRecord:
 
     def __init__(self, spec: RequestSpec, request_class: RequestClass, seq: int) -> None:
         self.spec = spec
+        self.request_id = spec.request_id  # copied: read on every hot path
         self.request_class = request_class
         self.seq = seq  # admission order; ties in every queue are broken by it
         self.state = RequestState.QUEUED
@@ -79,11 +81,6 @@ class RequestRecord:
         self.output_tokens = 0
         self.error = ""
         self.fits_census_version = -1  # census version at which it was last found to fit
-
-    @property
-    def request_id(self) -> str:
-        """The request's id."""
-        return self.spec.request_id
 
     def to_view(self) -> RequestView:
         """Immutable snapshot."""
@@ -113,7 +110,9 @@ class InstanceRecord:
     __slots__ = (
         "decoding",
         "held_for",
+        "instance_id",
         "num_long_decoding",
+        "offered_free",
         "paused",
         "prefill_id",
         "role",
@@ -125,6 +124,7 @@ class InstanceRecord:
 
     def __init__(self, spec: InstanceSpec, role: InstanceRole, tiebreak: float) -> None:
         self.spec = spec
+        self.instance_id = spec.instance_id  # copied: read on every hot path
         self.role = role  # effective role under the running policy
         self.tiebreak = tiebreak  # seeded random key spreading load over equal instances
         self.prefill_id: str | None = None  # request holding the prefill slot
@@ -133,12 +133,8 @@ class InstanceRecord:
         self.paused: set[str] = set()  # paused long prefills with KV here
         self.held_for: str | None = None  # request it is held for (resume or aged start)
         self.slot = Slot.BUSY  # pool it is offered in (kept by InstancePool)
+        self.offered_free = 0  # free KV tokens in its current heap entry (kept by InstancePool)
         self.version = 0  # bumped on every pool refresh; stale heap entries are skipped
-
-    @property
-    def instance_id(self) -> str:
-        """The instance's id."""
-        return self.spec.instance_id
 
     def to_view(self, kv_used_tokens: int, request_ids: tuple[str, ...]) -> InstanceView:
         """Immutable snapshot (KV numbers come from the ledger)."""
