@@ -2,7 +2,9 @@
 
 `schedule()` runs, in order: deadlines, admission rejections, the Cancels produced while
 observing, StartDecode for arrived KV, TransferKV for prefilled short requests, then the
-subclass's `_plan()` (prefills, pauses, resumes). Helpers here are the placement vocabulary
+subclass's `_plan()` (prefills, pauses, resumes). `_plan()` runs only when something that could
+let a request start changed since the last call (an instance re-offered, a request queued) or
+a timer of the policy is due, so an idle call costs O(1). Helpers here are the placement vocabulary
 the policy files speak: place a short on the best instance of some slots, pick an SP group.
 """
 
