@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dataplane.models.attention import AttentionBatch, CachedAttention
+from dataplane.engine.kv_cache import KVCache
+from dataplane.models.attention import AttentionBatch, CachedAttention, make_attention_batch
 from dataplane.models.llama import LlamaForCausalLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -60,7 +61,7 @@ class DecodeGraphs:
                     )
                     return logits
 
-                side = torch.cuda.Stream(device)
+                side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     forward()  # warm-up outside the capture, as CUDA graphs require
@@ -126,3 +127,35 @@ class DecodeGraphs:
             prefill_kv_starts=empty,
             prefill_kv_lens=empty,
         )
+
+
+def capture_verified_graphs(
+    model: LlamaForCausalLM,
+    kv: KVCache,
+    *,
+    max_batch_seqs: int,
+    max_kv_tokens: int,
+    scratch_row: int,
+) -> DecodeGraphs:
+    """Capture decode graphs and check one replay against the eager forward.
+
+    Raises RuntimeError when capture fails or the replay differs; the engine then runs eagerly.
+    """
+    graphs = DecodeGraphs(
+        model,
+        kv.k_pools,
+        kv.v_pools,
+        max_batch_seqs=max_batch_seqs,
+        max_kv_tokens=max_kv_tokens,
+        scratch_row=scratch_row,
+    )
+    device = kv.pool.device
+    got = graphs.run([0], [0], [scratch_row], [1])
+    batch = make_attention_batch([1], [1], [scratch_row], device)
+    attend = CachedAttention(kv.k_pools, kv.v_pools, batch, use_flash_varlen=True)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        want = model(zero, zero, attend)
+    if not torch.allclose(got, want, atol=1e-1, rtol=1e-2):
+        raise RuntimeError("CUDA graph replay differs from the eager forward")
+    return graphs

@@ -18,12 +18,10 @@ inside `step()`, so every other call happens at a chunk boundary by construction
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import torch
 
-from dataplane.engine.cuda_graphs import DecodeGraphs
+from dataplane.engine.config import AttentionKernel, EngineConfig, activation_reserve_bytes
+from dataplane.engine.cuda_graphs import DecodeGraphs, capture_verified_graphs
 from dataplane.engine.errors import EngineError, EngineErrorCode
 from dataplane.engine.kv_cache import KVCache, KVPlan, plan_pool_tokens
 from dataplane.engine.requests import RequestState, RunningRequest
@@ -34,6 +32,7 @@ from dataplane.engine.types import (
     Finished,
     FinishReason,
     KVExport,
+    KVImportTarget,
     KVMetadata,
     PrefillDone,
     SamplingParams,
@@ -42,46 +41,7 @@ from dataplane.engine.types import (
 from dataplane.models.attention import CachedAttention, flash_varlen_works, make_attention_batch
 from dataplane.models.llama import LlamaForCausalLM
 
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """Limits of one engine."""
-
-    max_batch_tokens: int = 2048  # tokens per iteration: decodes + prefill chunks
-    max_batch_seqs: int = 256  # sequences per iteration
-    chunk_tokens: int = 512  # default prefill chunk size (a request may override it)
-    kv_budget_bytes: int | None = None  # KV pool size; None: from free CUDA memory
-    memory_fraction: float = 0.92  # share of device memory the process may use (CUDA)
-    max_model_tokens: int | None = None  # longest prompt + output; None: the model's limit
-    cuda_graphs: bool = True  # capture decode-only steps as CUDA graphs (flash kernel only)
-    attention_kernel: str = "auto"  # "auto" (probe flash varlen), "flash-varlen" or "sdpa"
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_seqs", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention_kernel not in ("auto", "flash-varlen", "sdpa"):
-            raise ValueError(
-                f"attention_kernel must be auto|flash-varlen|sdpa, got {self.attention_kernel!r}"
-            )
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-
-
-@dataclass(frozen=True, slots=True)
-class KVImportTarget:
-    """Per-layer (num_kv_tokens, Hkv, D) views of the rows reserved for an incoming request."""
-
-    request_id: str
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-
-
-class AttentionKernel(Enum):
-    """Which attention kernels the engine uses (probed once at construction)."""
-
-    FLASH_VARLEN = "flash-varlen"
-    SDPA = "sdpa"
+__all__ = ["AttentionKernel", "Engine", "EngineConfig", "KVImportTarget"]
 
 
 class Engine:
@@ -109,7 +69,7 @@ class Engine:
             bytes_per_token=shape.kv_bytes_per_token(self.dtype),
             device=self.device,
             kv_budget_bytes=config.kv_budget_bytes,
-            activation_reserve_bytes=self._activation_reserve_bytes(),
+            activation_reserve_bytes=activation_reserve_bytes(shape, config, self.dtype),
             memory_fraction=config.memory_fraction,
         )
         self.kv = KVCache(
@@ -124,35 +84,17 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None  # why CUDA graphs are off, when they were wanted
         if config.cuda_graphs and self.kernel is AttentionKernel.FLASH_VARLEN:
-            self._capture_graphs()
-
-    def _capture_graphs(self) -> None:
-        """Capture decode graphs and check one against the eager forward; off on any failure."""
-        scratch = self.kv.reserve("<graph scratch row>", 1)  # padding rows write here
-        try:
-            graphs = DecodeGraphs(
-                self.model,
-                self.kv.k_pools,
-                self.kv.v_pools,
-                max_batch_seqs=min(self.config.max_batch_seqs, self.config.max_batch_tokens),
-                max_kv_tokens=self.max_model_tokens,
-                scratch_row=scratch,
-            )
-            got = graphs.run([0], [0], [scratch], [1])
-            batch = make_attention_batch([1], [1], [scratch], self.device)
-            attend = CachedAttention(self.kv.k_pools, self.kv.v_pools, batch, use_flash_varlen=True)
-            with torch.inference_mode():
-                want = self.model(
-                    torch.zeros(1, dtype=torch.int64, device=self.device),
-                    torch.zeros(1, dtype=torch.int64, device=self.device),
-                    attend,
+            scratch = self.kv.reserve("<graph scratch row>", 1)  # graph padding rows write here
+            try:
+                self.graphs = capture_verified_graphs(
+                    model,
+                    self.kv,
+                    max_batch_seqs=min(config.max_batch_seqs, config.max_batch_tokens),
+                    max_kv_tokens=self.max_model_tokens,
+                    scratch_row=scratch,
                 )
-            if not torch.allclose(got, want, atol=1e-1, rtol=1e-2):
-                raise RuntimeError("graph replay differs from the eager forward")
-        except RuntimeError as exc:
-            self.graph_error = str(exc)
-            return
-        self.graphs = graphs
+            except RuntimeError as exc:
+                self.graph_error = str(exc)
 
     # ----------------------------------------------------------------- admission
     def add_request(
@@ -382,16 +324,6 @@ class Engine:
             self.cancel(req.request_id)
             events.append(Finished(req.request_id, reason, tuple(req.output_token_ids)))
         return events
-
-    def _activation_reserve_bytes(self) -> int:
-        """Upper estimate of one iteration's transient memory at the configured token budget."""
-        s, cfg = self.model.shape, self.config
-        item = torch.empty((), dtype=self.dtype).element_size()
-        qkv = (s.num_q_heads + 2 * s.num_kv_heads) * s.head_dim
-        per_token = (8 * s.hidden_size + 3 * qkv + 4 * s.intermediate_size) * item
-        per_token += 3 * s.hidden_size * 4  # float32 RMSNorm temporaries
-        logits = 3 * min(cfg.max_batch_seqs, cfg.max_batch_tokens) * s.vocab_size * 4
-        return cfg.max_batch_tokens * per_token + logits + (512 << 20)
 
     # ----------------------------------------------------------------- KV export/import
     def export_kv(self, request_id: str) -> KVExport:

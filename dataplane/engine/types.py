@@ -105,3 +105,12 @@ class KVExport:
     metadata: KVMetadata
     keys: tuple[torch.Tensor, ...]  # per layer: (num_kv_tokens, Hkv, D)
     values: tuple[torch.Tensor, ...]  # per layer: (num_kv_tokens, Hkv, D)
+
+
+@dataclass(frozen=True, slots=True)
+class KVImportTarget:
+    """Per-layer (num_kv_tokens, Hkv, D) views of the rows reserved for an incoming request."""
+
+    request_id: str
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]

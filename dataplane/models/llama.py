@@ -155,7 +155,8 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(layer_idx, q, k, v)  # (T, Hq, D)
-        return self.o_proj(out.reshape(num_tokens, self.num_q_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, -1))  # (T, hidden)
+        return projected
 
 
 class MLP(nn.Module):
@@ -170,7 +171,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -193,7 +195,8 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class DecoderStack(nn.Module):

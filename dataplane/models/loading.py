@@ -54,8 +54,8 @@ def random_model(
 
 def load_hf_directory(path: Path, *, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     """Load a local HF model directory (config.json + safetensors) through accelerate."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import load_checkpoint_in_model
+    from accelerate import init_empty_weights  # type: ignore[import-untyped]
+    from accelerate.utils import load_checkpoint_in_model  # type: ignore[import-untyped]
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():

@@ -9,6 +9,7 @@ greedy continuations vary; tests assert that variety before comparing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -19,6 +20,11 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+
+
+def _rope(theta: float, scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """RoPE keyword arguments that transformers 4.x and 5.x configs both accept."""
+    return {"rope_theta": theta, "rope_scaling": scaling}
 
 
 def _tiny() -> Any:
@@ -32,8 +38,7 @@ def _tiny() -> Any:
         head_dim=16,
         max_position_embeddings=16384,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 4.0, "original_max_position_embeddings": 2048},
+        **_rope(10000.0, {**_LLAMA3_ROPE, "factor": 4.0, "original_max_position_embeddings": 2048}),
         tie_word_embeddings=False,
         initializer_range=0.25,
         bos_token_id=None,
@@ -52,7 +57,7 @@ def _tiny_qwen2() -> Any:
         num_key_value_heads=2,
         max_position_embeddings=16384,
         rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
+        **_rope(1000000.0, None),
         tie_word_embeddings=True,
         use_sliding_window=False,
         initializer_range=0.25,
@@ -82,8 +87,7 @@ def _llama(
         head_dim=hidden // heads,
         max_position_embeddings=max_pos,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": rope_factor} if rope_factor else None,
+        **_rope(500000.0, {**_LLAMA3_ROPE, "factor": rope_factor} if rope_factor else None),
         tie_word_embeddings=tie,
         initializer_range=0.02,
         bos_token_id=128000,
@@ -102,7 +106,7 @@ def _mistral_7b() -> Any:
         head_dim=128,
         max_position_embeddings=32768,
         rms_norm_eps=1e-5,
-        rope_theta=1000000.0,
+        **_rope(1000000.0, None),
         sliding_window=None,
         tie_word_embeddings=False,
         initializer_range=0.02,
@@ -121,7 +125,7 @@ def _qwen2_7b() -> Any:
         num_key_value_heads=4,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
+        **_rope(1000000.0, None),
         tie_word_embeddings=False,
         use_sliding_window=False,
         initializer_range=0.02,
@@ -130,7 +134,7 @@ def _qwen2_7b() -> Any:
     )
 
 
-_PRESETS = {
+_PRESETS: dict[str, Callable[[], Any]] = {
     "tiny": _tiny,
     "tiny-qwen2": _tiny_qwen2,
     "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, tie=True, max_pos=131072, rope_factor=32.0),

@@ -47,8 +47,7 @@ class HFTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         """Text from the HF tokenizer, special tokens skipped."""
-        text: str = self._tokenizer.decode(token_ids, skip_special_tokens=True)
-        return text
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
 
 def load_tokenizer(model_spec: str) -> Tokenizer:
