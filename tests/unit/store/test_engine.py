@@ -6,10 +6,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from repository_contract import make_new_request
+from repository_contract import make_new_request, make_node
 
 from controlplane.store.engine import make_engine
-from controlplane.store.errors import StoreErrorCode, Unavailable
+from controlplane.store.errors import Conflict, StoreErrorCode, Unavailable
 from controlplane.store.memory import InMemoryRepository
 from controlplane.store.repository import ReadOnlyTransactionError
 from controlplane.store.sql_repository import SqlRepository
@@ -116,4 +116,17 @@ def test_a_write_statement_in_a_read_only_scope_fails() -> None:
         connection.exec_driver_sql("DELETE FROM requests")
     with repo.uow.scope(write=False) as connection:
         assert connection.exec_driver_sql("SELECT count(*) FROM requests").scalar() == 0
+    engine.dispose()
+
+
+def test_a_check_constraint_violation_is_a_conflict() -> None:
+    engine = make_engine("sqlite://")
+    metadata.create_all(engine)
+    repo = SqlRepository(engine)
+    repo.upsert_node(make_node())
+
+    with pytest.raises(Conflict, match="ck_instances_tp"), repo.uow.scope(write=True) as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO instances VALUES ('i-1', 'node-a', 'general', 'up', 0, '', 1, 0.0)"
+        )
     engine.dispose()
