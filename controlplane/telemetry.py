@@ -10,7 +10,7 @@ to agents. Span and attribute names are the constants below (docs/tracing.md lis
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,11 @@ def parse_traceparent(value: str | None) -> TraceContext | None:
     if parts[1] == "0" * 32 or parts[2] == "0" * 16 or parts[0] == "ff":
         return None
     return TraceContext("-".join(parts))
+
+
+def _bits(n: int) -> int:
+    """A random non-zero n-bit integer (W3C forbids all-zero ids)."""
+    return random.getrandbits(n) or 1
 
 
 class Span:
@@ -149,9 +154,9 @@ class Telemetry:
             start_s: start time in epoch seconds (default: now).
             server: mark it as the server side of an RPC.
         """
-        if self._tracer is None:
-            trace_id = parent.traceparent.split("-")[1] if parent else secrets.token_hex(16)
-            return Span(TraceContext(f"00-{trace_id}-{secrets.token_hex(8)}-01"))
+        if self._tracer is None:  # ids need uniqueness, not secrecy: no syscall per span
+            trace_id = parent.traceparent.split("-")[1] if parent else f"{_bits(128):032x}"
+            return Span(TraceContext(f"00-{trace_id}-{_bits(64):016x}-01"))
         from opentelemetry import trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 

@@ -137,11 +137,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
-                token = await _enter(auth, context)
-                try:
-                    return await inner_uu(request, context)
-                finally:
-                    _current.reset(token)
+                await _enter(auth, context)
+                return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -150,12 +147,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> Any:
-                token = await _enter(auth, context)
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                finally:
-                    _current.reset(token)
+                await _enter(auth, context)
+                async for item in inner_us(request, context):
+                    yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
@@ -163,21 +157,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner_ss = handler.stream_stream
 
         async def stream_stream(request_iterator: Any, context: Any) -> Any:
-            token = await _enter(auth, context)
-            try:
-                async for item in inner_ss(request_iterator, context):
-                    yield item
-            finally:
-                _current.reset(token)
+            await _enter(auth, context)
+            async for item in inner_ss(request_iterator, context):
+                yield item
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, handler.request_deserializer, handler.response_serializer
         )
 
 
-async def _enter(auth: Authenticator, context: Any) -> Any:
+async def _enter(auth: Authenticator, context: Any) -> None:
+    """Authenticate and set the principal for the rest of this RPC's task.
+
+    Each RPC runs in its own asyncio task (a copy of the context), so the value never leaks
+    into other calls and is not reset (an async generator may be finalized in another context).
+    """
     try:
         principal = await auth.authenticate(context.invocation_metadata())
     except ApiError as exc:
         await abort_with(context, exc)
-    return _current.set(principal)
+    _current.set(principal)

@@ -18,7 +18,7 @@ from controlplane.api.auth import current_principal, require_admin, require_tena
 from controlplane.api.errors import ApiError, ApiErrorCode
 from controlplane.api.recipe import Traced, rpc
 from controlplane.api.tokenizer import StreamDecoder
-from controlplane.api.validate import new_request_from_proto
+from controlplane.api.validate import RequestIds, new_request_from_proto
 from controlplane.config import Config, TextTokenizer
 from controlplane.core.types import RequestView
 from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
@@ -50,6 +50,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         self.runtime = runtime
         self.config = config
         self.telemetry = telemetry
+        self._ids = RequestIds()
 
     @rpc(SPAN_SUBMIT)
     async def Submit(  # noqa: N802 - gRPC method name
@@ -57,7 +58,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     ) -> inference_pb2.SubmitResponse:
         """Validate, persist (group commit) and acknowledge a request."""
         principal = current_principal()
-        new = new_request_from_proto(request, principal, self.config, self.runtime.clock.now_s())
+        new = new_request_from_proto(
+            request, principal, self.config, self.runtime.clock.now_s(), self._ids.next_id()
+        )
         span.set_attribute(ATTR_TENANT, new.spec.tenant)
         span.set_attribute(ATTR_PROMPT_TOKENS, new.spec.prompt_tokens)
         outcome = await self.runtime.submit(PendingSubmit(new, span.context))

@@ -10,7 +10,8 @@ policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the clus
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 
 from controlplane.api import convert
 from controlplane.api.auth import Principal, require_tenant
@@ -26,8 +27,25 @@ MAX_TENANT_CHARS = 128
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 
 
+class RequestIds:
+    """Request ids `req-<96 random bits of this process>-<counter>`: unique across restarts
+    without a random draw per request."""
+
+    def __init__(self) -> None:
+        self._prefix = f"req-{secrets.token_hex(12)}-"
+        self._counter = itertools.count(1)
+
+    def next_id(self) -> str:
+        """A new request id."""
+        return f"{self._prefix}{next(self._counter):x}"
+
+
 def new_request_from_proto(
-    request: inference_pb2.SubmitRequest, principal: Principal, config: Config, now_s: float
+    request: inference_pb2.SubmitRequest,
+    principal: Principal,
+    config: Config,
+    now_s: float,
+    request_id: str,
 ) -> NewRequest:
     """Validate `request` and build the request to persist (arrival = `now_s`)."""
     prompt = _prompt_ids(request, config)
@@ -65,7 +83,7 @@ def new_request_from_proto(
             )
     try:
         spec = RequestSpec(
-            request_id=f"req-{uuid.uuid4().hex}",
+            request_id=request_id,
             tenant=tenant,
             prompt_tokens=len(prompt),
             max_new_tokens=request.max_new_tokens,

@@ -38,6 +38,7 @@ from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import RequestClass, RequestState
 
 _LONG = RequestClass.LONG
+VictimEntry = tuple[int, float, int, str, int]
 _S = RequestState
 
 
@@ -63,8 +64,9 @@ class ClusterState:
         self.pending: list[Action] = []  # actions produced while observing (Cancel)
         self.completed: list[str] = []  # became terminal since take_completed()
         self.resumable: set[str] = set()  # paused requests whose group may be free now
-        # Preemption candidates: (paused_total_s, -seq, request id, preemptions at push).
-        self.running_longs: list[tuple[float, int, str, int]] = []
+        # Preemption candidates, best victim first: fewest instances idled by the pause, least
+        # paused so far, newest: (sp degree, paused_total_s, -seq, request id, preemptions).
+        self.running_longs: list[VictimEntry] = []
         # When a paused request reaches the starvation bound: (time, seq, id, preemptions).
         self.pause_deadlines: list[tuple[float, int, str, int]] = []
         self.deadlines: list[tuple[float, int, str]] = []  # request deadlines
@@ -373,5 +375,11 @@ class ClusterState:
     def _push_running_long(self, req: RequestRecord) -> None:
         if not self.config.preemption:
             return
-        entry = (req.paused_total_s, -req.seq, req.request_id, req.num_preemptions)
+        entry = (
+            len(req.prefill_ids),
+            req.paused_total_s,
+            -req.seq,
+            req.request_id,
+            req.num_preemptions,
+        )
         heapq.heappush(self.running_longs, entry)

@@ -72,7 +72,8 @@ class Ticker:
         out = TickOutput()
         now = tick.now_s
         with self.repo.transaction(write=True):
-            arrivals = self._insert(tick.submits, now, out)
+            queued: list[RequestEvent] = []  # recorded with the tick's other timeline entries
+            arrivals = self._insert(tick.submits, now, out, queued)
             intake = Intake(self.state)
             events: list[Event] = []
             down = False
@@ -100,6 +101,7 @@ class Ticker:
             decision = self.policy.schedule(now)
             out.decision_s = time.perf_counter() - started
             out.num_actions = len(decision.actions)
+            intake.timeline[:0] = queued
             self._persist(tick, decision, intake, down, cancelled, out)
         out.num_active = self.policy.num_active_requests()
         out.tenant_active = dict(self.state.tenant_active)
@@ -107,7 +109,13 @@ class Ticker:
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    def _insert(self, submits: Sequence[PendingSubmit], now: float, out: TickOutput) -> list[Event]:
+    def _insert(
+        self,
+        submits: Sequence[PendingSubmit],
+        now: float,
+        out: TickOutput,
+        timeline: list[RequestEvent],
+    ) -> list[Event]:
         admitted: list[PendingSubmit] = []
         outcomes: list[SubmitOutcome | None] = []
         for pending in submits:
@@ -117,7 +125,6 @@ class Ticker:
                 admitted.append(pending)
         results = self.repo.add_requests([p.new for p in admitted]) if admitted else []
         arrivals: list[Event] = []
-        timeline: list[RequestEvent] = []
         fresh: dict[str, NewRequest] = {}
         by_id = iter(zip(admitted, results, strict=True))
         for i, outcome in enumerate(outcomes):
@@ -145,7 +152,6 @@ class Ticker:
                 "prompt_tokens": spec.prompt_tokens,
             }
             timeline.append(RequestEvent(rid, _K.QUEUED, now, None, details))
-        self.repo.record_events(timeline)
         out.submits = [o for o in outcomes if o is not None]
         return arrivals
 

@@ -10,8 +10,8 @@ Each schedule():
    an open general instance (most free KV); an instance decoding a long request (Colocate with
    a per-iteration prefill budget, or a stalling StartPrefill when `long_decode_sharing` is
    STALL: the /CoL ablation); an instance whose long prefill is already paused; else, with
-   `preemption`, pause a running long prefill (least paused so far, newest first, not on its
-   last chunk) and take one of its instances. With `disaggregation` the short decodes on the
+   `preemption`, pause a running long prefill (smallest SP group first, so the fewest
+   instances wait for shorts; then least paused so far, newest; never one on its last chunk) and take one of its instances. With `disaggregation` the short decodes on the
    least-loaded SHORT_DECODE instance after a KV transfer; else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
 5. Long requests, first-come-first-served: the smallest SP group of open general instances
@@ -31,6 +31,7 @@ from controlplane.core.base import BasePolicy, rank_order
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import short_decode_plan
+from controlplane.core.state import VictimEntry
 from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
@@ -142,15 +143,15 @@ class PecSchedPolicy(BasePolicy):
     def _find_victim(self, need_tokens: int) -> tuple[RequestRecord, InstanceRecord] | None:
         st = self._state
         heap = st.running_longs
-        skipped: list[tuple[float, int, str, int]] = []
+        skipped: list[VictimEntry] = []
         found = None
         while heap and len(skipped) < _MAX_VICTIMS_TRIED:
             entry = heapq.heappop(heap)
-            victim = st.requests.get(entry[2])
+            victim = st.requests.get(entry[3])
             if (
                 victim is None
                 or victim.state is not RequestState.PREFILLING
-                or victim.num_preemptions != entry[3]
+                or victim.num_preemptions != entry[4]
                 or victim.is_protected
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
             ):
