@@ -11,7 +11,8 @@ Each schedule():
    a per-iteration prefill budget, or a stalling StartPrefill when `long_decode_sharing` is
    STALL: the /CoL ablation); an instance whose long prefill is already paused; else, with
    `preemption`, pause a running long prefill (smallest SP group first, so the fewest
-   instances wait for shorts; then least paused so far, newest; never one on its last chunk) and take one of its instances. With `disaggregation` the short decodes on the
+   instances wait for shorts; then least paused so far, newest; never one on its last
+   chunk) and take one of its instances. With `disaggregation` the short decodes on the
    least-loaded SHORT_DECODE instance after a KV transfer; else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
 5. Long requests, first-come-first-served: the smallest SP group of open general instances
