@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, Trace
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+SNAPSHOT_PERIOD_S = 1.0  # cluster snapshot (metrics gauges) refresh period
 
 
 class Runtime:
@@ -266,11 +268,13 @@ class Runtime:
             for session in self.agents.expired(now, self.settings.heartbeat_interval_s):
                 self.detach(session, "missed 3 heartbeats")
             tick, submit_futures, cancels = self._take_inputs(now)
+            started = time.perf_counter()
             try:
                 out = await self._in_tick_thread(self._ticker.run, tick)
             except Exception as exc:  # the policy and the database may now disagree
                 self._abort(exc, submit_futures, cancels)
                 return
+            self.metrics.tick.observe(time.perf_counter() - started)
             self._apply(out, submit_futures, cancels, now)
             if self._submits or self._happenings:
                 self._wake.set()
@@ -291,7 +295,9 @@ class Runtime:
             submits=[p for p, _ in batch],
             happenings=self._happenings,
             heartbeats=self._heartbeats,
-            want_snapshot=bool(self._snapshot_waiters) or self._snapshot is None,
+            want_snapshot=bool(self._snapshot_waiters)
+            or self._snapshot is None
+            or now - self._snapshot.at_s >= SNAPSHOT_PERIOD_S,
         )
         self._happenings, self._heartbeats = [], {}
         cancels, self._cancel_waiters = self._cancel_waiters, []
