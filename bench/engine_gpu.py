@@ -229,7 +229,7 @@ def transformers_model(model: LlamaForCausalLM, dtype: torch.dtype, device: torc
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
         raise RuntimeError(f"weights do not map: missing {missing} unexpected {unexpected}")
-    return hf.to(dtype).eval()
+    return hf.eval()
 
 
 def bench_transformers_decode(
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     matmul = measure_matmul_flops(timer, args.matmul_size, dtype)
     bandwidth = measure_bandwidth(timer, args.copy_mib)
     print(f"dense matmul {matmul / 1e12:.1f} TFLOP/s, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the engine sizes its KV pool from free memory
 
     model = random_model(preset_config(args.preset), seed=args.seed, dtype=dtype, device=device)
     shape = model.shape
@@ -295,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             max_model_tokens=max(longest, shape.max_position_tokens),
         ),
     )
-    print(f"attention kernel {engine.kernel.value}, KV pool {engine.kv.pool_tokens} tokens")
+    print(
+        f"attention kernel {engine.kernel.value}, CUDA graphs {engine.graphs is not None}, "
+        f"KV pool {engine.kv.pool_tokens} tokens ({engine.kv_plan.source})"
+    )
     prefill = bench_prefill(engine, timer, args)
     for prefill_point in prefill:
         prefill_point["mfu"] = prefill_point["tflops"] * 1e12 / matmul
@@ -309,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 point.update(tokens_per_s=batch / seconds, roofline_fraction=roofline_s / seconds)
             decode.append(point)
     kernel = engine.kernel.value
+    graphs = "on" if engine.graphs is not None else f"off ({engine.graph_error or 'disabled'})"
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.preset,
         "dtype": str(dtype),
         "attention_kernel": kernel,
+        "decode_cuda_graphs": graphs,
         "torch": torch.__version__,
         "matmul_tflops": matmul / 1e12,
         "bandwidth_gbps": bandwidth / 1e9,

@@ -81,6 +81,7 @@ class Engine:
             device=self.device,
         )
         self._requests: dict[str, RunningRequest] = {}
+        self._decode_turn = 0  # round-robin offset when decodes exceed max_batch_seqs
         self.graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None  # why CUDA graphs are off, when they were wanted
         if config.cuda_graphs and self.kernel is AttentionKernel.FLASH_VARLEN:
@@ -221,7 +222,11 @@ class Engine:
         """Run one iteration (decodes first, then prefill chunks) and return its events."""
         cfg = self.config
         decodes = [r for r in self._requests.values() if r.state is RequestState.DECODING]
-        decodes = decodes[: min(cfg.max_batch_seqs, cfg.max_batch_tokens)]
+        cap = min(cfg.max_batch_seqs, cfg.max_batch_tokens)
+        if len(decodes) > cap:  # more decodes than fit: take turns, round robin
+            first = self._decode_turn % len(decodes)
+            decodes = (decodes[first:] + decodes[:first])[:cap]
+            self._decode_turn = first + cap
         budget = cfg.max_batch_tokens - len(decodes)
         chunks: list[tuple[RunningRequest, int]] = []
         for req in self._requests.values():

@@ -178,3 +178,35 @@ def test_long_prompt_of_5000_tokens_in_chunks_equals_transformers(
 
     # Assert
     assert outputs == {"long": want}
+
+
+def test_decodes_beyond_the_batch_limit_take_turns_and_stay_correct(oracle: Oracle) -> None:
+    # Prepare: three decoding requests, two sequences per iteration.
+    prompts = [oracle.prompt(50 + i, 6 + i) for i in range(3)]
+    wants = [oracle.greedy(p, 8) for p in prompts]
+    engine = oracle.engine(max_batch_seqs=2)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_new_tokens=8))
+    engine.step()  # prefills r0 and r1 (two sequences per iteration)
+    engine.pause("r0")
+    engine.pause("r1")
+    engine.step()  # prefills r2
+    engine.resume("r0")
+    engine.resume("r1")
+    per_step: list[set[str]] = []
+
+    # Execute
+    outputs = oracle.run(
+        engine,
+        lambda _, evs: per_step.append(
+            {e.request_id for e in evs if isinstance(e, TokenGenerated)}
+        ),
+    )
+
+    # Assert: three decode with two slots, so each skips at most one step in a row.
+    assert outputs == {f"r{i}": wants[i] for i in range(3)}
+    assert {len(tokens) for tokens in per_step[:6]} == {2}
+    assert all(len(tokens) <= 2 for tokens in per_step)
+    for rid in outputs:
+        steps = [i for i, ids in enumerate(per_step) if rid in ids]
+        assert max(b - a for a, b in zip(steps, steps[1:], strict=False)) <= 2, (rid, steps)
