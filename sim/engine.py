@@ -9,6 +9,10 @@ depends on wall time or hash order, so the same inputs give the same run.
 Reporting: `TokensGenerated(1)` with `PrefillDone` (the first token), `TokensGenerated(rest)`
 right before `RequestFinished`; no per-token events. A periodic tick (`tick_s`) calls
 `schedule` while requests are active so time-only rules (aging, pause bounds) fire.
+
+`batch_window_s` > 0 (large clusters) hands the policy every event of a window of that length
+in one observe/schedule round at the window's end, as a runtime loop ticking at that period
+would: events keep their own times, only the decisions wait (< one window). 0 is exact.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Engine:
         isolated_jct: Callable[[int, int], float],
         tick_s: float = 2.0,
         max_idle_s: float = 3600.0,
+        batch_window_s: float = 0.0,
         log_decisions: bool = False,
     ) -> None:
         self.cost = cluster.cost
@@ -107,6 +112,7 @@ class Engine:
         self.out: list[ev.Event] = []  # events for the next observe
         self.tick_s = tick_s
         self.max_idle_s = max_idle_s
+        self.batch_window_s = batch_window_s
         self.log: list[str] | None = [] if log_decisions else None
         self.chunk_cache: dict[tuple[int, int, int, str, bool], float] = {}
         self.num_events = 0
@@ -152,6 +158,7 @@ class Engine:
         now = 0.0
         idle_since = INF  # when the engine last had nothing but ticks to process
         while True:
+            self._drop_stale()
             t_next = min(
                 self.heap[0][0] if self.heap else INF, self.arrival[nxt] if nxt < n else INF
             )
@@ -165,16 +172,17 @@ class Engine:
                 t_next = min(t_next, now + self.tick_s)
             if t_next == INF:
                 break
-            now = t_next
+            window = self.batch_window_s
+            now = max(now, math.ceil(t_next / window) * window) if window > 0 else t_next
             while self.heap and self.heap[0][0] <= now:
-                _, kind, _, a, b = heapq.heappop(self.heap)
+                t, kind, _, a, b = heapq.heappop(self.heap)
                 self.num_events += 1
-                self._handle(kind, a, b, now)
+                self._handle(kind, a, b, t)
             while nxt < n and self.arrival[nxt] <= now:
+                t = self.arrival[nxt]
                 self.out.append(
                     ev.RequestArrived(
-                        RequestSpec(str(nxt), "sim", self.prompt[nxt], self.output[nxt], 0, now),
-                        now,
+                        RequestSpec(str(nxt), "sim", self.prompt[nxt], self.output[nxt], 0, t), t
                     )
                 )
                 self.num_events += 1
@@ -203,6 +211,22 @@ class Engine:
             policy_wall,
             tuple(self.log) if self.log is not None else (),
         )
+
+    def _drop_stale(self) -> None:
+        """Pop superseded wake-ups at the top of the heap so they never advance the clock."""
+        heap = self.heap
+        while heap:
+            _, kind, _, a, b = heap[0]
+            if kind == _TICK:
+                stale = self.instances[a].version != b
+            elif kind == _CHUNK:
+                job = self.jobs.get(a)
+                stale = job is None or not job.running or job.seq != b
+            else:
+                return
+            if not stale:
+                return
+            heapq.heappop(heap)
 
     def _records(self) -> RequestRecords:
         prompt = np.array(self.prompt, dtype=np.int64)

@@ -53,6 +53,7 @@ def run_policy(
     seed: int = 0,
     log_decisions: bool = False,
     starvation_factor: float = DEFAULT_STARVATION_FACTOR,
+    batch_window_s: float = 0.0,
 ) -> Outcome:
     """Simulate `workload` under `policy` (a registry name, or a built policy) and summarise."""
     if isinstance(policy, str):
@@ -68,6 +69,7 @@ def run_policy(
         workload.output_tokens,
         isolated_jct_fn(cluster.cost, built.config),
         log_decisions=log_decisions,
+        batch_window_s=batch_window_s,
     )
     run = engine.run()
     wall = time.perf_counter() - started
