@@ -22,6 +22,7 @@ without computing them: the kernels read the same bytes, and it avoids minutes o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model(preset_config(args.preset), seed=args.seed, dtype=dtype, device=device)
     shape = model.shape
     steps = args.decode_steps
-    longest = max(args.prefill_tokens + [c + steps + 8 for c in args.decode_contexts])
+    longest = max(
+        [t + 8 for t in args.prefill_tokens] + [c + steps + 8 for c in args.decode_contexts]
+    )
     budget = None
     if device.type != "cuda":
         budget = 4 * longest * max(args.decode_batches) * shape.kv_bytes_per_token(dtype)
@@ -316,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     kernel = engine.kernel.value
     graphs = "on" if engine.graphs is not None else f"off ({engine.graph_error or 'disabled'})"
     del engine
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the KV pool goes back before transformers allocates its cache
 
     if not args.no_transformers:
         hf = transformers_model(model, dtype, device)
