@@ -16,11 +16,35 @@ head outputs rebuilds (n, h, d) on every member.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from dataplane.parallel.attention import sdpa_attention
 from dataplane.parallel.groups import Group
 from dataplane.parallel.topology import HeadShard, offsets
+
+
+class LayerKV(Protocol):
+    """One layer of a member's head-sharded KV cache."""
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (n, g_r, d) and return views of all cached keys/values (L + n, g_r, d)."""
+        ...
+
+
+class GrowingKV:
+    """A `LayerKV` that concatenates (simple, O(L) per call); the SP runner preallocates."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append and return everything cached."""
+        self.keys = k if self.keys is None else torch.cat([self.keys, k])
+        self.values = v if self.values is None else torch.cat([self.values, v])
+        return self.keys, self.values
 
 
 def _q_ranges(heads: tuple[HeadShard, ...]) -> tuple[tuple[int, int], ...]:
@@ -84,49 +108,38 @@ def ulysses_attention(
     group: Group,
     seq_lens: tuple[int, ...],
     heads: tuple[HeadShard, ...],
-    past_k: torch.Tensor | None = None,
-    past_v: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kv: LayerKV,
+) -> torch.Tensor:
     """Causal attention for one prefill chunk sharded over the group.
 
     Args:
         q: (seq_lens[rank], h, d) this member's chunk tokens, RoPE applied.
         k, v: (seq_lens[rank], g, d) likewise.
-        group: the SP group; collective order must match on every member.
+        group: the SP group; every member calls this in the same order.
         seq_lens: chunk tokens per rank (sum = chunk length); uneven allowed, 0 allowed.
         heads: `topology.head_shards(h, g, size)`.
-        past_k, past_v: (L, g_r, d) this member's head-sharded cache of all earlier tokens.
+        kv: this member's head-sharded cache for this layer, holding every earlier token; the
+            chunk's KV (all chunk tokens, this member's KV heads) is appended to it.
 
     Returns:
-        out: (seq_lens[rank], h, d) attention output for this member's tokens.
-        k_chunk, v_chunk: (sum(seq_lens), g_r, d) the chunk's KV for this member's KV heads, to
-            append to its head-sharded cache (this function does not keep state).
+        (seq_lens[rank], h, d) attention output for this member's tokens.
     """
     qh = seq_to_heads(q, group, seq_lens, _q_ranges(heads))  # (n_chunk, h_r, d)
     kh = seq_to_heads(k, group, seq_lens, _kv_ranges(heads))  # (n_chunk, g_r, d)
     vh = seq_to_heads(v, group, seq_lens, _kv_ranges(heads))  # (n_chunk, g_r, d)
-    out_h = _attend_own_heads(qh, kh, vh, heads[group.rank], k.shape[1], q.shape[1], past_k, past_v)
-    return heads_to_seq(out_h, group, seq_lens, _q_ranges(heads)), kh, vh
+    keys, values = kv.extend(kh, vh)  # (L + n_chunk, g_r, d)
+    out_h = attend_own_heads(qh, keys, values, heads[group.rank], q.shape[1] // k.shape[1])
+    return heads_to_seq(out_h, group, seq_lens, _q_ranges(heads))
 
 
-def _attend_own_heads(
-    qh: torch.Tensor,
-    kh: torch.Tensor,
-    vh: torch.Tensor,
-    shard: HeadShard,
-    num_kv_heads: int,
-    num_heads: int,
-    past_k: torch.Tensor | None,
-    past_v: torch.Tensor | None,
+def attend_own_heads(
+    qh: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, shard: HeadShard, rep: int
 ) -> torch.Tensor:
-    """Attention of this member's query heads over (past + new) keys of its KV heads."""
-    if past_k is not None and past_v is not None:
-        keys = torch.cat([past_k, kh])  # (L + n, g_r, d)
-        values = torch.cat([past_v, vh])
-    else:
-        keys, values = kh, vh
+    """Causal attention of the last `len(qh)` tokens over all cached tokens, own heads only.
+
+    qh: (n, h_r, d); keys, values: (L + n, g_r, d); rep = query heads per KV head (GQA).
+    """
     num_past = keys.shape[0] - qh.shape[0]
-    rep = num_heads // num_kv_heads
     device = qh.device
     q_pos = torch.arange(num_past, keys.shape[0], device=device)
     k_pos = torch.arange(keys.shape[0], device=device)
@@ -146,24 +159,23 @@ def ulysses_decode_attention(
     v: torch.Tensor,
     group: Group,
     heads: tuple[HeadShard, ...],
-    past_k: torch.Tensor,
-    past_v: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kv: LayerKV,
+) -> torch.Tensor:
     """Decode step over a head-sharded cache; q/k/v are identical on every member.
 
     Args:
         q: (n, h, d) the new token(s), RoPE applied, replicated on all members.
-        k, v: (n, g, d) likewise.
-        past_k, past_v: (L, g_r, d) this member's head-sharded cache.
+        k, v: (n, g, d) likewise; this member appends its KV heads' slice to `kv`.
+        kv: this member's head-sharded cache for this layer.
 
     Returns:
-        out: (n, h, d) on every member; k_new, v_new: (n, g_r, d) to append to the cache.
+        (n, h, d) attention output, identical on every member.
     """
     shard = heads[group.rank]
-    k_new = k[:, shard.kv_lo : shard.kv_hi]  # (n, g, d) -> (n, g_r, d)
-    v_new = v[:, shard.kv_lo : shard.kv_hi]
+    # (n, g, d) -> (n, g_r, d)
+    keys, values = kv.extend(k[:, shard.kv_lo : shard.kv_hi], v[:, shard.kv_lo : shard.kv_hi])
     q_own = q[:, shard.q_lo : shard.q_hi]  # (n, h, d) -> (n, h_r, d)
-    out_own = _attend_own_heads(q_own, k_new, v_new, shard, k.shape[1], q.shape[1], past_k, past_v)
+    out_own = attend_own_heads(q_own, keys, values, shard, q.shape[1] // k.shape[1])
     n, d = q.shape[0], q.shape[2]
     # Uneven all-gather of head outputs as an all-to-all that sends the same block everywhere.
     flat = out_own.reshape(-1)  # (n, h_r, d) -> (n*h_r*d,)
@@ -174,5 +186,6 @@ def ulysses_decode_attention(
     group.all_to_all(recv, send.to(q.dtype), out_splits, in_splits)
     # flat -> per source s: (n, h_s, d) -> cat over heads (n, h, d)
     parts = recv.split(out_splits)
-    out = torch.cat([p.view(n, s.num_q_heads, d) for p, s in zip(parts, heads, strict=True)], dim=1)
-    return out, k_new, v_new
+    return torch.cat(
+        [p.view(n, s.num_q_heads, d) for p, s in zip(parts, heads, strict=True)], dim=1
+    )

@@ -9,6 +9,7 @@ its own process (`os._exit`) to simulate a dead peer; `restart(i)` replaces a de
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import multiprocessing as mp
 import queue
@@ -16,7 +17,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-GROUP_TIMEOUT_S = 15.0
+GROUP_TIMEOUT_S = 60.0  # rendezvous + collectives; generous: the test machine is shared
+STARTUP_TIMEOUT_S = 300.0  # importing torch in 4 processes on a loaded 2-core machine
 
 
 def _worker_main(index: int, port: int, jobs: Any, results: Any) -> None:
@@ -34,6 +36,7 @@ def _worker_main(index: int, port: int, jobs: Any, results: Any) -> None:
     manager = GroupManager(
         store, f"w{index}", make_backend_factory("cpu", "127.0.0.1"), GROUP_TIMEOUT_S
     )
+    results.put(("ready", index, True, None))
     while True:
         job = jobs.get()
         if job is None:
@@ -64,10 +67,12 @@ class WorkerPool:
         self._jobs: list[Any] = []
         self._procs: list[Any] = []
         self._ids = itertools.count()
+        self._starting: set[int] = set()
         for i in range(size):
             self._jobs.append(self._ctx.Queue())
             self._procs.append(None)
             self._start(i)
+        self._wait_ready()
 
     def _start(self, i: int) -> None:
         proc = self._ctx.Process(
@@ -75,6 +80,17 @@ class WorkerPool:
         )
         proc.start()
         self._procs[i] = proc
+        self._starting.add(i)
+
+    def _wait_ready(self) -> None:
+        """Block until every started worker has imported torch and joined the store."""
+        while self._starting:
+            try:
+                tag, index, _, _ = self._results.get(timeout=STARTUP_TIMEOUT_S)
+            except queue.Empty:
+                raise TimeoutError(f"workers {sorted(self._starting)} did not start") from None
+            if tag == "ready":
+                self._starting.discard(index)
 
     def is_alive(self, i: int) -> bool:
         """Whether worker i's process is running."""
@@ -85,6 +101,7 @@ class WorkerPool:
         self._procs[i].join(timeout=5)
         self._jobs[i] = self._ctx.Queue()
         self._start(i)
+        self._wait_ready()
 
     def run(
         self,
@@ -133,3 +150,14 @@ class WorkerPool:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
+
+
+_SHARED: dict[int, WorkerPool] = {}
+
+
+def shared_pool(size: int = 4) -> WorkerPool:
+    """One pool per test session (spawning torch workers is the slow part); closed at exit."""
+    if size not in _SHARED:
+        _SHARED[size] = WorkerPool(size)
+        atexit.register(_SHARED[size].close)
+    return _SHARED[size]

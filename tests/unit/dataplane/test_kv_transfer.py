@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from dist_utils import WorkerPool
+from dist_utils import WorkerPool, shared_pool
 
 from dataplane.engine.engine import Engine, EngineConfig
 from dataplane.engine.types import Finished, KVExport, SamplingParams
@@ -29,10 +28,8 @@ SAMPLING = SamplingParams(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[WorkerPool]:
-    workers = WorkerPool(2)
-    yield workers
-    workers.close()
+def pool() -> WorkerPool:
+    return shared_pool(4)
 
 
 def _engine() -> Engine:

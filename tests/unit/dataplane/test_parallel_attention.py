@@ -6,27 +6,24 @@ rtol = atol = 1e-5 on outputs of magnitude ~1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from dist_utils import WorkerPool
+from dist_utils import WorkerPool, shared_pool
 
 from dataplane.parallel.attention import attention_with_lse, sdpa_attention
 from dataplane.parallel.groups import Group
 from dataplane.parallel.ring import ring_attention, ring_decode_attention
 from dataplane.parallel.topology import head_shards, offsets
-from dataplane.parallel.ulysses import ulysses_attention, ulysses_decode_attention
+from dataplane.parallel.ulysses import GrowingKV, ulysses_attention, ulysses_decode_attention
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[WorkerPool]:
-    workers = WorkerPool(4)
-    yield workers
-    workers.close()
+def pool() -> WorkerPool:
+    return shared_pool(4)
 
 
 def _tensors(seed: int, total: int, h: int, g: int, d: int) -> tuple[torch.Tensor, ...]:
@@ -45,22 +42,16 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 def _ulysses_job(group: Group, _: Any, seed: int, dims: tuple[int, ...], chunks: list[Any]) -> Any:
     q, k, v = _tensors(seed, *dims)
     heads = head_shards(dims[1], dims[2], group.size)
-    past_k = past_v = None
+    kv = GrowingKV()
     outs, start = [], 0
     for lens in chunks:
         lo = start + offsets(lens)[group.rank]
         hi = lo + lens[group.rank]
-        out, kc, vc = ulysses_attention(
-            q[lo:hi], k[lo:hi], v[lo:hi], group, lens, heads, past_k, past_v
-        )
-        past_k = kc if past_k is None else torch.cat([past_k, kc])
-        past_v = vc if past_v is None else torch.cat([past_v, vc])
-        outs.append(out)
+        outs.append(ulysses_attention(q[lo:hi], k[lo:hi], v[lo:hi], group, lens, heads, kv))
         start += sum(lens)
     # Decode one more token (position `start`) over the head-sharded cache.
     dq, dk, dv = (x[start : start + 1] for x in (q, k, v))
-    dec, _, _ = ulysses_decode_attention(dq, dk, dv, group, heads, past_k, past_v)
-    return outs, dec
+    return outs, ulysses_decode_attention(dq, dk, dv, group, heads, kv)
 
 
 def _ring_job(group: Group, _: Any, seed: int, dims: tuple[int, ...], chunks: list[Any]) -> Any:
