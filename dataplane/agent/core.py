@@ -239,7 +239,7 @@ class AgentCore:
             )
         self.loads[index] = None
         self.generations[index] += 1
-        if not self.finished:
+        if not (self.finished or self.draining):
             self.ports.respawn(index)
 
     # ------------------------------------------------------------------ drain

@@ -10,6 +10,7 @@ whenever something changed) a `Load`. Idle, it blocks on the command pipe for up
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -75,6 +76,10 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
     from dataplane.worker.runtime import WorkerRuntime
 
+    # The agent owns shutdown: a terminal's Ctrl-C or a group-wide SIGTERM must not kill the
+    # workers under a draining agent (it stops them with Stop; its death closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.num_threads)
     engine = build_engine(spec)
     factory = make_backend_factory(spec.device, "127.0.0.1" if _is_local(spec) else "")
@@ -113,8 +118,8 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
             if changed or (now_s - last_load_s >= spec.load_interval_s and load != last_load):
                 reports.send(load)
                 last_load_s, last_load = now_s, load
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        return  # the agent is gone (or the terminal's Ctrl-C): nothing to report to
+    except (EOFError, BrokenPipeError):
+        return  # the agent is gone: nothing to report to
     finally:
         for manager in managers.values():
             manager.close()

@@ -73,7 +73,7 @@ class LiveAgent:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveAgent]:
-    """3 CPU workers (general, general, short_decode) on `tiny`, attached to a scripted CP."""
+    """2 CPU workers (general, short_decode) on `tiny`, attached to a scripted CP."""
     from dataplane.agent.agent import run_agent
     from dataplane.agent.config import AgentConfig
     from protos.pecsched.v1 import cluster_pb2
@@ -83,9 +83,9 @@ def live() -> Iterator[LiveAgent]:
     config = AgentConfig(
         controlplane=f"127.0.0.1:{port}",
         device="cpu",
-        num_workers=3,
+        num_workers=2,
         model="tiny",
-        roles=("general", "general", "short_decode"),
+        roles=("general", "short_decode"),
         kv_budget=None,
         node_id="n1",
         api_key="secret",

@@ -1,4 +1,4 @@
-"""A live agent (3 CPU worker processes, `tiny`) driven by a scripted control plane on loopback.
+"""A live agent (2 CPU worker processes, `tiny`) driven by a scripted control plane on loopback.
 
 The tests share one agent (process start-up dominates on CPU) and use distinct request ids.
 Every generated output is compared with one in-process engine's greedy output.
@@ -53,9 +53,8 @@ def test_register_heartbeats_and_api_key(live: LiveAgent) -> None:
     # Assert
     reg = live.cp.registers[0]
     assert reg.node_id == "n1" and reg.model == "tiny"
-    assert [i.instance_id for i in reg.instances] == ["n1/0", "n1/1", "n1/2"]
+    assert [i.instance_id for i in reg.instances] == ["n1/0", "n1/1"]
     assert [i.role for i in reg.instances] == [
-        common_pb2.INSTANCE_ROLE_GENERAL,
         common_pb2.INSTANCE_ROLE_GENERAL,
         common_pb2.INSTANCE_ROLE_SHORT_DECODE,
     ]
@@ -65,7 +64,7 @@ def test_register_heartbeats_and_api_key(live: LiveAgent) -> None:
     assert live.cp.metadata[0]["authorization"] == "Bearer secret"
     live.cp.wait_for(lambda: len(live.cp.heartbeats()) >= 3, 10, "three heartbeats")
     beat = live.cp.heartbeats()[-1]
-    assert [load.instance_id for load in beat.loads] == ["n1/0", "n1/1", "n1/2"]
+    assert [load.instance_id for load in beat.loads] == ["n1/0", "n1/1"]
     seqs = [m.seq for m in live.cp.messages]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
@@ -82,7 +81,9 @@ def test_chunked_prefill_and_decode_in_place_equal_the_engine(
     # Assert
     assert end.WhichOneof("kind") == "finished", end
     assert end.finished.output_tokens == 12 and end.finished.reason == "length"
-    chunks = [e.chunk_done for e in live.cp.events("inplace") if e.WhichOneof("kind") == "chunk_done"]
+    chunks = [
+        e.chunk_done for e in live.cp.events("inplace") if e.WhichOneof("kind") == "chunk_done"
+    ]
     assert [c.chunk_index for c in chunks] == [0, 1, 2, 3]
     assert [c.tokens_done for c in chunks] == [16, 32, 48, 50]
     assert all(c.chunks_total == 4 for c in chunks)
@@ -109,7 +110,7 @@ def test_prefill_transfer_then_decode_on_short_decode_instance(
             request_id="disagg",
             transfer_id="t-disagg",
             source_instance_id="n1/0",
-            destination_instance_id="n1/2",
+            destination_instance_id="n1/1",
             timeout_s=20,
         )
     )
@@ -130,15 +131,17 @@ def test_prefill_transfer_then_decode_on_short_decode_instance(
     )
     end = live.cp.wait_end("disagg")
     # Assert
-    assert end.WhichOneof("kind") == "finished" and end.instance_id == "n1/2", end
+    assert end.WhichOneof("kind") == "finished" and end.instance_id == "n1/1", end
     assert live.cp.output("disagg") == expected
-    assert transfers[0].destination_instance_id == "n1/2" and transfers[0].bytes > 0
+    assert transfers[0].destination_instance_id == "n1/1" and transfers[0].bytes > 0
     states = [
-        e.kv_transfer.state for e in live.cp.events("disagg") if e.WhichOneof("kind") == "kv_transfer"
+        e.kv_transfer.state
+        for e in live.cp.events("disagg")
+        if e.WhichOneof("kind") == "kv_transfer"
     ]
     assert states == [common_pb2.TRANSFER_STATE_TRANSFERRING, common_pb2.TRANSFER_STATE_DONE]
     wait_kv_free(live, "n1/0")
-    wait_kv_free(live, "n1/2")
+    wait_kv_free(live, "n1/1")
 
 
 def test_pause_keeps_kv_and_resume_continues_without_recompute(
@@ -150,13 +153,13 @@ def test_pause_keeps_kv_and_resume_continues_without_recompute(
     short = prompt(4, 20)
     short_expected = reference.greedy(short, 5)
     # Execute
-    live.cp.command(**start("long", tokens, "n1/1", 6, chunk_tokens=8))
+    live.cp.command(**start("long", tokens, "n1/0", 6, chunk_tokens=8))
     live.cp.command(pause=cluster_pb2.Pause(request_id="long"))
     paused = live.cp.wait_event("long", "paused").paused
-    live.cp.command(**start("short-during-pause", short, "n1/1", 5))
+    live.cp.command(**start("short-during-pause", short, "n1/0", 5))
     live.cp.wait_end("short-during-pause")
     chunks_before = kinds(live, "long").count("chunk_done")
-    used = live.cp.wait_for(lambda: kv_used(live, "n1/1"), 10, "resident KV")
+    used = live.cp.wait_for(lambda: kv_used(live, "n1/0"), 10, "resident KV")
     live.cp.command(resume=cluster_pb2.Resume(request_id="long"))
     end = live.cp.wait_end("long", 90)
     # Assert
@@ -176,14 +179,14 @@ def test_colocated_short_prefill_runs_inside_long_decode_iterations(
     long_tokens, short_tokens = prompt(5, 30), prompt(6, 30)
     long_expected = reference.greedy(long_tokens, 40)
     short_expected = reference.greedy(short_tokens, 5)
-    live.cp.command(**start("host", long_tokens, "n1/1", 40))
+    live.cp.command(**start("host", long_tokens, "n1/0", 40))
     live.cp.wait_for(lambda: len(live.cp.output("host")) >= 3, 30, "the long decode to run")
     # Execute
     colocate = cluster_pb2.Colocate(
         prefill=cluster_pb2.StartPrefill(
             request_id="colo",
             prompt_token_ids=short_tokens,
-            instance_ids=["n1/1"],
+            instance_ids=["n1/0"],
             chunk_tokens=512,
             max_new_tokens=5,
             decode_in_place=True,
@@ -201,7 +204,9 @@ def test_colocated_short_prefill_runs_inside_long_decode_iterations(
     # The long request kept decoding while the short prefill ran (same iterations).
     events = live.cp.events()
     first = next(i for i, e in enumerate(events) if e.request_id == "colo")
-    last = max(i for i, e in enumerate(events) if e.request_id == "colo" and e.HasField("chunk_done"))
+    last = max(
+        i for i, e in enumerate(events) if e.request_id == "colo" and e.HasField("chunk_done")
+    )
     between = [e for e in events[first:last] if e.request_id == "host" and e.HasField("tokens")]
     assert between, "the host's decode must continue during the colocated prefill"
 
@@ -257,7 +262,7 @@ def test_requeued_request_continues_after_its_generated_tokens(
     tokens = prompt(9, 25)
     expected = reference.greedy(tokens, 9)
     # Execute
-    live.cp.command(**start("requeued", tokens, "n1/1", 9, generated_token_ids=expected[:4]))
+    live.cp.command(**start("requeued", tokens, "n1/0", 9, generated_token_ids=expected[:4]))
     end = live.cp.wait_end("requeued")
     # Assert
     assert end.finished.output_tokens == 9
