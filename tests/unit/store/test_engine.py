@@ -49,33 +49,38 @@ def test_committed_requests_survive_reopening(tmp_path: Path) -> None:
 
 
 def test_concurrent_writers_wait_for_the_lock_instead_of_failing(tmp_path: Path) -> None:
+    # Two threads share one repository, a third uses its own engine (like another process);
+    # each transaction reads before it writes, the pattern that fails with SQLITE_BUSY when
+    # a deferred transaction has to upgrade its lock.
     url = f"sqlite:///{tmp_path / 'p.db'}"
-    setup = make_engine(url)
-    metadata.create_all(setup)
-    setup.dispose()
-    engines = [make_engine(url) for _ in range(2)]
+    engines = [make_engine(url), make_engine(url)]
+    metadata.create_all(engines[0])
+    shared, own = SqlRepository(engines[0]), SqlRepository(engines[1])
     errors: list[BaseException] = []
 
-    def submit(worker: int) -> None:
-        repo = SqlRepository(engines[worker])
+    def submit(worker: int, repo: SqlRepository) -> None:
         try:
-            for i in range(30):
+            for i in range(25):
                 with repo.transaction(write=True):
+                    repo.class_stats()
                     repo.add_request(make_new_request(f"w{worker}-{i}", arrival_s=float(i)))
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=submit, args=(w,)) for w in range(2)]
+    threads = [
+        threading.Thread(target=submit, args=(worker, repo))
+        for worker, repo in enumerate((shared, shared, own))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    count = len(SqlRepository(engines[0]).unfinished_requests())
+    count = len(own.unfinished_requests())
     for engine in engines:
         engine.dispose()
 
     assert errors == []
-    assert count == 60
+    assert count == 75
 
 
 def test_unreachable_database_is_unavailable() -> None:
