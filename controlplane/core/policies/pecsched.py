@@ -31,7 +31,7 @@ from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
-from controlplane.core.roles import short_decode_plan
+from controlplane.core.roles import all_general, short_decode_plan
 from controlplane.core.state import VictimEntry
 from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
@@ -44,7 +44,9 @@ class PecSchedPolicy(BasePolicy):
     """PecSched; the config's switches give the ablations."""
 
     def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
-        super().__init__(name, config, rng, short_decode_plan(config))
+        # Without disaggregation no instance is set aside for short decode.
+        plan = short_decode_plan(config) if config.disaggregation else all_general
+        super().__init__(name, config, rng, plan)
         slots = [Slot.OPEN]
         if config.long_decode_sharing is not LongDecodeSharing.NEVER:
             slots.append(Slot.LONG_DECODE)
