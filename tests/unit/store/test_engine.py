@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from repository_contract import make_new_request, make_node
+from sqlalchemy import event
 
 from controlplane.store.engine import make_engine
 from controlplane.store.errors import Conflict, StoreErrorCode, Unavailable
@@ -134,4 +136,26 @@ def test_a_check_constraint_violation_is_a_conflict() -> None:
         conn.exec_driver_sql(
             "INSERT INTO instances VALUES ('i-1', 'node-a', 'general', 'up', 0, '', 1, 0.0)"
         )
+    engine.dispose()
+
+
+def test_hot_paths_run_one_statement(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    metadata.create_all(engine)
+    repo = SqlRepository(engine)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+
+    def count(action: Callable[[], object]) -> int:
+        statements.clear()
+        action()
+        return len([s for s in statements if not s.startswith(("BEGIN", "COMMIT"))])
+
+    batch = [make_new_request(f"b{i}", key=f"k{i}") for i in range(50)]
+    assert count(lambda: repo.add_request(make_new_request("r1", key="k"))) == 1
+    assert count(lambda: repo.add_request(make_new_request("r2"))) == 1
+    assert count(lambda: repo.add_requests(batch)) == 2  # INSERT batch + one SELECT of keys
+    assert count(lambda: repo.add_requests([make_new_request(f"n{i}") for i in range(9)])) == 1
+    views = [repo.get_request(f"b{i}") for i in range(50)]
+    assert count(lambda: repo.update_requests(views)) == 1
     engine.dispose()
