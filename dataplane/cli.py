@@ -80,6 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
             model,
             EngineConfig(
                 max_batch_tokens=max(args.chunk_tokens, 1),
+                max_batch_seqs=1,
                 chunk_tokens=args.chunk_tokens,
                 kv_budget_bytes=budget,
             ),
