@@ -14,7 +14,13 @@ from conftest import CPU, Oracle
 
 from dataplane.models.attention import dense_causal_attend
 from dataplane.models.llama import ModelShape
-from dataplane.models.loading import load_hf_directory, parse_dtype, random_model, resolve_model
+from dataplane.models.loading import (
+    export_hf_directory,
+    load_hf_directory,
+    parse_dtype,
+    random_model,
+    resolve_model,
+)
 from dataplane.models.presets import PRESET_NAMES, preset_config
 from dataplane.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -156,3 +162,33 @@ def test_byte_tokenizer_round_trips_and_hf_tokenizer_is_used_when_present(tmp_pa
     assert byte_tok.decode(byte_tok.encode("héllo")) == "héllo"
     assert isinstance(hf_tok, HFTokenizer)
     assert hf_tok.encode("hello world") == [1, 2]
+
+
+def test_a_small_mistral_config_equals_transformers(tmp_path: Path) -> None:
+    # Prepare: Mistral's architecture with tiny shapes and an untied head.
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=None,
+        initializer_range=0.3,
+    )
+    model = random_model(config, seed=5, dtype=torch.float32, device=CPU)
+    export_hf_directory(model, tmp_path)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    prompt = torch.tensor(Oracle.prompt(6, 40))
+
+    # Execute
+    with torch.inference_mode():
+        ours = model(prompt, torch.arange(40), dense_causal_attend)
+        theirs = hf_model(prompt[None]).logits[0]
+
+    # Assert
+    assert type(hf_model).__name__ == "MistralForCausalLM"
+    torch.testing.assert_close(ours, theirs, **TOL)
