@@ -10,10 +10,13 @@ Life of a request::
     begin_import ──▶ IMPORTING ──finish_import──▶ DECODING (or PREFILLING for a partial prefill)
     cancel: any state ──▶ gone, its KV rows freed at once.
 
-`step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`),
-then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
+`step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`;
+beyond that they take turns round robin), then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
 until `max_batch_tokens` is used. It returns the events of the iteration. All model work runs
 inside `step()`, so every other call happens at a chunk boundary by construction.
+
+On CUDA with the flash varlen kernel, decode-only iterations replay CUDA graphs
+(`dataplane.engine.cuda_graphs`); everything else runs the eager forward.
 """
 
 from __future__ import annotations
