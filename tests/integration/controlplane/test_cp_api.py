@@ -1,0 +1,120 @@
+"""Client API behaviour: List paging and filters, Watch, Cancel of running work, deadlines,
+text prompts refused for models with their own tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from cp_harness import (
+    GENERAL,
+    make_config,
+    migrated_db,
+    start_control_plane,
+    submit_request,
+    wait_all_final,
+)
+from cp_sim_agent import SimAgent
+
+from controlplane.api.convert import seconds_to_timestamp
+from controlplane.config import TextTokenizer
+from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_list_pages_and_filters(tmp_path):
+    # Prepare: no agents, every request stays queued
+    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    channel = grpc.aio.insecure_channel(cp.target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        ids = []
+        for i in range(7):
+            tenant = "a" if i % 2 == 0 else "b"
+            prompt = [1] * (100 if i == 6 else 5)
+            ids.append((await stub.Submit(submit_request(prompt, 2, tenant=tenant))).request_id)
+        await stub.Cancel(inference_pb2.CancelRequest(request_id=ids[1]))
+        # Execute
+        seen, token = [], ""
+        while True:
+            page = await stub.List(inference_pb2.ListRequest(page_size=3, page_token=token))
+            seen.extend(r.request_id for r in page.requests)
+            token = page.next_page_token
+            if not token:
+                break
+        tenant_a = await stub.List(inference_pb2.ListRequest(tenant="a"))
+        queued_long = await stub.List(
+            inference_pb2.ListRequest(
+                states=[common_pb2.REQUEST_STATE_QUEUED],
+                request_class=common_pb2.REQUEST_CLASS_LONG,
+            )
+        )
+        cancelled = await stub.List(
+            inference_pb2.ListRequest(states=[common_pb2.REQUEST_STATE_CANCELLED])
+        )
+        # Assert
+        assert sorted(seen) == sorted(ids) and len(seen) == 7
+        assert {r.tenant for r in tenant_a.requests} == {"a"} and len(tenant_a.requests) == 4
+        assert [r.request_id for r in queued_long.requests] == [ids[6]]
+        assert [r.request_id for r in cancelled.requests] == [ids[1]]
+    finally:
+        await channel.close()
+        await cp.stop()
+
+
+async def test_watch_cancel_running_and_deadline(tmp_path):
+    # Prepare
+    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    agent = SimAgent(cp.target, "node-a", [("a0", GENERAL, 4096)], token_s=0.05)
+    await agent.start()
+    channel = grpc.aio.insecure_channel(cp.target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        running = (await stub.Submit(submit_request([1, 2], 50))).request_id
+        deadline = seconds_to_timestamp(time.time() + 0.3)
+        doomed = (await stub.Submit(submit_request([3, 4], 50, deadline=deadline))).request_id
+        for _ in range(100):
+            view = await stub.Get(inference_pb2.GetRequest(request_id=running))
+            if view.output_tokens >= 2:
+                break
+            await asyncio.sleep(0.02)
+        watch = stub.Watch(inference_pb2.WatchRequest(interval_s=0.1))
+        snapshot = await watch.read()
+        watch.cancel()
+        # Execute
+        cancelled = await stub.Cancel(inference_pb2.CancelRequest(request_id=running))
+        views = await wait_all_final(stub, [running, doomed])
+        await asyncio.sleep(0.1)
+        # Assert
+        assert snapshot.policy == "fifo" and [i.instance_id for i in snapshot.instances] == ["a0"]
+        assert cancelled.state == common_pb2.REQUEST_STATE_CANCELLED
+        assert "cancelled by admin" in cancelled.error
+        assert any(
+            c.WhichOneof("kind") == "cancel" and c.cancel.request_id == running
+            for c in agent.commands
+        )
+        assert views[doomed].state == common_pb2.REQUEST_STATE_FAILED
+        assert "deadline" in views[doomed].error
+    finally:
+        await channel.close()
+        await agent.stop()
+        await cp.stop()
+
+
+async def test_text_prompts_refused_when_the_model_has_its_own_tokenizer(tmp_path):
+    config = make_config(migrated_db(tmp_path), text_tokenizer=TextTokenizer.NONE)
+    cp = await start_control_plane(config)
+    channel = grpc.aio.insecure_channel(cp.target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Submit(inference_pb2.SubmitRequest(text="hi", max_new_tokens=2))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "token_ids" in info.value.details()
+        assert (await stub.Submit(submit_request([1], 2))).request_id
+    finally:
+        await channel.close()
+        await cp.stop()
