@@ -78,10 +78,12 @@ class SchedulerConfig:
         },
     )
     long_aging_s: float | None = field(
-        default=120.0,
+        default=None,
         metadata={
             "help": "starvation bound for queued longs: after waiting this long, a long "
-            "request goes before shorts (None disables)"
+            "request goes before shorts and holds the instances it needs as they free up. "
+            "Off by default: under sustained long overload it turns into long-first "
+            "scheduling (measured: short p99 queueing x9 with no long JCT gain)"
         },
     )
     num_long_reserved_instances: int | None = field(
