@@ -6,8 +6,11 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
   the default of 512); `decode_in_place` decodes there afterwards, otherwise the request is
   HELD after its first token until TransferKv. `generated_token_ids` (a re-queue) are
   prefilled with the prompt and decoding continues after them; output indices and counts on
-  the wire include them. More than one instance (SP) is refused with a non-retryable Failed
-  naming `instance_ids`: this agent runs SP prefill only once the parallel module provides it.
+  the wire include them. More than one instance: sequence-parallel prefill over those workers
+  (`sp_kind` Ulysses or ring, chunks of `chunk_tokens` over the whole group, pausable between
+  chunks), then decode on the same group (KV stays sharded), so `decode_in_place` must be set.
+  All members must be on this node (StartPrefill names no rendezvous store); the group id is
+  `group_id`, or a fresh local one. Rank 0 (`instance_ids[0]`) reports the progress.
 * Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
   `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
 * Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`.
@@ -29,8 +32,9 @@ from typing import TYPE_CHECKING
 
 from dataplane.agent import convert
 from dataplane.agent.routes import Route, TransferInfo
+from dataplane.engine.types import SamplingParams
 from dataplane.worker import messages as m
-from protos.pecsched.v1 import cluster_pb2
+from protos.pecsched.v1 import cluster_pb2, common_pb2
 
 if TYPE_CHECKING:
     from dataplane.agent.core import AgentCore
@@ -47,6 +51,7 @@ class CommandRouter:
 
     def __init__(self, core: AgentCore) -> None:
         self.core = core
+        self.sp_groups = 0  # SP groups started here (fresh group ids when the CP sends none)
 
     # ------------------------------------------------------------------ commands
     def dispatch(self, command: cluster_pb2.Command) -> None:
@@ -97,13 +102,12 @@ class CommandRouter:
             raise CommandError("prompt_token_ids must not be empty")
         if cmd.max_new_tokens < 1:
             raise CommandError(f"max_new_tokens must be >= 1, got {cmd.max_new_tokens}")
-        if len(cmd.instance_ids) != 1:
-            raise CommandError(
-                f"instance_ids lists {len(cmd.instance_ids)} instances: this agent runs "
-                "prefill on exactly one instance (SP prefill is not available)"
-            )
-        index = self._local(cmd.instance_ids[0], "instance_ids[0]")
-        ready = core.ready[index]
+        if not cmd.instance_ids:
+            raise CommandError("instance_ids must not be empty")
+        indices = [self._local(iid, f"instance_ids[{i}]") for i, iid in enumerate(cmd.instance_ids)]
+        if len(set(indices)) != len(indices):
+            raise CommandError(f"instance_ids repeat an instance: {list(cmd.instance_ids)}")
+        ready = core.ready[indices[0]]
         assert ready is not None
         generated = tuple(cmd.generated_token_ids)
         remaining = cmd.max_new_tokens - len(generated)
@@ -119,17 +123,55 @@ class CommandRouter:
         chunk = cmd.chunk_tokens or DEFAULT_CHUNK_TOKENS
         if budget_tokens is not None:
             chunk = min(chunk, budget_tokens)
+        prompt = tuple(cmd.prompt_token_ids) + generated
+        if len(indices) > 1:
+            self._start_sp(cmd, indices, prompt, sampling, chunk, len(generated))
+            return
+        index = indices[0]
         core.routes[cmd.request_id] = Route({index}, len(generated), len(cmd.prompt_token_ids))
         core.ports.send_worker(
             index,
             m.Prefill(
                 request_id=cmd.request_id,
-                prompt_token_ids=tuple(cmd.prompt_token_ids) + generated,
+                prompt_token_ids=prompt,
                 sampling=sampling,
                 chunk_tokens=chunk,
                 decode_in_place=cmd.decode_in_place,
             ),
         )
+
+    def _start_sp(
+        self,
+        cmd: cluster_pb2.StartPrefill,
+        indices: list[int],
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+        chunk: int,
+        offset: int,
+    ) -> None:
+        """Every member of an SP group on this node gets its SpPrefill, in rank order."""
+        core = self.core
+        if not cmd.decode_in_place:
+            raise CommandError(
+                "decode_in_place must be set for an SP group (its sharded KV decodes in place)"
+            )
+        self.sp_groups += 1
+        group_id = cmd.group_id or f"sp/{cmd.request_id}/{core.config.node_id}/{self.sp_groups}"
+        core.routes[cmd.request_id] = Route(set(indices), offset, len(cmd.prompt_token_ids))
+        for index in indices:
+            core.ports.send_worker(
+                index,
+                m.SpPrefill(
+                    request_id=cmd.request_id,
+                    prompt_token_ids=prompt,
+                    sampling=sampling,
+                    chunk_tokens=chunk,
+                    ring=cmd.sp_kind == common_pb2.SP_KIND_RING,
+                    group_id=group_id,
+                    member_ids=tuple(cmd.instance_ids),
+                    store_address=core.rendezvous_address,
+                ),
+            )
 
     def _local(self, instance_id: str, field: str) -> int:
         index = self.core.index_of(instance_id)
@@ -243,9 +285,9 @@ class CommandRouter:
         elif isinstance(report, m.Finished):
             del core.routes[rid]
         elif isinstance(report, m.Failed):
-            route.workers.discard(index)
-            if not route.workers:
-                del core.routes[rid]
+            del core.routes[rid]  # one Failed per request; the other holders free it silently
+            for other in sorted(route.workers - {index}):
+                core.ports.send_worker(other, m.Cancel(rid, silent=True))
         elif isinstance(report, m.Paused):
             route.paused = True
         elif isinstance(report, m.ChunkDone):

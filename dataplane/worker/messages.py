@@ -26,6 +26,20 @@ class Prefill:
 
 
 @dataclass(frozen=True, slots=True)
+class SpPrefill:
+    """This worker's part of a sequence-parallel prefill (then decode on the same group)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]  # the whole prompt (every member embeds only its shard)
+    sampling: SamplingParams  # max_new_tokens: tokens still to generate
+    chunk_tokens: int  # prompt tokens per chunk, over the whole group (>= 1)
+    ring: bool  # ring attention instead of Ulysses
+    group_id: str  # rendezvous id of the SP group
+    member_ids: tuple[str, ...]  # instance ids in rank order; rank 0 reports progress
+    store_address: str  # host:port of the rendezvous store
+
+
+@dataclass(frozen=True, slots=True)
 class Pause:
     """Stop scheduling the request at the next chunk boundary; KV stays resident."""
 
@@ -83,7 +97,7 @@ class Stop:
     """Exit the worker loop (the agent has handed back or finished everything)."""
 
 
-WorkerCommand = Prefill | Pause | Resume | Cancel | SendKv | RecvKv | StartDecode | Stop
+WorkerCommand = Prefill | SpPrefill | Pause | Resume | Cancel | SendKv | RecvKv | StartDecode | Stop
 
 # ---------------------------------------------------------------- worker -> agent
 

@@ -26,6 +26,7 @@ from dataplane.engine.types import KVMetadata
 from dataplane.parallel.groups import GroupManager, GroupSpec
 from dataplane.parallel.kv_transfer import KVReceiver, KVSender, TransferState
 from dataplane.worker import messages as m
+from dataplane.worker.sp_jobs import SpJobs
 
 
 @dataclass(slots=True)
@@ -74,16 +75,18 @@ class WorkerRuntime:
         self._tracked: dict[str, _Tracked] = {}
         self._transfers: dict[tuple[str, str], _Transfer] = {}  # (request_id, transfer_id)
         self._reports: list[m.WorkerReport] = []
+        self._sp = SpJobs(engine, member_id, self._reports)
         self.busy_total_s = 0.0
 
     # ------------------------------------------------------------------ queries
     def has_work(self) -> bool:
         """Whether `run_once` would do anything (a runnable request or a live transfer)."""
-        return self.engine.has_runnable_work() or bool(self._transfers)
+        return self.engine.has_runnable_work() or bool(self._transfers) or self._sp.has_work()
 
     def take_reports(self) -> list[m.WorkerReport]:
         """The reports produced since the last call, in order."""
-        out, self._reports = self._reports, []
+        out = list(self._reports)
+        self._reports.clear()  # the list is shared with the SP jobs
         return out
 
     def load(self) -> m.Load:
@@ -91,17 +94,22 @@ class WorkerRuntime:
         eng = self.engine
         return m.Load(
             kv_used_tokens=eng.kv.pool_tokens - eng.num_free_kv_tokens,
-            running_requests=eng.num_requests,
+            running_requests=eng.num_requests + len(self._sp),
             busy_total_s=self.busy_total_s,
-            resident_request_ids=tuple(sorted(self._tracked)),
+            resident_request_ids=tuple(sorted(set(self._tracked) | set(self._sp.request_ids()))),
         )
 
     # ------------------------------------------------------------------ commands
     def handle(self, cmd: m.WorkerCommand) -> None:
         """Apply one command; problems become reports, never exceptions."""
         try:
+            rid = getattr(cmd, "request_id", "")
             if isinstance(cmd, m.Prefill):
                 self._prefill(cmd)
+            elif isinstance(cmd, m.SpPrefill):
+                self._sp.admit(cmd, self._managers(cmd.store_address))
+            elif rid in self._sp and isinstance(cmd, m.Pause | m.Resume | m.Cancel):
+                self._sp_control(cmd)
             elif isinstance(cmd, m.Pause):
                 self._pause(cmd.request_id)
             elif isinstance(cmd, m.Resume):
@@ -118,10 +126,22 @@ class WorkerRuntime:
             rid = getattr(cmd, "request_id", "")
             retryable = exc.code in (EngineErrorCode.DOES_NOT_FIT, EngineErrorCode.UNKNOWN_REQUEST)
             self._fail(rid, f"{type(cmd).__name__.lower()}: {exc}", retryable)
-        except ValueError as exc:  # e.g. a reused transfer group id
+        except GroupError as exc:  # an SP group's rendezvous failed
+            self._fail(getattr(cmd, "request_id", ""), f"{type(cmd).__name__.lower()}: {exc}", True)
+        except ValueError as exc:  # e.g. a reused group id
             self._fail(
                 getattr(cmd, "request_id", ""), f"{type(cmd).__name__.lower()}: {exc}", False
             )
+
+    def _sp_control(self, cmd: m.Pause | m.Resume | m.Cancel) -> None:
+        if isinstance(cmd, m.Pause):
+            self._sp.pause(cmd.request_id)
+        elif isinstance(cmd, m.Resume):
+            self._sp.resume(cmd.request_id)
+        elif cmd.silent:
+            self._sp.drop(cmd.request_id)
+        else:
+            self._sp.cancel(cmd.request_id)
 
     def _prefill(self, cmd: m.Prefill) -> None:
         if cmd.chunk_tokens < 1:
@@ -241,6 +261,7 @@ class WorkerRuntime:
                 del self._transfers[key]
                 transfer.manager.destroy(transfer.group_id)
                 self._transfer_finished(transfer, key, state)
+        self.busy_total_s += self._sp.run_once()
         if not self.engine.has_runnable_work():
             return
         start_s = time.perf_counter()
@@ -325,9 +346,3 @@ class WorkerRuntime:
 
     def _fail(self, request_id: str, error: str, retryable: bool) -> None:
         self._reports.append(m.Failed(request_id, error, retryable))
-
-    def fail_all(self, error: str) -> None:
-        """Hand back every resident request (Failed, retryable) and free its KV."""
-        for rid in sorted(set(self._tracked) | {k[0] for k in self._transfers}):
-            self._cancel(rid, silent=True)
-            self._fail(rid, error, True)

@@ -211,6 +211,37 @@ def test_colocated_short_prefill_runs_inside_long_decode_iterations(
     assert between, "the host's decode must continue during the colocated prefill"
 
 
+@pytest.mark.parametrize("sp_kind", [common_pb2.SP_KIND_ULYSSES, common_pb2.SP_KIND_RING])
+def test_sp_prefill_over_two_workers_pauses_resumes_and_decodes_on_the_group(
+    live: LiveAgent, reference: Reference, sp_kind: int
+) -> None:
+    # Prepare
+    rid = f"sp-{sp_kind}"
+    tokens = prompt(12, 300)
+    expected = reference.greedy(tokens, 8)
+    # Execute: start on both workers, pause at once, resume after the pause is confirmed
+    live.cp.command(
+        **start(rid, tokens, "n1/0", 8, instance_ids=["n1/0", "n1/1"], chunk_tokens=64,
+                sp_kind=sp_kind)
+    )  # fmt: skip
+    live.cp.command(pause=cluster_pb2.Pause(request_id=rid))
+    paused = live.cp.wait_event(rid, "paused").paused
+    time.sleep(0.3)
+    chunks_while_paused = kinds(live, rid).count("chunk_done")
+    live.cp.command(resume=cluster_pb2.Resume(request_id=rid))
+    end = live.cp.wait_end(rid, 60)
+    # Assert
+    assert end.WhichOneof("kind") == "finished", end
+    assert chunks_while_paused == paused.chunks_done
+    chunks = [e.chunk_done for e in live.cp.events(rid) if e.HasField("chunk_done")]
+    assert [c.chunk_index for c in chunks] == [0, 1, 2, 3, 4]
+    assert [c.tokens_done for c in chunks] == [64, 128, 192, 256, 300]
+    assert all(e.instance_id == "n1/0" for e in live.cp.events(rid)), "rank 0 reports"
+    assert live.cp.output(rid) == expected
+    wait_kv_free(live, "n1/0")
+    wait_kv_free(live, "n1/1")
+
+
 def test_cancel_frees_kv_and_is_idempotent(live: LiveAgent) -> None:
     # Prepare: a request held after prefill (KV resident, waiting for a transfer)
     live.cp.command(**start("to-cancel", prompt(7, 300), "n1/0", 50, decode_in_place=False))
@@ -232,7 +263,10 @@ def test_invalid_commands_fail_clearly_and_the_agent_keeps_serving(
     # Execute
     live.cp.command(**start("elsewhere", [1, 2], "n9/0", 3))
     live.cp.command(**start("empty", [], "n1/0", 3))
-    live.cp.command(**start("sp", [1, 2], "n1/0", 3, instance_ids=["n1/0", "n1/1"]))
+    live.cp.command(
+        **start("sp", [1, 2], "n1/0", 3, instance_ids=["n1/0", "n1/1"], decode_in_place=False)
+    )
+    live.cp.command(**start("sp-remote", [1, 2], "n1/0", 3, instance_ids=["n1/0", "n9/1"]))
     live.cp.command(**start("too-long", [1] * 20000, "n1/0", 3))
     live.cp.command(pause=cluster_pb2.Pause(request_id="ghost"))
     live.cp.command(start_decode=cluster_pb2.StartDecode(request_id="ghost2"))
@@ -242,11 +276,12 @@ def test_invalid_commands_fail_clearly_and_the_agent_keeps_serving(
     # Assert
     errors = {
         rid: live.cp.wait_event(rid, "failed").failed
-        for rid in ("elsewhere", "empty", "sp", "too-long", "ghost", "ghost2")
+        for rid in ("elsewhere", "empty", "sp", "sp-remote", "too-long", "ghost", "ghost2")
     }
     assert "instance_ids[0] 'n9/0'" in errors["elsewhere"].error
     assert "prompt_token_ids" in errors["empty"].error
-    assert "instance_ids lists 2" in errors["sp"].error
+    assert "decode_in_place" in errors["sp"].error
+    assert "instance_ids[1] 'n9/1'" in errors["sp-remote"].error
     assert "DOES_NOT_FIT" in errors["too-long"].error
     assert errors["ghost"].retryable and "not resident" in errors["ghost"].error
     assert not errors["empty"].retryable

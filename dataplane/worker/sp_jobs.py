@@ -1,0 +1,205 @@
+"""A worker's sequence-parallel requests: chunked SP prefill and sharded decode, in lockstep
+with the other members of each request's group.
+
+Every member holds an `SpJob` for the request, in the same admission order (the agent sends
+the commands to all members in one order, and a job connects its group before the next is
+admitted, so collectives of different jobs never interleave differently on two members).
+Each `run_once` advances every live job by one collective step: a 2-flag `all_reduce_max`
+agreement (pause requested, cancel requested) so that all members stop at the same chunk
+boundary, then one prefill chunk or one decode token. A paused job issues no collectives;
+its KV (rows of the engine's pool) stays resident. Resume re-enters the agreement, which
+waits for the members that have not seen Resume yet.
+
+Only rank 0 reports progress (ChunkDone, Paused, PrefillDone, Tokens, Finished); every member
+reports Cancelled and Failed (the agent de-duplicates). A failed collective (peer died,
+timeout) frees this member's KV and reports Failed(retryable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dataplane.engine.engine import Engine
+from dataplane.engine.sampling import sample_tokens
+from dataplane.engine.types import FinishReason, SamplingParams
+from dataplane.parallel.groups import Group, GroupError, GroupManager, GroupSpec
+from dataplane.parallel.sp_runner import SpRequest
+from dataplane.parallel.topology import SpKind
+from dataplane.worker import messages as m
+
+
+@dataclass(slots=True)
+class SpJob:
+    """One member's side of one SP request."""
+
+    request: SpRequest
+    group: Group
+    manager: GroupManager  # destroys the group when the job ends
+    sampling: SamplingParams
+    generator: torch.Generator | None  # per-request RNG (sampled requests), same seed everywhere
+    pause_requested: bool = False  # Pause arrived (or the group agreed to pause)
+    cancel_requested: bool = False  # Cancel arrived while running
+    paused: bool = False  # the group agreed to pause; no collectives until Resume
+    output: list[int] = field(default_factory=list)  # generated tokens
+
+    @property
+    def is_reporter(self) -> bool:
+        """Rank 0 reports progress for the group."""
+        return self.group.rank == 0
+
+
+class SpJobs:
+    """The SP requests of one worker; reports go to the shared `reports` list."""
+
+    def __init__(self, engine: Engine, member_id: str, reports: list[m.WorkerReport]) -> None:
+        self.engine = engine
+        self.member_id = member_id
+        self._reports = reports
+        self._jobs: dict[str, SpJob] = {}  # admission order = collective order
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def has_work(self) -> bool:
+        """Whether any job would issue a collective."""
+        return any(not j.paused for j in self._jobs.values())
+
+    def admit(self, cmd: m.SpPrefill, manager: GroupManager) -> None:
+        """Connect the group (blocking: every member does it now) and reserve the KV."""
+        if cmd.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {cmd.chunk_tokens}")
+        group = manager.connect(GroupSpec(cmd.group_id, cmd.member_ids))
+        try:
+            request = SpRequest(
+                self.engine.model,
+                group,
+                cmd.request_id,
+                list(cmd.prompt_token_ids),
+                max_new_tokens=cmd.sampling.max_new_tokens,
+                chunk_tokens=cmd.chunk_tokens,
+                kind=SpKind.RING if cmd.ring else SpKind.ULYSSES,
+                pool=self.engine.kv,
+            )
+        except Exception:
+            manager.destroy(cmd.group_id)
+            raise
+        generator = None
+        if not cmd.sampling.is_greedy:
+            generator = torch.Generator(device=self.engine.device).manual_seed(cmd.sampling.seed)
+        self._jobs[cmd.request_id] = SpJob(request, group, manager, cmd.sampling, generator)
+
+    def pause(self, request_id: str) -> None:
+        """Ask the group to pause at the next chunk boundary."""
+        self._jobs[request_id].pause_requested = True
+
+    def resume(self, request_id: str) -> None:
+        """Leave the pause (the next agreement waits for the other members)."""
+        job = self._jobs[request_id]
+        job.pause_requested = job.paused = False
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel: at once if paused (no collectives), else at the next agreement."""
+        job = self._jobs[request_id]
+        if job.paused:
+            self._drop(request_id)
+            self._reports.append(m.Cancelled(request_id))
+        else:
+            job.cancel_requested = True
+
+    def request_ids(self) -> list[str]:
+        """The SP requests resident here."""
+        return list(self._jobs)
+
+    def drop(self, request_id: str) -> None:
+        """Free one job without collectives and without a report (a silent drop)."""
+        self._drop(request_id)
+
+    def drop_all(self) -> list[str]:
+        """Free every job without collectives; returns their request ids."""
+        ids = list(self._jobs)
+        for rid in ids:
+            self._drop(rid)
+        return ids
+
+    # ------------------------------------------------------------------ iteration
+    def run_once(self) -> float:
+        """One collective step of every live job; returns the busy seconds."""
+        busy_s = 0.0
+        for rid in list(self._jobs):
+            job = self._jobs[rid]
+            if job.paused:
+                continue
+            start_s = time.perf_counter()
+            try:
+                self._step(rid, job, start_s)
+            except GroupError as exc:
+                self._drop(rid)
+                self._reports.append(m.Failed(rid, f"SP group failed: {exc}", True))
+            busy_s += time.perf_counter() - start_s
+        return busy_s
+
+    def _step(self, rid: str, job: SpJob, start_s: float) -> None:
+        flags = torch.tensor(
+            [int(job.pause_requested), int(job.cancel_requested)],
+            dtype=torch.int64,
+            device=self.engine.device,
+        )
+        job.group.all_reduce_max(flags)
+        pause, cancel = (bool(x) for x in flags.tolist())
+        req = job.request
+        if cancel:
+            self._drop(rid)
+            self._reports.append(m.Cancelled(rid))
+        elif pause:
+            job.paused = job.pause_requested = True
+            if job.is_reporter:
+                self._reports.append(m.Paused(rid, req.num_chunks_done))
+        elif not req.is_prefill_done:
+            logits = req.run_next_chunk()
+            if job.is_reporter:
+                done = req.chunks[req.num_chunks_done - 1][1]  # (start, end) of this chunk
+                self._reports.append(
+                    m.ChunkDone(
+                        rid,
+                        req.num_chunks_done - 1,
+                        req.num_chunks,
+                        done,
+                        time.perf_counter() - start_s,
+                    )
+                )
+            if req.is_prefill_done:
+                mine = None if logits is None else self._sample(job, logits)
+                token = req.share_token(mine)
+                if job.is_reporter:
+                    self._reports.append(m.PrefillDone(rid, len(req.prompt), token))
+                self._emit_token(rid, job, token)
+        else:
+            self._emit_token(rid, job, self._sample(job, req.decode(job.output[-1])))
+
+    def _sample(self, job: SpJob, logits: torch.Tensor) -> int:
+        return sample_tokens(logits[None], [job.sampling], [job.generator])[0]
+
+    def _emit_token(self, rid: str, job: SpJob, token: int) -> None:
+        job.output.append(token)
+        if job.is_reporter:
+            self._reports.append(m.Tokens(rid, len(job.output) - 1, (token,)))
+        reason = None
+        if token in job.sampling.eos_token_ids:
+            reason = FinishReason.EOS
+        elif len(job.output) >= job.sampling.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._drop(rid)
+            if job.is_reporter:
+                self._reports.append(m.Finished(rid, len(job.output), reason.value))
+
+    def _drop(self, request_id: str) -> None:
+        job = self._jobs.pop(request_id)
+        job.request.free()
+        job.manager.destroy(job.group.group_id)
