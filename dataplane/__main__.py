@@ -8,13 +8,11 @@ import sys
 
 def main() -> int:
     """Parse the data plane's subcommands and run the chosen one."""
-    import dataplane.agent.cli
     import dataplane.cli
 
     parser = argparse.ArgumentParser(prog="python -m dataplane")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    dataplane.agent.cli.register(subparsers)
-    dataplane.cli.register(subparsers)
+    dataplane.cli.register(subparsers)  # adds `agent` too
     args = parser.parse_args()
     code: int = args.handler(args)
     return code

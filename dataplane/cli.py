@@ -45,6 +45,7 @@ def register(subparsers: Any) -> None:
     export.add_argument("--seed", type=int, default=0, help="weight seed")
     export.add_argument("--dtype", default="float32", help="float32|bfloat16|float16")
     export.set_defaults(handler=_export)
+    __import__("dataplane.agent.cli", fromlist=["register"]).register(subparsers)
 
 
 def _generate(args: argparse.Namespace) -> int:
