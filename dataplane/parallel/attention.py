@@ -40,26 +40,54 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention that also returns the log-sum-exp of each row's scores.
 
+    On CPU this runs PyTorch's fused flash kernel (which returns the LSE); elsewhere an
+    explicit float32 softmax, blocked over query rows.
+
     Returns:
         out: (n, h, d) float32, zero for rows that see no key.
         lse: (n, h) float32, -inf for rows that see no key.
     """
     rep = _check(q, k, v, q_pos, k_pos)
-    scale = q.shape[-1] ** -0.5
-    kh = _expand_kv(k, rep).float()  # (h, m, d)
-    vh = _expand_kv(v, rep).float()  # (h, m, d)
+    kh = _expand_kv(k, rep)  # (h, m, d)
+    vh = _expand_kv(v, rep)  # (h, m, d)
+    kernel = _flash_cpu_block if q.device.type == "cpu" else _math_block
     outs, lses = [], []
     for lo in range(0, max(q.shape[0], 1), _BLOCK_Q_ROWS):  # one (empty) block if n == 0
-        qb = q[lo : lo + _BLOCK_Q_ROWS].transpose(0, 1).float()  # (nb, h, d) -> (h, nb, d)
-        scores = torch.matmul(qb, kh.transpose(1, 2)) * scale  # (h, nb, m)
+        qb = q[lo : lo + _BLOCK_Q_ROWS].transpose(0, 1)  # (nb, h, d) -> (h, nb, d)
         visible = k_pos[None, :] <= q_pos[lo : lo + _BLOCK_Q_ROWS, None]  # (nb, m)
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # (h, nb)
-        safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        probs = torch.exp(scores - safe[..., None])  # masked entries -> exp(-inf) = 0
-        outs.append(torch.matmul(probs, vh).transpose(0, 1))  # (h, nb, d) -> (nb, h, d)
+        out, lse = kernel(qb, kh, vh, visible)  # (h, nb, d), (h, nb)
+        sees_none = ~visible.any(dim=1)  # (nb,)
+        lse = lse.masked_fill(sees_none[None, :], float("-inf"))
+        out = out.masked_fill(sees_none[None, :, None], 0.0)
+        outs.append(out.transpose(0, 1))  # (h, nb, d) -> (nb, h, d)
         lses.append(lse.transpose(0, 1))  # (h, nb) -> (nb, h)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+
+
+def _flash_cpu_block(
+    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU fused kernel; rows with no visible key come back garbage and are masked by caller."""
+    if qb.shape[1] == 0 or kh.shape[1] == 0:
+        return _math_block(qb, kh, vh, visible)
+    bias = torch.zeros(visible.shape, dtype=qb.dtype).masked_fill(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qb[None], kh[None], vh[None], 0.0, False, attn_mask=bias
+    )  # (1, h, nb, d), (1, h, nb)
+    return out[0].float(), lse[0].float()
+
+
+def _math_block(
+    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit float32 softmax: (h, nb, d) queries over (h, m, d) keys -> out, lse."""
+    scale = qb.shape[-1] ** -0.5
+    scores = torch.matmul(qb.float(), kh.float().transpose(1, 2)) * scale  # (h, nb, m)
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (h, nb)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe[..., None])  # masked entries -> exp(-inf) = 0
+    return torch.matmul(probs, vh.float()), lse  # (h, nb, d), (h, nb)
 
 
 def merge_partials(

@@ -12,7 +12,12 @@ import pytest
 import torch
 from dist_utils import WorkerPool, shared_pool
 
-from dataplane.parallel.attention import attention_with_lse, sdpa_attention
+from dataplane.parallel.attention import (
+    _flash_cpu_block,
+    _math_block,
+    attention_with_lse,
+    sdpa_attention,
+)
 from dataplane.parallel.groups import Group
 from dataplane.parallel.ring import ring_attention, ring_decode_attention
 from dataplane.parallel.topology import head_shards, offsets
@@ -148,3 +153,19 @@ def test_attention_with_lse_matches_sdpa_and_reports_empty_rows() -> None:
     torch.testing.assert_close(out[10:], sdpa_attention(q[10:], k, v, q_pos[10:], k_pos), **TOL)
     assert torch.all(out[:10] == 0)
     assert torch.all(torch.isneginf(lse[:10])) and torch.all(torch.isfinite(lse[10:]))
+
+
+def test_portable_math_kernel_matches_the_fused_cpu_kernel() -> None:
+    # Prepare: the non-CPU path (explicit softmax) on the same block as the CPU flash path.
+    q, k, v = _tensors(5, 40, 4, 2, 8)
+    visible = torch.arange(40)[None, :] <= torch.arange(40)[:, None]
+    qh = q.transpose(0, 1)
+    kh, vh = (x.transpose(0, 1).repeat_interleave(2, dim=0) for x in (k, v))
+
+    # Execute
+    math_out, math_lse = _math_block(qh, kh, vh, visible)
+    flash_out, flash_lse = _flash_cpu_block(qh, kh, vh, visible)
+
+    # Assert
+    torch.testing.assert_close(math_out, flash_out, **TOL)
+    torch.testing.assert_close(math_lse, flash_lse, **TOL)
