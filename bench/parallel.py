@@ -271,7 +271,7 @@ def _print(rows: list[tuple[str, int, float, float | None]], args: Any) -> None:
     )
     print("| kind | k | prefill s | vs k=1 | decode ms/token |")
     print("|---|---|---|---|---|")
-    for kind, k, prefill, _ in rows:
+    for kind, _k, prefill, _ in rows:
         if kind == "engine":
             print(f"| engine (no SP) | 1 | {prefill:.3f} | | |")
     for (kind, k), samples in sorted(sp.items()):
