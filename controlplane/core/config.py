@@ -70,6 +70,15 @@ class SchedulerConfig:
         default=None,
         metadata={"help": "exact SHORT_DECODE instance count; overrides the GPU fraction"},
     )
+    short_decode_elastic: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched: the SHORT_DECODE pool starts at its configured size, gives "
+            "idle instances back to GENERAL while two or more sit empty, and takes empty "
+            "GENERAL instances back (up to the configured size) while shorts wait for a "
+            "decode place; False keeps the pool fixed as in the paper"
+        },
+    )
     max_pause_s: float = field(
         default=30.0,
         metadata={

@@ -38,6 +38,14 @@ class InstancePool:
         inst.version += 1
         inst.slot = Slot.BUSY
 
+    def change_role(self, inst: InstanceRecord, role: InstanceRole) -> None:
+        """Give `inst` another role and offer it in that role's pools."""
+        inst.role = role
+        inst.version += 1
+        inst.slot = Slot.BUSY
+        inst.offered_free = -1  # forces a fresh offer
+        self.refresh(inst)
+
     def classify(self, inst: InstanceRecord) -> Slot:
         """The Slot `inst` belongs in now (pure)."""
         if inst.role is InstanceRole.SHORT_DECODE:

@@ -35,7 +35,7 @@ from controlplane.core.queues import RequestQueue
 from controlplane.core.records import InstanceRecord, RequestRecord
 from controlplane.core.roles import RoleCensus, RolePlan
 from controlplane.core.tiebreak import Tiebreak
-from controlplane.core.types import RequestClass, RequestState
+from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
 _LONG = RequestClass.LONG
 VictimEntry = tuple[int, float, int, str, int]
@@ -185,6 +185,15 @@ class ClusterState:
                 self.instances[instance_id].held_for = req.request_id
             self.refresh(req.prefill_ids)
             self.resumable.add(req.request_id)
+
+    def change_role(self, inst: InstanceRecord, role: InstanceRole) -> None:
+        """Move an idle instance to another role (census and pools follow)."""
+        assert not inst.decoding and inst.prefill_id is None, f"{inst.instance_id} is busy"
+        self.census.remove(inst.role, inst.spec)
+        self.census.add(role, inst.spec)
+        self.pool.change_role(inst, role)
+        self.stats["role_changes"] += 1
+        self.dirty = True
 
     def hold(self, req: RequestRecord, inst: InstanceRecord) -> None:
         """Keep `inst` free of new work until the queued `req` starts (starvation bound)."""

@@ -37,6 +37,7 @@ from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
 _GENERAL = InstanceRole.GENERAL
+_DECODE = InstanceRole.SHORT_DECODE
 _MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
 
 
@@ -52,8 +53,11 @@ class PecSchedPolicy(BasePolicy):
             slots.append(Slot.LONG_DECODE)
         slots.append(Slot.PAUSED_HOST)
         self._short_slots = tuple(slots)
+        self._decode_pool_peak = 0  # most SHORT_DECODE instances seen at once
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
+        if self._config.disaggregation and self._config.short_decode_elastic:
+            self._balance_short_decode(out)
         self._protect_starving(now_s)
         aged_waits = self._serve_aged_longs(now_s, out)
         self._place_shorts(now_s, out)
@@ -64,6 +68,31 @@ class PecSchedPolicy(BasePolicy):
             if not self._place_long(req, now_s, out, _GENERAL):
                 if not self._reject_if_never_fits(req, out):
                     return
+
+    def _balance_short_decode(self, out: list[Action]) -> None:
+        """Elastic short-decode pool: shrink while two or more members sit empty; while shorts
+        wait for a decode place, grow with empty GENERAL instances up to the pool's peak size
+        (its configured size once every instance is up)."""
+        st = self._state
+        self._decode_pool_peak = max(self._decode_pool_peak, st.census.count(_DECODE))
+        while st.census.count(_DECODE) > 1:
+            best = st.pool.best(_DECODE, Slot.OPEN)
+            if best is None or not self._is_empty(best):
+                break  # cheap check first: no empty member, nothing to give back
+            emptiest = st.pool.top(_DECODE, Slot.OPEN, 2)
+            if len(emptiest) < 2 or not all(self._is_empty(i) for i in emptiest):
+                break
+            st.change_role(emptiest[1], _GENERAL)
+        while st.transfer_wait and st.census.count(_DECODE) < self._decode_pool_peak:
+            candidate = st.pool.best(_GENERAL, Slot.OPEN)
+            if candidate is None or not self._is_empty(candidate):
+                break
+            st.change_role(candidate, _DECODE)
+            self._place_transfers(out)
+
+    def _is_empty(self, inst: InstanceRecord) -> bool:
+        st = self._state
+        return not inst.decoding and st.ledger.used(inst.instance_id) == 0
 
     def _next_timer_s(self, now_s: float) -> float:
         st, aging_s = self._state, self._config.long_aging_s

@@ -161,8 +161,8 @@ def test_starvation_bound_stops_preemption_and_resumes_the_long_request() -> Non
 
 
 def test_short_decode_goes_to_the_least_loaded_decode_instance() -> None:
-    # Prepare: d0 already decodes a long-running short; d1 is empty
-    policy = make_policy("pecsched", instances=cluster(2, num_decode=2))
+    # Prepare: d0 already decodes a long-running short; d1 is empty (fixed pool)
+    policy = make_policy("pecsched", instances=cluster(2, num_decode=2), short_decode_elastic=False)
     dp = FakeDataPlane(policy, tokens_per_step=1)
     dp.submit(make_request("busy", prompt_tokens=3000, max_new_tokens=50))
     for _ in range(3):
@@ -251,3 +251,32 @@ def test_aged_long_goes_before_shorts() -> None:
     assert "long" in starts
     long_start = policy.request_view("long").first_scheduled_s
     assert long_start is not None and 5.0 <= long_start <= 7.0
+
+
+def test_elastic_short_decode_pool_shrinks_when_idle_and_grows_when_shorts_wait() -> None:
+    # Prepare: 8 general + 4 short-decode instances, decode batches of 1
+    policy = make_policy("pecsched", instances=cluster(8, num_decode=4), max_decode_batch=1)
+    dp = FakeDataPlane(policy, tokens_per_step=1)
+
+    def num_decoders() -> int:
+        view = policy.cluster_view(dp.now_s)
+        return sum(i.role is SD for i in view.instances)
+
+    initial = num_decoders()  # d0..d3 plus g7 (one GPU in eight)
+    assert initial == 5
+
+    # Execute / Assert: idle, the pool gives back all but one instance
+    for _ in range(5):
+        dp.step()
+    assert num_decoders() == 1
+    # a burst of shorts waits for decode places: the pool grows back, never past its peak
+    for k in range(8):
+        dp.submit(make_request(f"s{k}", prompt_tokens=100, max_new_tokens=30))
+    sizes = []
+    for _ in range(6):
+        dp.step()
+        check_invariants(policy, dp.now_s)
+        sizes.append(num_decoders())
+    assert max(sizes) == initial
+    run_until_idle(dp, policy)
+    assert len(actions_of(dp, act.TransferKV)) == 8
