@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import Backend as C10dBackend
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 GROUP_KEY_PREFIX = "pecsched/group/"
 
@@ -83,11 +84,11 @@ class BackendFactory:
     device: torch.device  # where this worker's tensors live (cpu for gloo, cuda:i for NCCL)
     gloo_hostname: str  # address gloo binds and advertises ("" = resolve the hostname)
 
-    def create(self, store: dist.Store, rank: int, size: int, timeout_s: float) -> C10dBackend:
+    def create(self, store: Store, rank: int, size: int, timeout_s: float) -> Any:
         """Construct the backend; blocks until all `size` members have joined or timeout."""
         timeout = dt.timedelta(seconds=timeout_s)
         if self.backend is CommBackend.GLOO:
-            opts = dist.ProcessGroupGloo._Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
             opts._timeout = timeout
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.gloo_hostname)]
             return dist.ProcessGroupGloo(store, rank, size, opts)
@@ -122,7 +123,7 @@ class Group:
         self,
         spec: GroupSpec,
         rank: int,
-        backend: C10dBackend,
+        backend: Any,
         factory: BackendFactory,
         timeout_s: float,
     ) -> None:
@@ -132,7 +133,8 @@ class Group:
         self.device = factory.device
         self.backend_kind = factory.backend
         self.timeout_s = timeout_s
-        self._backend: C10dBackend | None = backend
+        # torch's stubs lack the c10d Backend's collective methods, hence Any.
+        self._backend: Any = backend
         self._broken: str | None = None
 
     @property
@@ -145,7 +147,7 @@ class Group:
         """True after a failure or abort; the group must be destroyed and never reused."""
         return self._broken is not None
 
-    def _live(self) -> C10dBackend:
+    def _live(self) -> Any:
         if self._backend is None:
             raise GroupError(self.group_id, "used after close")
         if self._broken is not None:
@@ -206,7 +208,7 @@ class Group:
     def all_reduce_max(self, t: torch.Tensor) -> None:
         """In-place elementwise max over the group."""
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
+        opts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]  # stub says RedOpType
         self._wait(self._live().allreduce([t], opts), "all_reduce")
 
     def barrier(self) -> None:
@@ -215,11 +217,13 @@ class Group:
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
         """Start sending `t` to rank `dst`; the caller keeps `t` alive until the Work completes."""
-        return self._live().send([t], dst, tag)
+        work: dist.Work = self._live().send([t], dst, tag)
+        return work
 
     def recv(self, t: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
         """Start receiving into `t` from rank `src`; `t` is valid only after the Work completes."""
-        return self._live().recv([t], src, tag)
+        work: dist.Work = self._live().recv([t], src, tag)
+        return work
 
     def send_recv(
         self, send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, tag: int = 0
@@ -291,7 +295,7 @@ class GroupManager:
     """
 
     def __init__(
-        self, store: dist.Store, member_id: str, factory: BackendFactory, timeout_s: float
+        self, store: Store, member_id: str, factory: BackendFactory, timeout_s: float
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -335,7 +339,7 @@ class GroupManager:
             return pending
 
     def _create(self, spec: GroupSpec, rank: int) -> Group:
-        prefixed = dist.PrefixStore(f"{GROUP_KEY_PREFIX}{spec.group_id}", self._store)
+        prefixed = PrefixStore(f"{GROUP_KEY_PREFIX}{spec.group_id}", self._store)
         try:
             backend = self.factory.create(prefixed, rank, spec.size, self.timeout_s)
         except (RuntimeError, dist.DistError) as exc:
@@ -382,9 +386,9 @@ class GroupManager:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def connect_store(host: str, port: int, timeout_s: float, is_master: bool = False) -> dist.TCPStore:
+def connect_store(host: str, port: int, timeout_s: float, is_master: bool = False) -> TCPStore:
     """Open the rendezvous TCPStore: the master hosts it (agent or control plane), workers join."""
-    return dist.TCPStore(
+    return TCPStore(
         host,
         port,
         is_master=is_master,

@@ -162,10 +162,14 @@ class SpRequest:
         want = torch.tensor([hi - lo - 1] if is_last else [], dtype=torch.int64, device=self.device)
         cache = self._cache
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(
+            layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        ) -> torch.Tensor:
             if isinstance(cache, HeadShardedKV):
-                return ulysses_attention(q, k, v, self.group, lens, self.heads, cache.layer(layer))
-            keys, values, k_pos = cache.extend(layer, k, v, positions)
+                return ulysses_attention(
+                    q, k, v, self.group, lens, self.heads, cache.layer(layer_idx)
+                )
+            keys, values, k_pos = cache.extend(layer_idx, k, v, positions)
             return ring_attention(q, keys, values, k_pos, self.group, lens, starts)
 
         logits = self._forward(ids, positions, attend, want)
@@ -195,13 +199,17 @@ class SpRequest:
         cache = self._cache
         owner = decode_owner(tuple(self._counts))
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(
+            layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        ) -> torch.Tensor:
             if isinstance(cache, HeadShardedKV):
-                return ulysses_decode_attention(q, k, v, self.group, self.heads, cache.layer(layer))
+                return ulysses_decode_attention(
+                    q, k, v, self.group, self.heads, cache.layer(layer_idx)
+                )
             if self.group.rank == owner:
-                keys, values, k_pos = cache.extend(layer, k, v, positions)
+                keys, values, k_pos = cache.extend(layer_idx, k, v, positions)
             else:
-                keys, values, k_pos = cache.view(layer)
+                keys, values, k_pos = cache.view(layer_idx)
             return ring_decode_attention(q, positions, keys, values, k_pos, self.group)
 
         logits = self._forward(ids, positions, attend, None)

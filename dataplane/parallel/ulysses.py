@@ -75,7 +75,7 @@ def seq_to_heads(
     recv = torch.empty(sum(out_splits), dtype=x.dtype, device=x.device)
     group.all_to_all(recv, send, out_splits, in_splits)
     # flat -> per source t: (n_t, h_r, d) -> cat over tokens (n_chunk, h_r, d)
-    parts = recv.split(out_splits)
+    parts = torch.split(recv, out_splits)
     return torch.cat([p.view(n, my_hi - my_lo, d) for p, n in zip(parts, seq_lens, strict=True)])
 
 
@@ -94,7 +94,7 @@ def heads_to_seq(
     recv = torch.empty(sum(out_splits), dtype=o.dtype, device=o.device)
     group.all_to_all(recv, send, out_splits, in_splits)
     # flat -> per source s: (n_r, h_s, d) -> cat over heads (n_r, H, d)
-    parts = recv.split(out_splits)
+    parts = torch.split(recv, out_splits)
     n_r = seq_lens[rank]
     return torch.cat(
         [p.view(n_r, hi - lo, d) for p, (lo, hi) in zip(parts, ranges, strict=True)], dim=1
@@ -185,7 +185,7 @@ def ulysses_decode_attention(
     recv = torch.empty(sum(out_splits), dtype=q.dtype, device=q.device)
     group.all_to_all(recv, send.to(q.dtype), out_splits, in_splits)
     # flat -> per source s: (n, h_s, d) -> cat over heads (n, h, d)
-    parts = recv.split(out_splits)
+    parts = torch.split(recv, out_splits)
     return torch.cat(
         [p.view(n, s.num_q_heads, d) for p, s in zip(parts, heads, strict=True)], dim=1
     )
