@@ -125,7 +125,7 @@ def play(sc: Scenario, seed: int = 0, check: bool = True) -> FakeDataPlane:
 
 
 @settings(
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
