@@ -37,7 +37,7 @@ from controlplane.runtime.inputs import (
 )
 from controlplane.runtime.metrics import Metrics
 from controlplane.runtime.recovery import recover
-from controlplane.runtime.reports import AgentReport
+from controlplane.runtime.reports import AgentReport, Broken
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
@@ -49,6 +49,8 @@ from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, Trace
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 SNAPSHOT_PERIOD_S = 1.0  # cluster snapshot (metrics gauges) refresh period
+RETRY_BASE_S = 0.05  # back-off of the 2nd retryable failure in a row of one request
+RETRY_MAX_S = 5.0  # longest back-off
 
 
 class Runtime:
@@ -81,7 +83,10 @@ class Runtime:
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
-        self._touched_at: dict[str, float] = {}  # node -> when its heartbeat was last persisted
+        self._touched_at: dict[str, float] = {}
+        self._retryable_failures: dict[
+            str, int
+        ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
         self._logs: dict[str, TokenLog] = {}  # unfinished requests' output (committed part)
         self._views: dict[str, RequestView] = {}  # committed views of unfinished requests
         self._num_active = 0
@@ -244,8 +249,30 @@ class Runtime:
             self._heartbeats[session.node_id] = now
 
     def report(self, session: AgentSession, report: AgentReport) -> None:
-        """An event from a live agent about one request."""
-        if session.is_live:
+        """An event from a live agent about one request.
+
+        Retryable failures back off: the k-th in a row of one request is applied after
+        `min(RETRY_BASE_S * 2**(k-2), RETRY_MAX_S)` (the first at once), so a request an
+        instance keeps refusing (e.g. KV fragmentation) is not re-placed there in a tight loop;
+        meanwhile its resources stay reserved where it failed. A delayed report about an
+        attempt that was superseded meanwhile is dropped.
+        """
+        if not session.is_live:
+            return
+        if isinstance(report.body, Broken) and report.body.retryable:
+            rid = report.request_id
+            count = self._retryable_failures.get(rid, 0) + 1
+            self._retryable_failures[rid] = count
+            if count > 1:
+                delay_s = min(RETRY_BASE_S * 2 ** (count - 2), RETRY_MAX_S)
+                attempt = self._state.attempts.get(rid, 0)  # a read of the tick thread's int
+                delayed = replace(report, attempt=attempt)
+                asyncio.get_running_loop().call_later(delay_s, self._deliver, delayed)
+                return
+        self._deliver(report)
+
+    def _deliver(self, report: AgentReport) -> None:
+        if not self._stopping:
             self._happenings.append(report)
             self._wake.set()
 
@@ -363,8 +390,11 @@ class Runtime:
             )
         if not view.state.is_terminal:
             self._views[rid] = view
+            if view.output_tokens > (previous.output_tokens if previous else 0):
+                self._retryable_failures.pop(rid, None)  # progress: no longer failing in a row
             return
         self._views.pop(rid, None)
+        self._retryable_failures.pop(rid, None)
         log = self._logs.pop(rid, None)
         if log is not None:
             grown = len(log.ids) - log.committed

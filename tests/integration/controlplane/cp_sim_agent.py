@@ -55,6 +55,7 @@ class SimAgent:
         transfer_s: float = 0.004,
         token_s: float = 0.002,
         on_command: Callable[[cluster_pb2.Command], None] | None = None,
+        fail_prefills: int = 0,
     ) -> None:
         self.target = target
         self.node_id = node_id
@@ -63,6 +64,8 @@ class SimAgent:
         self.chunk_s, self.transfer_s, self.token_s = chunk_s, transfer_s, token_s
         self.on_command = on_command
         self.commands: list[cluster_pb2.Command] = []
+        self.command_times: list[float] = []  # monotonic receipt time of each command
+        self.fail_prefills = fail_prefills  # refuse this many prefills (retryable failure)
         self.registered: cluster_pb2.Registered | None = None
         self.resident: list[str] = []
         self._work: dict[str, _Work] = {}
@@ -155,6 +158,7 @@ class SimAgent:
                     break
                 if message.WhichOneof("body") == "command":
                     self.commands.append(message.command)
+                    self.command_times.append(time.monotonic())
                     if self.on_command is not None:
                         self.on_command(message.command)
                     self._execute(message.command)
@@ -180,7 +184,11 @@ class SimAgent:
             self._cancel_work(p.request_id)
             self._work[p.request_id] = work
             PROMPTS[p.request_id] = work.prompt
-            if self._owns(p.instance_ids[0]):
+            if self._owns(p.instance_ids[0]) and self.fail_prefills > 0:
+                self.fail_prefills -= 1
+                failed = cluster_pb2.Failed(error="DOES_NOT_FIT (simulated)", retryable=True)
+                self._event(p.request_id, p.instance_ids[0], failed=failed)
+            elif self._owns(p.instance_ids[0]):
                 work.task = asyncio.create_task(self._prefill(p.request_id, work))
         elif kind == "pause":
             work = self._work.get(command.pause.request_id)

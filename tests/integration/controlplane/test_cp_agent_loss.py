@@ -97,3 +97,30 @@ async def test_reconnecting_agent_is_told_to_drop_what_it_held(tmp_path):
         await channel.close()
         await again.stop()
         await cp.stop()
+
+
+async def test_repeated_retryable_failures_back_off_then_finish(tmp_path):
+    # Prepare: the only instance refuses the first 4 prefills
+    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    agent = SimAgent(cp.target, "node-a", [("a0", GENERAL, 4096)], fail_prefills=4)
+    await agent.start()
+    channel = grpc.aio.insecure_channel(cp.target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        # Execute
+        rid = (await stub.Submit(submit_request([1, 2, 3], 3))).request_id
+        views = await wait_all_final(stub, [rid])
+        # Assert
+        starts = [
+            t
+            for c, t in zip(agent.commands, agent.command_times, strict=True)
+            if c.WhichOneof("kind") == "start_prefill"
+        ]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        assert views[rid].state == common_pb2.REQUEST_STATE_FINISHED
+        assert len(starts) == 5 and views[rid].output_tokens == 3
+        assert gaps[2] >= 0.1 and gaps[3] >= 0.2  # 3rd and 4th failure backed off
+    finally:
+        await channel.close()
+        await agent.stop()
+        await cp.stop()
