@@ -280,3 +280,33 @@ def test_elastic_short_decode_pool_shrinks_when_idle_and_grows_when_shorts_wait(
     assert max(sizes) == initial
     run_until_idle(dp, policy)
     assert len(actions_of(dp, act.TransferKV)) == 8
+
+
+def test_aged_long_holds_instances_as_they_free_up_and_shorts_keep_the_rest() -> None:
+    # Prepare: three shorts of 3, 2 and 1 chunks occupy the three general instances
+    policy = make_policy(
+        "pecsched",
+        instances=cluster(3, num_decode=1),
+        chunk_tokens=1_000,
+        long_aging_s=0.0,
+        preemption=False,
+    )
+    dp = FakeDataPlane(policy)
+    for name, prompt in (("A", 2_500), ("B", 1_500), ("C", 500)):
+        dp.submit(make_request(name, prompt_tokens=prompt))
+    dp.step()
+    host = {n: policy.request_view(n).prefill_instance_ids[0] for n in "ABC"}
+
+    # Execute: the long (aged at once) needs two instances; a short D arrives with it
+    dp.submit(make_request("long", prompt_tokens=150_000, max_new_tokens=2, arrival_s=1.0))
+    dp.submit(make_request("D", prompt_tokens=500, arrival_s=1.0))
+    first = dp.step()  # C's instance is free: the long holds it, D may not take it
+    second = dp.step()  # B's instance is free too: the long starts on both
+    third = dp.step()  # A's instance is free: D starts there
+
+    # Assert
+    assert not [a for a in first.actions if isinstance(a, act.StartPrefill)]
+    (start,) = [a for a in second.actions if isinstance(a, act.StartPrefill)]
+    assert start.request_id == "long" and set(start.instance_ids) == {host["B"], host["C"]}
+    (d_start,) = [a for a in third.actions if isinstance(a, act.StartPrefill)]
+    assert d_start.request_id == "D" and d_start.instance_ids == (host["A"],)
