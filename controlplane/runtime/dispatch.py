@@ -37,12 +37,16 @@ from controlplane.telemetry import TraceContext
 _K = RequestEventKind
 
 
+TRANSFER_GRACE_S = 1.0  # the runtime gives up at 1.5 x the agents' timeout + this
+
+
 def commands_for(
     action: Action,
     state: RuntimeState,
     *,
     sp_kind: SpKind,
     transfer_timeout_s: float,
+    now_s: float,
     trace: TraceContext | None,
 ) -> list[AgentCommand]:
     """The commands carrying out `action` (updates transfer and attempt bookkeeping)."""
@@ -78,7 +82,8 @@ def commands_for(
             state.attempts[rid] += 1
             transfer_id = f"{rid}/t{state.attempts[rid]}"
             src, dst = action.src_instance_id, action.dst_instance_id
-            state.transfers[transfer_id] = TransferInfo(rid, src, dst)
+            expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
+            state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
             order = TransferOrder(
                 rid,
                 transfer_id,

@@ -42,6 +42,7 @@ class TransferInfo:
     request_id: str
     source_instance_id: str
     destination_instance_id: str
+    expires_s: float  # no DONE/FAILED by then (1.5 x timeout + grace): the runtime fails it
 
 
 class RuntimeState:

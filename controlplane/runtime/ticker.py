@@ -36,7 +36,7 @@ from controlplane.runtime.inputs import (
     TickOutput,
 )
 from controlplane.runtime.intake import Intake
-from controlplane.runtime.reports import AgentReport
+from controlplane.runtime.reports import AgentReport, TransferProgress, TransferStatus
 from controlplane.runtime.state import RequestInputs, RuntimeState
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import NotFound
@@ -93,6 +93,8 @@ class Ticker:
                 else:
                     self._flush(intake, events)
                     down |= self._leave(item, now, events)
+            self._flush(intake, events)
+            self._expire_transfers(now, intake)
             self._flush(intake, events)
             events.extend(arrivals)
             self._touch(tick.heartbeats)
@@ -184,6 +186,27 @@ class Ticker:
                 self.state.instance_node.pop(iid, None)
                 events.append(InstanceDown(iid, now, leave.reason))
         return True
+
+    def _expire_transfers(self, now: float, intake: Intake) -> None:
+        """Fail KV transfers no agent reported on within their timeout (plus grace)."""
+        st = self.state
+        for transfer_id, info in list(st.transfers.items()):
+            if info.expires_s <= now:
+                report = AgentReport(
+                    "",
+                    info.request_id,
+                    info.source_instance_id,
+                    TransferProgress(
+                        transfer_id,
+                        TransferStatus.FAILED,
+                        info.destination_instance_id,
+                        0,
+                        0.0,
+                        "no transfer report within the timeout",
+                    ),
+                    now,
+                )
+                intake.add(report)
 
     def _touch(self, heartbeats: dict[str, float]) -> None:
         for node_id, at_s in heartbeats.items():
@@ -296,6 +319,7 @@ class Ticker:
                         st,
                         sp_kind=self.policy.config.sp_kind,
                         transfer_timeout_s=self._transfer_timeout_s,
+                        now_s=now,
                         trace=span.context,
                     )
                 )

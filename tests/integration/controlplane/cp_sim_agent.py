@@ -56,6 +56,7 @@ class SimAgent:
         token_s: float = 0.002,
         on_command: Callable[[cluster_pb2.Command], None] | None = None,
         fail_prefills: int = 0,
+        lose_transfers: int = 0,
     ) -> None:
         self.target = target
         self.node_id = node_id
@@ -66,6 +67,7 @@ class SimAgent:
         self.commands: list[cluster_pb2.Command] = []
         self.command_times: list[float] = []  # monotonic receipt time of each command
         self.fail_prefills = fail_prefills  # refuse this many prefills (retryable failure)
+        self.lose_transfers = lose_transfers  # never report this many KV transfers
         self.registered: cluster_pb2.Registered | None = None
         self.resident: list[str] = []
         self._work: dict[str, _Work] = {}
@@ -202,7 +204,9 @@ class SimAgent:
                 work.resume.set()
         elif kind == "transfer_kv":
             t = command.transfer_kv
-            if self._owns(t.source_instance_id):
+            if self._owns(t.source_instance_id) and self.lose_transfers > 0:
+                self.lose_transfers -= 1
+            elif self._owns(t.source_instance_id):
                 asyncio.create_task(self._transfer(t))
         elif kind == "start_decode":
             d = command.start_decode

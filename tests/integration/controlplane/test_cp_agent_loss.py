@@ -8,6 +8,7 @@ import grpc
 import pytest
 from cp_harness import (
     GENERAL,
+    SHORT_DECODE,
     generate_all,
     make_config,
     migrated_db,
@@ -120,6 +121,35 @@ async def test_repeated_retryable_failures_back_off_then_finish(tmp_path):
         assert views[rid].state == common_pb2.REQUEST_STATE_FINISHED
         assert len(starts) == 5 and views[rid].output_tokens == 3
         assert gaps[2] >= 0.1 and gaps[3] >= 0.2  # 3rd and 4th failure backed off
+    finally:
+        await channel.close()
+        await agent.stop()
+        await cp.stop()
+
+
+async def test_a_kv_transfer_nobody_reports_on_is_failed_and_retried(tmp_path):
+    # Prepare: pecsched disaggregates shorts; the first transfer is never reported
+    config = make_config(migrated_db(tmp_path), policy="pecsched", kv_transfer_timeout_s=0.2)
+    cp = await start_control_plane(config)
+    agent = SimAgent(
+        cp.target,
+        "node-a",
+        [("g0", GENERAL, 4096), ("d0", SHORT_DECODE, 4096)],
+        lose_transfers=1,
+    )
+    await agent.start()
+    channel = grpc.aio.insecure_channel(cp.target)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        # Execute
+        rid = (await stub.Submit(submit_request([1, 2, 3], 3))).request_id
+        views = await wait_all_final(stub, [rid])
+        # Assert
+        transfers = [c for c in agent.commands if c.WhichOneof("kind") == "transfer_kv"]
+        assert len(transfers) == 2
+        assert views[rid].state == common_pb2.REQUEST_STATE_FINISHED
+        kinds = [e.kind.value for e in cp.repo.list_events(rid)]
+        assert kinds.count("kv_transfer_failed") == 1 and "kv_transfer_done" in kinds
     finally:
         await channel.close()
         await agent.stop()
