@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pecsched.cluster import ClusterSpec, LocalCluster
     from sdk.types import ClusterSnapshot
 
+AGENT_DRAIN_ARGS = ("--drain-timeout", "5")
 DEFAULT_TRACES = (
     "../shared/traces/AzureLLMInferenceTrace_code.csv",
     "../shared/traces/AzureLLMInferenceTrace_conv.csv",
@@ -96,12 +97,17 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         port=args.port,
         policy=args.policy,
         config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
-        agents=(AgentSpec("local", roles, model, args.device, args.kv_budget),),
+        # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
+        agents=(
+            AgentSpec(
+                "local", roles, model, args.device, args.kv_budget, extra_args=AGENT_DRAIN_ARGS
+            ),
+        ),
     )
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT arrived."""
+class _Stop(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived (a KeyboardInterrupt, so asyncio and threads let it through)."""
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:

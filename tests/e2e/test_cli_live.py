@@ -56,7 +56,7 @@ def test_submit_status_list_cancel(tiny_cluster: Cluster, reference: Reference) 
     # A long generation, cancelled while it runs.
     started = _cli(
         tiny_cluster, "submit", "--token-ids", ",".join(map(str, prompt_ids(901, 50))),
-        "--max-tokens", "3000", "--no-wait", "--json",
+        "--max-tokens", "1900", "--no-wait", "--json",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     rid = json.loads(started.stdout)["request_id"]
