@@ -156,3 +156,17 @@ def test_cli_rejects_unknown_model_naming_it(
 
     assert code == 2
     assert "gpt-9" in capsys.readouterr().err
+
+
+def test_batch_window_merges_rounds_and_keeps_event_times() -> None:
+    config = SchedulerConfig(num_long_reserved_instances=2)
+    exact = run_policy(_workload(), ClusterSpec(8, COST), "pecsched", config, 0)
+    windowed = run_policy(
+        _workload(), ClusterSpec(8, COST), "pecsched", config, 0, batch_window_s=0.05
+    )
+
+    assert windowed.result.schedule_calls < exact.result.schedule_calls
+    assert not np.isnan(windowed.run.records.finished_s).any()
+    # Decisions wait at most one window per round, so delays grow only a little.
+    exact_p50 = exact.result.summary.short.ttft_s["p50"]
+    assert windowed.result.summary.short.ttft_s["p50"] == pytest.approx(exact_p50, abs=0.2)
