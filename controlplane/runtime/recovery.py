@@ -59,6 +59,7 @@ def recover(ticker: Ticker, now_s: float) -> tuple[dict[str, TokenLog], list[Req
                 ),
                 log,
             )
+            st.requeues_of[rid] = view.num_requeues + int(was_running)
             st.carry[rid] = Carryover(
                 view.num_preemptions, view.num_requeues + int(was_running), view.paused_total_s
             )

@@ -54,6 +54,7 @@ class RuntimeState:
         self.carry: dict[str, Carryover] = {}  # recovered request -> earlier counters
         self.traces: dict[str, TraceContext] = {}  # request -> its submit span's context
         self.state_of: dict[str, RequestState] = {}  # request -> last persisted state
+        self.requeues_of: dict[str, int] = {}  # request -> last persisted num_requeues
         self.placement: dict[str, frozenset[str]] = {}  # request -> instances of its work
         self.gen_base: dict[str, int] = {}  # request -> tokens known at its last StartPrefill
         self.attempts: Counter[str] = Counter()  # request -> prefills/transfers started
@@ -68,6 +69,7 @@ class RuntimeState:
         self.logs[request_id] = log
         self.inputs[request_id] = inputs
         self.state_of[request_id] = RequestState.QUEUED
+        self.requeues_of[request_id] = 0
         self.tenant_active[inputs.tenant] += 1
 
     def settle(self, view: RequestView) -> None:
@@ -75,6 +77,7 @@ class RuntimeState:
         rid = view.request_id
         if not view.state.is_terminal:
             self.state_of[rid] = view.state
+            self.requeues_of[rid] = view.num_requeues
             self.placement[rid] = frozenset(view.instance_ids)
             return
         inputs = self.inputs.pop(rid, None)
@@ -86,6 +89,7 @@ class RuntimeState:
         self.carry.pop(rid, None)
         self.traces.pop(rid, None)
         self.state_of.pop(rid, None)
+        self.requeues_of.pop(rid, None)
         self.placement.pop(rid, None)
         self.gen_base.pop(rid, None)
         self.attempts.pop(rid, None)

@@ -243,10 +243,10 @@ class Ticker:
         timeline = list(intake.timeline)
         self._decide(tick, decision, views, timeline, out)
         for rid, view in views.items():
-            prev = st.state_of.get(rid)
-            if view.state is _S.QUEUED and prev not in (None, _S.QUEUED):
+            requeued = view.num_requeues - st.requeues_of.get(rid, view.num_requeues)
+            for _ in range(max(0, requeued)):  # may be placed again within the same tick
                 timeline.append(RequestEvent(rid, _K.REQUEUED, now, None, {"reason": "requeued"}))
-            elif view.state is _S.FINISHED:
+            if view.state is _S.FINISHED:
                 details: dict[str, DetailValue] = {"output_tokens": view.output_tokens}
                 timeline.append(RequestEvent(rid, _K.FINISHED, now, None, details))
             elif view.state is _S.CANCELLED:
