@@ -123,3 +123,32 @@ def sdpa_attention(
         ob = F.scaled_dot_product_attention(qb, kh, vh, attn_mask=visible, enable_gqa=rep > 1)
         outs.append(ob[0].transpose(0, 1))  # (1, h, nb, d) -> (nb, h, d)
     return torch.cat(outs, dim=0)
+
+
+def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention where the n queries are the last n of the m keys (chunked prefill).
+
+    On CPU, two fused calls without an explicit mask — history keys [0, m - n) fully visible,
+    chunk keys causal — merged by LSE; an (n, m) mask costs more than the attention itself at
+    small head dims. Elsewhere one masked SDPA call. q (n, h, d), k/v (m, g, d) -> (n, h, d).
+    """
+    n, m = q.shape[0], k.shape[0]
+    if q.device.type != "cpu" or n == 0:
+        q_pos = torch.arange(m - n, m, device=q.device)
+        return sdpa_attention(q, k, v, q_pos, torch.arange(m, device=q.device))
+    rep = _check(q, k, v, torch.zeros(n), torch.zeros(m))
+    qh = q.transpose(0, 1)[None]  # (n, h, d) -> (1, h, n, d)
+    kh, vh = _expand_kv(k, rep)[None], _expand_kv(v, rep)[None]  # (m, g, d) -> (1, h, m, d)
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out_new, lse_new = fused(qh, kh[:, :, m - n :], vh[:, :, m - n :], 0.0, True)
+    if m == n:
+        only_new: torch.Tensor = out_new[0].transpose(0, 1)  # (1, h, n, d) -> (n, h, d)
+        return only_new
+    out_old, lse_old = fused(qh, kh[:, :, : m - n], vh[:, :, : m - n], 0.0, False)
+    out, _ = merge_partials(
+        out_old[0].transpose(0, 1).float(),  # (1, h, n, d) -> (n, h, d)
+        lse_old[0].transpose(0, 1),  # (1, h, n) -> (n, h)
+        out_new[0].transpose(0, 1).float(),
+        lse_new[0].transpose(0, 1),
+    )
+    return out.to(q.dtype)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from dataplane.parallel.attention import sdpa_attention
+from dataplane.parallel.attention import causal_suffix_attention
 from dataplane.parallel.groups import Group
 from dataplane.parallel.topology import HeadShard, offsets
 
@@ -139,18 +139,14 @@ def attend_own_heads(
 
     qh: (n, h_r, d); keys, values: (L + n, g_r, d); rep = query heads per KV head (GQA).
     """
-    num_past = keys.shape[0] - qh.shape[0]
-    device = qh.device
-    q_pos = torch.arange(num_past, keys.shape[0], device=device)
-    k_pos = torch.arange(keys.shape[0], device=device)
     whole_groups = shard.num_q_heads % rep == 0 and shard.q_lo % rep == 0
     if whole_groups or shard.num_kv_heads == 1:
-        return sdpa_attention(qh, keys, values, q_pos, k_pos)  # SDPA's GQA mapping is exact
+        return causal_suffix_attention(qh, keys, values)  # the GQA mapping is exact
     # A partial GQA group: map each query head to its KV head explicitly.
     kv_index = torch.tensor(
-        [h // rep - shard.kv_lo for h in range(shard.q_lo, shard.q_hi)], device=device
+        [h // rep - shard.kv_lo for h in range(shard.q_lo, shard.q_hi)], device=qh.device
     )
-    return sdpa_attention(qh, keys[:, kv_index], values[:, kv_index], q_pos, k_pos)
+    return causal_suffix_attention(qh, keys[:, kv_index], values[:, kv_index])
 
 
 def ulysses_decode_attention(
