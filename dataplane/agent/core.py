@@ -15,6 +15,7 @@ once the destination holds all the KV, ...) are documented in `dataplane.agent.c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Protocol
@@ -29,6 +30,8 @@ from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2
 
 MAX_BUFFERED_EVENTS = 100_000
+
+log = logging.getLogger("pecsched.agent")
 
 
 class Ports(Protocol):
@@ -219,6 +222,13 @@ class AgentCore:
     def _on_report(self, index: int, report: m.WorkerReport) -> None:
         if isinstance(report, m.Ready):
             self.ready[index] = report
+            log.info(
+                "worker %s ready: pid %d, %d KV tokens, %s",
+                self.instance_id(index),
+                report.pid,
+                report.kv_capacity_tokens,
+                report.device,
+            )
             return
         if isinstance(report, m.Load):
             self.loads[index] = report

@@ -109,6 +109,7 @@ class Ready:
     kv_capacity_tokens: int  # rows in the KV pool
     device: str  # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
     eos_token_ids: tuple[int, ...]  # the model's end-of-sequence tokens
+    pid: int  # the worker's process id (logged by the agent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ whenever something changed) a `Load`. Idle, it blocks on the command pipe for up
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     runtime = WorkerRuntime(engine, spec.member_id, manager_for)
     eos = engine.model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids))
+    reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids, os.getpid()))
     last_load_s, last_load = 0.0, None
     try:
         while True:

@@ -23,7 +23,7 @@ from dataplane.engine.engine import Engine
 from dataplane.engine.errors import EngineError, EngineErrorCode
 from dataplane.engine.requests import RequestState
 from dataplane.engine.types import KVMetadata
-from dataplane.parallel.groups import GroupManager, GroupSpec
+from dataplane.parallel.groups import GroupError, GroupManager, GroupSpec
 from dataplane.parallel.kv_transfer import KVReceiver, KVSender, TransferState
 from dataplane.worker import messages as m
 from dataplane.worker.sp_jobs import SpJobs

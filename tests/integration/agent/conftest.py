@@ -35,6 +35,25 @@ class Reference:
         self._engine = Engine(self.model, EngineConfig(kv_budget_bytes=budget))
         self._n = 0
 
+    def transformers_greedy(self, directory: Path, prompt: list[int], num_tokens: int) -> list[int]:
+        """`transformers`' greedy continuation on the same weights (exported to `directory`)."""
+        from transformers import AutoModelForCausalLM
+
+        from dataplane.models.loading import export_hf_directory
+
+        export_hf_directory(self.model, directory)
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.int64),
+                max_new_tokens=num_tokens,
+                min_new_tokens=num_tokens,
+                do_sample=False,
+            )
+        tokens: list[int] = out[0, len(prompt) :].tolist()
+        return tokens
+
     def greedy(self, prompt: list[int], num_tokens: int) -> list[int]:
         """The engine's greedy continuation (one request alone, default chunking)."""
         self._n += 1

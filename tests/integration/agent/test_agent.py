@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from conftest import LiveAgent, Reference, prompt
@@ -69,12 +70,13 @@ def test_register_heartbeats_and_api_key(live: LiveAgent) -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
-def test_chunked_prefill_and_decode_in_place_equal_the_engine(
-    live: LiveAgent, reference: Reference
+def test_chunked_prefill_and_decode_in_place_equal_the_engine_and_transformers(
+    live: LiveAgent, reference: Reference, tmp_path: Path
 ) -> None:
     # Prepare
     tokens = prompt(1, 50)
     expected = reference.greedy(tokens, 12)
+    assert expected == reference.transformers_greedy(tmp_path, tokens, 12)
     # Execute
     live.cp.command(**start("inplace", tokens, "n1/0", 12, chunk_tokens=16))
     end = live.cp.wait_end("inplace")

@@ -45,7 +45,7 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
     log = (tmp_path / "agent.log").open("w")
     agent = subprocess.Popen(
         [sys.executable, "-m", "dataplane", "agent", "--controlplane", f"127.0.0.1:{port}",
-         "--workers", "1", "--model", "tiny", "--node-id", "n2", "--drain-timeout", "60"],
+         "--workers", "1", "--model", "tiny", "--node-id", "n2", "--drain-timeout", "6"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     cp2 = ScriptedControlPlane(heartbeat_interval_s=0.2)
@@ -71,8 +71,11 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
         cp2.wait_for(lambda: _kv_used(cp2) == 0, 30, "dropped KV to be freed")
         assert not cp2.events("held"), "a dropped request reports nothing"
 
-        # Execute 2: SIGTERM while one request decodes and one is paused
+        # Execute 2: SIGTERM while one request decodes, one is paused and one is held for a
+        # transfer that never comes (it keeps the drain waiting until its deadline)
         tokens = prompt(22, 12)
+        cp2.command(**_start("held-in-drain", prompt(24, 20), 5, in_place=False))
+        cp2.wait_event("held-in-drain", "prefill_done")
         cp2.command(**_start("drain-me", tokens, 200))
         cp2.command(**_start("paused", prompt(23, 400), 5))
         cp2.command(pause=cluster_pb2.Pause(request_id="paused"))
@@ -90,6 +93,8 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
         assert cp2.output("drain-me") == reference.greedy(tokens, 200)
         refused = cp2.wait_event("too-late", "failed").failed
         assert refused.retryable and "draining" in refused.error
+        at_deadline = cp2.wait_event("held-in-drain", "failed").failed
+        assert at_deadline.retryable and "drained" in at_deadline.error
     finally:
         if agent.poll() is None:
             os.kill(agent.pid, signal.SIGKILL)

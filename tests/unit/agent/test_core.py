@@ -1,0 +1,228 @@
+"""AgentCore without processes: routing, event de-duplication, buffering across reconnects,
+registration, heartbeats, drain and worker death. Ports record what the core sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dataplane.agent.config import AgentConfig
+from dataplane.agent.core import AgentCore
+from dataplane.agent.link import Connected, ControlIn, Disconnected
+from dataplane.agent.supervisor import WorkerDied, WorkerSaid
+from dataplane.worker import messages as m
+from protos.pecsched.v1 import cluster_pb2
+
+
+@dataclass
+class RecordingPorts:
+    """Records worker commands, respawns and wire messages; every send succeeds."""
+
+    worker: list[tuple[int, m.WorkerCommand]] = field(default_factory=list)
+    respawned: list[int] = field(default_factory=list)
+    wire: list[cluster_pb2.AgentMessage] = field(default_factory=list)
+
+    def send_worker(self, index: int, cmd: m.WorkerCommand) -> bool:
+        self.worker.append((index, cmd))
+        return True
+
+    def respawn(self, index: int) -> None:
+        self.respawned.append(index)
+
+    def send_wire(self, epoch: int, message: cluster_pb2.AgentMessage) -> bool:
+        self.wire.append(message)
+        return True
+
+    def events(self) -> list[cluster_pb2.Event]:
+        return [w.event for w in self.wire if w.HasField("event")]
+
+
+def make_core(num_workers: int = 2) -> tuple[AgentCore, RecordingPorts]:
+    config = AgentConfig(
+        controlplane="127.0.0.1:1",
+        device="cpu",
+        num_workers=num_workers,
+        model="tiny",
+        roles=("general",) * num_workers,
+        kv_budget=None,
+        node_id="n1",
+        api_key=None,
+        drain_timeout_s=5.0,
+    )
+    ports = RecordingPorts()
+    core = AgentCore(config, ports, "127.0.0.1:9", "test", list(range(num_workers)))
+    for i in range(num_workers):
+        core.handle(WorkerSaid(i, 0, m.Ready(100, "cpu", (), 1000 + i)))
+    return core, ports
+
+
+def attach(core: AgentCore, epoch: int = 1, drop: tuple[str, ...] = ()) -> None:
+    core.handle(Connected(epoch))
+    registered = cluster_pb2.Registered(heartbeat_interval_s=0.5, drop_request_ids=drop)
+    core.handle(ControlIn(epoch, cluster_pb2.ControlMessage(registered=registered)))
+
+
+def command(core: AgentCore, epoch: int = 1, **kind: object) -> None:
+    msg = cluster_pb2.ControlMessage(command=cluster_pb2.Command(**kind))  # type: ignore[arg-type]
+    core.handle(ControlIn(epoch, msg))
+
+
+def prefill(core: AgentCore, rid: str, instances: list[str], **extra: object) -> None:
+    fields: dict[str, object] = {
+        "request_id": rid,
+        "prompt_token_ids": [1, 2, 3],
+        "instance_ids": instances,
+        "max_new_tokens": 4,
+        "decode_in_place": True,
+        **extra,
+    }
+    command(core, start_prefill=cluster_pb2.StartPrefill(**fields))  # type: ignore[arg-type]
+
+
+def test_register_then_buffered_events_flow_after_registered() -> None:
+    # Prepare
+    core, ports = make_core()
+    # Execute: an event before any stream, then attach
+    core.handle(Connected(1))
+    prefill(core, "r", ["n1/0"])
+    core.handle(WorkerSaid(0, 0, m.Tokens("r", 0, (7,))))
+    assert not ports.events(), "nothing is sent before Registered"
+    attach(core, 1)
+    # Assert
+    assert ports.wire[0].HasField("register")
+    assert [i.instance_id for i in ports.wire[0].register.instances] == ["n1/0", "n1/1"]
+    assert ports.wire[0].register.rendezvous_address == "127.0.0.1:9"
+    assert [e.tokens.token_ids[0] for e in ports.events()] == [7]
+    assert [w.seq for w in ports.wire] == sorted({w.seq for w in ports.wire})
+
+
+def test_reconnect_registers_resident_requests_and_drops_what_the_cp_lists() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core, 1)
+    prefill(core, "keep", ["n1/0"])
+    prefill(core, "drop", ["n1/1"])
+    # Execute
+    core.handle(Disconnected(1, "gone"))
+    core.handle(WorkerSaid(0, 0, m.Tokens("keep", 0, (5,))))
+    attach(core, 2, drop=("drop",))
+    # Assert
+    registers = [w.register for w in ports.wire if w.HasField("register")]
+    assert list(registers[1].resident_request_ids) == ["drop", "keep"]
+    assert (1, m.Cancel("drop", silent=True)) in ports.worker
+    assert "drop" not in core.routes
+    assert [e.request_id for e in ports.events()] == ["keep"], "buffered event re-sent"
+
+
+def test_offsets_after_requeue_and_prompt_length() -> None:
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"], generated_token_ids=[9, 9])
+    sent = ports.worker[-1][1]
+    assert isinstance(sent, m.Prefill)
+    assert sent.prompt_token_ids == (1, 2, 3, 9, 9) and sent.sampling.max_new_tokens == 2
+    core.handle(WorkerSaid(0, 0, m.PrefillDone("r", 5, 4)))
+    core.handle(WorkerSaid(0, 0, m.Tokens("r", 0, (4,))))
+    core.handle(WorkerSaid(0, 0, m.Finished("r", 2, "length")))
+    done, tokens, finished = ports.events()
+    assert done.prefill_done.prompt_tokens == 3
+    assert tokens.tokens.start_index == 2
+    assert finished.finished.output_tokens == 4
+
+
+def test_cancel_answers_once_after_every_holder_replied() -> None:
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "sp", ["n1/0", "n1/1"])
+    command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="sp"))
+    assert {i for i, c in ports.worker if c == m.Cancel("sp")} == {0, 1}
+    core.handle(WorkerSaid(0, 0, m.Cancelled("sp")))
+    assert not ports.events()
+    core.handle(WorkerSaid(1, 0, m.Cancelled("sp")))
+    core.handle(WorkerSaid(1, 0, m.Cancelled("sp")))
+    assert [e.WhichOneof("kind") for e in ports.events()] == ["cancelled"]
+
+
+def test_transfer_events_transferring_from_source_done_from_destination_failed_once() -> None:
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"], decode_in_place=False)
+    transfer = cluster_pb2.TransferKv(
+        request_id="r", transfer_id="t", source_instance_id="n1/0", destination_instance_id="n1/1"
+    )
+    command(core, transfer_kv=transfer)
+    sends = [c for _, c in ports.worker if isinstance(c, m.SendKv | m.RecvKv)]
+    assert [type(c).__name__ for c in sends] == ["SendKv", "RecvKv"]
+    assert sends[0].group_id == "kv/t" and sends[0].store_address == "127.0.0.1:9"
+    core.handle(WorkerSaid(0, 0, m.TransferUpdate("r", "t", "transferring", True, 0, 0.0, "")))
+    core.handle(WorkerSaid(0, 0, m.TransferUpdate("r", "t", "done", True, 10, 0.1, "")))
+    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "done", False, 10, 0.1, "")))
+    states = [e.kv_transfer.state for e in ports.events()]
+    assert states == [2, 3]  # TRANSFERRING, DONE
+    assert all(e.instance_id == "n1/0" for e in ports.events())
+    assert core.routes["r"].workers == {1}
+    command(core, start_decode=cluster_pb2.StartDecode(request_id="r", transfer_id="t"))
+    assert ports.worker[-1] == (1, m.StartDecode("r"))
+
+
+def test_worker_death_fails_its_requests_and_respawns() -> None:
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "a", ["n1/0"])
+    prefill(core, "b", ["n1/1"])
+    core.handle(WorkerDied(1, 0, -9))
+    core.handle(WorkerSaid(1, 0, m.Tokens("b", 0, (1,))))  # a late report of the dead process
+    (failed,) = ports.events()
+    assert failed.request_id == "b" and failed.failed.retryable and "died" in failed.failed.error
+    assert ports.respawned == [1] and "a" in core.routes
+
+
+def test_drain_hands_back_paused_work_refuses_new_and_finishes() -> None:
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "paused", ["n1/0"])
+    core.handle(WorkerSaid(0, 0, m.Paused("paused", 1)))
+    prefill(core, "running", ["n1/1"])
+    core.start_drain(100.0)
+    prefill(core, "new", ["n1/0"])
+    core.tick(101.0)
+    assert not core.finished
+    core.handle(WorkerSaid(1, 0, m.Finished("running", 4, "length")))
+    core.tick(102.0)
+    assert core.finished
+    failed = {e.request_id: e.failed for e in ports.events() if e.HasField("failed")}
+    assert failed["paused"].retryable and "draining" in failed["paused"].error
+    assert failed["new"].retryable and "draining" in failed["new"].error
+
+
+def test_heartbeat_reports_busy_time_since_the_previous_one() -> None:
+    core, ports = make_core()
+    attach(core)
+    core.handle(WorkerSaid(0, 0, m.Load(30, 1, 2.0, ("x",))))
+    core.tick(10.0)
+    core.handle(WorkerSaid(0, 0, m.Load(30, 1, 2.5, ("x",))))
+    core.tick(10.1)  # before the interval: no heartbeat
+    core.tick(10.6)
+    beats = [w.heartbeat for w in ports.wire if w.HasField("heartbeat")]
+    assert len(beats) == 2
+    assert [b.loads[0].busy_s for b in beats] == [2.0, 0.5]
+    assert beats[0].loads[0].kv_used_tokens == 30 and beats[0].loads[1].kv_used_tokens == 0
+
+
+def test_invalid_commands_become_failed_events() -> None:
+    core, ports = make_core()
+    attach(core)
+    command(core)  # no kind
+    prefill(core, "", ["n1/0"])
+    command(core, pause=cluster_pb2.Pause(request_id="nobody"))
+    command(
+        core,
+        colocate=cluster_pb2.Colocate(
+            prefill=cluster_pb2.StartPrefill(request_id="c", prompt_token_ids=[1]),
+            iteration_prefill_budget_tokens=0,
+        ),
+    )
+    errors = [(e.request_id, e.failed.error, e.failed.retryable) for e in ports.events()]
+    assert errors[0][1].startswith("command: command has no known kind")
+    assert "request_id must not be empty" in errors[1][1]
+    assert errors[2][0] == "nobody" and errors[2][2] is True
+    assert errors[3][0] == "c" and "iteration_prefill_budget_tokens" in errors[3][1]
