@@ -1,0 +1,79 @@
+"""The runtime over the in-memory repository: group commit, recovery, fail-stop on DB errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controlplane.config import Config
+from controlplane.core.policies.registry import make_policy
+from controlplane.core.types import RequestClass, RequestSpec, RequestState
+from controlplane.runtime.clock import SystemClock
+from controlplane.runtime.inputs import PendingSubmit
+from controlplane.runtime.loop import Runtime
+from controlplane.store.errors import Unavailable
+from controlplane.store.memory import InMemoryRepository
+from controlplane.store.records import NewRequest
+from controlplane.telemetry import Telemetry
+
+
+class FaultyRepository(InMemoryRepository):
+    """The in-memory repository, made to fail `update_requests` on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_updates = False
+
+    def update_requests(self, views):  # type: ignore[no-untyped-def]
+        if self.fail_updates:
+            raise Unavailable("database unavailable: disk full")
+        super().update_requests(views)
+
+
+def _pending(i: int) -> PendingSubmit:
+    spec = RequestSpec(f"r{i}", "t", 3, 2, 0, 1000.0 + i)
+    return PendingSubmit(NewRequest(spec, RequestClass.SHORT, [1, 2, 3]), None)
+
+
+def _runtime(repo: InMemoryRepository) -> Runtime:
+    config = Config(tick_interval_s=0.02)
+    return Runtime(config, make_policy("fifo"), repo, Telemetry.noop(), SystemClock())
+
+
+async def test_submits_commit_together_and_recover_after_restart():
+    # Prepare
+    repo = FaultyRepository()
+    runtime = _runtime(repo)
+    await runtime.start()
+    # Execute: many concurrent submits land in few transactions
+    outcomes = await asyncio.gather(*(runtime.submit(_pending(i)) for i in range(50)))
+    await runtime.stop()
+    again = _runtime(repo)
+    recovered = await again.start()
+    # Assert
+    assert all(o.created and o.view is not None for o in outcomes)
+    assert len(repo.unfinished_requests()) == 50 and recovered == 50
+    assert again.policy.num_active_requests() == 50
+    assert runtime.metrics.tick.counts  # ticks were measured
+    ticks = sum(c[-1] for c in runtime.metrics.tick.counts.values())
+    assert ticks < 50  # group commit: fewer transactions than submits
+    await again.stop()
+
+
+async def test_a_failed_transaction_after_observe_stops_the_runtime():
+    # Prepare
+    repo = FaultyRepository()
+    runtime = _runtime(repo)
+    await runtime.start()
+    await runtime.submit(_pending(0))
+    repo.fail_updates = True
+    # Execute: the cancel makes the tick update a request, which fails
+    with pytest.raises(Unavailable):
+        await runtime.cancel("r0", "test")
+    await asyncio.wait_for(runtime.stopped.wait(), 5)
+    # Assert
+    assert isinstance(runtime.failure, Unavailable)
+    assert repo.get_request("r0").state is RequestState.QUEUED  # rolled back
+    with pytest.raises(Exception, match="shutting down"):
+        await runtime.submit(_pending(1))
