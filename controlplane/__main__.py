@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -22,14 +23,21 @@ from controlplane.config import Config, load_config
 _log = logging.getLogger("controlplane")
 
 
+def _help(name: str) -> str:
+    """The Config field's help text with its default (field metadata doubles as CLI help)."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == name)
+    default = getattr(Config(), name)
+    return f"{field.metadata['help']} (default {default})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `pecsched controlplane` (None = keep the file/env/default value)."""
-    parser.add_argument("--db", dest="db_url", metavar="URL", help="database URL")
-    parser.add_argument("--listen", metavar="ADDR", help="gRPC listen address HOST:PORT")
-    parser.add_argument("--policy", metavar="NAME", help="scheduling policy")
+    parser.add_argument("--db", dest="db_url", metavar="URL", help=_help("db_url"))
+    parser.add_argument("--listen", metavar="ADDR", help=_help("listen"))
+    parser.add_argument("--policy", metavar="NAME", help=_help("policy"))
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
-    parser.add_argument("--metrics-port", type=int, metavar="P", help="Prometheus HTTP port")
-    parser.add_argument("--otlp-endpoint", metavar="URL", help="OTLP gRPC endpoint for spans")
+    parser.add_argument("--metrics-port", type=int, metavar="P", help=_help("metrics_port"))
+    parser.add_argument("--otlp-endpoint", metavar="URL", help=_help("otlp_endpoint"))
     parser.add_argument(
         "--no-auth",
         dest="auth_enabled",
@@ -38,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept calls without API keys (local development only)",
     )
     parser.add_argument(
-        "--heartbeat-interval-s", type=float, metavar="S", help="agent heartbeat period"
+        "--heartbeat-interval-s", type=float, metavar="S", help=_help("heartbeat_interval_s")
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
