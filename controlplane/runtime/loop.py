@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from controlplane.config import Config
 from controlplane.core.policy import Policy
-from controlplane.core.types import ClusterView, RequestState, RequestView
+from controlplane.core.types import ClusterView, RequestView
 from controlplane.runtime.agents import AgentRegistry, AgentSession, Registration
 from controlplane.runtime.clock import Clock
 from controlplane.runtime.commands import AgentCommand
@@ -36,6 +36,7 @@ from controlplane.runtime.inputs import (
     TickOutput,
 )
 from controlplane.runtime.metrics import Metrics
+from controlplane.runtime.published import Published
 from controlplane.runtime.recovery import recover
 from controlplane.runtime.reports import AgentReport, Broken
 from controlplane.runtime.state import RuntimeState
@@ -87,13 +88,11 @@ class Runtime:
         self._retryable_failures: dict[
             str, int
         ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
-        self._logs: dict[str, TokenLog] = {}  # unfinished requests' output (committed part)
-        self._views: dict[str, RequestView] = {}  # committed views of unfinished requests
+        self.published = Published(self.metrics)  # committed state the readers see
         self._num_active = 0
         self._tenant_active: dict[str, int] = {}
         self._snapshot: ClusterView | None = None
         self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
-        self._finished_at: deque[float] = deque()  # finish times within the last minute
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -106,10 +105,10 @@ class Runtime:
         """Recover unfinished requests from the database and start ticking; returns how many."""
         now = self.clock.now_s()
         logs, views = await self._in_tick_thread(recover, self._ticker, now)
-        self._logs.update(logs)
+        self.published.logs.update(logs)
         for view in views:
             if not view.state.is_terminal:
-                self._views[view.request_id] = view
+                self.published.views[view.request_id] = view
         self._num_active = self.policy.num_active_requests()
         self._tenant_active = dict(self._state.tenant_active)
         self._task = asyncio.create_task(self._run(), name="pecsched-runtime")
@@ -179,14 +178,14 @@ class Runtime:
         Raises:
             StoreError: NotFound when no such request exists.
         """
-        view = self._views.get(request_id)
+        view = self.published.views.get(request_id)
         if view is not None:
             return view
         return await self._read(self.repo.get_request, request_id)
 
     def token_log(self, request_id: str) -> TokenLog | None:
         """The live output log of an unfinished request (None once finished or unknown)."""
-        return self._logs.get(request_id)
+        return self.published.logs.get(request_id)
 
     async def read_tokens(self, request_id: str, from_index: int) -> tuple[int, ...]:
         """Stored output tokens of a request from `from_index` on."""
@@ -214,8 +213,7 @@ class Runtime:
 
     def throughput_rps(self) -> float:
         """Requests finished per second over the last minute."""
-        self._trim_finished(self.clock.now_s())
-        return len(self._finished_at) / 60.0
+        return self.published.throughput_rps(self.clock.now_s())
 
     # ---- agent side ------------------------------------------------------------------------
 
@@ -337,13 +335,13 @@ class Runtime:
         cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
         now: float,
     ) -> None:
-        self._logs.update(out.new_logs)
+        self.published.logs.update(out.new_logs)
         for view in out.views:
-            self._settle(view, now)
-        for rid in out.touched_logs:
-            log = self._logs.get(rid)
-            if log is not None:
-                log.publish()
+            previous = self.published.settle(view, now)
+            grew = view.output_tokens > (previous.output_tokens if previous else 0)
+            if view.state.is_terminal or grew:  # progress: no longer failing in a row
+                self._retryable_failures.pop(view.request_id, None)
+        self.published.publish_tokens(out.touched_logs)
         self._num_active = out.num_active
         self._tenant_active = out.tenant_active
         for outcome, future in zip(out.submits, submit_futures, strict=True):
@@ -365,47 +363,13 @@ class Runtime:
             self._dispatch(command)
         if out.snapshot is not None:
             self._snapshot = out.snapshot
-            self._update_gauges(out.snapshot)
+            self.published.update_gauges(out.snapshot, len(self.agents.sessions()))
             waiters, self._snapshot_waiters = self._snapshot_waiters, []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(out.snapshot)
         if out.num_actions:
             self.metrics.decision.observe(out.decision_s)
-
-    def _settle(self, view: RequestView, now: float) -> None:
-        rid = view.request_id
-        previous = self._views.get(rid)
-        label = view.request_class.value
-        spec = view.spec
-        if view.first_scheduled_s is not None and (
-            previous is None or previous.first_scheduled_s is None
-        ):
-            self.metrics.queueing_delay.observe(
-                max(0.0, view.first_scheduled_s - spec.arrival_s), request_class=label
-            )
-        if view.first_token_s is not None and (previous is None or previous.first_token_s is None):
-            self.metrics.ttft.observe(
-                max(0.0, view.first_token_s - spec.arrival_s), request_class=label
-            )
-        if not view.state.is_terminal:
-            self._views[rid] = view
-            if view.output_tokens > (previous.output_tokens if previous else 0):
-                self._retryable_failures.pop(rid, None)  # progress: no longer failing in a row
-            return
-        self._views.pop(rid, None)
-        self._retryable_failures.pop(rid, None)
-        log = self._logs.pop(rid, None)
-        if log is not None:
-            grown = len(log.ids) - log.committed
-            if grown > 0:
-                self.metrics.tokens.inc(grown, request_class=label, kind="output")
-            log.final_state = view.state
-            log.error = view.error
-            log.publish()
-        if view.state is RequestState.FINISHED:
-            self._finished_at.append(now)
-            self.metrics.jct.observe(max(0.0, now - spec.arrival_s), request_class=label)
 
     def _dispatch(self, command: AgentCommand) -> None:
         session = self.agents.session(command.node_id)
@@ -418,22 +382,6 @@ class Runtime:
         )
         session.send(_with_trace(command, span.context))
         span.end()
-
-    def _update_gauges(self, view: ClusterView) -> None:
-        m = self.metrics
-        for stats in view.classes:
-            label = stats.request_class.value
-            m.queue_depth.set(stats.queued, request_class=label)
-            m.queued_tokens.set(stats.queued_tokens, request_class=label)
-            for state in ("prefilling", "paused", "transferring_kv", "decoding"):
-                m.requests.set(getattr(stats, state), request_class=label, state=state)
-        m.preemptions.set(view.preemptions_total)
-        m.colocations.set(view.colocations_total)
-        m.kv_transfers.set(view.kv_transfers_total)
-        m.agents.set(len(self.agents.sessions()))
-        roles: Counter[str] = Counter(i.role.value for i in view.instances)
-        for role, count in roles.items():
-            m.instances.set(count, role=role)
 
     def _abort(
         self,
@@ -483,10 +431,6 @@ class Runtime:
             raise RuntimeServiceError(
                 RuntimeErrorCode.SHUTTING_DOWN, "the control plane is shutting down"
             )
-
-    def _trim_finished(self, now: float) -> None:
-        while self._finished_at and self._finished_at[0] < now - 60.0:
-            self._finished_at.popleft()
 
     async def _in_tick_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._tick_pool, fn, *args)

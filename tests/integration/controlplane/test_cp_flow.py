@@ -84,6 +84,9 @@ async def test_generate_streams_tokens_live_and_text_prompts_use_bytes(tmp_path)
         assert submitted.prompt_tokens == len(prompt) == 6
         assert tokens == [expected_token(prompt, i) for i in range(12)]
         assert final == common_pb2.REQUEST_STATE_FINISHED
+        text = cp.runtime.metrics.render()
+        assert 'pecsched_tokens_total{kind="output",request_class="short"} 12' in text
+        assert 'pecsched_jct_seconds_count{request_class="short"} 1' in text
         page = await stub.List(inference_pb2.ListRequest(page_size=10))
         assert [r.request_id for r in page.requests] == [submitted.request_id]
     finally:
