@@ -40,8 +40,11 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sp_run(model: Any, group: Any, prompt: list[int], args: Any, kind: Any) -> tuple[float, float]:
-    """One SP prefill + decode; returns (prefill_s, decode_s_per_token) of this member."""
+def _sp_run(
+    model: Any, group: Any, prompt: list[int], args: Any, kind: Any
+) -> tuple[float, float, float]:
+    """One SP prefill + decode; returns this member's (prefill_s, decode_s_per_token,
+    prefill CPU s of this process: robust to other load on a shared machine)."""
     from dataplane.parallel.sp_runner import SpRequest
 
     sp = SpRequest(
@@ -54,19 +57,19 @@ def _sp_run(model: Any, group: Any, prompt: list[int], args: Any, kind: Any) -> 
         kind=kind,
     )
     group.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     logits = None
     while not sp.is_prefill_done:
         logits = sp.run_next_chunk()
     token = sp.share_token(None if logits is None else int(logits.argmax()))
     _sync(sp.device)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     for _ in range(NUM_DECODE_STEPS):
         token = int(sp.decode(token).argmax())
     _sync(sp.device)
     t2 = time.perf_counter()
     sp.free()
-    return t1 - t0, (t2 - t1) / NUM_DECODE_STEPS
+    return t1 - t0, (t2 - t1) / NUM_DECODE_STEPS, cpu1 - cpu0
 
 
 def _engine_run(model: Any, prompt: list[int], args: Any) -> float:
@@ -188,7 +191,8 @@ def _worker(rank: int, port: int, args: Any, results: Any) -> None:
                     manager.destroy(group.group_id)
                 prefill = statistics.median(s[0] for s in samples[1:])
                 decode = statistics.median(s[1] for s in samples[1:])
-                results.put((kind_name, k, prefill, decode))
+                cpu = statistics.median(s[2] for s in samples[1:])
+                results.put((kind_name, k, prefill, (decode, cpu)))
         if max(sizes) >= 2 and rank < 2:
             for mib in [int(m) for m in args.kv_mib.split(",")]:
                 elapsed = [
@@ -242,7 +246,7 @@ def main() -> int:
     ]
     for proc in procs:
         proc.start()
-    rows: list[tuple[str, int, float, float | None]] = []
+    rows: list[tuple[str, int, float, Any]] = []
     done = 0
     while done < num_workers:
         row = results.get(timeout=TIMEOUT_S * 4)
@@ -260,25 +264,31 @@ def main() -> int:
     return 0
 
 
-def _print(rows: list[tuple[str, int, float, float | None]], args: Any) -> None:
-    sp: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for kind, k, prefill, decode in rows:
+def _print(rows: list[tuple[str, int, float, Any]], args: Any) -> None:
+    sp: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    for kind, k, prefill, extra in rows:
         if kind not in ("engine", "kv"):
-            sp.setdefault((kind, k), []).append((prefill, decode or 0.0))
+            sp.setdefault((kind, k), []).append((prefill, extra[0], extra[1]))
     print(
         f"\nSP prefill, {args.prompt_tokens} tokens in chunks of {args.chunk_tokens}, "
-        f"model {args.model}, device {args.device}"
+        f"model {args.model}, device {args.device}; the slowest member counts"
     )
-    print("| kind | k | prefill s | vs k=1 | decode ms/token |")
-    print("|---|---|---|---|---|")
+    print(
+        "| kind | k | prefill wall s | vs k=1 | busiest member CPU s | vs k=1 | decode ms/token |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for kind, _k, prefill, _ in rows:
         if kind == "engine":
-            print(f"| engine (no SP) | 1 | {prefill:.3f} | | |")
+            print(f"| engine (no SP) | 1 | {prefill:.3f} | | | | |")
     for (kind, k), samples in sorted(sp.items()):
-        prefill = max(s[0] for s in samples)  # the slowest member finishes the prefill
+        base = sp.get((kind, 1), samples)
+        wall, cpu = max(s[0] for s in samples), max(s[2] for s in samples)
+        wall_1, cpu_1 = max(s[0] for s in base), max(s[2] for s in base)
         decode = max(s[1] for s in samples)
-        base = max(s[0] for s in sp.get((kind, 1), samples))
-        print(f"| {kind} | {k} | {prefill:.3f} | {base / prefill:.2f}x | {decode * 1e3:.1f} |")
+        print(
+            f"| {kind} | {k} | {wall:.3f} | {wall_1 / wall:.2f}x | {cpu:.3f} | "
+            f"{cpu_1 / cpu:.2f}x | {decode * 1e3:.1f} |"
+        )
     kv = [r for r in rows if r[0] == "kv"]
     if kv:
         print("\n| KV transfer MiB | s | GB/s |")

@@ -33,9 +33,10 @@ from sim.hardware import GPUS, MODELS  # noqa: E402
 from sim.report import PolicyResult, result_to_dict, table  # noqa: E402
 from sim.runner import run_policy  # noqa: E402
 
+TRACE_DIR = Path(os.environ.get("PECSCHED_TRACE_DIR", REPO.parent / "shared" / "traces"))
 TRACES = [
-    REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv",
-    REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv",
+    TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
+    TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
 ]
 POLICIES = ("fifo", "reservation", "priority", "pecsched")
 

@@ -363,6 +363,9 @@ class Engine:
                     inst.pending.append(job)
             return
         job.running = True
+        if math.isnan(self.first_sched[job.req]):
+            # Queueing ends when the prefill starts executing (after any chunk in flight).
+            self.first_sched[job.req] = now
         for inst in group:
             inst.sync(now)
             inst.slot = job
@@ -391,8 +394,6 @@ class Engine:
         if isinstance(action, act.StartPrefill):
             req = int(action.request_id)
             group = self._group(action.instance_ids)
-            if math.isnan(self.first_sched[req]):
-                self.first_sched[req] = now
             job = PrefillJob(
                 req,
                 group,
@@ -408,8 +409,6 @@ class Engine:
             self._try_start(job, now)
         elif isinstance(action, act.Colocate):
             req = int(action.request_id)
-            if math.isnan(self.first_sched[req]):
-                self.first_sched[req] = now
             host = self.by_id[action.host_instance_id].index
             job = PrefillJob(
                 req,

@@ -2,8 +2,10 @@
 
 Definitions (all times in seconds, measured on the simulated clock):
 
-* queueing delay = first time the request is scheduled for prefill − arrival. A request the
-  run never scheduled counts with `end − arrival` (a lower bound), so backlog is not hidden.
+* queueing delay = when the request's prefill first starts executing − arrival. For a short
+  that preempts a long prefill this includes the wait for the long's chunk in flight (the
+  policy's decision, `RequestView.first_scheduled_s`, comes earlier). A request the run never
+  started counts with `end − arrival` (a lower bound), so backlog is not hidden.
 * TTFT = first output token − arrival; TBT (time between tokens) of one request =
   (finish − first token) / (output tokens − 1), reported over requests with >= 2 tokens.
 * JCT = finish − arrival.
@@ -37,7 +39,7 @@ class RequestRecords:
 
     is_long: BoolArray  # class: prompt >= the long threshold
     arrival_s: FloatArray
-    first_scheduled_s: FloatArray  # first StartPrefill that included the request
+    first_scheduled_s: FloatArray  # its prefill first started executing
     first_token_s: FloatArray  # prefill finished and the first token was out
     finished_s: FloatArray
     output_tokens: IntArray
