@@ -41,7 +41,9 @@ def attention_with_lse(
     """Masked softmax attention that also returns the log-sum-exp of each row's scores.
 
     On CPU this runs PyTorch's fused flash kernel (which returns the LSE); elsewhere an
-    explicit float32 softmax, blocked over query rows.
+    explicit float32 softmax, blocked over query rows. When `k_pos` is ascending (both SP
+    caches keep it so), the keys older than every query of a block form a prefix that needs
+    no mask; only the rest is masked, and the two partials are merged by LSE.
 
     Returns:
         out: (n, h, d) float32, zero for rows that see no key.
@@ -51,26 +53,42 @@ def attention_with_lse(
     kh = _expand_kv(k, rep)  # (h, m, d)
     vh = _expand_kv(v, rep)  # (h, m, d)
     kernel = _flash_cpu_block if q.device.type == "cpu" else _math_block
+    ascending = bool(torch.all(k_pos[1:] >= k_pos[:-1]))
+    num_heads, m = q.shape[1], k.shape[0]
     outs, lses = [], []
-    for lo in range(0, max(q.shape[0], 1), _BLOCK_Q_ROWS):  # one (empty) block if n == 0
+    for lo in range(0, q.shape[0], _BLOCK_Q_ROWS):
         qb = q[lo : lo + _BLOCK_Q_ROWS].transpose(0, 1)  # (nb, h, d) -> (h, nb, d)
-        visible = k_pos[None, :] <= q_pos[lo : lo + _BLOCK_Q_ROWS, None]  # (nb, m)
-        out, lse = kernel(qb, kh, vh, visible)  # (h, nb, d), (h, nb)
-        sees_none = ~visible.any(dim=1)  # (nb,)
-        lse = lse.masked_fill(sees_none[None, :], float("-inf"))
-        out = out.masked_fill(sees_none[None, :, None], 0.0)
+        qpb = q_pos[lo : lo + _BLOCK_Q_ROWS]
+        # Keys [0, split) precede every query of the block: visible to all, no mask.
+        split = int(torch.searchsorted(k_pos, qpb.min()).item()) if ascending else 0
+        out = torch.zeros(num_heads, qb.shape[1], q.shape[2], device=q.device)
+        lse = torch.full((num_heads, qb.shape[1]), float("-inf"), device=q.device)
+        if split > 0:
+            out, lse = kernel(qb, kh[:, :split], vh[:, :split], None)
+        if split < m:
+            visible = k_pos[None, split:] <= qpb[:, None]  # (nb, m - split)
+            rest_out, rest_lse = kernel(qb, kh[:, split:], vh[:, split:], visible)
+            sees_none = ~visible.any(dim=1)  # (nb,)
+            rest_lse = rest_lse.masked_fill(sees_none[None, :], float("-inf"))
+            rest_out = rest_out.masked_fill(sees_none[None, :, None], 0.0)
+            out, lse = merge_partials(out, lse, rest_out, rest_lse)  # (h, nb, d), (h, nb)
         outs.append(out.transpose(0, 1))  # (h, nb, d) -> (nb, h, d)
         lses.append(lse.transpose(0, 1))  # (h, nb) -> (nb, h)
+    if not outs:  # no queries
+        empty = torch.zeros(0, num_heads, q.shape[2], device=q.device)
+        return empty, torch.zeros(0, num_heads, device=q.device)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
 
 
 def _flash_cpu_block(
-    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor
+    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU fused kernel; rows with no visible key come back garbage and are masked by caller."""
     if qb.shape[1] == 0 or kh.shape[1] == 0:
         return _math_block(qb, kh, vh, visible)
-    bias = torch.zeros(visible.shape, dtype=qb.dtype).masked_fill(~visible, float("-inf"))
+    bias = None
+    if visible is not None:
+        bias = torch.zeros(visible.shape, dtype=qb.dtype).masked_fill(~visible, float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qb[None], kh[None], vh[None], 0.0, False, attn_mask=bias
     )  # (1, h, nb, d), (1, h, nb)
@@ -78,12 +96,13 @@ def _flash_cpu_block(
 
 
 def _math_block(
-    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor
+    qb: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, visible: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit float32 softmax: (h, nb, d) queries over (h, m, d) keys -> out, lse."""
     scale = qb.shape[-1] ** -0.5
     scores = torch.matmul(qb.float(), kh.float().transpose(1, 2)) * scale  # (h, nb, m)
-    scores = scores.masked_fill(~visible[None], float("-inf"))
+    if visible is not None:
+        scores = scores.masked_fill(~visible[None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (h, nb)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe[..., None])  # masked entries -> exp(-inf) = 0

@@ -14,7 +14,7 @@ Wire order on the pair (the receiver posts the same order):
     1. int64[1]    length of the metadata JSON
     2. uint8[len]  `KVMetadata` as JSON (prompt, output so far, sampling, layout)
     3. per layer l = 0..L-1: keys[l], values[l], each (num_kv_tokens, Hkv, D) in the KV dtype
-Layers go one at a time; `num_layers_done` reports progress.
+Up to `WINDOW_LAYERS` layers are in flight; `num_layers_done` reports progress.
 
 The receiver reserves rows with `Engine.begin_import` and receives straight into them; the
 request stays IMPORTING (never scheduled) until every layer has landed and `finish_import`
@@ -31,6 +31,7 @@ import json
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -42,6 +43,8 @@ import torch.distributed as dist
 
 from dataplane.engine.types import KVExport, KVMetadata, SamplingParams
 from dataplane.parallel.groups import Group
+
+WINDOW_LAYERS = 4  # layers posted ahead of the one being waited on
 
 
 class TransferState(Enum):
@@ -123,7 +126,7 @@ class _Transfer(ABC):
         self.num_bytes = 0  # bytes moved so far
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._current: dist.Work | None = None  # the op the helper thread waits on
+        self._pending: list[dist.Work] = []  # ops posted by the helper thread, not yet done
         self._started = threading.Event()  # the first op was posted
         self._thread_error: str | None = None
         self._thread_done = False
@@ -147,24 +150,40 @@ class _Transfer(ABC):
         finally:
             self._thread_done = True
 
-    def _op(self, group: Group, post: Callable[..., dist.Work], t: torch.Tensor) -> None:
-        """Post one send/recv and block until it completes; cancellable by `_fail`."""
+    def _post(self, post: Callable[..., dist.Work], t: torch.Tensor) -> dist.Work:
+        """Post one send/recv (refused once stopped, so `_fail` sees every posted op)."""
         with self._lock:
             if self._stop.is_set():
                 raise RuntimeError("stopped")
             work = post(t, self.peer_rank, self.tag)
-            self._current = work
+            self._pending.append(work)
         self._started.set()
+        return work
+
+    def _complete(self, group: Group, work: dist.Work, t: torch.Tensor) -> None:
+        """Block until a posted op completes; cancellable by `_fail`."""
         group.wait_work(work, "kv transfer", self._stop.is_set)
         with self._lock:
-            self._current = None
+            self._pending.remove(work)
         self.num_bytes += t.numel() * t.element_size()
 
+    def _op(self, group: Group, post: Callable[..., dist.Work], t: torch.Tensor) -> None:
+        self._complete(group, self._post(post, t), t)
+
     def _layers(self, group: Group, pairs: Any, post: Callable[..., dist.Work]) -> None:
+        """Stream (k, v) pairs with up to WINDOW_LAYERS layers in flight (no per-op round trip)."""
+        in_flight: deque[list[tuple[dist.Work, torch.Tensor]]] = deque()
         for k, v in pairs:
-            self._op(group, post, k)
-            self._op(group, post, v)
-            self.num_layers_done += 1
+            in_flight.append([(self._post(post, k), k), (self._post(post, v), v)])
+            while len(in_flight) > WINDOW_LAYERS:
+                self._complete_layer(group, in_flight.popleft())
+        while in_flight:
+            self._complete_layer(group, in_flight.popleft())
+
+    def _complete_layer(self, group: Group, ops: list[tuple[dist.Work, torch.Tensor]]) -> None:
+        for work, t in ops:  # the tensors stay referenced until their op completed
+            self._complete(group, work, t)
+        self.num_layers_done += 1
 
     @abstractmethod
     def _run(self, group: Group) -> None:
@@ -198,9 +217,9 @@ class _Transfer(ABC):
         self.state = TransferState.FAILED
         with self._lock:
             self._stop.set()
-            current = self._current
+            pending = list(self._pending)
         if self._group is not None:
-            self._group.cancel([current] if current is not None else [])
+            self._group.cancel(pending)
         self._thread.join(timeout=1.0)  # a cancelled op returns at once
         self._release_if_stopped()
 
