@@ -30,7 +30,7 @@ def plot_results(results: list[PolicyResult], path: str | Path, title: str) -> N
     """Write a PNG: box plot of short queueing delay (whiskers p1/p99, box p25/p75, line p50),
     short throughput and long mean JCT, one entry per policy."""
     names = [r.policy for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(max(10.0, 1.6 * len(results) * 3), 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(max(11.0, 1.1 * len(results) * 3), 3.8))
     box_ax, rps_ax, jct_ax = axes
     box_ax.bxp([_box(r) for r in results], showfliers=False)
     box_ax.set_yscale("log")
