@@ -22,6 +22,7 @@ class KvLedger:
         self._used: dict[str, int] = {}
         self._by_request: dict[str, dict[str, int]] = {}  # request -> instance -> tokens
         self._by_instance: dict[str, set[str]] = {}  # instance -> requests holding KV
+        self.num_frees = 0  # free() calls ever: a refused placement may fit after one
 
     def add_instance(self, instance_id: str, capacity_tokens: int) -> None:
         """Track a new instance with nothing allocated."""
@@ -89,6 +90,7 @@ class KvLedger:
         tokens = held.pop(instance_id)
         if not held:
             del self._by_request[request_id]
+        self.num_frees += 1
         self._used[instance_id] -= tokens
         self._by_instance[instance_id].discard(request_id)
         return tokens

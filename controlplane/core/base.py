@@ -39,6 +39,7 @@ from controlplane.core.types import (
 
 _S = RequestState
 _ROLE = InstanceRole
+_MAX_TRANSFER_SKIPS = 32  # unplaceable waiting transfers passed over per schedule() call
 
 
 class BasePolicy:
@@ -53,6 +54,8 @@ class BasePolicy:
         self._wake_at_s = math.inf  # earliest time a timer may change the plan
         # (request id, role, pool offers) of the last long request that found no group
         self._long_blocked: tuple[str, InstanceRole, int] | None = None
+        # _transfer_key() when every waiting transfer was last found unplaceable
+        self._transfers_blocked: tuple[int, int, int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -192,31 +195,71 @@ class BasePolicy:
                 out.append(st.start_decode(req, f"KV arrived from {req.prefill_ids[0]}"))
 
     def _place_transfers(self, out: list[Action]) -> None:
+        """Place prefilled shorts that wait for a decode destination, oldest first.
+
+        One that cannot be placed now (no room on its target) is skipped, not waited for: up
+        to `_MAX_TRANSFER_SKIPS` of them are passed over per call, keeping their order, so a
+        request that fits elsewhere proceeds. Nothing is rescanned until an instance is
+        re-offered or a request joins the wait.
+        """
         st = self._state
         wait = st.transfer_wait
-        while wait:
-            req = st.requests.get(wait[0])
+        key = self._transfer_key()
+        if not wait or key == self._transfers_blocked:
+            return
+        skipped: list[str] = []
+        while wait and len(skipped) < _MAX_TRANSFER_SKIPS:
+            request_id = wait.popleft()
+            req = st.requests.get(request_id)
             if (
                 req is None
                 or req.state is not _S.TRANSFERRING_KV
                 or req.transfer_dst
                 or req.decode_ids
             ):
-                wait.popleft()
                 continue
-            no_pool = st.census.count(_ROLE.SHORT_DECODE) == 0
-            if no_pool or req.transfer_attempts >= self._config.max_kv_transfer_attempts:
-                if not st.ledger.can_allocate(req.prefill_ids[0], req.spec.max_new_tokens):
-                    return
-                wait.popleft()
-                why = "no short-decode instance" if no_pool else "KV transfers kept failing"
-                out.append(st.start_decode(req, f"decode where prefilled: {why}"))
-                continue
-            dst = st.pool.best(_ROLE.SHORT_DECODE, Slot.OPEN)
-            if dst is None or not st.ledger.can_allocate(dst.instance_id, req.spec.total_tokens):
-                return
-            wait.popleft()
-            out.append(st.begin_transfer(req, dst, "least-loaded short-decode instance"))
+            action = self._place_transfer(req)
+            if action is None:
+                skipped.append(request_id)
+            else:
+                out.append(action)
+        wait.extendleft(reversed(skipped))
+        # all that remain were refused (or not looked at: then retry next call)
+        blocked = len(skipped) == len(wait)
+        self._transfers_blocked = self._transfer_key() if blocked else None
+
+    def _transfer_key(self) -> tuple[int, int, int, int]:
+        """Changes whenever a waiting transfer that found no room might find some."""
+        st = self._state
+        return (
+            st.pool.total_offers,
+            st.ledger.num_frees,
+            st.census.version,
+            st.transfer_wait_joins,
+        )
+
+    def _place_transfer(self, req: RequestRecord) -> Action | None:
+        """TransferKV to a short-decode instance (or decode where prefilled), None if no room."""
+        st = self._state
+        no_pool = st.census.count(_ROLE.SHORT_DECODE) == 0
+        if no_pool or req.transfer_attempts >= self._config.max_kv_transfer_attempts:
+            if not st.ledger.can_allocate(req.prefill_ids[0], req.spec.max_new_tokens):
+                return None
+            why = "no short-decode instance" if no_pool else "KV transfers kept failing"
+            return st.start_decode(req, f"decode where prefilled: {why}")
+        dst = self._transfer_target(req)
+        if dst is None:
+            return None
+        return st.begin_transfer(req, dst, "short-decode instance with room")
+
+    def _transfer_target(self, req: RequestRecord) -> InstanceRecord | None:
+        """Short-decode instance for `req`'s KV: the one with the most free KV, if it fits."""
+        dst = self._state.pool.best(_ROLE.SHORT_DECODE, Slot.OPEN)
+        if dst is None or not self._state.ledger.can_allocate(
+            dst.instance_id, req.spec.total_tokens
+        ):
+            return None
+        return dst
 
     # ---- placement vocabulary --------------------------------------------------------------
 

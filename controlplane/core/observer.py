@@ -139,6 +139,6 @@ def _instance_down(state: ClusterState, event: InstanceDown) -> None:
         )
         if in_flight_to_dead_dst:
             req.transfer_dst = None
-            state.transfer_wait.appendleft(request_id)
+            state.wait_for_transfer(request_id, front=True)
         else:
             state.requeue(req, reason)

@@ -26,6 +26,7 @@ class InstancePool:
         self._heaps: dict[tuple[InstanceRole, Slot], list[_Entry]] = {}
         self._num_entries = 0
         self.num_offers: dict[tuple[InstanceRole, Slot], int] = {}  # pushes per pool, ever
+        self.total_offers = 0  # pushes in any pool, ever
 
     def add(self, inst: InstanceRecord) -> None:
         """Start offering `inst` (it must be in the ledger already)."""
@@ -79,6 +80,7 @@ class InstancePool:
             self._heaps.setdefault(key, []), (-free, inst.tiebreak, instance_id, inst.version)
         )
         self.num_offers[key] = self.num_offers.get(key, 0) + 1
+        self.total_offers += 1
         self._num_entries += 1
         if self._num_entries > 4 * len(self._instances) + 64:
             self._rebuild()

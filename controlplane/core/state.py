@@ -59,6 +59,7 @@ class ClusterState:
         self.counts: Counter[tuple[RequestClass, RequestState]] = Counter()
         self.stats: Counter[str] = Counter()
         self.transfer_wait: deque[str] = deque()  # TRANSFERRING_KV requests without a dst
+        self.transfer_wait_joins = 0  # requests put in transfer_wait, ever
         self.ready_to_decode: deque[str] = deque()  # KV arrived at dst; StartDecode next
         self.to_reject: deque[tuple[str, str]] = deque()  # (request id, reason) from admission
         self.pending: list[Action] = []  # actions produced while observing (Cancel)
@@ -107,6 +108,14 @@ class ClusterState:
             self.pool.refresh(inst)
             if inst.prefill_id is None and inst.paused:
                 self.resumable.update(inst.paused)
+
+    def wait_for_transfer(self, request_id: str, *, front: bool = False) -> None:
+        """Queue a prefilled request for a KV transfer destination (front: a retry)."""
+        if front:
+            self.transfer_wait.appendleft(request_id)
+        else:
+            self.transfer_wait.append(request_id)
+        self.transfer_wait_joins += 1
 
     # ---- primitives returning actions ------------------------------------------------------
 
@@ -246,7 +255,7 @@ class ClusterState:
             self._add_decoder(req, req.prefill_ids)
         else:
             self.set_state(req, lifecycle.BEGIN_KV_TRANSFER)
-            self.transfer_wait.append(req.request_id)
+            self.wait_for_transfer(req.request_id)
         self.refresh(req.prefill_ids)
 
     def begin_transfer(self, req: RequestRecord, dst: InstanceRecord, reason: str) -> TransferKV:
@@ -274,7 +283,7 @@ class ClusterState:
         if inst is not None:
             inst.decoding.discard(req.request_id)
         req.transfer_dst = None
-        self.transfer_wait.appendleft(req.request_id)
+        self.wait_for_transfer(req.request_id, front=True)
         self.refresh((dst,))
 
     def start_decode(self, req: RequestRecord, reason: str) -> StartDecode:
