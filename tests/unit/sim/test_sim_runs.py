@@ -72,7 +72,18 @@ def test_every_policy_serves_every_request(policy: str) -> None:
 
 
 def test_pecsched_preempts_and_baselines_do_not() -> None:
-    pec, fifo = _run("pecsched"), _run("fifo")
+    # An overloaded mix: long prefills alone need about twice the cluster.
+    spec = SyntheticSpec(
+        300,
+        rate_rps=5.0,
+        long_fraction=0.15,
+        long_prompt_tokens=(150_000, 300_000),
+        short_prompt_tokens=(64, 2048),
+        output_tokens=(1, 32),
+    )
+    workload, cluster, config = synthetic(spec, 11), ClusterSpec(8, COST), SchedulerConfig()
+    pec = run_policy(workload, cluster, "pecsched", config)
+    fifo = run_policy(workload, cluster, "fifo", config)
 
     assert pec.result.summary.long.preemptions_total > 0
     assert fifo.result.summary.long.preemptions_total == 0
