@@ -3,7 +3,8 @@
 Public API (import from here or from the defining module):
 
 * `Engine(model, EngineConfig(...))`: `add_request`, `step() -> list[EngineEvent]`, `pause`,
-  `resume`, `cancel`, `can_fit`, `export_kv` / `import_kv` / `begin_import` + `finish_import`.
+  `resume`, `cancel`, `can_fit` / `can_fit_kv_tokens` / `largest_fit_kv_tokens` (compaction
+  included), `export_kv` + `release_export` / `import_kv` / `begin_import` + `finish_import`.
 * Values: `SamplingParams`, events `ChunkDone`, `PrefillDone`, `TokenGenerated`, `Finished`,
   KV records `KVMetadata`, `KVExport`, `KVImportTarget`; errors `EngineError` with
   `EngineErrorCode`.

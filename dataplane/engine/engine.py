@@ -10,6 +10,15 @@ Life of a request::
     begin_import ──▶ IMPORTING ──finish_import──▶ DECODING (or PREFILLING for a partial prefill)
     cancel: any state ──▶ gone, its KV rows freed at once.
 
+KV rows: each request owns one contiguous movable range of the pool (`KVRange`), reserved at
+admission. When a new reservation fits the free total but no free extent, the pool is compacted
+(`KVCache.compact`): unpinned ranges slide down and the engine reads each request's start anew
+every step. Pinning rule: a request whose rows someone else may be reading or writing through
+views is pinned and never moves: from `begin_import` until `finish_import` (or cancel), and from
+each `export_kv` until a matching `release_export` (or cancel / finish). Compaction runs only
+inside admission calls (`add_request`, `begin_import`, and fixed `KVCache.reserve` calls such as
+SP caches), never during `step()`.
+
 `step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`;
 beyond that they take turns round robin), then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
 until `max_batch_tokens` is used. It returns the events of the iteration. All model work runs
@@ -119,24 +128,34 @@ class Engine:
         chunk = self.config.chunk_tokens if chunk_tokens is None else chunk_tokens
         if chunk < 1:
             raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"chunk_tokens={chunk} < 1")
-        start = self.kv.reserve(request_id, _kv_rows(len(prompt_token_ids), sampling))
+        rows = self.kv.reserve_movable(request_id, _kv_rows(len(prompt_token_ids), sampling))
         self._requests[request_id] = RunningRequest.new(
             request_id,
             prompt_token_ids,
             sampling,
-            kv_start=start,
+            kv_range=rows,
             chunk_tokens=chunk,
             hold_after_prefill=hold_after_prefill,
             device=self.device,
         )
 
     def can_fit(self, num_prompt_tokens: int, max_new_tokens: int) -> bool:
-        """Whether a request of this size would be admitted now."""
+        """Whether a request of this size would be admitted now (compaction included)."""
         rows = num_prompt_tokens + max_new_tokens - 1
-        return (
-            num_prompt_tokens + max_new_tokens <= self.max_model_tokens
-            and rows <= self.kv.allocator.largest_free_tokens
-        )
+        return num_prompt_tokens + max_new_tokens <= self.max_model_tokens and self.kv.can_fit(rows)
+
+    def can_fit_kv_tokens(self, num_kv_tokens: int) -> bool:
+        """Whether `num_kv_tokens` KV rows (prompt + max_new_tokens - 1) can be reserved now."""
+        return self.kv.can_fit(num_kv_tokens)
+
+    @property
+    def largest_fit_kv_tokens(self) -> int:
+        """The most KV rows one new request can reserve now, counting compaction.
+
+        Plan with this, not `num_free_kv_tokens`: rows pinned by in-flight transfers (and SP
+        caches) can keep part of the free total unusable.
+        """
+        return self.kv.largest_fit_tokens
 
     def _check_new(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
         if request_id in self._requests:
@@ -335,10 +354,15 @@ class Engine:
 
     # ----------------------------------------------------------------- KV export/import
     def export_kv(self, request_id: str) -> KVExport:
-        """Metadata + per-layer views of the request's valid KV rows (see KVExport)."""
+        """Metadata + per-layer views of the request's valid KV rows (see KVExport).
+
+        Pins the request's rows (compaction will not move them) until `release_export` or the
+        request ends; each call pins once.
+        """
         req = self._get(request_id)
         if req.state is RequestState.IMPORTING:
             raise EngineError(EngineErrorCode.INVALID_STATE, f"{request_id!r} is still importing")
+        req.kv_range.pins += 1
         n, start = req.num_computed_tokens, req.kv_start
         gen_state = None if req.generator is None else bytes(req.generator.get_state().tolist())
         shape = self.model.shape
@@ -358,8 +382,21 @@ class Engine:
         values = tuple(v[start : start + n] for v in self.kv.v_pools)
         return KVExport(meta, keys, values)
 
+    def release_export(self, request_id: str) -> None:
+        """The views of one earlier `export_kv` are no longer used: compaction may move the rows
+        again once every export is released. Not needed before cancel (that frees the rows)."""
+        req = self._get(request_id)
+        if req.kv_range.pins == 0 or req.state is RequestState.IMPORTING:
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE, f"{request_id!r} has no outstanding export"
+            )
+        req.kv_range.pins -= 1
+
     def begin_import(self, meta: KVMetadata) -> KVImportTarget:
-        """Reserve rows for an incoming request and return views to fill (e.g. by recv)."""
+        """Reserve rows for an incoming request and return views to fill (e.g. by recv).
+
+        The rows stay pinned (never moved by compaction) until `finish_import` or cancel.
+        """
         shape = self.model.shape
         layout = (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype)
         mine = (shape.num_layers, shape.num_kv_heads, shape.head_dim, str(self.dtype))
@@ -379,6 +416,7 @@ class Engine:
         self.add_request(meta.request_id, prompt, meta.sampling)
         req = self._requests[meta.request_id]
         req.state, req.num_computed_tokens = RequestState.IMPORTING, meta.num_kv_tokens
+        req.kv_range.pins += 1
         req.output_token_ids = output
         if req.generator is not None and meta.generator_state is not None:
             req.generator.set_state(torch.tensor(list(meta.generator_state), dtype=torch.uint8))
@@ -392,6 +430,7 @@ class Engine:
         req = self._get(request_id)
         if req.state is not RequestState.IMPORTING:
             raise EngineError(EngineErrorCode.INVALID_STATE, f"{request_id!r} is not importing")
+        req.kv_range.pins -= 1
         done = req.num_computed_tokens == req.num_prompt_tokens + len(req.output_token_ids) - 1
         req.state = RequestState.DECODING if done else RequestState.PREFILLING
 

@@ -7,6 +7,7 @@ from enum import Enum
 
 import torch
 
+from dataplane.engine.kv_cache import KVRange
 from dataplane.engine.types import SamplingParams
 
 
@@ -29,8 +30,7 @@ class RunningRequest:
     prompt_tensor: torch.Tensor  # (prompt,) int64 on CPU, sliced into prefill chunks
     sampling: SamplingParams
     generator: torch.Generator | None  # per-request RNG for sampled requests
-    kv_start: int  # first pool row owned by the request
-    kv_rows: int  # pool rows owned (prompt + max_new_tokens - 1)
+    kv_range: KVRange  # the pool rows owned (prompt + max_new_tokens - 1); compaction moves it
     chunk_tokens: int  # prefill chunk size
     hold_after_prefill: bool  # stop in HELD after the first token
     state: RequestState
@@ -45,7 +45,7 @@ class RunningRequest:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         *,
-        kv_start: int,
+        kv_range: KVRange,
         chunk_tokens: int,
         hold_after_prefill: bool,
         device: torch.device,
@@ -60,8 +60,7 @@ class RunningRequest:
             prompt_tensor=torch.tensor(prompt_token_ids, dtype=torch.int64),
             sampling=sampling,
             generator=generator,
-            kv_start=kv_start,
-            kv_rows=len(prompt_token_ids) + sampling.max_new_tokens - 1,
+            kv_range=kv_range,
             chunk_tokens=chunk_tokens,
             hold_after_prefill=hold_after_prefill,
             state=RequestState.PREFILLING,
@@ -71,3 +70,13 @@ class RunningRequest:
     def num_prompt_tokens(self) -> int:
         """Prompt length."""
         return len(self.prompt_token_ids)
+
+    @property
+    def kv_start(self) -> int:
+        """First pool row owned by the request (read it per step: compaction may move it)."""
+        return self.kv_range.start
+
+    @property
+    def kv_rows(self) -> int:
+        """Pool rows owned."""
+        return self.kv_range.num_tokens
