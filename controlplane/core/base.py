@@ -98,13 +98,18 @@ class BasePolicy:
         self._reject_admissions(out)
         out.extend(self._state.pending)
         self._state.pending.clear()
-        self._start_decodes(out)
-        self._place_transfers(out)
         st = self._state
+        expiries = st.refusal_expiries
+        while expiries and expiries[0] <= now_s:
+            heapq.heappop(expiries)  # a refusal may have lapsed: placements retry
+            st.dirty = True
+            self._transfers_blocked = self._long_blocked = None
+        self._start_decodes(out)
+        self._place_transfers(now_s, out)
         if st.dirty or now_s >= self._wake_at_s:
             self._plan(now_s, out)
             st.dirty = False
-            self._wake_at_s = self._next_timer_s(now_s)
+            self._wake_at_s = min(self._next_timer_s(now_s), expiries[0] if expiries else math.inf)
         return Decision(tuple(out))
 
     def check_admission(self, spec: RequestSpec) -> AdmissionVerdict:
@@ -194,7 +199,7 @@ class BasePolicy:
             if req is not None and req.state is _S.TRANSFERRING_KV and req.decode_ids:
                 out.append(st.start_decode(req, f"KV arrived from {req.prefill_ids[0]}"))
 
-    def _place_transfers(self, out: list[Action]) -> None:
+    def _place_transfers(self, now_s: float, out: list[Action]) -> None:
         """Place prefilled shorts that wait for a decode destination, oldest first.
 
         One that cannot be placed now (no room on its target) is skipped, not waited for: up
@@ -218,7 +223,7 @@ class BasePolicy:
                 or req.decode_ids
             ):
                 continue
-            action = self._place_transfer(req)
+            action = self._place_transfer(req, now_s)
             if action is None:
                 skipped.append(request_id)
             else:
@@ -238,7 +243,7 @@ class BasePolicy:
             st.transfer_wait_joins,
         )
 
-    def _place_transfer(self, req: RequestRecord) -> Action | None:
+    def _place_transfer(self, req: RequestRecord, now_s: float) -> Action | None:
         """TransferKV to a short-decode instance (or decode where prefilled), None if no room."""
         st = self._state
         no_pool = st.census.count(_ROLE.SHORT_DECODE) == 0
@@ -247,14 +252,14 @@ class BasePolicy:
                 return None
             why = "no short-decode instance" if no_pool else "KV transfers kept failing"
             return st.start_decode(req, f"decode where prefilled: {why}")
-        dst = self._transfer_target(req)
+        dst = self._transfer_target(req, now_s)
         if dst is None:
             return None
         return st.begin_transfer(req, dst, "short-decode instance with room")
 
-    def _transfer_target(self, req: RequestRecord) -> InstanceRecord | None:
+    def _transfer_target(self, req: RequestRecord, now_s: float) -> InstanceRecord | None:
         """Short-decode instance for `req`'s KV: the one with the most free KV, if it fits."""
-        dst = self._state.pool.best(_ROLE.SHORT_DECODE, Slot.OPEN)
+        dst = self._best_for(req, _ROLE.SHORT_DECODE, Slot.OPEN, now_s)
         if dst is None or not self._state.ledger.can_allocate(
             dst.instance_id, req.spec.total_tokens
         ):
@@ -286,7 +291,7 @@ class BasePolicy:
         st = self._state
         need = req.spec.total_tokens if decode_in_place else req.spec.prompt_tokens
         for slot in slots:
-            inst = st.pool.best(role, slot)
+            inst = self._best_for(req, role, slot, now_s)
             if inst is None or not st.ledger.can_allocate(inst.instance_id, need):
                 continue
             colocate = False
@@ -318,7 +323,7 @@ class BasePolicy:
         offers = self._state.pool.offers(role, Slot.OPEN)
         if self._long_blocked == (req.request_id, role, offers):
             return False  # no instance became open or freer since it last found no group
-        group = self._select_group(req, role)
+        group = self._select_group(req, role, now_s)
         if group is None:
             self._long_blocked = (req.request_id, role, offers)
             return False
@@ -328,15 +333,32 @@ class BasePolicy:
         out.append(st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason))
         return True
 
-    def _select_group(self, req: RequestRecord, role: InstanceRole) -> list[InstanceRecord] | None:
+    def _select_group(
+        self, req: RequestRecord, role: InstanceRole, now_s: float
+    ) -> list[InstanceRecord] | None:
         st, cfg = self._state, self._config
-        candidates = st.pool.top(role, Slot.OPEN, cfg.max_sp_degree)
+        candidates = st.pool.top(role, Slot.OPEN, cfg.max_sp_degree + len(req.refusals))
+        if req.refusals:
+            candidates = [i for i in candidates if not st.refused(req, i.instance_id, now_s)]
+            candidates = candidates[: cfg.max_sp_degree]
         wanted = min(self._wanted_degree(req), len(candidates))
         held = 0
         for size, inst in enumerate(candidates, start=1):
             held += st.ledger.free_tokens(inst.instance_id)
             if held >= req.spec.total_tokens and size >= wanted:
                 return rank_order(candidates[:size])
+        return None
+
+    def _best_for(
+        self, req: RequestRecord, role: InstanceRole, slot: Slot, now_s: float
+    ) -> InstanceRecord | None:
+        """The pool's best instance of (role, slot) that has not refused `req` lately."""
+        st = self._state
+        if not req.refusals:
+            return st.pool.best(role, slot)
+        for inst in st.pool.top(role, slot, len(req.refusals) + 1):
+            if not st.refused(req, inst.instance_id, now_s):
+                return inst
         return None
 
     def _wanted_degree(self, req: RequestRecord) -> int:

@@ -111,6 +111,14 @@ class SchedulerConfig:
         metadata={"help": "KV transfers tried before a short decodes where it was prefilled"},
     )
 
+    refused_instance_backoff_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "after a retryable failure, the instances the request was on are not "
+            "offered it again until their free KV changes or this many seconds pass"
+        },
+    )
+
     def __post_init__(self) -> None:
         positive = {
             "short_threshold_tokens": self.short_threshold_tokens,
@@ -143,6 +151,14 @@ class SchedulerConfig:
         if not (math.isfinite(self.max_pause_s) and self.max_pause_s >= 0.0):
             raise InvalidArgumentError(
                 "max_pause_s", f"must be finite and >= 0, got {self.max_pause_s}"
+            )
+        if not (
+            math.isfinite(self.refused_instance_backoff_s)
+            and self.refused_instance_backoff_s >= 0.0
+        ):
+            raise InvalidArgumentError(
+                "refused_instance_backoff_s",
+                f"must be finite and >= 0, got {self.refused_instance_backoff_s}",
             )
         if self.long_aging_s is not None and not (
             math.isfinite(self.long_aging_s) and self.long_aging_s >= 0.0

@@ -77,7 +77,8 @@ def _request_event(state: ClusterState, req: RequestRecord, event: Event) -> Non
         case RequestCancelled():
             state.cancel(req, lifecycle.CANCEL, event.reason, event.at_s)
         case RequestFailed() if event.retryable and req.state is not _S.QUEUED:
-            state.requeue(req, event.error or "retryable failure")
+            released = state.requeue(req, event.error or "retryable failure")
+            state.remember_refusal(req, released, event.at_s)
         case RequestFailed() if not event.retryable:
             state.cancel(req, lifecycle.FAIL, event.error or "failed", event.at_s)
         case _:

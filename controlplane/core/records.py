@@ -46,6 +46,7 @@ class RequestRecord:
         "paused_total_s",
         "prefill_done_s",
         "prefill_ids",
+        "refusals",
         "request_class",
         "request_id",
         "seq",
@@ -81,6 +82,8 @@ class RequestRecord:
         self.output_tokens = 0
         self.error = ""
         self.fits_census_version = -1  # census version at which it was last found to fit
+        # instances that refused it (retryable failure): id -> (their free KV then, until when)
+        self.refusals: dict[str, tuple[int, float]] = {}
 
     def to_view(self) -> RequestView:
         """Immutable snapshot."""

@@ -71,6 +71,7 @@ class ClusterState:
         # When a paused request reaches the starvation bound: (time, seq, id, preemptions).
         self.pause_deadlines: list[tuple[float, int, str, int]] = []
         self.deadlines: list[tuple[float, int, str]] = []  # request deadlines
+        self.refusal_expiries: list[float] = []  # when refusal backoffs end (a plan timer)
         self.next_seq = 0
         # Set by anything that may let a waiting request start: an instance re-offered, a
         # request queued. schedule() skips planning while it is clear and no timer is due.
@@ -346,8 +347,9 @@ class ClusterState:
         self.release(req)
         self._terminate(req, lifecycle.FINISH, "", at_s)
 
-    def requeue(self, req: RequestRecord, reason: str) -> None:
-        """Send `req` back to its queue (front: it keeps its admission order) from scratch."""
+    def requeue(self, req: RequestRecord, reason: str) -> tuple[str, ...]:
+        """Send `req` back to its queue (front: it keeps its admission order) from scratch;
+        returns the instances it was released from."""
         instance_ids = self.release(req)
         if req.state is _S.PAUSED:
             req.paused_since_s = None
@@ -360,6 +362,28 @@ class ClusterState:
         self.enqueue(req)
         if instance_ids:
             self.pending.append(Cancel(req.request_id, instance_ids, f"requeued: {reason}"))
+        return instance_ids
+
+    def remember_refusal(
+        self, req: RequestRecord, instance_ids: Iterable[str], at_s: float
+    ) -> None:
+        """`instance_ids` refused `req`: skip them for it until their free KV changes or
+        `refused_instance_backoff_s` passes (see `refused`)."""
+        until_s = at_s + self.config.refused_instance_backoff_s
+        for instance_id in instance_ids:
+            req.refusals[instance_id] = (self.ledger.free_tokens(instance_id), until_s)
+        heapq.heappush(self.refusal_expiries, until_s)
+
+    def refused(self, req: RequestRecord, instance_id: str, now_s: float) -> bool:
+        """True while `instance_id`'s refusal of `req` stands (same free KV, backoff running)."""
+        entry = req.refusals.get(instance_id)
+        if entry is None:
+            return False
+        free_then, until_s = entry
+        if now_s < until_s and self.ledger.free_tokens(instance_id) == free_then:
+            return True
+        del req.refusals[instance_id]
+        return False
 
     def _terminate(
         self, req: RequestRecord, rule: lifecycle.TransitionRule, error: str, at_s: float

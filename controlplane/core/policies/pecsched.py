@@ -61,7 +61,7 @@ class PecSchedPolicy(BasePolicy):
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
         if self._config.disaggregation and self._config.short_decode_elastic:
-            self._balance_short_decode(out)
+            self._balance_short_decode(now_s, out)
         self._protect_starving(now_s)
         aged_waits = self._serve_aged_longs(now_s, out)
         self._place_shorts(now_s, out)
@@ -73,7 +73,7 @@ class PecSchedPolicy(BasePolicy):
                 if not self._reject_if_never_fits(req, out):
                     return
 
-    def _balance_short_decode(self, out: list[Action]) -> None:
+    def _balance_short_decode(self, now_s: float, out: list[Action]) -> None:
         """Elastic short-decode pool: shrink while two or more members sit empty; while shorts
         wait for a decode place, grow with empty GENERAL instances up to the pool's peak size
         (its configured size once every instance is up)."""
@@ -92,7 +92,7 @@ class PecSchedPolicy(BasePolicy):
             if candidate is None or not self._is_empty(candidate):
                 break
             st.change_role(candidate, _DECODE)
-            self._place_transfers(out)
+            self._place_transfers(now_s, out)
 
     def _is_empty(self, inst: InstanceRecord) -> bool:
         st = self._state
@@ -165,7 +165,7 @@ class PecSchedPolicy(BasePolicy):
         """Pause a running long prefill and start `req` on one of its instances."""
         st = self._state
         need = req.spec.total_tokens if in_place else req.spec.prompt_tokens
-        found = self._find_victim(need)
+        found = self._find_victim(req, need, now_s)
         if found is None:
             return False
         victim, host = found
@@ -176,7 +176,9 @@ class PecSchedPolicy(BasePolicy):
         )
         return True
 
-    def _find_victim(self, need_tokens: int) -> tuple[RequestRecord, InstanceRecord] | None:
+    def _find_victim(
+        self, req: RequestRecord, need_tokens: int, now_s: float
+    ) -> tuple[RequestRecord, InstanceRecord] | None:
         st = self._state
         heap = st.running_longs
         skipped: list[VictimEntry] = []
@@ -192,11 +194,17 @@ class PecSchedPolicy(BasePolicy):
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
             ):
                 continue  # stale for good
+            hosts = [
+                st.instances[i]
+                for i in victim.prefill_ids
+                if not (req.refusals and st.refused(req, i, now_s))
+            ]
             host = max(
-                (st.instances[i] for i in victim.prefill_ids),
+                hosts,
                 key=lambda inst: (st.ledger.free_tokens(inst.instance_id), inst.instance_id),
+                default=None,
             )
-            if st.ledger.can_allocate(host.instance_id, need_tokens):
+            if host is not None and st.ledger.can_allocate(host.instance_id, need_tokens):
                 found = (victim, host)
                 break
             skipped.append(entry)

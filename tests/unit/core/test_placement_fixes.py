@@ -4,9 +4,11 @@ shrinks, and the duty cycle of protected long prefills."""
 
 from __future__ import annotations
 
-from builders import make_instance, make_policy, make_request
+from builders import arrive, make_instance, make_policy, make_request
 from fake_dataplane import FakeDataPlane, check_invariants
 
+from controlplane.core import actions as act
+from controlplane.core.events import PrefillDone, RequestFailed, RequestFinished
 from controlplane.core.types import InstanceRole
 
 SD = InstanceRole.SHORT_DECODE
@@ -42,3 +44,50 @@ def test_a_transfer_that_does_not_fit_does_not_block_one_that_does() -> None:
     # Assert: small went to d0 past the waiting big
     assert len(_transfers(dp, "small")) == 1
     assert not _transfers(dp, "big")
+
+
+def _starts(decision: act.Decision, request_id: str) -> list[tuple[str, ...]]:
+    return [
+        a.instance_ids
+        for a in decision.actions
+        if isinstance(a, act.StartPrefill) and a.request_id == request_id
+    ]
+
+
+def test_a_refusing_instance_is_skipped_until_its_free_kv_changes() -> None:
+    # Prepare: two equal general instances; the short starts on one of them
+    policy = make_policy("pecsched-no-disagg", instances=[make_instance("g0"), make_instance("g1")])
+    arrive(policy, make_request("s", prompt_tokens=100))
+    ((first,),) = _starts(policy.schedule(0.0), "s")
+    other = "g1" if first == "g0" else "g0"
+
+    # Execute: the data plane refuses it (retryable), twice
+    policy.observe([RequestFailed("s", True, 0.1, "fragmented")])
+    ((second,),) = _starts(policy.schedule(0.1), "s")
+    policy.observe([RequestFailed("s", True, 0.2, "fragmented")])
+    after_both = policy.schedule(0.2)
+
+    # Assert: the other instance next; with both refusing, it waits for a change or backoff
+    assert second == other
+    assert not _starts(after_both, "s")
+    backoff_s = policy.config.refused_instance_backoff_s
+    assert not _starts(policy.schedule(0.2 + backoff_s / 2), "s")
+    assert _starts(policy.schedule(0.2 + backoff_s), "s")
+
+
+def test_a_refused_request_returns_once_the_instance_frees_kv() -> None:
+    # Prepare: one instance; "s" is refused there while "other" holds KV on it
+    policy = make_policy("pecsched-no-disagg", instances=[make_instance("g0")])
+    arrive(policy, make_request("other", prompt_tokens=100, max_new_tokens=2))
+    policy.schedule(0.0)
+    policy.observe([PrefillDone("other", 0.5)])
+    arrive(policy, make_request("s", prompt_tokens=100, arrival_s=0.5))
+    assert _starts(policy.schedule(0.5), "s")
+    policy.observe([RequestFailed("s", True, 0.6, "fragmented")])
+    assert not _starts(policy.schedule(0.6), "s")
+
+    # Execute: "other" finishes, its KV is freed
+    policy.observe([RequestFinished("other", 0.7)])
+
+    # Assert
+    assert _starts(policy.schedule(0.7), "s") == [("g0",)]
