@@ -6,7 +6,8 @@ Calibration file (JSON), e.g. written by the data-plane benchmark on a real GPU:
      "prefill": [{"tokens": 2048, "context_tokens": 0, "time_s": 0.051}, ...],
      "decode":  [{"batch": 32, "context_tokens": 65536, "time_s": 0.012}, ...]}
 
-`decode.context_tokens` is the batch's cached tokens summed. The fit searches `mfu`, `bw_eff`
+`decode.context_tokens` is each sequence's cached tokens (every sequence of the batch holds
+that many), as `bench/engine_gpu.py` measures it. The fit searches `mfu`, `bw_eff`
 and `overhead_s` on a grid (log-spaced fractions, linear overhead) for the least mean squared
 *relative* error, so short and long iterations weigh the same; the cost model's `max(compute,
 memory)` makes the problem non-smooth, which a grid handles exactly.
@@ -29,7 +30,7 @@ class CalibrationPoint:
 
     kind: str  # "prefill" or "decode"
     tokens: int  # prefill chunk tokens, or decode batch size
-    context_tokens: int  # cached tokens before the chunk / summed over the decode batch
+    context_tokens: int  # cached tokens before the chunk / of each decoding sequence
     time_s: float  # measured wall time of the iteration
 
 
@@ -86,7 +87,7 @@ def predict_s(cost: CostModel, point: CalibrationPoint) -> float:
     """The cost model's time for the iteration `point` measured."""
     if point.kind == "prefill":
         return cost.prefill_s(point.tokens, point.context_tokens)
-    return cost.decode_s(point.tokens, point.context_tokens)
+    return cost.decode_s(point.tokens, point.tokens * point.context_tokens)
 
 
 def calibration_error(cost: CostModel, calibration: Calibration) -> CalibrationError:
@@ -140,4 +141,5 @@ def _iteration_terms(p: CalibrationPoint) -> tuple[int, float, float, int]:
     if p.kind == "prefill":
         pairs = p.tokens * p.context_tokens + p.tokens * (p.tokens + 1) / 2.0
         return p.tokens, pairs, float(p.context_tokens), 1
-    return p.tokens, float(p.context_tokens + p.tokens), float(p.context_tokens), p.tokens
+    cached = float(p.tokens * p.context_tokens)
+    return p.tokens, cached + p.tokens, cached, p.tokens

@@ -146,8 +146,8 @@ def test_calibration_fit_recovers_known_efficiencies(tmp_path: Path) -> None:
             for t, c in [(512, 0), (2048, 0), (8192, 0), (4096, 16384)]
         ],
         "decode": [
-            {"batch": b, "context_tokens": c, "time_s": cost.decode_s(b, c)}
-            for b, c in [(1, 1000), (16, 32000), (64, 200000)]
+            {"batch": b, "context_tokens": c, "time_s": cost.decode_s(b, b * c)}
+            for b, c in [(1, 1000), (16, 2000), (64, 3000)]
         ],
     }
     path = tmp_path / "cal.json"
