@@ -7,7 +7,14 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from e2e_cluster import WEIGHT_SEED, Cluster, Reference, start_cluster, tiny_agent
+from e2e_cluster import (
+    ACTIVE_STATES,
+    WEIGHT_SEED,
+    Cluster,
+    Reference,
+    start_cluster,
+    tiny_agent,
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +44,15 @@ def tiny_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     )
     yield cluster
     cluster.local.stop()
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test on the shared cluster, cancel what it left running (isolates failures)."""
+    yield
+    if "tiny_cluster" not in request.fixturenames:
+        return
+    cluster: Cluster = request.getfixturevalue("tiny_cluster")
+    with cluster.client() as client:
+        for info in client.list_requests(states=ACTIVE_STATES):
+            client.cancel(info.request_id)

@@ -190,3 +190,10 @@ def wait_idle(cluster: Cluster, timeout_s: float = 30.0) -> None:
 
 
 TERMINAL = (RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED)
+ACTIVE_STATES = (
+    RequestState.QUEUED,
+    RequestState.PREFILLING,
+    RequestState.PAUSED,
+    RequestState.TRANSFERRING_KV,
+    RequestState.DECODING,
+)
