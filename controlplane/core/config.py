@@ -15,6 +15,10 @@ from enum import StrEnum
 from controlplane.core.errors import InvalidArgumentError
 from controlplane.core.types import SpKind
 
+CHUNK_BUDGET_TOKEN_PAIRS = 2048 * 500_000
+"""Default chunk budget: 2048-token chunks for a 500K prompt on one instance, the full
+`chunk_tokens` up to ~125K. Measured in the simulator (docs: core-requests.md)."""
+
 
 class LongDecodeSharing(StrEnum):
     """What a short prefill may do on an instance that is decoding a long request."""
@@ -32,7 +36,23 @@ class SchedulerConfig:
         default=4096, metadata={"help": "prompts below this many tokens are SHORT"}
     )
     chunk_tokens: int = field(
-        default=8192, metadata={"help": "prefill chunk size; a prefill may pause between chunks"}
+        default=8192,
+        metadata={
+            "help": "prefill chunk size; a prefill may pause between chunks (with preemption "
+            "and chunk_budget_token_pairs: the largest chunk)"
+        },
+    )
+    chunk_budget_token_pairs: int | None = field(
+        default=CHUNK_BUDGET_TOKEN_PAIRS,
+        metadata={
+            "help": "with preemption: a request's chunk is clamp(this x sp_degree / prompt, "
+            "min_chunk_tokens, chunk_tokens) tokens, so the attention work of one chunk per "
+            "instance (chunk x context) stays about the same at any depth and a short waits "
+            "at most that long for a chunk boundary; None: fixed chunk_tokens"
+        },
+    )
+    min_chunk_tokens: int = field(
+        default=512, metadata={"help": "smallest chunk chunk_budget_token_pairs may give"}
     )
     sp_kind: SpKind = field(
         default=SpKind.ULYSSES, metadata={"help": "SP attention for long prefills"}
@@ -123,6 +143,7 @@ class SchedulerConfig:
         positive = {
             "short_threshold_tokens": self.short_threshold_tokens,
             "chunk_tokens": self.chunk_tokens,
+            "min_chunk_tokens": self.min_chunk_tokens,
             "max_sp_degree": self.max_sp_degree,
             "max_decode_batch": self.max_decode_batch,
             "colocation_budget_tokens": self.colocation_budget_tokens,
@@ -132,6 +153,9 @@ class SchedulerConfig:
         for name, value in positive.items():
             if value < 1:
                 raise InvalidArgumentError(name, f"must be >= 1, got {value}")
+        budget = self.chunk_budget_token_pairs
+        if budget is not None and budget < 1:
+            raise InvalidArgumentError("chunk_budget_token_pairs", f"must be >= 1, got {budget}")
         tpi = self.target_prefill_tokens_per_instance
         if tpi is not None and tpi < 1:
             raise InvalidArgumentError(
@@ -166,3 +190,16 @@ class SchedulerConfig:
             raise InvalidArgumentError(
                 "long_aging_s", f"must be finite and >= 0 or None, got {self.long_aging_s}"
             )
+
+    def prefill_chunk_tokens(self, prompt_tokens: int, sp_degree: int) -> int:
+        """Chunk size of a prefill of `prompt_tokens` on `sp_degree` instances.
+
+        Fixed `chunk_tokens` without preemption (chunk boundaries matter only as pause points)
+        or without a budget; else clamp(budget x sp_degree // prompt, min_chunk_tokens,
+        chunk_tokens).
+        """
+        budget = self.chunk_budget_token_pairs
+        if budget is None or not self.preemption:
+            return self.chunk_tokens
+        by_budget = budget * sp_degree // max(1, prompt_tokens)
+        return max(min(self.min_chunk_tokens, self.chunk_tokens), min(by_budget, self.chunk_tokens))

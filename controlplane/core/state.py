@@ -145,7 +145,7 @@ class ClusterState:
             inst.prefill_id = req.request_id
         self.dequeue(req)
         self.set_state(req, lifecycle.START_PREFILL)
-        chunk = self.config.chunk_tokens
+        chunk = self.config.prefill_chunk_tokens(spec.prompt_tokens, len(ids))
         req.prefill_ids = ids
         req.decode_ids = ()
         req.decode_in_place = decode_in_place

@@ -91,3 +91,29 @@ def test_a_refused_request_returns_once_the_instance_frees_kv() -> None:
 
     # Assert
     assert _starts(policy.schedule(0.7), "s") == [("g0",)]
+
+
+def test_chunks_of_a_deep_prefill_are_smaller_so_chunk_work_stays_bounded() -> None:
+    # Prepare: one instance big enough for a 500K prompt; default config
+    instances = [make_instance("g0", kv_capacity_tokens=1_000_000)]
+    chunks: dict[str, dict[int, int]] = {}
+
+    # Execute: each policy prefills a 100K and then a 500K prompt
+    for name in ("pecsched-no-disagg", "fifo"):
+        policy = make_policy(name, instances=instances)
+        sizes = chunks.setdefault(name, {})
+        for k, prompt in enumerate((100_000, 500_000)):
+            arrive(policy, make_request(f"r{k}", prompt_tokens=prompt, arrival_s=float(k)))
+            (start,) = policy.schedule(float(k)).actions
+            assert isinstance(start, act.StartPrefill)
+            sizes[prompt] = start.chunk_tokens
+            policy.observe([RequestFinished(f"r{k}", float(k) + 0.5)])
+
+    # Assert: chunk x prompt bounded for the preemptive policy; fixed chunks without preemption
+    config = make_policy("pecsched").config
+    budget = config.chunk_budget_token_pairs
+    assert budget is not None
+    assert chunks["pecsched-no-disagg"] == {100_000: 8192, 500_000: budget // 500_000}
+    assert chunks["fifo"] == {100_000: 8192, 500_000: 8192}
+    assert config.prefill_chunk_tokens(10**9, 1) == config.min_chunk_tokens
+    assert config.prefill_chunk_tokens(500_000, 2) == 2 * budget // 500_000
