@@ -4,7 +4,8 @@
         [--large-policies pecsched,fifo] [--json OUT]
 
 A. The one-hour merged Azure trace (28,185 requests) on 32 x A100 with Mistral-7B, the four
-   policies one after another in this process: target < 30 s in total.
+   policies in one process per CPU (as `pecsched sim` runs them): target < 30 s in total.
+   Also reports the CPU seconds, i.e. the time of a serial run on an idle machine.
 B. 10,000 GPUs with >= 1,000,000 requests: the merged trace tiled (circularly time-shifted
    copies, one per 32 GPUs) so the per-GPU load equals the 32-GPU run's, cut at the first N
    arrivals; events are handed to the policy in 5 ms windows. Target < 10 minutes per policy.
@@ -18,8 +19,10 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +42,16 @@ TRACES = [
     TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
 ]
 POLICIES = ("fifo", "reservation", "priority", "pecsched")
+
+
+def _small_run(job: tuple[wl.Workload, CostModel, str]) -> PolicyResult:
+    base, cost, policy = job
+    return run_policy(base, ClusterSpec(32, cost), policy, SchedulerConfig()).result
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -65,13 +78,23 @@ def main() -> int:
     }
     if not args.skip_small:
         started = time.perf_counter()
-        small: list[PolicyResult] = []
-        for policy in POLICIES:
-            small.append(run_policy(base, ClusterSpec(32, cost), policy, SchedulerConfig()).result)
+        cpu_before = _children_cpu_s()
+        workers = min(len(POLICIES), os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            small = list(pool.map(_small_run, [(base, cost, p) for p in POLICIES]))
         total = time.perf_counter() - started
+        cpu = _children_cpu_s() - cpu_before
         print(table(small))
-        print(f"A. one-hour merged trace, 32 GPUs, 4 policies: {total:.1f} s (target < 30 s)")
-        report["small"] = {"total_wall_s": total, "results": [result_to_dict(r) for r in small]}
+        print(
+            f"A. one-hour merged trace, 32 GPUs, 4 policies: {total:.1f} s wall on {workers} "
+            f"processes, {cpu:.1f} s of CPU (serial equivalent); target < 30 s"
+        )
+        report["small"] = {
+            "total_wall_s": total,
+            "cpu_s": cpu,
+            "processes": workers,
+            "results": [result_to_dict(r) for r in small],
+        }
     if not args.skip_large:
         copies = math.ceil(args.large_gpus / 32)
         tiled = wl.tile(base, copies, seed=0)

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from controlplane.core.config import SchedulerConfig
+    from sim.engine import ClusterSpec
+    from sim.report import PolicyResult
+    from sim.workloads import Workload
 
 MAIN_POLICIES = ("fifo", "reservation", "priority", "pecsched")
 ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
@@ -68,6 +76,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="policies simulated in parallel processes (default: one per CPU)",
+    )
+    p.add_argument(
         "--calibration",
         metavar="FILE",
         help="measured iteration times (JSON) to fit the cost model to",
@@ -93,6 +107,15 @@ def policy_names(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _run_one(
+    workload: Workload, cluster: ClusterSpec, name: str, config: SchedulerConfig, seed: int
+) -> PolicyResult:
+    """One policy's run in a worker process (results are identical to a serial run)."""
+    from sim.runner import run_policy
+
+    return run_policy(workload, cluster, name, config, seed).result
+
+
 def _handle(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -111,7 +134,6 @@ def _run(args: argparse.Namespace) -> int:
     from sim.hardware import PAPER_TP, gpu_spec, model_shape
     from sim.plots import plot_results
     from sim.report import result_to_dict, table
-    from sim.runner import run_policy
 
     names = policy_names(args.policy)
     workload = wl.load_azure_traces(args.trace)
@@ -166,15 +188,19 @@ def _run(args: argparse.Namespace) -> int:
         f"tp={tp} ({cluster.num_instances} instances)",
         flush=True,
     )
+    jobs = max(1, min(len(names), args.jobs or os.cpu_count() or 1))
     results = []
-    for name in names:
-        outcome = run_policy(workload, cluster, name, config, args.seed)
-        results.append(outcome.result)
-        print(
-            f"  {name}: simulated {outcome.result.summary.makespan_s:.0f} s in "
-            f"{outcome.result.wall_s:.1f} s",
-            flush=True,
-        )
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [
+            pool.submit(_run_one, workload, cluster, name, config, args.seed) for name in names
+        ]
+        for name, future in zip(names, futures, strict=True):
+            result = future.result()
+            results.append(result)
+            print(
+                f"  {name}: simulated {result.summary.makespan_s:.0f} s in {result.wall_s:.1f} s",
+                flush=True,
+            )
     print(table(results))
 
     if args.json:
