@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import sys
 import time
@@ -249,7 +250,16 @@ def main() -> int:
     rows: list[tuple[str, int, float, Any]] = []
     done = 0
     while done < num_workers:
-        row = results.get(timeout=TIMEOUT_S * 4)
+        try:
+            row = results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:  # a worker raised (its traceback is on stderr): stop the others
+                for proc in procs:
+                    proc.kill()
+                print(f"worker(s) {dead} failed", file=sys.stderr)
+                return 1
+            continue
         if row[0] == "done":
             done += 1
         else:

@@ -213,6 +213,10 @@ class Group:
 
     def barrier(self) -> None:
         """Wait until every member reaches the barrier (or the timeout)."""
+        if self.backend_kind is CommBackend.NCCL:
+            # NCCL's own barrier guesses the GPU from the rank; ours may differ: reduce on ours.
+            self.all_reduce_max(torch.zeros(1, device=self.device))
+            return
         self._wait(self._live().barrier(dist.BarrierOptions()), "barrier")
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
