@@ -1,0 +1,312 @@
+"""Carrying out a policy's actions on simulated instances, and the completions they cause.
+
+`Executor` owns the instances (`sim.instances`), the live prefill jobs and the event heap of one
+simulation; `sim.engine.Engine` drives it. Heap entries are (time, kind priority, seq, a, b):
+kind TICK (instance a's milestone, version b), CHUNK (request a's chunk generation b ends),
+TRANSFER (request a's KV reaches instance b). Completions append the `controlplane.core`
+events the policy will observe to `out`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from controlplane.core import actions as act
+from controlplane.core import events as ev
+from sim.cost_model import CostModel
+from sim.instances import INF, PrefillJob, SimInstance
+
+# Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers.
+TICK, CHUNK, TRANSFER = 0, 1, 2
+
+
+class Executor:
+    """Instances, jobs and pending events of one simulation (mutable; owned by the Engine)."""
+
+    def __init__(
+        self,
+        cost: CostModel,
+        num_instances: int,
+        prompt_tokens: list[int],
+        output_tokens: list[int],
+        log_decisions: bool,
+    ) -> None:
+        self.cost = cost
+        self.tp = cost.tp
+        per_node = max(1, cost.gpu.gpus_per_node // self.tp)
+        self.instances = [
+            SimInstance(i, f"i{i:05d}", i // per_node, cost) for i in range(num_instances)
+        ]
+        self.by_id = {inst.instance_id: inst for inst in self.instances}
+        self.prompt = prompt_tokens
+        self.output = output_tokens
+        n = len(prompt_tokens)
+        self.first_sched = [math.nan] * n  # prefill first started executing
+        self.first_token = [math.nan] * n
+        self.finished = [math.nan] * n
+        self.preempt = [0] * n
+        self.jobs: dict[int, PrefillJob] = {}  # live prefill jobs (running, pending, paused)
+        self.decode_group: dict[int, tuple[int, ...]] = {}  # request -> decode instances
+        self.heap: list[tuple[float, int, int, int, int]] = []  # (t, kind, seq, a, b)
+        self.seq = 0
+        self.out: list[ev.Event] = []  # events for the next observe
+        self.log: list[str] | None = [] if log_decisions else None
+        self.chunk_cache: dict[tuple[int, int, int, str, bool], float] = {}
+        self.active = 0  # requests arrived and not yet finished, rejected or cancelled
+
+    def push(self, t: float, kind: int, a: int, b: int) -> None:
+        """Schedule a completion at `t`."""
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, a, b))
+
+    def wake(self, inst: SimInstance) -> None:
+        """Recompute `inst`'s iteration time and schedule its next milestone."""
+        inst.recompute()
+        t = inst.next_milestone_s()
+        if t < INF:
+            self.push(t, TICK, inst.index, inst.version)
+
+    def drop_stale(self) -> None:
+        """Pop superseded wake-ups at the top of the heap so they never advance the clock."""
+        heap = self.heap
+        while heap:
+            _, kind, _, a, b = heap[0]
+            if kind == TICK:
+                stale = self.instances[a].version != b
+            elif kind == CHUNK:
+                job = self.jobs.get(a)
+                stale = job is None or not job.running or job.seq != b
+            else:
+                return
+            if not stale:
+                return
+            heapq.heappop(heap)
+
+    # --- completions ----------------------------------------------------------------------------
+
+    def handle(self, kind: int, a: int, b: int, now: float) -> None:
+        """Process one popped heap entry that happened at `now`."""
+        if kind == TICK:
+            inst = self.instances[a]
+            if inst.version != b:
+                return
+            inst.sync(now)
+            job = inst.slot
+            if job is not None and job.is_colocated and inst.it >= job.end_it - 1e-6:
+                inst.slot = None
+                self._prefill_done(job, now)
+                self._start_pending(inst, now)
+            for req in inst.pop_finished():
+                self._finish(req, now)
+            self.wake(inst)
+        elif kind == CHUNK:
+            job = self.jobs.get(a)
+            if job is not None and job.running and job.seq == b:
+                self._chunk_done(job, now)
+        elif kind == TRANSFER:
+            self.out.append(ev.KVTransferDone(str(a), self.instances[b].instance_id, True, now))
+
+    def _chunk_done(self, job: PrefillJob, now: float) -> None:
+        group = [self.instances[i] for i in job.group]
+        for inst in group:
+            inst.sync(now)
+        job.next_chunk += 1
+        if job.next_chunk >= job.num_chunks:
+            self._release(job, group, now)
+            self._prefill_done(job, now)
+        elif job.pause_pending:
+            self.out.append(ev.PrefillChunkDone(str(job.req), job.next_chunk - 1, now))
+            self.out.append(ev.PrefillPaused(str(job.req), job.next_chunk, now))
+            job.pause_pending = False
+            self._release(job, group, now)
+        else:
+            self.out.append(ev.PrefillChunkDone(str(job.req), job.next_chunk - 1, now))
+            self._run_chunk(job, now)
+        for inst in group:
+            if inst.slot is None:
+                self._start_pending(inst, now)
+            self.wake(inst)
+
+    def _release(self, job: PrefillJob, group: list[SimInstance], now: float) -> None:
+        job.running = False
+        for inst in group:
+            if inst.slot is job:
+                inst.slot = None
+
+    def _prefill_done(self, job: PrefillJob, now: float) -> None:
+        req = job.req
+        del self.jobs[req]
+        self.first_token[req] = now
+        rid = str(req)
+        self.out.append(ev.PrefillDone(rid, now))
+        self.out.append(ev.TokensGenerated(rid, 1, now))
+        if self.output[req] == 1:
+            self.finished[req] = now
+            self.active -= 1
+            self.out.append(ev.RequestFinished(rid, now))
+        elif job.decode_in_place:
+            self._start_decode(req, job.group, now)
+
+    def _start_decode(self, req: int, group: tuple[int, ...], now: float) -> None:
+        share = (self.prompt[req] + 1) / len(group)
+        self.decode_group[req] = group
+        for rank, i in enumerate(group):
+            inst = self.instances[i]
+            inst.sync(now)
+            inst.add_member(req, share, self.output[req] - 1 if rank == 0 else None)
+            self.wake(inst)
+
+    def _finish(self, req: int, now: float) -> None:
+        """`req`'s last token is out (its leader instance is synced and woken by the caller)."""
+        group = self.decode_group.pop(req)
+        for i in group:
+            inst = self.instances[i]
+            inst.sync(now)
+            inst.remove_member(req)
+            if i != group[0]:
+                self.wake(inst)
+        self.finished[req] = now
+        self.active -= 1
+        rid = str(req)
+        if self.output[req] > 1:
+            self.out.append(ev.TokensGenerated(rid, self.output[req] - 1, now))
+        self.out.append(ev.RequestFinished(rid, now))
+
+    # --- prefill slots ----------------------------------------------------------------------------
+
+    def _chunk_s(self, job: PrefillJob) -> float:
+        tokens, context = job.chunk_bounds()
+        key = (tokens, context, len(job.group), job.sp_kind.value, job.cross_node)
+        duration = self.chunk_cache.get(key)
+        if duration is None:
+            duration = self.cost.sp_prefill_s(
+                tokens, context, len(job.group), job.sp_kind.value, job.cross_node
+            )
+            self.chunk_cache[key] = duration
+        return duration
+
+    def _run_chunk(self, job: PrefillJob, now: float) -> None:
+        duration = self._chunk_s(job)
+        lead = self.instances[job.group[0]]
+        if lead.members:  # decodes sharing the instance: their token rides on the chunk
+            batch, ctx = len(lead.members), lead.decode_context_tokens()
+            duration += max(0.0, self.cost.decode_s(batch, ctx) - self.cost.decode_s(0, 0.0))
+        job.chunk_duration_s = duration
+        job.seq += 1
+        self.push(now + duration, CHUNK, job.req, job.seq)
+
+    def _try_start(self, job: PrefillJob, now: float) -> None:
+        """Start `job` if every slot of its group is free, else wait on the busy ones."""
+        group = [self.instances[i] for i in job.group]
+        busy = [inst for inst in group if inst.slot is not None]
+        if busy:
+            for inst in busy:
+                if job not in inst.pending:
+                    inst.pending.append(job)
+            return
+        job.running = True
+        if math.isnan(self.first_sched[job.req]):
+            # Queueing ends when the prefill starts executing (after any chunk in flight).
+            self.first_sched[job.req] = now
+        for inst in group:
+            inst.sync(now)
+            inst.slot = job
+        if job.is_colocated:
+            host = group[0]
+            job.end_it = host.it + math.ceil(job.prompt_tokens / job.colocate_budget_tokens)
+        else:
+            self._run_chunk(job, now)
+        for inst in group:
+            self.wake(inst)
+
+    def _start_pending(self, inst: SimInstance, now: float) -> None:
+        waiting, inst.pending = inst.pending, []
+        for job in waiting:
+            if not job.running and self.jobs.get(job.req) is job and not job.pause_pending:
+                self._try_start(job, now)
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def _group(self, ids: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.by_id[i].index for i in ids)
+
+    def apply(self, action: act.Action, now: float) -> None:
+        """Carry out one action of a Decision at `now`."""
+        if self.log is not None:
+            self.log.append(f"{now:.6f} {action!r}")
+        if isinstance(action, act.StartPrefill):
+            req = int(action.request_id)
+            group = self._group(action.instance_ids)
+            job = PrefillJob(
+                req,
+                group,
+                self.prompt[req],
+                action.chunk_tokens,
+                action.num_chunks,
+                action.first_chunk_index,
+                action.decode_in_place,
+                action.sp_kind,
+                cross_node=len({self.instances[i].node for i in group}) > 1,
+            )
+            self.jobs[req] = job
+            self._try_start(job, now)
+        elif isinstance(action, act.Colocate):
+            req = int(action.request_id)
+            host = self.by_id[action.host_instance_id].index
+            job = PrefillJob(
+                req,
+                (host,),
+                self.prompt[req],
+                action.chunk_tokens,
+                action.num_chunks,
+                0,
+                action.decode_in_place,
+                colocate_budget_tokens=action.iteration_prefill_budget_tokens,
+            )
+            self.jobs[req] = job
+            self._try_start(job, now)
+        elif isinstance(action, act.Pause):
+            req = int(action.request_id)
+            self.preempt[req] += 1
+            job = self.jobs[req]
+            if job.running:
+                job.pause_pending = True
+            else:  # still waiting for its slots: it stops before starting a chunk
+                job.pause_pending = True
+                self.out.append(ev.PrefillPaused(action.request_id, job.next_chunk, now))
+        elif isinstance(action, act.Resume):
+            job = self.jobs[int(action.request_id)]
+            job.pause_pending = False
+            if not job.running:
+                self._try_start(job, now)
+        elif isinstance(action, act.TransferKV):
+            src = self.by_id[action.src_instance_id]
+            dst = self.by_id[action.dst_instance_id]
+            req = int(action.request_id)
+            duration = self.cost.kv_transfer_s(self.prompt[req] + 1, src.node != dst.node)
+            self.push(now + duration, TRANSFER, req, dst.index)
+        elif isinstance(action, act.StartDecode):
+            req = int(action.request_id)
+            self._start_decode(req, (self.by_id[action.instance_id].index,), now)
+        elif isinstance(action, act.Cancel | act.Reject):
+            self._drop(int(action.request_id), now)
+
+    def _drop(self, req: int, now: float) -> None:
+        """Stop all work of `req` (cancel or reject); it stays unfinished in the records."""
+        self.active -= 1
+        job = self.jobs.pop(req, None)
+        if job is not None and job.running:
+            group = [self.instances[i] for i in job.group]
+            for inst in group:
+                inst.sync(now)
+            self._release(job, group, now)
+            for inst in group:
+                self._start_pending(inst, now)
+                self.wake(inst)
+        group_ids = self.decode_group.pop(req, ())
+        for i in group_ids:
+            inst = self.instances[i]
+            inst.sync(now)
+            inst.remove_member(req)
+            self.wake(inst)
