@@ -50,6 +50,7 @@ GPUS_32 = 32
 LEVER_CHUNK_TOKENS = 2048  # tuning lever measured next to the defaults at contended loads
 SCALE_LOAD = 0.75  # per-GPU offered prefill load of the 10,000-GPU run
 SCALE_WINDOW_S = 0.005  # event batching window of the 10,000-GPU run
+DEFAULTS = SchedulerConfig()
 CONTENTION_P99_S = 0.5  # best baseline's short p99 queueing delay above this = contention
 
 
@@ -322,7 +323,9 @@ def write_markdown(
         "",
         "**Setup.** 32 x A100-80GB (4 nodes of 8, NVLink inside a node, 25 GB/s per GPU "
         "between nodes). Paper TP: TP1 for Mistral-7B and Phi-3-14B, TP4 for Yi-34B and "
-        "Llama-3.1-70B; 4 GPUs (12.5%) are short-decode instances for PecSched. Workload: the "
+        "Llama-3.1-70B; PecSched starts with 4 GPUs (12.5%) of short-decode instances (its "
+        f"elastic pool, `short_decode_elastic={DEFAULTS.short_decode_elastic}`, may lend them "
+        "back). Workload: the "
         "Azure LLM inference trace 2023 (code + conversation merged, 28,185 requests in one "
         "hour; CC BY 4.0, Splitwise, Patel et al., ISCA 2024) with prompts >= 4096 tokens "
         "min-max rescaled into [100K, 500K] tokens (1,657 long requests).",
@@ -368,7 +371,10 @@ def write_markdown(
         "## Ablations",
         "",
         "Each PecSched switch turned off alone (registry ablations), plus the tuning lever "
-        f"`chunk_tokens={LEVER_CHUNK_TOKENS}` (default 8192) with and without disaggregation.",
+        f"`chunk_tokens={LEVER_CHUNK_TOKENS}` (default {DEFAULTS.chunk_tokens}; with "
+        f"`chunk_budget_token_pairs={DEFAULTS.chunk_budget_token_pairs}` the core shrinks each "
+        "request's chunk below that, see controlplane/core/config.py) with and without "
+        "disaggregation.",
         "",
         "| model | load | variant | short QD p99 (s) | short rps | long JCT mean (s) | "
         "long JCT / FIFO | preemptions |",
