@@ -207,6 +207,7 @@ class KVCache:
         self._movable: dict[int, KVRange] = {}  # start -> movable range
         self.num_compactions = 0  # compactions run so far
         self.num_moved_tokens = 0  # rows copied by them
+        self.stage_tokens = STAGE_TOKENS  # staged block size of overlapping moves
 
     @property
     def pool_tokens(self) -> int:
@@ -308,16 +309,16 @@ class KVCache:
         Overlapping moves copy ascending blocks that never overlap the rows they read: blocks
         of the shift itself when it is large, else blocks staged through a small buffer.
         """
-        shift = src - dst
-        if shift >= min(num_tokens, STAGE_TOKENS):
+        shift, block = src - dst, self.stage_tokens
+        if shift >= min(num_tokens, block):
             for off in range(0, num_tokens, shift):
                 n = min(shift, num_tokens - off)
                 self.pool[:, :, dst + off : dst + off + n].copy_(
                     self.pool[:, :, src + off : src + off + n]
                 )
             return
-        stage = torch.empty_like(self.pool[:, :, :STAGE_TOKENS])
-        for off in range(0, num_tokens, STAGE_TOKENS):
-            n = min(STAGE_TOKENS, num_tokens - off)
+        stage = torch.empty_like(self.pool[:, :, :block])
+        for off in range(0, num_tokens, block):
+            n = min(block, num_tokens - off)
             stage[:, :, :n].copy_(self.pool[:, :, src + off : src + off + n])
             self.pool[:, :, dst + off : dst + off + n].copy_(stage[:, :, :n])
