@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sdk.aio import AsyncClient
-from sdk.errors import PecSchedError
+from sdk.errors import PecSchedError, PermissionDeniedError
 from sdk.types import ClusterSnapshot, RequestClass, RequestInfo, RequestState, Sampling
 
 SAMPLE_INTERVAL_S = 0.5  # Watch period used to sample counters and busy instances
@@ -51,8 +51,9 @@ class Measured:
 
 @dataclass(frozen=True, slots=True)
 class ClusterCounters:
-    """Cluster-wide counters over the replay, from Watch snapshots."""
+    """Cluster-wide counters over the replay, from Watch snapshots (Watch needs an admin key)."""
 
+    is_available: bool  # False: no snapshot (Watch refused); every other field is then 0
     num_gpus: int  # sum of the instances' tp in the last snapshot
     busy_gpu_s: float  # sampled: GPU-seconds of instances holding at least one request
     preemptions: int  # increase of the cluster's preemption counter during the replay
@@ -117,8 +118,9 @@ class _Sampler:
     def counters(self) -> ClusterCounters:
         first, last = self.first, self.last
         if first is None or last is None:
-            return ClusterCounters(0, 0.0, 0, 0, 0, time.time())
+            return ClusterCounters(False, 0, 0.0, 0, 0, 0, time.time())
         return ClusterCounters(
+            is_available=True,
             num_gpus=sum(i.tp for i in last.instances),
             busy_gpu_s=self.busy_gpu_s,
             preemptions=last.num_preemptions_total - first.num_preemptions_total,
@@ -129,15 +131,22 @@ class _Sampler:
 
 
 async def _watch(client: AsyncClient, sampler: _Sampler) -> None:
-    async for snapshot in client.watch(interval_s=SAMPLE_INTERVAL_S):
-        sampler.add(snapshot)
-
-
-async def first_snapshot(client: AsyncClient, timeout_s: float) -> ClusterSnapshot:
-    """The first Watch snapshot (the cluster's instances and counters now)."""
-    async with asyncio.timeout(timeout_s):
+    try:
         async for snapshot in client.watch(interval_s=SAMPLE_INTERVAL_S):
-            return snapshot
+            sampler.add(snapshot)
+    except PermissionDeniedError:
+        return  # a client key: no counters
+
+
+async def first_snapshot(client: AsyncClient, timeout_s: float) -> ClusterSnapshot | None:
+    """The first Watch snapshot (the cluster's instances and counters now); None when the API
+    key may not Watch (a client key)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for snapshot in client.watch(interval_s=SAMPLE_INTERVAL_S):
+                return snapshot
+    except PermissionDeniedError:
+        return None
     raise PecSchedError("UNAVAILABLE", "Watch ended before the first snapshot")
 
 

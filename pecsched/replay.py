@@ -11,7 +11,9 @@ Metrics are those of `sim/metrics.py`, on the control plane's timestamps; the re
 the one the control plane assigned. The JSON has the schema of `pecsched sim --json` (one
 result, named after the cluster's policy) plus a `live` object with the colocation and KV
 transfer counters and per-class rows. A live run has no isolated-JCT reference, so its
-starvation rate counts only long requests that did not finish.
+starvation rate counts only long requests that did not finish. The cluster counters, the
+capacity clamp and the GPU idle rate come from Watch, which needs an admin API key; with a
+client key they are reported as unavailable (null).
 """
 
 from __future__ import annotations
@@ -269,7 +271,17 @@ async def run_replay(
         workload = wl.head(workload, args.max_requests)
     async with AsyncClient(target, api_key=api_key, timeout_s=60.0) as client:
         snapshot = await first_snapshot(client, timeout_s=30.0)
-        short_total, long_total = capacity_limits(snapshot)
+        if snapshot is None:
+            print(
+                "note: this API key may not Watch the cluster (admin only): no capacity "
+                "clamping, and no cluster counters (colocations, KV transfers, GPU idle)",
+                file=sys.stderr,
+            )
+            short_total, long_total = None, None
+            policy, num_instances = "unknown", None
+        else:
+            short_total, long_total = capacity_limits(snapshot)
+            policy, num_instances = snapshot.policy, len(snapshot.instances)
         lengths = LengthPlan(
             token_scale=args.token_scale,
             long_threshold_tokens=args.long_threshold_tokens,
@@ -285,7 +297,7 @@ async def run_replay(
         plan = plan_requests(workload, args.seed)
         print(
             f"replaying {len(plan)} requests over {workload.duration_s:.0f} s against {target} "
-            f"(policy {snapshot.policy}); prompts {workload.prompt_tokens.min()}-"
+            f"(policy {policy}); prompts {workload.prompt_tokens.min()}-"
             f"{workload.prompt_tokens.max()} tokens, outputs {workload.output_tokens.min()}-"
             f"{workload.output_tokens.max()}",
             file=sys.stderr,
@@ -305,6 +317,6 @@ async def run_replay(
         "max_long_total_tokens": long_total,
         "seed": args.seed,
         "num_requests": len(plan),
-        "instances": len(snapshot.instances),
+        "instances": num_instances,
     }
-    return build_report(outcome, records_of(outcome), snapshot.policy, config)
+    return build_report(outcome, records_of(outcome), policy, config)

@@ -98,21 +98,29 @@ def build_report(
     num_state = {s: states.count(s) for s in RequestState}
     num_unfinished = sum(1 for s in states if not s.is_terminal)
     num_failed = len(states) - num_state[RequestState.FINISHED] + outcome.num_submit_errors
+    if counters.is_available:
+        cluster = (
+            f"{counters.preemptions} preemptions, {counters.colocations} colocations, "
+            f"{counters.kv_transfers} KV transfers; GPU idle {summary.gpu_idle_rate:.0%}"
+        )
+    else:
+        cluster = "cluster counters unavailable (Watch needs an admin API key)"
     footer = (
-        f"policy {policy}: {counters.preemptions} preemptions, {counters.colocations} "
-        f"colocations, {counters.kv_transfers} KV transfers; short throughput "
-        f"{summary.short.throughput_rps:.2f} req/s; makespan {summary.makespan_s:.1f} s; "
-        f"GPU idle {summary.gpu_idle_rate:.0%}; not finished: {num_failed}"
+        f"policy {policy}: {cluster}; short throughput {summary.short.throughput_rps:.2f} "
+        f"req/s; makespan {summary.makespan_s:.1f} s; not finished: {num_failed}"
     )
     if outcome.first_submit_error:
         footer += f" (first refused submit: {outcome.first_submit_error})"
     result = result_to_dict(PolicyResult(policy, summary, outcome.wall_s, 0, 0.0, 0))
+    if not counters.is_available:
+        result["gpu_idle_rate"] = None
+    known = counters.is_available
     result["live"] = {
-        "colocations_total": counters.colocations,
-        "kv_transfers_total": counters.kv_transfers,
-        "preemptions_counter": counters.preemptions,
-        "busy_gpu_s": counters.busy_gpu_s,
-        "num_gpus": counters.num_gpus,
+        "colocations_total": counters.colocations if known else None,
+        "kv_transfers_total": counters.kv_transfers if known else None,
+        "preemptions_counter": counters.preemptions if known else None,
+        "busy_gpu_s": counters.busy_gpu_s if known else None,
+        "num_gpus": counters.num_gpus if known else None,
         "finished": num_state[RequestState.FINISHED],
         "cancelled": num_state[RequestState.CANCELLED],
         "failed": num_state[RequestState.FAILED],

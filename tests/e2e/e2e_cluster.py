@@ -89,7 +89,12 @@ class Cluster:
         return self.local.spec.target
 
     def client(self) -> Client:
+        """A client with the client key (tenant e2e)."""
         return Client(self.target, api_key=self.client_key, timeout_s=30.0)
+
+    def admin_client(self) -> Client:
+        """A client with the admin key (Watch, every tenant)."""
+        return Client(self.target, api_key=self.admin_key, timeout_s=30.0)
 
     def events(
         self, request_ids: list[str] | None = None
@@ -174,7 +179,7 @@ def wait_for(
 
 def wait_idle(cluster: Cluster, timeout_s: float = 30.0) -> None:
     """Wait until no instance holds a request or KV (fails with the last snapshot)."""
-    with cluster.client() as client:
+    with cluster.admin_client() as client:
         deadline = time.monotonic() + timeout_s
         for snapshot in client.watch(interval_s=0.2, timeout_s=timeout_s):
             busy = [

@@ -126,7 +126,7 @@ def test_report_uses_the_simulator_metrics_and_json_schema() -> None:
             measured("b", False, 0.3, 0.5, 2.5, 21),
             measured("c", True, math.nan, math.nan, math.nan, 0),
         ),
-        counters=ClusterCounters(4, 2.0, 1, 2, 3, t0 + 10.0),
+        counters=ClusterCounters(True, 4, 2.0, 1, 2, 3, t0 + 10.0),
         num_submit_errors=0,
         first_submit_error="",
         wall_s=10.0,
@@ -147,3 +147,20 @@ def test_report_uses_the_simulator_metrics_and_json_schema() -> None:
     assert set(result) >= {"policy", "short", "long", "preemptions_total", "gpu_idle_rate"}
     assert report.num_failed == 1
     assert "qd p50" in report.table and "2 colocations" in report.table
+
+
+def test_report_without_watch_marks_cluster_counters_unavailable() -> None:
+    # Prepare: a client key may not Watch, so no counters were sampled.
+    t0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    done = Measured("a", False, RequestState.FINISHED, 10, 3, t0, t0 + 0.1, t0 + 0.2, t0 + 0.2,
+                    t0 + 0.4, 0, "")  # fmt: skip
+    outcome = ReplayOutcome((done,), ClusterCounters(False, 0, 0.0, 0, 0, 0, t0 + 1), 0, "", 1.0)
+
+    # Execute
+    report = build_report(outcome, records_of(outcome), "unknown", {})
+
+    # Assert
+    live = report.payload["results"][0]["live"]
+    assert live["colocations_total"] is None and live["kv_transfers_total"] is None
+    assert report.payload["results"][0]["gpu_idle_rate"] is None
+    assert "counters unavailable" in report.table and report.num_failed == 0
