@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.core.config import SchedulerConfig
 from pecsched.cli import main as pecsched_main
@@ -181,3 +183,36 @@ def test_batch_window_merges_rounds_and_keeps_event_times() -> None:
     # Decisions wait at most one window per round, so delays grow only a little.
     exact_p50 = exact.result.summary.short.ttft_s["p50"]
     assert windowed.result.summary.short.ttft_s["p50"] == pytest.approx(exact_p50, abs=0.2)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    policy=st.sampled_from(ALL_POLICIES),
+    gpus=st.sampled_from([2, 4, 8]),
+    rate=st.floats(1.0, 40.0),
+    long_fraction=st.floats(0.0, 0.3),
+)
+def test_engine_invariants_hold_for_random_workloads(
+    seed: int, policy: str, gpus: int, rate: float, long_fraction: float
+) -> None:
+    spec = SyntheticSpec(
+        120,
+        rate_rps=rate,
+        long_fraction=long_fraction,
+        long_prompt_tokens=(10_000, 200_000),
+        short_prompt_tokens=(16, 4000),
+        output_tokens=(1, 100),
+        burstiness_cv=2.0,
+    )
+    config = SchedulerConfig(num_long_reserved_instances=1)
+
+    out = run_policy(synthetic(spec, seed), ClusterSpec(gpus, COST), policy, config, seed)
+
+    r = out.run.records
+    assert not np.isnan(r.finished_s).any()
+    assert (r.first_scheduled_s >= r.arrival_s).all()
+    assert (r.first_token_s > r.first_scheduled_s).all()  # every prefill takes time
+    assert (r.finished_s >= r.first_token_s).all()
+    assert 0.0 < out.run.busy_gpu_s <= gpus * out.run.end_s + 1e-6
+    assert out.run.end_s == pytest.approx(float(r.finished_s.max()))
