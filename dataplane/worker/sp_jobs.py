@@ -17,17 +17,19 @@ timeout) frees this member's KV and reports Failed(retryable).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from dataplane.engine.engine import Engine
+from dataplane.engine.errors import EngineError, EngineErrorCode
 from dataplane.engine.sampling import sample_tokens
 from dataplane.engine.types import FinishReason, SamplingParams
 from dataplane.parallel.groups import Group, GroupError, GroupManager, GroupSpec
 from dataplane.parallel.sp_runner import SpRequest
-from dataplane.parallel.topology import SpKind
+from dataplane.parallel.topology import SpKind, head_shards
 from dataplane.worker import messages as m
 
 
@@ -71,10 +73,18 @@ class SpJobs:
         return any(not j.paused for j in self._jobs.values())
 
     def admit(self, cmd: m.SpPrefill, manager: GroupManager) -> None:
-        """Connect the group (blocking: every member does it now) and reserve the KV."""
+        """Connect the group (blocking: every member does it now) and reserve the KV.
+
+        Admission is atomic over the group: the members agree (`all_reduce_max`) on whether
+        every one of them reserved its KV, and all refuse with DOES_NOT_FIT otherwise, so no
+        member ever waits in a collective for one that refused.
+        """
         if cmd.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {cmd.chunk_tokens}")
         group = manager.connect(GroupSpec(cmd.group_id, cmd.member_ids))
+        kind = self.choose_kind(cmd, group.size)
+        request: SpRequest | None = None
+        error = ""
         try:
             request = SpRequest(
                 self.engine.model,
@@ -83,16 +93,46 @@ class SpJobs:
                 list(cmd.prompt_token_ids),
                 max_new_tokens=cmd.sampling.max_new_tokens,
                 chunk_tokens=cmd.chunk_tokens,
-                kind=SpKind.RING if cmd.ring else SpKind.ULYSSES,
+                kind=kind,
                 pool=self.engine.kv,
             )
-        except Exception:
-            manager.destroy(cmd.group_id)
-            raise
+        except EngineError as exc:
+            error = str(exc)
+        refused = torch.tensor([int(request is None)], dtype=torch.int64, device=self.engine.device)
+        try:
+            group.all_reduce_max(refused)
+        finally:
+            if request is None or refused.item():
+                if request is not None:
+                    request.free()
+                manager.destroy(cmd.group_id)
+        if refused.item():
+            raise EngineError(
+                EngineErrorCode.DOES_NOT_FIT,
+                error or "another member of the SP group could not reserve its KV",
+            )
+        assert request is not None
         generator = None
         if not cmd.sampling.is_greedy:
             generator = torch.Generator(device=self.engine.device).manual_seed(cmd.sampling.seed)
         self._jobs[cmd.request_id] = SpJob(request, group, manager, cmd.sampling, generator)
+
+    def choose_kind(self, cmd: m.SpPrefill, size: int) -> SpKind:
+        """The requested kind, except Ulysses falls back to ring when replicating KV heads
+        (fewer KV heads than members) would need more rows than this worker's whole pool, while
+        ring keeps only each member's own tokens. Depends only on the model, the group size,
+        the request and the pool size, so every member of the group decides the same."""
+        if cmd.ring:
+            return SpKind.RING
+        shape = self.engine.model.shape
+        if size > shape.num_q_heads:
+            return SpKind.RING
+        total = len(cmd.prompt_token_ids) + cmd.sampling.max_new_tokens
+        widest = max(
+            s.num_kv_heads for s in head_shards(shape.num_q_heads, shape.num_kv_heads, size)
+        )
+        ulysses_rows = math.ceil(total * widest / shape.num_kv_heads)
+        return SpKind.RING if ulysses_rows > self.engine.kv.pool_tokens else SpKind.ULYSSES
 
     def pause(self, request_id: str) -> None:
         """Ask the group to pause at the next chunk boundary."""
