@@ -40,6 +40,7 @@ from controlplane.core.types import (
 _S = RequestState
 _ROLE = InstanceRole
 _MAX_TRANSFER_SKIPS = 32  # unplaceable waiting transfers passed over per schedule() call
+_PACK_SCAN = 4  # most loaded short-decode instances tried per transfer (elastic pool)
 
 
 class BasePolicy:
@@ -258,7 +259,20 @@ class BasePolicy:
         return st.begin_transfer(req, dst, "short-decode instance with room")
 
     def _transfer_target(self, req: RequestRecord, now_s: float) -> InstanceRecord | None:
-        """Short-decode instance for `req`'s KV: the one with the most free KV, if it fits."""
+        """Short-decode instance for `req`'s KV, or None when none has room.
+
+        Elastic pool: the most loaded one with room among the `_PACK_SCAN` most loaded (bin
+        packing, so spare members empty out and can be given back), else the one with the
+        most free KV. Fixed pool (the paper's): the one with the most free KV.
+        """
+        st = self._state
+        need = req.spec.total_tokens
+        if self._config.short_decode_elastic:
+            for inst in st.pool.top(_ROLE.SHORT_DECODE, Slot.OPEN, _PACK_SCAN, most_loaded=True):
+                if st.ledger.can_allocate(inst.instance_id, need) and not (
+                    req.refusals and st.refused(req, inst.instance_id, now_s)
+                ):
+                    return inst
         dst = self._best_for(req, _ROLE.SHORT_DECODE, Slot.OPEN, now_s)
         if dst is None or not self._state.ledger.can_allocate(
             dst.instance_id, req.spec.total_tokens

@@ -1,5 +1,8 @@
 """Indexed pools of instances: one heap per (role, Slot), best = most free KV first.
 
+SHORT_DECODE pools also keep a second heap ordered the other way (most loaded first), so
+KV transfers can be bin-packed onto busy decode instances and spare ones empty out.
+
 Heaps use lazy invalidation: every refresh bumps the instance's version and pushes a fresh
 entry; entries whose version is stale are skipped when met. Heaps are rebuilt when stale
 entries dominate, so memory stays O(instances) and each operation is O(log instances).
@@ -14,6 +17,8 @@ from controlplane.core.records import InstanceRecord, Slot
 from controlplane.core.types import InstanceRole
 
 _Entry = tuple[int, float, str, int]  # (-free KV tokens, tiebreak, instance id, version)
+_HeapKey = tuple[InstanceRole, Slot, bool]  # (role, slot, most loaded first)
+_PACKED_ROLES = frozenset({InstanceRole.SHORT_DECODE})  # roles with a most-loaded heap too
 
 
 class InstancePool:
@@ -23,7 +28,7 @@ class InstancePool:
         self._ledger = ledger
         self._max_decode_batch = max_decode_batch
         self._instances: dict[str, InstanceRecord] = {}
-        self._heaps: dict[tuple[InstanceRole, Slot], list[_Entry]] = {}
+        self._heaps: dict[_HeapKey, list[_Entry]] = {}
         self._num_entries = 0
         self.num_offers: dict[tuple[InstanceRole, Slot], int] = {}  # pushes per pool, ever
         self.total_offers = 0  # pushes in any pool, ever
@@ -76,13 +81,16 @@ class InstancePool:
         if slot is Slot.BUSY:
             return
         key = (inst.role, slot)
-        heapq.heappush(
-            self._heaps.setdefault(key, []), (-free, inst.tiebreak, instance_id, inst.version)
-        )
+        entry = (-free, inst.tiebreak, instance_id, inst.version)
+        heapq.heappush(self._heaps.setdefault((*key, False), []), entry)
+        if inst.role in _PACKED_ROLES:
+            packed = (free, inst.tiebreak, instance_id, inst.version)
+            heapq.heappush(self._heaps.setdefault((*key, True), []), packed)
+            self._num_entries += 1
         self.num_offers[key] = self.num_offers.get(key, 0) + 1
         self.total_offers += 1
         self._num_entries += 1
-        if self._num_entries > 4 * len(self._instances) + 64:
+        if self._num_entries > 8 * len(self._instances) + 64:
             self._rebuild()
 
     def offers(self, role: InstanceRole, slot: Slot) -> int:
@@ -92,7 +100,7 @@ class InstancePool:
 
     def best(self, role: InstanceRole, slot: Slot) -> InstanceRecord | None:
         """The instance of `role` in `slot` with the most free KV, or None. Changes nothing."""
-        heap = self._heaps.get((role, slot))
+        heap = self._heaps.get((role, slot, False))
         while heap:
             inst = self._valid(heap[0])
             if inst is not None:
@@ -101,9 +109,14 @@ class InstancePool:
             self._num_entries -= 1
         return None
 
-    def top(self, role: InstanceRole, slot: Slot, limit: int) -> list[InstanceRecord]:
-        """Up to `limit` instances of `role` in `slot`, most free KV first. Changes nothing."""
-        heap = self._heaps.get((role, slot))
+    def top(
+        self, role: InstanceRole, slot: Slot, limit: int, *, most_loaded: bool = False
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances of `role` in `slot`, most free KV first (least free first
+        with `most_loaded`, SHORT_DECODE only). Changes nothing."""
+        assert not most_loaded or role in _PACKED_ROLES, f"no most-loaded order for {role}"
+        key = (role, slot, most_loaded)
+        heap = self._heaps.get(key)
         found: list[tuple[_Entry, InstanceRecord]] = []
         while heap and len(found) < limit:
             entry = heapq.heappop(heap)
@@ -112,7 +125,7 @@ class InstancePool:
             if inst is not None:
                 found.append((entry, inst))
         for entry, _ in found:
-            heapq.heappush(self._heaps[(role, slot)], entry)
+            heapq.heappush(self._heaps[key], entry)
             self._num_entries += 1
         return [inst for _, inst in found]
 
@@ -129,7 +142,11 @@ class InstancePool:
             if inst.slot is Slot.BUSY:
                 continue
             entry = (-inst.offered_free, inst.tiebreak, inst.instance_id, inst.version)
-            self._heaps.setdefault((inst.role, inst.slot), []).append(entry)
+            self._heaps.setdefault((inst.role, inst.slot, False), []).append(entry)
             self._num_entries += 1
+            if inst.role in _PACKED_ROLES:
+                packed = (inst.offered_free, inst.tiebreak, inst.instance_id, inst.version)
+                self._heaps.setdefault((inst.role, inst.slot, True), []).append(packed)
+                self._num_entries += 1
         for heap in self._heaps.values():
             heapq.heapify(heap)

@@ -58,16 +58,26 @@ class PecSchedPolicy(BasePolicy):
         slots.append(Slot.PAUSED_HOST)
         self._short_slots = tuple(slots)
         self._decode_pool_peak = 0  # most SHORT_DECODE instances seen at once
+        # elastic pool: a long request still waited at the end of the last plan, so the last
+        # short-decode instance is lent to GENERAL once empty (new shorts decode in place)
+        self._lend_last_decoder = False
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
-        if self._config.disaggregation and self._config.short_decode_elastic:
+        elastic = self._config.disaggregation and self._config.short_decode_elastic
+        if elastic:
             self._balance_short_decode(now_s, out)
         self._protect_starving(now_s)
         aged_waits = self._serve_aged_longs(now_s, out)
         self._place_shorts(now_s, out)
         self._resume_paused(now_s, out)
-        if aged_waits:
-            return  # first come, first served among longs: nothing overtakes the aged one
+        if not aged_waits:  # first come, first served among longs: none overtakes an aged one
+            self._place_longs(now_s, out)
+        if elastic:
+            self._lend_last_decoder = self._head(RequestClass.LONG) is not None
+            if self._lend_or_reclaim_last_decoder() and not aged_waits:
+                self._place_longs(now_s, out)
+
+    def _place_longs(self, now_s: float, out: list[Action]) -> None:
         while (req := self._head(RequestClass.LONG)) is not None:
             if not self._place_long(req, now_s, out, _GENERAL):
                 if not self._reject_if_never_fits(req, out):
@@ -76,7 +86,9 @@ class PecSchedPolicy(BasePolicy):
     def _balance_short_decode(self, now_s: float, out: list[Action]) -> None:
         """Elastic short-decode pool: shrink while two or more members sit empty; while shorts
         wait for a decode place, grow with empty GENERAL instances up to the pool's peak size
-        (its configured size once every instance is up)."""
+        (its configured size once every instance is up). While long requests wait, the last
+        member is lent to GENERAL once empty (shorts decode where they prefill meanwhile);
+        it comes back as soon as no long waits and a GENERAL instance sits empty."""
         st = self._state
         self._decode_pool_peak = max(self._decode_pool_peak, st.census.count(_DECODE))
         while st.census.count(_DECODE) > 1:
@@ -93,6 +105,22 @@ class PecSchedPolicy(BasePolicy):
                 break
             st.change_role(candidate, _DECODE)
             self._place_transfers(now_s, out)
+
+    def _lend_or_reclaim_last_decoder(self) -> bool:
+        """Lend the last, empty short-decode instance to GENERAL while longs wait; take an
+        empty GENERAL one back when none waits. True when it lent one."""
+        st = self._state
+        count = st.census.count(_DECODE)
+        if count == 1 and self._lend_last_decoder and not st.transfer_wait:
+            last = st.pool.best(_DECODE, Slot.OPEN)
+            if last is not None and self._is_empty(last):
+                st.change_role(last, _GENERAL)
+                return True
+        elif count == 0 and not self._lend_last_decoder and self._decode_pool_peak > 0:
+            candidate = st.pool.best(_GENERAL, Slot.OPEN)
+            if candidate is not None and self._is_empty(candidate):
+                st.change_role(candidate, _DECODE)
+        return False
 
     def _is_empty(self, inst: InstanceRecord) -> bool:
         st = self._state
@@ -156,6 +184,8 @@ class PecSchedPolicy(BasePolicy):
     def _short_decodes_in_place(self, req: RequestRecord) -> bool:
         if not self._config.disaggregation:
             return True
+        if self._lend_last_decoder and self._state.census.count(_DECODE) <= 1:
+            return True  # the last decoder drains, to be lent to GENERAL
         decoders = self._state.census.capacities(InstanceRole.SHORT_DECODE)
         return not decoders or decoders[-1] < req.spec.total_tokens
 

@@ -233,8 +233,15 @@ def test_long_gets_smallest_sp_group_or_more_for_a_prefill_target() -> None:
 
 
 def test_aged_long_goes_before_shorts() -> None:
-    # Prepare: one general instance kept busy by a stream of shorts; a long waits
-    policy = make_policy("pecsched", instances=cluster(1), long_aging_s=5.0, preemption=False)
+    # Prepare: one general instance kept busy by a stream of shorts; a long waits (fixed
+    # pool: an elastic one would lend its decoder to the long)
+    policy = make_policy(
+        "pecsched",
+        instances=cluster(1),
+        long_aging_s=5.0,
+        preemption=False,
+        short_decode_elastic=False,
+    )
     dp = FakeDataPlane(policy)
     starts: list[str] = []
 

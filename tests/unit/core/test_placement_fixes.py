@@ -8,8 +8,11 @@ from builders import arrive, make_instance, make_policy, make_request
 from fake_dataplane import FakeDataPlane, check_invariants
 
 from controlplane.core import actions as act
+from controlplane.core.accounting import KvLedger
 from controlplane.core.events import PrefillDone, RequestFailed, RequestFinished
-from controlplane.core.types import InstanceRole
+from controlplane.core.pool import InstancePool
+from controlplane.core.records import InstanceRecord, Slot
+from controlplane.core.types import InstanceRole, RequestState
 
 SD = InstanceRole.SHORT_DECODE
 
@@ -117,3 +120,48 @@ def test_chunks_of_a_deep_prefill_are_smaller_so_chunk_work_stays_bounded() -> N
     assert chunks["fifo"] == {100_000: 8192, 500_000: 8192}
     assert config.prefill_chunk_tokens(10**9, 1) == config.min_chunk_tokens
     assert config.prefill_chunk_tokens(500_000, 2) == 2 * budget // 500_000
+
+
+def test_decode_pool_offers_the_most_loaded_first_for_packing() -> None:
+    # Prepare: three short-decode instances with 0, 300 and 100 KV tokens used
+    ledger = KvLedger()
+    pool = InstancePool(ledger, max_decode_batch=8)
+    for k, used in enumerate((0, 300, 100)):
+        spec = make_instance(f"d{k}", role=SD, kv_capacity_tokens=1000)
+        ledger.add_instance(spec.instance_id, 1000)
+        if used:
+            ledger.allocate(f"r{k}", spec.instance_id, used)
+        pool.add(InstanceRecord(spec, SD, tiebreak=0.5))
+
+    # Execute
+    packed = pool.top(SD, Slot.OPEN, 3, most_loaded=True)
+    spread = pool.top(SD, Slot.OPEN, 3)
+
+    # Assert
+    assert [i.instance_id for i in packed] == ["d1", "d2", "d0"]
+    assert [i.instance_id for i in spread] == ["d0", "d2", "d1"]
+
+
+def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
+    # Prepare: one general and one short-decode instance; a long prefills on g0
+    instances = [make_instance("g0"), make_instance("d0", role=SD)]
+    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
+    dp = FakeDataPlane(policy, tokens_per_step=1)
+    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
+    dp.step()
+
+    # Execute: a second long arrives while the first one prefills
+    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
+    for _ in range(2):
+        dp.step()
+        check_invariants(policy, dp.now_s)
+    long2 = policy.request_view("long2")
+    lent = policy.request_view("long1").state is RequestState.PREFILLING
+    for _ in range(20):
+        dp.step()
+    roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
+
+    # Assert: long2 ran on d0 while long1 still prefilled; afterwards one decoder again
+    assert long2.prefill_instance_ids == ("d0",) and lent
+    assert policy.num_active_requests() == 0
+    assert sorted(roles.values()).count(SD) == 1
