@@ -270,10 +270,8 @@ class Executor:
             req = int(action.request_id)
             self.preempt[req] += 1
             job = self.jobs[req]
-            if job.running:
-                job.pause_pending = True
-            else:  # still waiting for its slots: it stops before starting a chunk
-                job.pause_pending = True
+            job.pause_pending = True  # a running chunk completes first (see _chunk_done)
+            if not job.running:  # still waiting for its slots: it stops before any chunk
                 self.out.append(ev.PrefillPaused(action.request_id, job.next_chunk, now))
         elif isinstance(action, act.Resume):
             job = self.jobs[int(action.request_id)]
