@@ -167,7 +167,7 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     out, _ = merge_partials(
         out_old[0].transpose(0, 1).float(),  # (1, h, n, d) -> (n, h, d)
         lse_old[0].transpose(0, 1),  # (1, h, n) -> (n, h)
-        out_new[0].transpose(0, 1).float(),
-        lse_new[0].transpose(0, 1),
+        out_new[0].transpose(0, 1).float(),  # (1, h, n, d) -> (n, h, d)
+        lse_new[0].transpose(0, 1),  # (1, h, n) -> (n, h)
     )
     return out.to(q.dtype)

@@ -41,6 +41,7 @@ class _Buffers:
         numel = capacity_tokens * num_heads * head_dim
         if pool is None:
             shape = (num_layers, capacity_tokens, num_heads, head_dim)
+            # (L, capacity, heads, d) -> L x (capacity, heads, d)
             self.keys = list(torch.empty(shape, dtype=dtype, device=device).unbind(0))
             self.values = list(torch.empty(shape, dtype=dtype, device=device).unbind(0))
             return
