@@ -16,10 +16,18 @@ import torch
 from dist_utils import WorkerPool, shared_pool
 
 from dataplane.engine.engine import Engine, EngineConfig
+from dataplane.engine.errors import EngineError
 from dataplane.engine.types import Finished, SamplingParams
 from dataplane.models.loading import random_model
 from dataplane.models.presets import preset_config
-from dataplane.parallel.groups import Group, GroupError
+from dataplane.parallel.groups import (
+    Group,
+    GroupError,
+    GroupManager,
+    GroupSpec,
+    connect_store,
+    make_backend_factory,
+)
 from dataplane.parallel.sp_runner import SpRequest
 from dataplane.parallel.topology import SpKind
 
@@ -195,3 +203,37 @@ def test_member_killed_mid_sp_prefill_fails_survivors_fast_frees_kv_and_they_kee
         assert elapsed_s < 10.0  # well inside the 60 s group timeout: the dead peer is detected
         assert freed
         assert short_tokens == short_expected
+
+
+def test_sp_kv_comes_from_the_engine_pool_and_a_request_that_does_not_fit_is_refused() -> None:
+    # Prepare: a one-member group in this process; the pool holds 2,000 tokens.
+    store = connect_store("127.0.0.1", 0, 10.0, is_master=True)
+    manager = GroupManager(store, "solo", make_backend_factory("cpu", "127.0.0.1"), 10.0)
+    group = manager.connect(GroupSpec("solo-sp", ("solo",)))
+    model = random_model(
+        preset_config("tiny"), seed=SEED, dtype=torch.float32, device=torch.device("cpu")
+    )
+    engine = Engine(
+        model, EngineConfig(kv_budget_bytes=2000 * model.shape.kv_bytes_per_token(torch.float32))
+    )
+
+    # Execute
+    sp = SpRequest(
+        model, group, "fits", _prompt(1, 1500), max_new_tokens=4, chunk_tokens=512, pool=engine.kv
+    )
+    held = engine.num_free_kv_tokens
+    with pytest.raises(EngineError, match="DOES_NOT_FIT"):
+        SpRequest(
+            model,
+            group,
+            "too-big",
+            _prompt(2, 600),
+            max_new_tokens=4,
+            chunk_tokens=512,
+            pool=engine.kv,
+        )
+    sp.free()
+
+    # Assert
+    assert held <= 2000 - 1504 and engine.num_free_kv_tokens == 2000
+    manager.close()
