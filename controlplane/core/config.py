@@ -20,6 +20,10 @@ CHUNK_BUDGET_TOKEN_PAIRS = 2048 * 500_000
 `chunk_tokens` up to ~125K. Measured in the simulator (docs: core-requests.md)."""
 
 
+PROTECTED_DUTY_CYCLE_CHUNKS = 4
+"""Default duty cycle of protected long prefills (measured: core-requests.md)."""
+
+
 class LongDecodeSharing(StrEnum):
     """What a short prefill may do on an instance that is decoding a long request."""
 
@@ -106,6 +110,14 @@ class SchedulerConfig:
             "prefill is no longer preempted and resumes as soon as its group is free"
         },
     )
+    protected_duty_cycle_chunks: int | None = field(
+        default=PROTECTED_DUTY_CYCLE_CHUNKS,
+        metadata={
+            "help": "a long prefill past max_pause_s may still be paused for one short prefill "
+            "(its group held for it meanwhile) once it has run this many chunks since it last "
+            "resumed; None: never paused again (shorts wait for the whole prefill)"
+        },
+    )
     long_aging_s: float | None = field(
         default=None,
         metadata={
@@ -149,6 +161,7 @@ class SchedulerConfig:
             "colocation_budget_tokens": self.colocation_budget_tokens,
             "reservation_sized_for_tokens": self.reservation_sized_for_tokens,
             "max_kv_transfer_attempts": self.max_kv_transfer_attempts,
+            "protected_duty_cycle_chunks": self.protected_duty_cycle_chunks or 1,
         }
         for name, value in positive.items():
             if value < 1:

@@ -49,6 +49,7 @@ class RequestRecord:
         "refusals",
         "request_class",
         "request_id",
+        "resumed_at_chunk",
         "seq",
         "spec",
         "state",
@@ -72,7 +73,8 @@ class RequestRecord:
         self.num_requeues = 0
         self.paused_total_s = 0.0
         self.paused_since_s: float | None = None
-        self.is_protected = False  # starvation bound reached: never paused again
+        self.is_protected = False  # starvation bound reached: paused only on the duty cycle
+        self.resumed_at_chunk = 0  # chunks_done when its prefill last started or resumed
         self.prefill_ids: tuple[str, ...] = ()
         self.decode_ids: tuple[str, ...] = ()
         self.decode_in_place = False

@@ -153,7 +153,8 @@ class ClusterState:
         req.chunks_total = -(-spec.prompt_tokens // chunk)
         if req.first_scheduled_s is None:
             req.first_scheduled_s = now_s
-        if req.request_class is _LONG and not req.is_protected:
+        req.resumed_at_chunk = 0
+        if req.request_class is _LONG and self.preemptible(req):
             self._push_running_long(req)
         self.refresh(ids)
         if colocate:
@@ -172,7 +173,8 @@ class ClusterState:
         return StartPrefill(req.request_id, ids, sp_kind, chunk, n, 0, decode_in_place, reason)
 
     def pause(self, req: RequestRecord, now_s: float, reason: str) -> Pause:
-        """Pause `req`'s prefill at its next chunk boundary; its group's slots become free."""
+        """Pause `req`'s prefill at its next chunk boundary; its group's slots become free
+        (a protected request's group is held for it: it resumes once the slot it lent frees)."""
         self.set_state(req, lifecycle.PAUSE)
         req.num_preemptions += 1
         req.paused_since_s = now_s
@@ -181,6 +183,8 @@ class ClusterState:
             inst = self.instances[instance_id]
             inst.prefill_id = None
             inst.paused.add(req.request_id)
+            if req.is_protected:
+                inst.held_for = req.request_id
         left_s = max(0.0, self.config.max_pause_s - req.paused_total_s)
         entry = (now_s + left_s, req.seq, req.request_id, req.num_preemptions)
         heapq.heappush(self.pause_deadlines, entry)
@@ -234,10 +238,20 @@ class ClusterState:
             inst = self.instances[instance_id]
             assert inst.prefill_id is None, f"resume {req.request_id}: {instance_id} busy"
             inst.prefill_id = req.request_id
-        if not req.is_protected:
+        req.resumed_at_chunk = req.chunks_done
+        if self.preemptible(req):
             self._push_running_long(req)
         self.refresh(req.prefill_ids)
         return Resume(req.request_id, req.prefill_ids, reason)
+
+    def preemptible(self, req: RequestRecord) -> bool:
+        """Whether `req` may ever be paused again (unprotected, or on the duty cycle)."""
+        return not req.is_protected or self.config.protected_duty_cycle_chunks is not None
+
+    def duty_cycle_due(self, req: RequestRecord) -> bool:
+        """A protected `req` has run its duty cycle's chunks since it last resumed."""
+        k = self.config.protected_duty_cycle_chunks
+        return k is not None and req.chunks_done - req.resumed_at_chunk >= k
 
     def finish_prefill(self, req: RequestRecord, at_s: float) -> None:
         """Last chunk done: decode in place, or wait for a KV transfer destination."""

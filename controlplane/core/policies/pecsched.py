@@ -6,7 +6,9 @@ Each schedule():
    place, empty GENERAL instances rejoin, up to the pool's peak (configured) size. Measured
    on the Azure trace (32 x A100, Mistral-7B): long JCT 632 -> 448 s, short p99 unchanged.
 1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` is
-   protected: never paused again, and its group takes no new short work until it resumes.
+   protected: its group takes no new short work until it resumes, and it is paused again
+   only for one short prefill after every `protected_duty_cycle_chunks` chunks it runs
+   (None: never), its group held for it meanwhile.
 2. Aging (off by default): once the oldest long request has waited `long_aging_s`, it goes
    before any short; when it does not fit, it holds open instances as they appear (shorts
    cannot take them) until the held ones can take it. Shorts keep every other instance.
@@ -220,10 +222,13 @@ class PecSchedPolicy(BasePolicy):
                 victim is None
                 or victim.state is not RequestState.PREFILLING
                 or victim.num_preemptions != entry[4]
-                or victim.is_protected
+                or not st.preemptible(victim)
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
             ):
                 continue  # stale for good
+            if victim.is_protected and not st.duty_cycle_due(victim):
+                skipped.append(entry)  # protected: not before its duty cycle's chunks ran
+                continue
             hosts = [
                 st.instances[i]
                 for i in victim.prefill_ids

@@ -140,7 +140,13 @@ def test_no_preempt_ablation_makes_the_short_wait() -> None:
 
 def test_starvation_bound_stops_preemption_and_resumes_the_long_request() -> None:
     # Prepare: one general instance; shorts arrive every step forever
-    policy = make_policy("pecsched", instances=cluster(1), chunk_tokens=5_000, max_pause_s=4.0)
+    policy = make_policy(
+        "pecsched",
+        instances=cluster(1),
+        chunk_tokens=5_000,
+        max_pause_s=4.0,
+        protected_duty_cycle_chunks=None,
+    )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=50_000, max_new_tokens=2))
     dp.step()

@@ -12,7 +12,7 @@ from controlplane.core.accounting import KvLedger
 from controlplane.core.events import PrefillDone, RequestFailed, RequestFinished
 from controlplane.core.pool import InstancePool
 from controlplane.core.records import InstanceRecord, Slot
-from controlplane.core.types import InstanceRole, RequestState
+from controlplane.core.types import InstanceRole, RequestState, RequestView
 
 SD = InstanceRole.SHORT_DECODE
 
@@ -165,3 +165,49 @@ def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
     assert long2.prefill_instance_ids == ("d0",) and lent
     assert policy.num_active_requests() == 0
     assert sorted(roles.values()).count(SD) == 1
+
+
+def _stream_shorts_past_a_long(duty_cycle_chunks: int | None) -> tuple[RequestView, float]:
+    """One instance, a long prefill of 16 chunks, a short arriving every 4 steps: the long's
+    final view and the longest wait of a short."""
+    policy = make_policy(
+        "pecsched-no-disagg",
+        instances=[make_instance("g0")],
+        chunk_tokens=5_000,
+        max_pause_s=2.0,
+        protected_duty_cycle_chunks=duty_cycle_chunks,
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("long", prompt_tokens=80_000, max_new_tokens=2))
+    dp.step()
+    for k in range(24):
+        if k % 4 == 0:
+            spec = make_request(f"s{k}", prompt_tokens=500, max_new_tokens=2, arrival_s=dp.now_s)
+            dp.submit(spec)
+        dp.step()
+        check_invariants(policy, dp.now_s)
+    for _ in range(100):
+        if policy.num_active_requests() == 0:
+            break
+        dp.step()
+    views = {v.spec.request_id: v for v in policy.take_completed()}
+    waits = [
+        v.first_scheduled_s - v.spec.arrival_s
+        for v in views.values()
+        if v.spec.request_id != "long" and v.first_scheduled_s is not None
+    ]
+    return views["long"], max(waits)
+
+
+def test_protected_long_lends_its_group_once_per_duty_cycle() -> None:
+    # Execute
+    never, never_wait_s = _stream_shorts_past_a_long(None)
+    duty, duty_wait_s = _stream_shorts_past_a_long(3)
+
+    # Assert: both longs finish; with the duty cycle a short waits at most ~3 chunks (steps)
+    # plus its own step, without it for the rest of the long prefill; the long's extra pause
+    # is one step per 3 chunks
+    assert never.state is duty.state is RequestState.FINISHED
+    assert duty_wait_s <= 3.0 + 1.0 < never_wait_s
+    assert duty.num_preemptions > never.num_preemptions
+    assert duty.paused_total_s <= 2.0 + 1.0 + 16 / 3 + 1.0
