@@ -129,7 +129,7 @@ class _Transfer(ABC):
         self._pending: list[dist.Work] = []  # ops posted by the helper thread, not yet done
         self._started = threading.Event()  # the first op was posted
         self._thread_error: str | None = None
-        self._thread_done = False
+        self._thread_ok = False  # set only when the protocol finished without error
         self._thread = threading.Thread(target=self._thread_main, daemon=True)
         self._thread.start()
 
@@ -147,8 +147,8 @@ class _Transfer(ABC):
             self._thread_error = "pair group rendezvous did not finish in time"
         except Exception as exc:  # any error of the peer or backend fails this transfer
             self._thread_error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._thread_done = True
+        else:
+            self._thread_ok = True
 
     def _post(self, post: Callable[..., dist.Work], t: torch.Tensor) -> dist.Work:
         """Post one send/recv (refused once stopped, so `_fail` sees every posted op)."""
@@ -277,7 +277,7 @@ class KVSender(_Transfer):
         self._layers(group, pairs, group.send)
 
     def _on_poll(self) -> None:
-        if self._thread_done:
+        if self._thread_ok:
             self.state = TransferState.DONE
         elif self._started.is_set():
             self.state = TransferState.TRANSFERRING
@@ -339,7 +339,7 @@ class KVReceiver(_Transfer):
             self._target = self._begin(self.metadata)  # reserves rows; request is IMPORTING
             self._target_ready.set()
             self.state = TransferState.TRANSFERRING
-        if self._thread_done and self._target is not None:
+        if self._thread_ok and self._target is not None:
             self._finish(self._target.request_id)  # only now may the engine decode it
             self.state = TransferState.DONE
 
