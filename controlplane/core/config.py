@@ -103,6 +103,14 @@ class SchedulerConfig:
             "decode place; False keeps the pool fixed as in the paper"
         },
     )
+    lend_last_short_decoder: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched, elastic pool: while long requests wait, the last SHORT_DECODE "
+            "instance, once empty, serves as GENERAL (shorts decode where they prefill "
+            "meanwhile: lower long JCT, higher short TBT) until no long waits"
+        },
+    )
     max_pause_s: float = field(
         default=30.0,
         metadata={

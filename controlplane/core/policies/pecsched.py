@@ -65,7 +65,8 @@ class PecSchedPolicy(BasePolicy):
         self._lend_last_decoder = False
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
-        elastic = self._config.disaggregation and self._config.short_decode_elastic
+        cfg = self._config
+        elastic = cfg.disaggregation and cfg.short_decode_elastic
         if elastic:
             self._balance_short_decode(now_s, out)
         self._protect_starving(now_s)
@@ -74,7 +75,7 @@ class PecSchedPolicy(BasePolicy):
         self._resume_paused(now_s, out)
         if not aged_waits:  # first come, first served among longs: none overtakes an aged one
             self._place_longs(now_s, out)
-        if elastic:
+        if elastic and cfg.lend_last_short_decoder:
             self._lend_last_decoder = self._head(RequestClass.LONG) is not None
             if self._lend_or_reclaim_last_decoder() and not aged_waits:
                 self._place_longs(now_s, out)

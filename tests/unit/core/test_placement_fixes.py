@@ -211,3 +211,22 @@ def test_protected_long_lends_its_group_once_per_duty_cycle() -> None:
     assert duty_wait_s <= 3.0 + 1.0 < never_wait_s
     assert duty.num_preemptions > never.num_preemptions
     assert duty.paused_total_s <= 2.0 + 1.0 + 16 / 3 + 1.0
+
+
+def test_last_decoder_is_kept_when_lending_is_off() -> None:
+    # Prepare / Execute: as above, with lending off
+    instances = [make_instance("g0"), make_instance("d0", role=SD)]
+    policy = make_policy(
+        "pecsched", instances=instances, chunk_tokens=10_000, lend_last_short_decoder=False
+    )
+    dp = FakeDataPlane(policy, tokens_per_step=1)
+    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
+    dp.step()
+    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
+    for _ in range(2):
+        dp.step()
+
+    # Assert: long2 waits for g0; d0 stays a short-decode instance
+    assert policy.request_view("long2").state is RequestState.QUEUED
+    roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
+    assert roles["d0"] is SD
