@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 GROUP_KEY_PREFIX = "pecsched/group/"
+_CANCEL_TAG = 0x7FFF_FFF0  # a tag no transfer uses: the receive that closes a gloo pair
 
 
 class CommBackend(Enum):
@@ -257,11 +258,12 @@ class Group:
         for work in works:
             self._wait(work, "send_recv")
 
-    def cancel(self, works: Sequence[dist.Work]) -> None:
+    def cancel(self, works: Sequence[dist.Work], peer: int | None = None) -> None:
         """Abort pending point-to-point `works` and break the group.
 
         NCCL: the communicator is aborted. gloo: a pending op is forced through its timeout path,
-        which closes the connection so the peer's matching op fails too.
+        which closes the connection so the peer's matching op fails too; with no op pending,
+        a throw-away receive from `peer` is posted and timed out to close that connection.
         """
         self.mark_broken("cancelled")
         backend = self._backend
@@ -270,12 +272,13 @@ class Group:
         if self.backend_kind is CommBackend.NCCL:
             backend.abort()
             return
+        if not works and peer is not None:
+            works = [backend.recv([torch.empty(1, device=self.device)], peer, _CANCEL_TAG)]
         for work in works:
-            if not work.is_completed():
-                try:
-                    work.wait(dt.timedelta(milliseconds=1))
-                except RuntimeError:
-                    pass  # the expected outcome: the op timed out and the pair is now closed
+            try:
+                work.wait(dt.timedelta(milliseconds=1))
+            except RuntimeError:
+                pass  # the expected outcome: the op timed out and the pair is now closed
 
     def close(self) -> None:
         """Release the backend. Idempotent; later calls raise GroupError."""

@@ -219,7 +219,7 @@ class _Transfer(ABC):
             self._stop.set()
             pending = list(self._pending)
         if self._group is not None:
-            self._group.cancel(pending)
+            self._group.cancel(pending, self.peer_rank)  # the peer fails fast too
         self._thread.join(timeout=1.0)  # a cancelled op returns at once
         self._release_if_stopped()
 

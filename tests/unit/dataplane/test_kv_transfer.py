@@ -86,9 +86,14 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
                 group.send(t, 1).wait()
             os._exit(1)
         sender = KVSender(group, 1, export, timeout_s=30.0)
+        t0 = time.monotonic()
         state, _ = _poll_until_final(sender)
+        if mode == "no_room":
+            return state, sender.failure(), time.monotonic() - t0
         engine.resume("r1")  # decode in place for the reference tokens
         return state, _run_to_end(engine)
+    if mode == "no_room":  # the decode worker is full: begin_import refuses
+        engine.add_request("big", [1] * 8000, SamplingParams(max_new_tokens=1))
     free_before = engine.num_free_kv_tokens
     timeout_s = 1.5 if mode == "sender_stuck" else 30.0
     receiver = KVReceiver(
@@ -110,6 +115,9 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
     elapsed_s = time.monotonic() - t0
     if state is TransferState.DONE:
         return state, _run_to_end(engine), worst_poll_s
+    if mode == "no_room":
+        time.sleep(3.0)  # keep the pair group alive: the sender must fail on its own
+        return state, receiver.failure()
     freed = engine.num_free_kv_tokens == free_before and engine.num_requests == 0
     return state, receiver.failure(), elapsed_s, freed, _serve_short(engine)
 
@@ -172,3 +180,13 @@ def test_metadata_round_trips_through_json() -> None:
     assert back == meta
     with pytest.raises(ValueError, match="request_id"):
         metadata_from_bytes(b'{"sampling": [1, 0, 1, 0, []], "generator_state": null}')
+
+
+def test_receiver_without_room_fails_and_the_sender_learns_at_once(pool: WorkerPool) -> None:
+    # Execute
+    sender, receiver = pool.run(_transfer_job, [0, 1], "no_room")
+
+    # Assert
+    assert receiver[0] is TransferState.FAILED and "DOES_NOT_FIT" in receiver[1]
+    assert sender[0] is TransferState.FAILED
+    assert sender[2] < 2.5, "the sender must not wait for its 30 s timeout"
