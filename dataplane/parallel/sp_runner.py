@@ -92,13 +92,12 @@ class SpRequest:
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
         self._cache: HeadShardedKV | SeqShardedKV
-        args = (shape.num_layers,)
         if self.kind is SpKind.ULYSSES:
             self.heads = head_shards(shape.num_q_heads, shape.num_kv_heads, group.size)
             mine = self.heads[group.rank]
             capacity = len(prompt_token_ids) + max_new_tokens
             self._cache = HeadShardedKV(
-                *args,
+                shape.num_layers,
                 capacity,
                 mine.num_kv_heads,
                 shape.head_dim,
@@ -112,7 +111,7 @@ class SpRequest:
             # Decode tokens go to the least-loaded member; reserving all of them is safe.
             capacity = own + max_new_tokens
             self._cache = SeqShardedKV(
-                *args,
+                shape.num_layers,
                 capacity,
                 shape.num_kv_heads,
                 shape.head_dim,
