@@ -17,7 +17,8 @@ every step. Pinning rule: a request whose rows someone else may be reading or wr
 views is pinned and never moves: from `begin_import` until `finish_import` (or cancel), and from
 each `export_kv` until a matching `release_export` (or cancel / finish). Compaction runs only
 inside admission calls (`add_request`, `begin_import`, and fixed `KVCache.reserve` calls such as
-SP caches), never during `step()`.
+SP caches), never during `step()`. No other state caches offsets: every step builds its
+attention batch, and the CUDA-graph input buffers are refilled, from the current starts.
 
 `step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`;
 beyond that they take turns round robin), then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
