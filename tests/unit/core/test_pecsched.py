@@ -42,7 +42,9 @@ def run_until_idle(dp: FakeDataPlane, policy: Policy, max_steps: int = 500) -> N
 
 def test_short_pauses_long_sp_prefill_at_chunk_boundary_and_it_resumes_without_loss() -> None:
     # Prepare: a long prompt that needs both general instances (SP degree 2)
-    policy = make_policy("pecsched", instances=cluster(2), chunk_tokens=10_000)
+    policy = make_policy(
+        "pecsched", instances=cluster(2), chunk_tokens=10_000, chunk_budget_token_pairs=None
+    )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=150_000, max_new_tokens=5))
     first = dp.step()

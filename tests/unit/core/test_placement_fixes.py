@@ -116,7 +116,8 @@ def test_chunks_of_a_deep_prefill_are_smaller_so_chunk_work_stays_bounded() -> N
     config = make_policy("pecsched").config
     budget = config.chunk_budget_token_pairs
     assert budget is not None
-    assert chunks["pecsched-no-disagg"] == {100_000: 8192, 500_000: budget // 500_000}
+    expected = {p: max(512, min(8192, budget // p)) for p in (100_000, 500_000)}
+    assert chunks["pecsched-no-disagg"] == expected
     assert chunks["fifo"] == {100_000: 8192, 500_000: 8192}
     assert config.prefill_chunk_tokens(10**9, 1) == config.min_chunk_tokens
     assert config.prefill_chunk_tokens(500_000, 2) == 2 * budget // 500_000
