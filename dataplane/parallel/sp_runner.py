@@ -45,6 +45,25 @@ from dataplane.parallel.topology import (
 from dataplane.parallel.ulysses import ulysses_attention, ulysses_decode_attention
 
 
+def _chunks_for(num_tokens: int, chunk_tokens: int, size: int) -> tuple[tuple[int, int], ...]:
+    """Chunk bounds where every chunk has >= `size` tokens: a shorter tail joins the chunk
+    before it, so no member ever runs a forward on zero tokens."""
+    chunks = list(chunk_bounds(num_tokens, chunk_tokens))
+    if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] < size:
+        tail = chunks.pop()
+        chunks[-1] = (chunks[-1][0], tail[1])
+    return tuple(chunks)
+
+
+def _split(num_tokens: int, size: int, weights: tuple[float, ...] | None) -> tuple[int, ...]:
+    """Per-member token counts of one chunk: weighted when given, never 0 for anyone."""
+    if weights is not None:
+        counts = split_weighted(num_tokens, weights)
+        if min(counts) > 0:
+            return counts
+    return split_evenly(num_tokens, size)
+
+
 class SpRequest:
     """One member's state of a sequence-parallel request (prefill chunks, then decode).
 
@@ -81,11 +100,13 @@ class SpRequest:
         self.prompt = torch.tensor(prompt_token_ids, dtype=torch.int64)
         shape = model.shape
         self.kind = choose_sp_kind(kind, shape.num_q_heads, group.size)
-        self.chunks = chunk_bounds(len(prompt_token_ids), chunk_tokens)
-        self.splits = tuple(
-            split_evenly(e - s, group.size) if weights is None else split_weighted(e - s, weights)
-            for s, e in self.chunks
-        )
+        if len(prompt_token_ids) < group.size:
+            raise ValueError(
+                f"prompt_token_ids ({len(prompt_token_ids)} tokens) is shorter than the SP group "
+                f"({group.size} members)"
+            )
+        self.chunks = _chunks_for(len(prompt_token_ids), chunk_tokens, group.size)
+        self.splits = tuple(_split(e - s, group.size, weights) for s, e in self.chunks)
         self.num_chunks_done = 0
         self.num_decoded = 0
         self._failed: str | None = None

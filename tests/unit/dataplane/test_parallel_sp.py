@@ -127,7 +127,8 @@ def _single_worker(oracle: Any, prompt: list[int], num_tokens: int) -> list[int]
         (2, 1000, 384, SpKind.ULYSSES),  # 3 chunks: 384, 384, 232
         (3, 2311, 1000, SpKind.ULYSSES),  # uneven shards (334/333/333) and a 311-token tail
         (4, 4999, 2500, SpKind.ULYSSES),  # one query head per member, KV heads replicated
-        (3, 1777, 700, SpKind.RING),
+        (3, 1402, 700, SpKind.RING),  # a 2-token tail (< k) joins the chunk before it
+        (3, 1001, 500, SpKind.ULYSSES),  # likewise a 1-token tail
     ],
 )
 def test_sp_greedy_tokens_equal_single_worker_and_transformers(
