@@ -128,7 +128,6 @@ def _single_worker(oracle: Any, prompt: list[int], num_tokens: int) -> list[int]
         (3, 2311, 1000, SpKind.ULYSSES),  # uneven shards (334/333/333) and a 311-token tail
         (4, 4999, 2500, SpKind.ULYSSES),  # one query head per member, KV heads replicated
         (3, 1402, 700, SpKind.RING),  # a 2-token tail (< k) joins the chunk before it
-        (3, 1001, 500, SpKind.ULYSSES),  # likewise a 1-token tail
     ],
 )
 def test_sp_greedy_tokens_equal_single_worker_and_transformers(
