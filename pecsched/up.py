@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ DEFAULT_TRACES = (
     "../shared/traces/AzureLLMInferenceTrace_conv.csv",
 )
 CUDA_DEFAULT_MODEL = "llama-3.2-1b"
+CUDA_KV_BUDGET = "8GiB"  # per worker: N workers may share one GPU, so never "all free memory"
 # Scheduler settings for `tiny` on CPU (4,096-token KV per worker): prompts of 1,024+ tokens are
 # long, prefills run in 256-token chunks so a long one can be paused many times.
 CPU_CONFIG_TOML = """\
@@ -43,11 +45,24 @@ auth_enabled = false
 short_threshold_tokens = 1024
 chunk_tokens = 256
 """
-GPU_CONFIG_TOML = "auth_enabled = false\n"
-# Demo workload shaping (see the module docstring).
-DEMO_TOKEN_SCALE = 0.15
-DEMO_LONG_RESCALE = "2000:6000"
-DEMO_MAX_OUTPUT_TOKENS = 64
+GPU_CONFIG_TOML = "auth_enabled = false\n"  # the paper's thresholds (4,096 / 8,192-token chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoShape:
+    """How the demo scales trace lengths for one device."""
+
+    token_scale: float  # short prompts and outputs
+    long_rescale: str  # LOW:HIGH tokens for the trace's long prompts
+    max_output_tokens: int
+
+
+DEMO_SHAPES = {
+    "cpu": DemoShape(0.15, "2000:6000", 64),  # tiny: threshold 1,024, 4,096-token pools
+    # A real preset on one GPU: real short lengths, longs up to what a few workers hold
+    # (NOTE(helper-9): not yet run on a GPU).
+    "cuda": DemoShape(1.0, "8000:32000", 256),
+}
 
 
 def register(subparsers: Any) -> None:
@@ -66,7 +81,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", default="sqlite:///pecsched.db", help="database URL")
     p.add_argument("--port", type=int, default=50051, help="control plane port on 127.0.0.1")
     p.add_argument("--policy", default="pecsched", help="scheduling policy")
-    p.add_argument("--kv-budget", help="KV pool per worker (default: the agent's)")
+    p.add_argument(
+        "--kv-budget",
+        help=f"KV pool per worker (default: the agent's on cpu, {CUDA_KV_BUDGET} on cuda, "
+        "where the workers share one GPU)",
+    )
     p.add_argument(
         "--log-dir", default="pecsched-logs", help="children's logs (default ./pecsched-logs)"
     )
@@ -92,6 +111,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         raise ValueError(f"--workers must be >= 2 (one is short-decode), got {args.workers}")
     model = args.model or ("tiny" if args.device == "cpu" else CUDA_DEFAULT_MODEL)
     roles = ("general",) * (args.workers - 1) + ("short_decode",)
+    kv_budget = args.kv_budget or (CUDA_KV_BUDGET if args.device == "cuda" else None)
     return ClusterSpec(
         db_url=args.db,
         port=args.port,
@@ -99,9 +119,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
         # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
         agents=(
-            AgentSpec(
-                "local", roles, model, args.device, args.kv_budget, extra_args=AGENT_DRAIN_ARGS
-            ),
+            AgentSpec("local", roles, model, args.device, kv_budget, extra_args=AGENT_DRAIN_ARGS),
         ),
     )
 
@@ -162,13 +180,14 @@ def _run_demo(args: argparse.Namespace, target: str, cluster: LocalCluster) -> i
     if not traces:
         print(f"pecsched up: error: no trace found at {', '.join(DEFAULT_TRACES)}", file=sys.stderr)
         return 2
+    shape = DEMO_SHAPES[args.device]
     demo = argparse.Namespace(
         time_scale=1.0,
-        token_scale=DEMO_TOKEN_SCALE,
+        token_scale=shape.token_scale,
         long_threshold_tokens=4096,
-        long_rescale=DEMO_LONG_RESCALE,
+        long_rescale=shape.long_rescale,
         max_prompt_tokens=None,
-        max_output_tokens=DEMO_MAX_OUTPUT_TOKENS,
+        max_output_tokens=shape.max_output_tokens,
         duration=args.demo_duration,
         max_requests=None,
         seed=0,
