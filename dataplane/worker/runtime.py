@@ -101,9 +101,14 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ commands
     def handle(self, cmd: m.WorkerCommand) -> None:
-        """Apply one command; problems become reports, never exceptions."""
+        """Apply one command; refusals become Failed reports for its request, never exceptions.
+
+        Retryable (the request may run elsewhere): it does not fit here, this worker no longer
+        holds it, or an SP group's rendezvous failed. Not retryable: invalid arguments.
+        """
+        rid = getattr(cmd, "request_id", "")
+        what = type(cmd).__name__.lower()
         try:
-            rid = getattr(cmd, "request_id", "")
             if isinstance(cmd, m.Prefill):
                 self._prefill(cmd)
             elif isinstance(cmd, m.SpPrefill):
@@ -111,27 +116,22 @@ class WorkerRuntime:
             elif rid in self._sp and isinstance(cmd, m.Pause | m.Resume | m.Cancel):
                 self._sp_control(cmd)
             elif isinstance(cmd, m.Pause):
-                self._pause(cmd.request_id)
+                self._pause(rid)
             elif isinstance(cmd, m.Resume):
-                self._resume(cmd.request_id)
+                self._resume(rid)
             elif isinstance(cmd, m.Cancel):
-                self._cancel(cmd.request_id, cmd.silent)
+                self._cancel(rid, cmd.silent)
             elif isinstance(cmd, m.SendKv | m.RecvKv):
                 self._start_transfer(cmd)
             elif isinstance(cmd, m.StartDecode):
-                self._start_decode(cmd.request_id)
-            else:
-                raise TypeError(f"unknown worker command {type(cmd).__name__}")
+                self._start_decode(rid)
         except EngineError as exc:
-            rid = getattr(cmd, "request_id", "")
             retryable = exc.code in (EngineErrorCode.DOES_NOT_FIT, EngineErrorCode.UNKNOWN_REQUEST)
-            self._fail(rid, f"{type(cmd).__name__.lower()}: {exc}", retryable)
-        except GroupError as exc:  # an SP group's rendezvous failed
-            self._fail(getattr(cmd, "request_id", ""), f"{type(cmd).__name__.lower()}: {exc}", True)
+            self._fail(rid, f"{what}: {exc}", retryable)
+        except GroupError as exc:
+            self._fail(rid, f"{what}: {exc}", True)
         except ValueError as exc:  # e.g. a reused group id
-            self._fail(
-                getattr(cmd, "request_id", ""), f"{type(cmd).__name__.lower()}: {exc}", False
-            )
+            self._fail(rid, f"{what}: {exc}", False)
 
     def _sp_control(self, cmd: m.Pause | m.Resume | m.Cancel) -> None:
         if isinstance(cmd, m.Pause):
