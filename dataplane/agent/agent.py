@@ -55,6 +55,11 @@ def worker_specs(config: AgentConfig, store_address: str) -> tuple[list[WorkerSp
         num_gpus = torch.cuda.device_count()
         if num_gpus == 0:
             raise ValueError("--device cuda but no CUDA device is visible")
+        if config.num_workers > num_gpus and config.kv_budget is None:
+            # Each engine would size its pool from the same free memory: give each a share.
+            raise ValueError(
+                f"--kv-budget is required when {config.num_workers} workers share {num_gpus} GPU(s)"
+            )
     specs, indices = [], []
     budget = config.kv_budget
     tokens = budget.tokens if budget is not None else (4096 if config.device == "cpu" else None)

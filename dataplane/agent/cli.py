@@ -73,7 +73,11 @@ def _agent(args: argparse.Namespace) -> int:
         return 2
     from dataplane.agent.agent import run_agent
 
-    return run_agent(config)
+    try:
+        return run_agent(config)
+    except ValueError as exc:  # e.g. workers sharing a GPU without --kv-budget
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _check_model(spec: str) -> None:
