@@ -181,7 +181,7 @@ def register(subparsers: Any) -> None:
 
 
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
-    """The workload-shaping flags shared by `replay` and `up --demo`."""
+    """The workload-shaping flags of `replay` (`up --demo` sets the same fields itself)."""
     p.add_argument(
         "--time-scale",
         type=float,
