@@ -20,6 +20,7 @@ from dataplane.agent.config import AgentConfig
 from dataplane.agent.core import AgentCore
 from dataplane.agent.link import AttachLink
 from dataplane.agent.supervisor import WorkerSupervisor
+from dataplane.agent.tracing import make_tracer
 from dataplane.worker import messages as m
 from dataplane.worker.process import WorkerSpec
 from protos.pecsched.v1 import cluster_pb2
@@ -99,7 +100,10 @@ def run_agent(config: AgentConfig, *, install_signals: bool = True) -> int:
     specs, device_indices = worker_specs(config, store_address)
     supervisor = WorkerSupervisor(specs, inbox)
     link = AttachLink(config.controlplane, config.api_key, inbox, config.reconnect_max_backoff_s)
-    core = AgentCore(config, _Ports(supervisor, link), store_address, _version(), device_indices)
+    tracer, flush_spans = make_tracer(config.otlp_endpoint, config.node_id)
+    core = AgentCore(
+        config, _Ports(supervisor, link), store_address, _version(), device_indices, tracer
+    )
     log.info(
         "node %s: %d workers, rendezvous %s", config.node_id, config.num_workers, store_address
     )
@@ -108,6 +112,7 @@ def run_agent(config: AgentConfig, *, install_signals: bool = True) -> int:
     finally:
         link.close()
         supervisor.stop()
+        flush_spans()
         del store
 
 

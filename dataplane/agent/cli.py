@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rendezvous-port", type=int, default=0, help="its port (0: any free one)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to drain on SIGTERM")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (cpu)")
+    p.add_argument("--otlp-endpoint", help="OTLP/gRPC collector for spans, e.g. http://host:4317")
     p.set_defaults(handler=_agent)
 
 
@@ -66,6 +67,7 @@ def _agent(args: argparse.Namespace) -> int:
             rendezvous_port=args.rendezvous_port,
             drain_timeout_s=args.drain_timeout,
             threads_per_worker=args.threads_per_worker,
+            otlp_endpoint=args.otlp_endpoint,
         )
         _check_model(config.model)
     except ValueError as exc:

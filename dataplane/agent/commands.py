@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from dataplane.agent import convert
 from dataplane.agent.routes import Route, TransferInfo
+from dataplane.agent.tracing import command_span
 from dataplane.engine.types import SamplingParams
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2, common_pb2
@@ -63,6 +64,9 @@ class CommandRouter:
             if kind != "colocate"
             else command.colocate.prefill.request_id
         )
+        span = command_span(
+            self.core.tracer, command, kind or "unknown", rid, self.core.config.node_id
+        )
         try:
             if kind == "start_prefill":
                 self._start_prefill(command.start_prefill, None)
@@ -89,6 +93,9 @@ class CommandRouter:
         except CommandError as exc:
             retryable = isinstance(exc, _Retryable)
             self.core.emit_failed(rid, "", f"{kind or 'command'}: {exc}", retryable)
+            span.set_attribute("pecsched.error", str(exc))
+        finally:
+            span.end()
 
     def _start_prefill(self, cmd: cluster_pb2.StartPrefill, budget_tokens: int | None) -> None:
         core = self.core

@@ -78,6 +78,7 @@ class AgentConfig:
     drain_timeout_s: float = 60.0  # SIGTERM: longest wait for running work before handing back
     reconnect_max_backoff_s: float = 5.0  # longest wait between attach attempts
     threads_per_worker: int = 1  # torch intra-op threads per CPU worker
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for the agent's spans; None: off
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

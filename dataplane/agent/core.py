@@ -20,6 +20,8 @@ import time
 from collections import deque
 from typing import Protocol
 
+from opentelemetry import trace
+
 from dataplane.agent import convert
 from dataplane.agent.commands import CommandRouter
 from dataplane.agent.config import AgentConfig
@@ -57,8 +59,10 @@ class AgentCore:
         rendezvous_address: str,
         version: str,
         device_indices: list[int],
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.config = config
+        self.tracer = tracer or trace.NoOpTracer()  # one span per command (dataplane.agent.tracing)
         self.device_indices = device_indices  # per worker: GPU index (CPU: the worker index)
         self.ports = ports
         self.rendezvous_address = rendezvous_address

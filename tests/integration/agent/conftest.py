@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from scripted import ScriptedControlPlane  # noqa: E402
+from scripted import OtlpReceiver, ScriptedControlPlane  # noqa: E402
 
 from dataplane.engine.engine import Engine, EngineConfig  # noqa: E402
 from dataplane.engine.types import Finished, SamplingParams  # noqa: E402
@@ -88,6 +88,7 @@ class LiveAgent:
     node_id: str
     thread: threading.Thread
     result: dict[str, Any]
+    otlp: OtlpReceiver  # receives the agent's spans
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,7 @@ def live() -> Iterator[LiveAgent]:
 
     cp = ScriptedControlPlane(heartbeat_interval_s=0.2)
     port = cp.start()
+    otlp = OtlpReceiver()
     config = AgentConfig(
         controlplane=f"127.0.0.1:{port}",
         device="cpu",
@@ -109,6 +111,7 @@ def live() -> Iterator[LiveAgent]:
         node_id="n1",
         api_key="secret",
         group_timeout_s=20.0,
+        otlp_endpoint=f"http://127.0.0.1:{otlp.port}",
     )
     result: dict[str, Any] = {}
     thread = threading.Thread(
@@ -117,7 +120,8 @@ def live() -> Iterator[LiveAgent]:
     )
     thread.start()
     cp.wait_for(lambda: cp.registers, 180, "the agent's Register")
-    yield LiveAgent(cp, "n1", thread, result)
+    yield LiveAgent(cp, "n1", thread, result, otlp)
     cp.command(shutdown=cluster_pb2.Shutdown(drain=False))
     thread.join(timeout=60)
     cp.stop()
+    otlp.stop()

@@ -70,6 +70,25 @@ def test_register_heartbeats_and_api_key(live: LiveAgent) -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
+def test_commands_become_spans_under_the_control_planes_trace(live: LiveAgent) -> None:
+    # Prepare
+    trace_id, parent_id = "ab" * 16, "cd" * 8
+    trace = common_pb2.TraceContext(traceparent=f"00-{trace_id}-{parent_id}-01")
+    # Execute
+    live.cp.command(trace=trace, **start("traced", [5, 6, 7], "n1/0", 2))
+    live.cp.wait_end("traced")
+    # Assert
+    span = live.cp.wait_for(
+        lambda: next((s for s in live.otlp.spans if s.trace_id.hex() == trace_id), None),
+        15,
+        "the exported span",
+    )
+    assert span.name == "agent.start_prefill"
+    assert span.parent_span_id.hex() == parent_id
+    attrs = {a.key: a.value.string_value for a in span.attributes}
+    assert attrs["pecsched.request_id"] == "traced" and attrs["pecsched.node_id"] == "n1"
+
+
 def test_chunked_prefill_and_decode_in_place_equal_the_engine_and_transformers(
     live: LiveAgent, reference: Reference, tmp_path: Path
 ) -> None:
