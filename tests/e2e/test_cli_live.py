@@ -53,16 +53,17 @@ def test_submit_status_list_cancel(tiny_cluster: Cluster, reference: Reference) 
     assert listed.returncode == 0, listed.stderr
     assert out["request_id"] in {r["request_id"] for r in json.loads(listed.stdout)}
 
-    # A long generation, cancelled while it runs.
+    # A long request (SP over the 3 general workers) with a long decode, cancelled while it runs.
     started = _cli(
-        tiny_cluster, "submit", "--token-ids", ",".join(map(str, prompt_ids(901, 50))),
-        "--max-tokens", "1900", "--no-wait", "--json",
+        tiny_cluster, "submit", "--token-ids", ",".join(map(str, prompt_ids(901, 1100))),
+        "--max-tokens", "4800", "--no-wait", "--json",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     rid = json.loads(started.stdout)["request_id"]
     cancelled = _cli(tiny_cluster, "cancel", rid, "--json")
     assert cancelled.returncode == 0, cancelled.stderr
-    assert json.loads(cancelled.stdout)["state"] == "cancelled"
+    after = json.loads(cancelled.stdout)
+    assert after["state"] == "cancelled" and after["output_tokens"] < 4800, after
     human = _cli(tiny_cluster, "status", rid)
     assert human.returncode == 0 and "cancelled" in human.stdout, human.stdout + human.stderr
 
