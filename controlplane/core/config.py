@@ -128,6 +128,13 @@ class SchedulerConfig:
             "resumed; None: never paused again (shorts wait for the whole prefill)"
         },
     )
+    min_chunks_between_pauses: int = field(
+        default=0,
+        metadata={
+            "help": "a long prefill may be paused only after running this many chunks since "
+            "it started or last resumed (0: at any chunk boundary)"
+        },
+    )
     long_aging_s: float | None = field(
         default=None,
         metadata={
@@ -190,6 +197,7 @@ class SchedulerConfig:
                 f"must be in [0, 1), got {self.short_decode_gpu_fraction}",
             )
         for name, count in (
+            ("min_chunks_between_pauses", self.min_chunks_between_pauses),
             ("num_short_decode_instances", self.num_short_decode_instances),
             ("num_long_reserved_instances", self.num_long_reserved_instances),
         ):

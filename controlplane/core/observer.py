@@ -58,7 +58,9 @@ def _request_event(state: ClusterState, req: RequestRecord, event: Event) -> Non
     match event:
         case PrefillChunkDone() if req.state in _PREFILL_STATES:
             req.chunks_done = min(req.chunks_total, max(req.chunks_done, event.chunk_index + 1))
-            if req.is_protected and state.duty_cycle_due(req):
+            if state.preemptible(req) and req.chunks_done - req.resumed_at_chunk == (
+                state.chunks_before_pause(req)
+            ):
                 state.dirty = True  # it may lend its group to a short again
         case PrefillPaused() if req.state in _PREFILL_STATES:
             req.chunks_done = min(req.chunks_total, max(req.chunks_done, event.chunks_done))

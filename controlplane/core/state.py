@@ -248,10 +248,16 @@ class ClusterState:
         """Whether `req` may ever be paused again (unprotected, or on the duty cycle)."""
         return not req.is_protected or self.config.protected_duty_cycle_chunks is not None
 
-    def duty_cycle_due(self, req: RequestRecord) -> bool:
-        """A protected `req` has run its duty cycle's chunks since it last resumed."""
-        k = self.config.protected_duty_cycle_chunks
-        return k is not None and req.chunks_done - req.resumed_at_chunk >= k
+    def chunks_before_pause(self, req: RequestRecord) -> int:
+        """Chunks `req` must run after it (re)started before it may be paused: the duty cycle
+        when protected, else `min_chunks_between_pauses` (call only when `preemptible`)."""
+        if req.is_protected:
+            return self.config.protected_duty_cycle_chunks or 0
+        return self.config.min_chunks_between_pauses
+
+    def pause_due(self, req: RequestRecord) -> bool:
+        """A preemptible `req` has run enough chunks since it last (re)started to be paused."""
+        return req.chunks_done - req.resumed_at_chunk >= self.chunks_before_pause(req)
 
     def finish_prefill(self, req: RequestRecord, at_s: float) -> None:
         """Last chunk done: decode in place, or wait for a KV transfer destination."""

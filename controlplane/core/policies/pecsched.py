@@ -227,8 +227,8 @@ class PecSchedPolicy(BasePolicy):
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
             ):
                 continue  # stale for good
-            if victim.is_protected and not st.duty_cycle_due(victim):
-                skipped.append(entry)  # protected: not before its duty cycle's chunks ran
+            if not st.pause_due(victim):
+                skipped.append(entry)  # not before its duty cycle's chunks ran
                 continue
             hosts = [
                 st.instances[i]

@@ -175,6 +175,7 @@ def _stream_shorts_past_a_long(duty_cycle_chunks: int | None) -> tuple[RequestVi
         "pecsched-no-disagg",
         instances=[make_instance("g0")],
         chunk_tokens=5_000,
+        chunk_budget_token_pairs=None,
         max_pause_s=2.0,
         protected_duty_cycle_chunks=duty_cycle_chunks,
     )
@@ -231,3 +232,35 @@ def test_last_decoder_is_kept_when_lending_is_off() -> None:
     assert policy.request_view("long2").state is RequestState.QUEUED
     roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
     assert roles["d0"] is SD
+
+
+def _long_pauses_under_short_stream(min_chunks: int) -> RequestView:
+    policy = make_policy(
+        "pecsched-no-disagg",
+        instances=[make_instance("g0")],
+        chunk_tokens=5_000,
+        chunk_budget_token_pairs=None,
+        max_pause_s=1e6,
+        min_chunks_between_pauses=min_chunks,
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("long", prompt_tokens=80_000, max_new_tokens=2))
+    dp.step()
+    for k in range(80):
+        if k % 2 == 0:
+            spec = make_request(f"s{k}", prompt_tokens=500, max_new_tokens=2, arrival_s=dp.now_s)
+            dp.submit(spec)
+        dp.step()
+        check_invariants(policy, dp.now_s)
+    return policy.request_view("long")
+
+
+def test_a_long_runs_its_minimum_chunks_between_pauses() -> None:
+    # Execute: a short arrives every other step, so the long would pause at every chance
+    free = _long_pauses_under_short_stream(0)
+    spaced = _long_pauses_under_short_stream(3)
+
+    # Assert: 16 chunks; with a minimum of 3 chunks per run it pauses at most 16 / 3 times
+    assert spaced.state is free.state is RequestState.FINISHED
+    assert 1 <= spaced.num_preemptions <= 16 // 3
+    assert free.num_preemptions > spaced.num_preemptions
