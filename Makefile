@@ -11,7 +11,7 @@ PROTOC := $(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 	--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=. \
 	--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=.
 
-.PHONY: help setup run test test-fast lint fmt protos check-protos bench paper-eval clean
+.PHONY: help setup run sim test lint fmt protos check-protos bench paper-eval clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,10 +26,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dataplane,dev]'
 	@touch $@
 
-run: setup  ## The main job: the simulator's paper evaluation on the embedded defaults
+run: setup  ## The main job: a local cluster (control plane + 4 tiny CPU workers) serves a slice of the Azure trace, prints the per-class table, then serves until Ctrl-C
+	$(VENV)/bin/pecsched up --demo
+
+sim: setup  ## One simulation: both Azure traces, 32 x A100, Mistral-7B, the four policies
 	$(VENV)/bin/pecsched sim --trace ../shared/traces/AzureLLMInferenceTrace_code.csv \
 		--trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
 		--gpus 32 --gpu a100 --model mistral-7b --policy all
+
+paper-eval: setup  ## The paper's evaluation in the simulator; rewrites docs/evaluation.md (minutes on many cores)
+	$(PY) bench/paper_eval.py --jobs $$(nproc)
 
 test: setup  ## Unit, integration and e2e tests on CPU (PostgreSQL tests run when it is reachable)
 	$(PY) -m pytest -q
