@@ -9,6 +9,7 @@ end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<n
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -20,6 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL
+_PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal the child gets when its parent dies
+# Resolved here, in the parent: the child between fork and exec must not import anything (the
+# import lock may have been held by another thread at fork time).
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: a SIGKILLed `up` or test runner leaves no orphans behind.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -99,6 +110,7 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def log_tail(self, name: str, num_chars: int = 3000) -> str:
