@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -120,16 +121,22 @@ class WorkerSupervisor:
         self._spawn(index)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask every worker to exit, then kill the ones that do not within `timeout_s`."""
+        """Ask every worker to exit, then kill the ones still alive `timeout_s` later.
+
+        The deadline is shared by all workers, so stopping takes at most `timeout_s` (plus the
+        kills), however many workers there are.
+        """
         self._stopping = True
         for index in range(len(self._specs)):
             self.send(index, m.Stop())
+        deadline = time.monotonic() + timeout_s
         for proc in self._procs:
             if proc is not None:
-                proc.join(timeout=timeout_s)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(timeout=5)
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
         for pipe in self._pipes:
             if pipe is not None:
                 pipe.close()
