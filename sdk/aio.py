@@ -21,13 +21,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from protos.pecsched.v1 import inference_pb2
+from protos.pecsched.v1 import inference_pb2, inference_pb2_grpc
 from sdk import convert
 from sdk.errors import PecSchedError
 from sdk.retry import CallBudget, RetryPolicy
 from sdk.rpc import (
     ClientSettings,
-    InferenceMethods,
     TraceparentSource,
     call_metadata,
     channel_credentials,
@@ -84,7 +83,7 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._methods = InferenceMethods.on(self._channel)
+        self._methods = inference_pb2_grpc.InferenceStub(self._channel)
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -189,7 +188,7 @@ class AsyncClient:
             idempotency_key=key,
         )
         response: inference_pb2.SubmitResponse = await self._unary(
-            self._methods.submit, request, timeout_s
+            self._methods.Submit, request, timeout_s
         )
         return convert.submit_result_from_proto(response, key)
 
@@ -205,7 +204,7 @@ class AsyncClient:
 
         return self._resuming_stream(
             "Generate",
-            self._methods.generate,
+            self._methods.Generate,
             cursor.generate_request,
             on_message,
             lambda: cursor.final_state is not None,
@@ -223,14 +222,14 @@ class AsyncClient:
     async def get(self, request_id: str, *, timeout_s: float | None = None) -> RequestInfo:
         """The request's state, class, timestamps, preemptions and instances."""
         response: inference_pb2.Request = await self._unary(
-            self._methods.get, inference_pb2.GetRequest(request_id=request_id), timeout_s
+            self._methods.Get, inference_pb2.GetRequest(request_id=request_id), timeout_s
         )
         return convert.request_info_from_proto(response)
 
     async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> RequestInfo:
         """Cancel the request (a no-op when it already ended); returns its state after."""
         response: inference_pb2.Request = await self._unary(
-            self._methods.cancel, inference_pb2.CancelRequest(request_id=request_id), timeout_s
+            self._methods.Cancel, inference_pb2.CancelRequest(request_id=request_id), timeout_s
         )
         return convert.request_info_from_proto(response)
 
@@ -253,7 +252,7 @@ class AsyncClient:
             page_token=page_token,
         )
         response: inference_pb2.ListResponse = await self._unary(
-            self._methods.list, request, timeout_s
+            self._methods.List, request, timeout_s
         )
         return convert.list_page_from_proto(response)
 
@@ -298,7 +297,7 @@ class AsyncClient:
 
         return self._resuming_stream(
             "Watch",
-            self._methods.watch,
+            self._methods.Watch,
             lambda: inference_pb2.WatchRequest(interval_s=interval_s),
             on_message,
             lambda: False,

@@ -1,8 +1,6 @@
-"""gRPC glue shared by the sync and asyncio clients: settings, call metadata, TLS credentials,
-method handles and the translation of gRPC errors into `sdk.errors`.
-
-The method handles are built from the service descriptor in `inference_pb2` (the wire contract)
-rather than from the generated `inference_pb2_grpc` stub, which carries no type information.
+"""gRPC glue shared by the sync and asyncio clients: settings, call metadata, TLS credentials
+and the translation of gRPC errors into `sdk.errors`. RPCs go through the generated
+`inference_pb2_grpc.InferenceStub`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from typing import Any
 
 import grpc
 
-from protos.pecsched.v1 import inference_pb2
 from sdk.errors import PecSchedError, error_from_status
 from sdk.retry import RetryPolicy
 
@@ -98,52 +95,6 @@ def channel_credentials(settings: ClientSettings) -> Any:
     if not settings.uses_tls:
         return None
     return grpc.ssl_channel_credentials(root_certificates=settings.root_certificates)
-
-
-def method_path(name: str) -> str:
-    """The gRPC path of an Inference method, e.g. "/pecsched.v1.Inference/Submit"."""
-    service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
-    return f"/{service.full_name}/{service.methods_by_name[name].name}"
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceMethods:
-    """Callables for the Inference RPCs on one channel (sync or grpc.aio)."""
-
-    submit: Any
-    generate: Any
-    get: Any
-    cancel: Any
-    list: Any
-    watch: Any
-
-    @staticmethod
-    def on(channel: Any) -> InferenceMethods:
-        """Bind the methods to a grpc.Channel or grpc.aio.Channel."""
-        pb = inference_pb2
-
-        def unary(name: str, request: Any, response: Any) -> Any:
-            return channel.unary_unary(
-                method_path(name),
-                request_serializer=request.SerializeToString,
-                response_deserializer=response.FromString,
-            )
-
-        def stream(name: str, request: Any, response: Any) -> Any:
-            return channel.unary_stream(
-                method_path(name),
-                request_serializer=request.SerializeToString,
-                response_deserializer=response.FromString,
-            )
-
-        return InferenceMethods(
-            submit=unary("Submit", pb.SubmitRequest, pb.SubmitResponse),
-            generate=stream("Generate", pb.GenerateRequest, pb.TokenChunk),
-            get=unary("Get", pb.GetRequest, pb.Request),
-            cancel=unary("Cancel", pb.CancelRequest, pb.Request),
-            list=unary("List", pb.ListRequest, pb.ListResponse),
-            watch=stream("Watch", pb.WatchRequest, pb.ClusterSnapshot),
-        )
 
 
 def _metadata_pairs(metadata: Any) -> Sequence[tuple[str, str | bytes]]:

@@ -18,7 +18,6 @@ from sdk.errors import (
     error_from_status,
 )
 from sdk.retry import CallBudget, RetryPolicy
-from sdk.rpc import method_path
 from sdk.stream import TokenCursor
 from sdk.types import RequestClass, RequestState
 
@@ -82,11 +81,6 @@ def test_enums_round_trip_and_unknown_values_read_as_unspecified() -> None:
     assert (
         convert.state_from_proto(common_pb2.RequestState.ValueType(99)) is RequestState.UNSPECIFIED
     )
-
-
-def test_method_paths_come_from_the_service_descriptor() -> None:
-    assert method_path("Submit") == "/pecsched.v1.Inference/Submit"
-    assert method_path("Watch") == "/pecsched.v1.Inference/Watch"
 
 
 def test_cursor_trims_overlap_drops_split_text_and_keeps_the_final_state() -> None:
