@@ -1,18 +1,22 @@
-"""SP prefill scaling (k = 1, 2, 4; Ulysses vs ring) and KV transfer throughput.
+"""SP prefill scaling (Ulysses vs ring over k GPUs or CPU workers) and KV transfer throughput.
 
-    .venv/bin/python bench/parallel.py [--device cpu|cuda] [--model tiny] [--prompt-tokens 8192]
-        [--chunk-tokens 2048] [--sizes 1,2,4] [--kinds ulysses,ring] [--repeats 3]
-        [--kv-mib 16,128] [--threads 1] [--json out.json]
+    .venv/bin/python bench/parallel.py [--device cpu|cuda] [--model tiny]
+        [--prompt-tokens 8192[,32768,...]] [--chunk-tokens 2048] [--sizes 1,2,4] [--kinds ulysses,ring]
+        [--repeats 3] [--kv-tokens 1024,32768] [--threads 1] [--json out.json]
 
 Spawns max(sizes) worker processes (CPU: gloo, `--threads` torch threads each; CUDA: one process
 per GPU, NCCL, bf16) that rendezvous through a TCPStore hosted here, exactly as workers do
-under an agent. For each SP size k and kind, the first k workers form a fresh group and run an
-`SpRequest`: the whole prompt in chunks, then 8 decode steps; the time is the slowest member's,
-median of `--repeats` after one warm-up. The k = 1 row runs the same code on a one-member group,
-and "engine" is the plain single-worker engine (no SP code at all) on the same prompt.
-KV transfer: worker 0 streams a synthetic request's KV (all layers) to worker 1 with
-`KVSender`/`KVReceiver`, polling as the agent would; bytes / wall time.
-Prints Markdown tables; ratios are against k = 1 of the same kind.
+under an agent. For each SP kind and size k, the first k workers form a group, warm up on a
+4096-token prompt, and then run an `SpRequest` per prompt length: the whole prompt in chunks,
+then 8 decode steps; the time is the slowest member's, median of `--repeats`. "engine" is the
+plain single-worker engine (no SP code at all) on the same prompt: the baseline of speed-up
+and efficiency (= engine time / (k x SP time)).
+KV transfer: worker 0 streams a synthetic request's KV (all layers, K and V) of each
+`--kv-tokens` size to worker 1 with `KVSender`/`KVReceiver`, polling as the agent would; bytes /
+wall time. On CUDA the same tensors are then copied GPU 0 -> GPU 1 with plain device-to-device
+copies in this process (peer-to-peer where the pair allows it): the card pair's copy bandwidth,
+measured in the same run, which the transfer is compared against.
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 TIMEOUT_S = 600.0
 NUM_DECODE_STEPS = 8
+WARMUP_PROMPT_TOKENS = 4096
 
 
 def _sync(device: Any) -> None:
@@ -86,6 +91,7 @@ def _engine_run(model: Any, prompt: list[int], args: Any) -> float:
             chunk_tokens=args.chunk_tokens,
             max_batch_tokens=args.chunk_tokens,
             kv_budget_bytes=budget,
+            max_model_tokens=len(prompt) + 64,
         ),
     )
     engine.add_request("bench", prompt, SamplingParams(max_new_tokens=1))
@@ -96,8 +102,9 @@ def _engine_run(model: Any, prompt: list[int], args: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _kv_run(manager: Any, rank: int, model: Any, mib: int, tag: str) -> float | None:
-    """Stream `mib` MiB of synthetic KV from worker 0 to worker 1; returns seconds (rank 1)."""
+def _kv_run(manager: Any, rank: int, model: Any, num_tokens: int, tag: str) -> float | None:
+    """Stream `num_tokens` tokens of synthetic KV from worker 0 to worker 1; returns seconds
+    (rank 1)."""
     import torch
 
     from dataplane.engine.types import KVExport, KVMetadata, SamplingParams
@@ -106,8 +113,6 @@ def _kv_run(manager: Any, rank: int, model: Any, mib: int, tag: str) -> float | 
 
     shape = model.shape
     dtype = next(model.parameters()).dtype
-    per_token = shape.kv_bytes_per_token(dtype)
-    num_tokens = max(1, (mib << 20) // per_token)
     group = manager.connect(GroupSpec(f"kv-{tag}", ("w0", "w1")))
     device = group.device
     kv_shape = (num_tokens, shape.num_kv_heads, shape.head_dim)
@@ -124,17 +129,18 @@ def _kv_run(manager: Any, rank: int, model: Any, mib: int, tag: str) -> float | 
         None,
     )
     if rank == 0:
-        keys = tuple(
-            torch.randn(kv_shape, device=device).to(dtype) for _ in range(shape.num_layers)
-        )
-        transfer: Any = KVSender(group, 1, KVExport(meta, keys, keys), timeout_s=TIMEOUT_S)
+        keys, values = (_synthetic_kv(kv_shape, shape.num_layers, dtype, device) for _ in "kv")
+        transfer: Any = KVSender(group, 1, KVExport(meta, keys, values), timeout_s=TIMEOUT_S)
     else:
-        bufs = tuple(
-            torch.empty(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        bufs_k, bufs_v = (
+            tuple(
+                torch.empty(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+            )
+            for _ in "kv"
         )
 
         class Target:
-            request_id, keys, values = "bench", bufs, bufs
+            request_id, keys, values = "bench", bufs_k, bufs_v
 
         transfer = KVReceiver(
             group, 0, lambda _: Target, lambda _: None, lambda _: None, timeout_s=TIMEOUT_S
@@ -149,6 +155,45 @@ def _kv_run(manager: Any, rank: int, model: Any, mib: int, tag: str) -> float | 
         raise RuntimeError(f"KV transfer failed: {transfer.failure()}")
     manager.destroy(f"kv-{tag}")
     return elapsed_s if rank == 1 else None
+
+
+def _synthetic_kv(
+    kv_shape: tuple[int, ...], num_layers: int, dtype: Any, device: Any
+) -> tuple[Any, ...]:
+    """One (tokens, kv_heads, head_dim) tensor of random values per layer."""
+    import torch
+
+    return tuple(torch.randn(kv_shape, device=device).to(dtype) for _ in range(num_layers))
+
+
+def _p2p_copy_s(model_name: str, num_tokens: int, repeats: int) -> float:
+    """Median seconds to copy the K and V of `num_tokens` tokens (per-layer tensors, as the
+    transfer sends them) from GPU 0 to GPU 1 with device-to-device copies."""
+    import torch
+
+    from dataplane.models.llama import ModelShape
+    from dataplane.models.presets import preset_config
+
+    shape = ModelShape.from_config(preset_config(model_name))
+    kv_shape = (num_tokens, shape.num_kv_heads, shape.head_dim)
+    src = [
+        torch.empty(kv_shape, dtype=torch.bfloat16, device="cuda:0")
+        for _ in range(2 * shape.num_layers)
+    ]
+    dst = [torch.empty_like(t, device="cuda:1") for t in src]
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        t0 = time.perf_counter()
+        for s, d in zip(src, dst, strict=True):
+            d.copy_(s, non_blocking=True)
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    return statistics.median(times[1:])
 
 
 def _worker(rank: int, port: int, args: Any, results: Any) -> None:
@@ -173,64 +218,75 @@ def _worker(rank: int, port: int, args: Any, results: Any) -> None:
     store = connect_store("127.0.0.1", port, TIMEOUT_S)
     manager = GroupManager(store, f"w{rank}", make_backend_factory(device, "127.0.0.1"), TIMEOUT_S)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.shape.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    lengths = _ints(args.prompt_tokens)
+    prompts = {
+        n: torch.randint(0, model.shape.vocab_size, (n,), generator=gen).tolist()
+        for n in [WARMUP_PROMPT_TOKENS, *lengths]
+    }
+    sizes = _ints(args.sizes)
     with torch.inference_mode():
-        if rank == 0:
-            times = [_engine_run(model, prompt, args) for _ in range(args.repeats + 1)][1:]
-            results.put(("engine", 1, statistics.median(times), None))
-        for kind_name in args.kinds.split(","):
-            kind = SpKind[kind_name.upper()]
-            for k in sizes:
-                if rank >= k:
-                    continue
-                members = tuple(f"w{r}" for r in range(k))
-                samples = []
-                for rep in range(args.repeats + 1):
-                    group = manager.connect(GroupSpec(f"sp-{kind_name}-{k}-{rep}", members))
-                    samples.append(_sp_run(model, group, prompt, args, kind))
-                    manager.destroy(group.group_id)
-                prefill = statistics.median(s[0] for s in samples[1:])
-                decode = statistics.median(s[1] for s in samples[1:])
-                cpu = statistics.median(s[2] for s in samples[1:])
-                results.put((kind_name, k, prefill, (decode, cpu)))
         if max(sizes) >= 2 and rank < 2:
-            for mib in [int(m) for m in args.kv_mib.split(",")]:
+            for num_tokens in _ints(args.kv_tokens):
                 elapsed = [
-                    _kv_run(manager, rank, model, mib, f"{mib}-{i}")
+                    _kv_run(manager, rank, model, num_tokens, f"{num_tokens}-{i}")
                     for i in range(args.repeats + 1)
                 ]
                 if rank == 1:
-                    results.put(
-                        (
-                            "kv",
-                            mib,
-                            statistics.median(e for e in elapsed[1:] if e is not None),
-                            None,
-                        )
-                    )
+                    median = statistics.median(e for e in elapsed[1:] if e is not None)
+                    results.put(("kv", 2, num_tokens, (median, 0.0, 0.0)))
+        if rank == 0:
+            _engine_run(model, prompts[WARMUP_PROMPT_TOKENS], args)
+        groups: dict[tuple[str, int], Any] = {}  # (kind, k) -> group, warmed up
+        for n in lengths:  # shortest first: a run cut short still reports the shorter ones
+            if rank == 0:
+                times = [_engine_run(model, prompts[n], args) for _ in range(args.repeats)]
+                results.put(("engine", 1, n, (statistics.median(times), 0.0, 0.0)))
+            for kind_name in args.kinds.split(","):
+                kind = SpKind[kind_name.upper()]
+                for k in sizes:
+                    if rank >= k:
+                        continue
+                    group = groups.get((kind_name, k))
+                    if group is None:
+                        members = tuple(f"w{r}" for r in range(k))
+                        group = manager.connect(GroupSpec(f"sp-{kind_name}-{k}", members))
+                        _sp_run(model, group, prompts[WARMUP_PROMPT_TOKENS], args, kind)
+                        groups[kind_name, k] = group
+                    samples = [
+                        _sp_run(model, group, prompts[n], args, kind) for _ in range(args.repeats)
+                    ]
+                    row = tuple(statistics.median(s[i] for s in samples) for i in range(3))
+                    results.put((kind_name, k, n, row))
+        for group in groups.values():
+            manager.destroy(group.group_id)
     results.put(("done", rank, 0.0, None))
     manager.close()
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="tiny", help="preset name or local HF directory")
-    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--prompt-tokens", default="8192", help="prompt lengths, comma-separated")
     parser.add_argument("--chunk-tokens", type=int, default=2048)
     parser.add_argument("--sizes", default="1,2,4", help="SP sizes, comma-separated")
     parser.add_argument("--kinds", default="ulysses,ring")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kv-mib", default="16,128", help="KV transfer sizes in MiB")
+    parser.add_argument(
+        "--kv-tokens", default="1024,16384", help="KV transfer sizes in tokens ('' for none)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per CPU worker")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args()
 
     from dataplane.parallel.groups import connect_store
 
-    num_workers = max(int(s) for s in args.sizes.split(","))
-    num_workers = max(num_workers, 2) if args.kv_mib else num_workers
+    num_workers = max(_ints(args.sizes))
+    num_workers = max(num_workers, 2) if args.kv_tokens else num_workers
     if args.device == "cuda":
         import torch
 
@@ -247,7 +303,7 @@ def main() -> int:
     ]
     for proc in procs:
         proc.start()
-    rows: list[tuple[str, int, float, Any]] = []
+    rows: list[Row] = []
     done = 0
     while done < num_workers:
         try:
@@ -264,47 +320,65 @@ def main() -> int:
             done += 1
         else:
             rows.append(row)
+            print(f"progress: {row}", file=sys.stderr, flush=True)
     for proc in procs:
         proc.join()
-    _print(rows, args)
+    p2p_s = {}
+    if args.device == "cuda" and num_workers >= 2:
+        p2p_s = {n: _p2p_copy_s(args.model, n, args.repeats) for n in _ints(args.kv_tokens)}
+    _print(rows, p2p_s, args)
     if args.json is not None:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2)
-        )
+        payload = {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "p2p_s": p2p_s}
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 
-def _print(rows: list[tuple[str, int, float, Any]], args: Any) -> None:
-    sp: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-    for kind, k, prefill, extra in rows:
-        if kind not in ("engine", "kv"):
-            sp.setdefault((kind, k), []).append((prefill, extra[0], extra[1]))
+Row = tuple[str, int, int, tuple[float, float, float]]  # (kind, k, tokens, measurements)
+
+
+def _print(rows: list[Row], p2p_s: dict[int, float], args: Any) -> None:
+    engine = {n: m[0] for kind, _, n, m in rows if kind == "engine"}
+    sp = {(kind, k, n): m for kind, k, n, m in rows if kind not in ("engine", "kv")}
     print(
-        f"\nSP prefill, {args.prompt_tokens} tokens in chunks of {args.chunk_tokens}, "
-        f"model {args.model}, device {args.device}; the slowest member counts"
+        f"\nSP prefill in chunks of {args.chunk_tokens}, model {args.model}, device "
+        f"{args.device}; the slowest member counts; speed-up and efficiency against the "
+        "single-worker engine"
     )
     print(
-        "| kind | k | prefill wall s | vs k=1 | busiest member CPU s | vs k=1 | decode ms/token |"
+        "| tokens | kind | k | prefill s | speed-up | efficiency | vs own k=1 | "
+        "busiest member CPU s | decode ms/token |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for kind, _k, prefill, _ in rows:
-        if kind == "engine":
-            print(f"| engine (no SP) | 1 | {prefill:.3f} | | | | |")
-    for (kind, k), samples in sorted(sp.items()):
-        base = sp.get((kind, 1), samples)
-        wall, cpu = max(s[0] for s in samples), max(s[2] for s in samples)
-        wall_1, cpu_1 = max(s[0] for s in base), max(s[2] for s in base)
-        decode = max(s[1] for s in samples)
-        print(
-            f"| {kind} | {k} | {wall:.3f} | {wall_1 / wall:.2f}x | {cpu:.3f} | "
-            f"{cpu_1 / cpu:.2f}x | {decode * 1e3:.1f} |"
-        )
-    kv = [r for r in rows if r[0] == "kv"]
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in sorted(engine):
+        print(f"| {n} | engine (no SP) | 1 | {engine[n]:.3f} | 1.00x | 100% | | | |")
+        for (kind, k, length), (wall, decode, cpu) in sorted(sp.items()):
+            if length != n:
+                continue
+            own_1 = sp.get((kind, 1, n), (wall, 0.0, 0.0))[0]
+            speedup = engine[n] / wall
+            print(
+                f"| {n} | {kind} | {k} | {wall:.3f} | {speedup:.2f}x | {speedup / k:.0%} | "
+                f"{own_1 / wall:.2f}x | {cpu:.3f} | {decode * 1e3:.1f} |"
+            )
+    kv = [(n, m[0]) for kind, _, n, m in rows if kind == "kv"]
     if kv:
-        print("\n| KV transfer MiB | s | GB/s |")
-        print("|---|---|---|")
-        for _, mib, elapsed, _ in kv:
-            print(f"| {mib} | {elapsed:.3f} | {(mib << 20) / elapsed / 1e9:.2f} |")
+        import torch
+
+        from dataplane.models.llama import ModelShape
+        from dataplane.models.presets import preset_config
+
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        per_token = ModelShape.from_config(preset_config(args.model)).kv_bytes_per_token(dtype)
+        print("\n| KV tokens | GiB | transfer s | GB/s | device-to-device copy GB/s | of copy |")
+        print("|---|---|---|---|---|---|")
+        for n, elapsed in kv:
+            size = n * per_token
+            copy = f"{size / p2p_s[n] / 1e9:.1f}" if n in p2p_s else ""
+            ratio = f"{p2p_s[n] / elapsed:.0%}" if n in p2p_s else ""
+            print(
+                f"| {n} | {size / 2**30:.2f} | {elapsed:.3f} | {size / elapsed / 1e9:.1f} | "
+                f"{copy} | {ratio} |"
+            )
 
 
 if __name__ == "__main__":

@@ -177,6 +177,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="control plane host:port")
     p.add_argument("--api-key", help="API key of the client")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument(
+        "--workload-out",
+        metavar="CSV",
+        help="write the requests sent (lengths as sent) as an Azure-format trace, for "
+        "`pecsched sim --trace CSV --long-rescale none` on the same workload",
+    )
     p.set_defaults(handler=_handle)
 
 
@@ -238,6 +244,10 @@ def _handle(args: argparse.Namespace) -> int:
         print(f"pecsched replay: error: {exc}", file=sys.stderr)
         return 2
     print(report.table)
+    if args.workload_out:
+        from sim.workloads import write_azure_csv
+
+        write_azure_csv(report.workload, args.workload_out)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report.payload, fh, indent=2)
@@ -252,6 +262,7 @@ class ReplayReport:
     table: str  # per-class table and cluster counters
     payload: dict[str, Any]  # the JSON document
     num_failed: int  # requests that did not finish (failed, cancelled, unfinished, refused)
+    workload: Workload  # the requests sent, lengths as sent (after scaling and clamping)
 
 
 async def run_replay(
@@ -319,4 +330,4 @@ async def run_replay(
         "num_requests": len(plan),
         "instances": num_instances,
     }
-    return build_report(outcome, records_of(outcome), policy, config)
+    return build_report(outcome, records_of(outcome), policy, config, workload)

@@ -17,6 +17,7 @@ from pecsched.replay import ReplayReport
 from sdk.types import RequestState
 from sim.metrics import RequestRecords, percentiles, queueing_delay_s, summarize, tbt_s
 from sim.report import PolicyResult, result_to_dict
+from sim.workloads import Workload
 
 _P50_P99 = (50, 99)
 
@@ -86,9 +87,14 @@ def format_table(rows: tuple[ClassRow, ...], footer: str) -> str:
 
 
 def build_report(
-    outcome: ReplayOutcome, records: RequestRecords, policy: str, config: dict[str, Any]
+    outcome: ReplayOutcome,
+    records: RequestRecords,
+    policy: str,
+    config: dict[str, Any],
+    workload: Workload,
 ) -> ReplayReport:
-    """The table and JSON document of one replay against a cluster running `policy`."""
+    """The table and JSON document of one replay of `workload` against a cluster running
+    `policy`."""
     counters = outcome.counters
     finished = [r.finished_s for r in outcome.requests if not math.isnan(r.finished_s)]
     end_s = max([counters.last_at_s, *finished])
@@ -141,4 +147,4 @@ def build_report(
         "request_ids": [r.request_id for r in outcome.requests],
     }
     payload = {"config": {**config, "policies": [policy]}, "results": [result]}
-    return ReplayReport(format_table(rows, footer), payload, num_failed)
+    return ReplayReport(format_table(rows, footer), payload, num_failed, workload)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -100,6 +100,22 @@ def load_azure_traces(paths: list[str | Path]) -> Workload:
         np.maximum(np.array(prompts, dtype=np.int64), 1),
         np.array(outputs, dtype=np.int64),
     )
+
+
+AZURE_EPOCH = datetime(2023, 11, 16)  # written traces start here (only differences matter)
+
+
+def write_azure_csv(workload: Workload, path: str | Path) -> None:
+    """Write `workload` in the Azure trace format that `load_azure_traces` reads back (arrivals
+    to the microsecond)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["TIMESTAMP", "ContextTokens", "GeneratedTokens"])
+        for arrival, prompt, output in zip(
+            workload.arrival_s, workload.prompt_tokens, workload.output_tokens, strict=True
+        ):
+            stamp = AZURE_EPOCH + timedelta(seconds=float(arrival))
+            writer.writerow([stamp.isoformat(sep=" ", timespec="microseconds"), prompt, output])
 
 
 def scale_time(workload: Workload, factor: float) -> Workload:

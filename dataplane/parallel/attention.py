@@ -4,9 +4,16 @@ Layout convention (one sequence, no batch dim): q is (n, h, d), k and v are (m, 
 (h = g * rep); `q_pos` (n,) and `k_pos` (m,) are absolute token positions, and query i sees key j
 iff `k_pos[j] <= q_pos[i]`. This covers chunked prefill (keys = history + chunk), ring blocks
 with arbitrary offsets, and decode, without special cases.
+
+Kernels: on CPU, PyTorch's fused CPU flash kernel; on CUDA in fp16/bf16, the flash-attention
+kernel (`aten._flash_attention_forward`, GQA native, bottom-right causal, returns the LSE) for
+the two shapes SP produces (a fully visible key prefix, and a causal diagonal block); an explicit
+float32 softmax, blocked over query rows, for anything else.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +50,18 @@ def attention_with_lse(
     On CPU this runs PyTorch's fused flash kernel (which returns the LSE); elsewhere an
     explicit float32 softmax, blocked over query rows. When `k_pos` is ascending (both SP
     caches keep it so), the keys older than every query of a block form a prefix that needs
-    no mask; only the rest is masked, and the two partials are merged by LSE.
+    no mask; only the rest is masked, and the two partials are merged by LSE. On CUDA
+    (fp16/bf16) with contiguous query positions, both parts run the flash kernel instead.
 
     Returns:
         out: (n, h, d) float32, zero for rows that see no key.
         lse: (n, h) float32, -inf for rows that see no key.
     """
     rep = _check(q, k, v, q_pos, k_pos)
+    if _uses_cuda_flash(q):
+        fast = _cuda_flash_with_lse(q, k, v, q_pos, k_pos)
+        if fast is not None:
+            return fast
     kh = _expand_kv(k, rep)  # (h, m, d)
     vh = _expand_kv(v, rep)  # (h, m, d)
     kernel = _flash_cpu_block if q.device.type == "cpu" else _math_block
@@ -149,9 +161,14 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     On CPU, two fused calls without an explicit mask — history keys [0, m - n) fully visible,
     chunk keys causal — merged by LSE; an (n, m) mask costs more than the attention itself at
-    small head dims. Elsewhere one masked SDPA call. q (n, h, d), k/v (m, g, d) -> (n, h, d).
+    small head dims. On CUDA (fp16/bf16) one flash call, causal aligned bottom-right; elsewhere
+    one masked SDPA call. q (n, h, d), k/v (m, g, d) -> (n, h, d).
     """
     n, m = q.shape[0], k.shape[0]
+    if n > 0 and _uses_cuda_flash(q):
+        _check(q, k, v, torch.zeros(n), torch.zeros(m))
+        out, _ = _cuda_flash(q, k, v, causal=True)
+        return out
     if q.device.type != "cpu" or n == 0:
         q_pos = torch.arange(m - n, m, device=q.device)
         return sdpa_attention(q, k, v, q_pos, torch.arange(m, device=q.device))
@@ -171,3 +188,74 @@ def causal_suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         lse_new[0].transpose(0, 1),  # (1, h, n) -> (n, h)
     )
     return out.to(q.dtype)
+
+
+def _uses_cuda_flash(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _cuda_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One flash-attention call: q (n, h, d) over k/v (m, g, d), causal aligned bottom-right
+    (query i sees keys j <= i + m - n). Returns out (n, h, d) in q's dtype and lse (n, h) fp32."""
+    n, m = q.shape[0], k.shape[0]
+    cu_q = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, m], dtype=torch.int32, device=q.device)
+    result = torch.ops.aten._flash_attention_forward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_q,
+        cu_k,
+        n,
+        m,
+        0.0,
+        causal,
+        False,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+    )
+    out, lse = result[0], result[1]
+    # Varlen LSE is (h, total_q) in current kernels and (batch, h, max_q) in older ones.
+    lse = (lse[0] if lse.dim() == 3 else lse)[:, :n]  # (h, n)
+    return out, lse.transpose(0, 1).float()  # (n, h, d), (n, h)
+
+
+def _cuda_flash_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`attention_with_lse` through the flash kernel, or None where the mask has another shape.
+
+    Needs q_pos contiguous and k_pos ascending. Keys before the first query are a fully visible
+    prefix; keys after the last query are invisible to all; the keys in between must be the
+    positions q_pos[-(len):] exactly, a causal block aligned bottom-right. The (at most two)
+    partials merge by LSE.
+    """
+    n, m = q.shape[0], k.shape[0]
+    if n == 0 or m == 0:
+        return None
+    first, last = int(q_pos[0].item()), int(q_pos[-1].item())
+    if last - first != n - 1 or not bool(torch.all(k_pos[1:] > k_pos[:-1])):
+        return None
+    split = int(torch.searchsorted(k_pos, first).item())  # keys [0, split) precede all queries
+    end = int(torch.searchsorted(k_pos, last, right=True).item())  # keys [end, m) follow them
+    diag = end - split
+    if diag > 0 and int(k_pos[split].item()) != last - diag + 1:
+        return None  # the in-between keys are not the last `diag` query positions
+    h, d = q.shape[1], q.shape[2]
+    out = torch.zeros(n, h, d, device=q.device)
+    lse = torch.full((n, h), float("-inf"), device=q.device)
+    if split > 0:
+        prefix_out, prefix_lse = _cuda_flash(q, k[:split], v[:split], causal=False)
+        out, lse = prefix_out.float(), prefix_lse
+    if diag > 0:
+        # The last `diag` queries and the diagonal keys share positions: plain causal. Earlier
+        # queries see none of these keys (kernels disagree on the LSE of empty rows, so they
+        # are not passed in).
+        diag_out, diag_lse = _cuda_flash(q[n - diag :], k[split:end], v[split:end], causal=True)
+        merged_out, merged_lse = merge_partials(
+            out[n - diag :], lse[n - diag :], diag_out.float(), diag_lse
+        )
+        out = torch.cat([out[: n - diag], merged_out])
+        lse = torch.cat([lse[: n - diag], merged_lse])
+    return out, lse

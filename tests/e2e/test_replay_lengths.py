@@ -133,7 +133,8 @@ def test_report_uses_the_simulator_metrics_and_json_schema() -> None:
     )
 
     # Execute
-    report = build_report(outcome, records_of(outcome), "pecsched", {"x": 1})
+    workload = _workload([10, 20, 9000], [11, 21, 5])
+    report = build_report(outcome, records_of(outcome), "pecsched", {"x": 1}, workload)
 
     # Assert
     result = report.payload["results"][0]
@@ -157,7 +158,7 @@ def test_report_without_watch_marks_cluster_counters_unavailable() -> None:
     outcome = ReplayOutcome((done,), ClusterCounters(False, 0, 0.0, 0, 0, 0, t0 + 1), 0, "", 1.0)
 
     # Execute
-    report = build_report(outcome, records_of(outcome), "unknown", {})
+    report = build_report(outcome, records_of(outcome), "unknown", {}, _workload([10], [3]))
 
     # Assert
     live = report.payload["results"][0]["live"]

@@ -1,4 +1,5 @@
-"""A pool of CPU worker processes that run jobs over real gloo groups (multi-process tests).
+"""A pool of worker processes that run jobs over real groups (multi-process tests): CPU workers
+over gloo, or one worker per GPU over NCCL (`device="cuda"`).
 
 Spawning a process that imports torch costs seconds on a 2-core machine, so tests share one
 pool per module: `WorkerPool(size)` starts `size` workers once; `run(fn, ranks, *args)` forms a
@@ -21,7 +22,7 @@ GROUP_TIMEOUT_S = 60.0  # rendezvous + collectives; generous: the test machine i
 STARTUP_TIMEOUT_S = 300.0  # importing torch in 4 processes on a loaded 2-core machine
 
 
-def _worker_main(index: int, port: int, jobs: Any, results: Any) -> None:
+def _worker_main(index: int, port: int, device: str, jobs: Any, results: Any) -> None:
     import torch
 
     from dataplane.parallel.groups import (
@@ -32,9 +33,12 @@ def _worker_main(index: int, port: int, jobs: Any, results: Any) -> None:
     )
 
     torch.set_num_threads(1)
+    if device == "cuda":
+        device = f"cuda:{index}"
+        torch.cuda.set_device(index)
     store = connect_store("127.0.0.1", port, timeout_s=GROUP_TIMEOUT_S)
     manager = GroupManager(
-        store, f"w{index}", make_backend_factory("cpu", "127.0.0.1"), GROUP_TIMEOUT_S
+        store, f"w{index}", make_backend_factory(device, "127.0.0.1"), GROUP_TIMEOUT_S
     )
     results.put(("ready", index, True, None))
     while True:
@@ -53,9 +57,10 @@ def _worker_main(index: int, port: int, jobs: Any, results: Any) -> None:
 
 
 class WorkerPool:
-    """`size` spawned CPU workers sharing one TCPStore hosted by this (test) process."""
+    """`size` spawned workers sharing one TCPStore hosted by this (test) process; with
+    `device="cuda"`, worker i runs on GPU i (the caller checks there are enough)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, device: str = "cpu") -> None:
         import torch.distributed as dist
 
         from dataplane.parallel.groups import connect_store
@@ -63,6 +68,7 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")
         self._store: dist.TCPStore = connect_store("127.0.0.1", 0, GROUP_TIMEOUT_S, is_master=True)
         self.port = self._store.port
+        self.device = device
         self._results: Any = self._ctx.Queue()
         self._jobs: list[Any] = []
         self._procs: list[Any] = []
@@ -76,7 +82,9 @@ class WorkerPool:
 
     def _start(self, i: int) -> None:
         proc = self._ctx.Process(
-            target=_worker_main, args=(i, self.port, self._jobs[i], self._results), daemon=True
+            target=_worker_main,
+            args=(i, self.port, self.device, self._jobs[i], self._results),
+            daemon=True,
         )
         proc.start()
         self._procs[i] = proc

@@ -17,6 +17,7 @@ from sim.workloads import (
     set_rate,
     synthetic,
     tile,
+    write_azure_csv,
 )
 
 TRACES = Path(__file__).resolve().parents[4] / "shared" / "traces"
@@ -48,6 +49,24 @@ def test_two_traces_merge_by_timestamp(tmp_path: Path) -> None:
     assert w.arrival_s.tolist() == pytest.approx([0.0, 0.75, 1.5])
     assert w.prompt_tokens.tolist() == [10, 20, 30]
     assert w.output_tokens.tolist() == [1, 2, 3]
+
+
+def test_written_trace_reads_back_to_the_microsecond(tmp_path: Path) -> None:
+    # Prepare
+    w = Workload(
+        np.array([0.0, 0.000001, 3.5, 7200.123456]),
+        np.array([10, 5000, 20, 100000], dtype=np.int64),
+        np.array([1, 2, 300, 4], dtype=np.int64),
+    )
+
+    # Execute
+    write_azure_csv(w, tmp_path / "w.csv")
+    back = load_azure_traces([tmp_path / "w.csv"])
+
+    # Assert
+    np.testing.assert_allclose(back.arrival_s, w.arrival_s, atol=1e-6, rtol=0)
+    assert back.prompt_tokens.tolist() == w.prompt_tokens.tolist()
+    assert back.output_tokens.tolist() == w.output_tokens.tolist()
 
 
 def test_bad_row_names_file_and_line(tmp_path: Path) -> None:
