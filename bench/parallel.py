@@ -13,7 +13,7 @@ plain single-worker engine (no SP code at all) on the same prompt: the baseline 
 and efficiency (= engine time / (k x SP time)).
 KV transfer: worker 0 streams a synthetic request's KV (all layers, K and V) of each
 `--kv-tokens` size to worker 1 with `KVSender`/`KVReceiver`, polling as the agent would; bytes /
-wall time. On CUDA the same tensors are then copied GPU 0 -> GPU 1 with plain device-to-device
+wall time, median of max(3, `--repeats`) after one warm-up. On CUDA the same tensors are then copied GPU 0 -> GPU 1 with plain device-to-device
 copies in this process (peer-to-peer where the pair allows it): the card pair's copy bandwidth,
 measured in the same run, which the transfer is compared against.
 Prints Markdown tables.
@@ -229,7 +229,7 @@ def _worker(rank: int, port: int, args: Any, results: Any) -> None:
             for num_tokens in _ints(args.kv_tokens):
                 elapsed = [
                     _kv_run(manager, rank, model, num_tokens, f"{num_tokens}-{i}")
-                    for i in range(args.repeats + 1)
+                    for i in range(max(args.repeats, 3) + 1)
                 ]
                 if rank == 1:
                     median = statistics.median(e for e in elapsed[1:] if e is not None)
@@ -325,7 +325,7 @@ def main() -> int:
         proc.join()
     p2p_s = {}
     if args.device == "cuda" and num_workers >= 2:
-        p2p_s = {n: _p2p_copy_s(args.model, n, args.repeats) for n in _ints(args.kv_tokens)}
+        p2p_s = {n: _p2p_copy_s(args.model, n, max(args.repeats, 3)) for n in _ints(args.kv_tokens)}
     _print(rows, p2p_s, args)
     if args.json is not None:
         payload = {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "p2p_s": p2p_s}

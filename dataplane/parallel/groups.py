@@ -116,7 +116,9 @@ class Group:
 
     Blocking helpers (`all_to_all`, `all_gather`, `all_reduce_max`, `barrier`) wait with the
     group timeout and raise `GroupError` on failure, after which the group is broken and every
-    further call raises `GroupError` at once. `send`/`recv` return the backend's `Work` for the
+    further call raises `GroupError` at once. On NCCL they are stream-ordered instead (results
+    are valid for later work on the current stream; the CPU does not wait) and failures surface
+    through the communicator's watchdog. `send`/`recv` return the backend's `Work` for the
     caller to poll (`is_completed()`) or wait on.
     """
 
@@ -156,7 +158,14 @@ class Group:
         return self._backend
 
     def _wait(self, work: dist.Work, what: str) -> None:
+        """gloo: block until `work` completes or the group timeout. NCCL: order the current
+        stream after `work` without blocking the CPU; the communicator's watchdog enforces the
+        group timeout (given at creation). A wait with a timeout would make NCCL sleep-poll the
+        CPU in 1 ms steps, idling the GPU several times per layer of an SP prefill."""
         try:
+            if self.backend_kind is CommBackend.NCCL:
+                work.wait()
+                return
             work.wait(dt.timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
             self.mark_broken(f"{what} failed: {exc}")
@@ -215,8 +224,10 @@ class Group:
     def barrier(self) -> None:
         """Wait until every member reaches the barrier (or the timeout)."""
         if self.backend_kind is CommBackend.NCCL:
-            # NCCL's own barrier guesses the GPU from the rank; ours may differ: reduce on ours.
+            # NCCL's own barrier guesses the GPU from the rank; ours may differ: reduce on ours,
+            # then wait for it on the CPU (stream-ordered waits do not).
             self.all_reduce_max(torch.zeros(1, device=self.device))
+            torch.cuda.current_stream(self.device).synchronize()
             return
         self._wait(self._live().barrier(dist.BarrierOptions()), "barrier")
 

@@ -75,7 +75,9 @@ def ring_attention(
         owner = (rank - hop) % size  # the block held now came from this rank
         bq, bout, blse = _unpack(blk, d)
         q_pos = torch.arange(q_starts[owner], q_starts[owner] + seq_lens[owner], device=q.device)
-        part_out, part_lse = attention_with_lse(bq, k, v, q_pos, k_pos)
+        # The block travels in float32; q itself goes back to its dtype (exact for bf16/fp16
+        # values) so that fused kernels apply.
+        part_out, part_lse = attention_with_lse(bq.to(q.dtype), k, v, q_pos, k_pos)
         merged_out, merged_lse = merge_partials(bout, blse, part_out, part_lse)
         blk = _pack(bq, merged_out, merged_lse)
         if size == 1:

@@ -118,5 +118,5 @@ def test_sp_prefill_over_nccl_matches_one_gpu_forward(kind: SpKind) -> None:
     # Assert: the last token's owner (rank 1) has the logits; they match the one-GPU forward.
     assert results[0] is None
     got = results[1].reshape(-1)
-    torch.testing.assert_close(got, want.float().cpu(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got, want.float().cpu(), rtol=5e-2, atol=1e-1)
     assert int(got.argmax()) == int(want.argmax())
