@@ -102,9 +102,15 @@ def _engine_run(model: Any, prompt: list[int], args: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _kv_run(manager: Any, rank: int, model: Any, num_tokens: int, tag: str) -> float | None:
-    """Stream `num_tokens` tokens of synthetic KV from worker 0 to worker 1; returns seconds
-    (rank 1)."""
+def _kv_run(
+    manager: Any, rank: int, model: Any, num_tokens: int, tag: str
+) -> tuple[float, float] | None:
+    """Stream `num_tokens` tokens of synthetic KV from worker 0 to worker 1 with the transfer
+    protocol, then the same tensors with bare sends/receives all posted at once (the NCCL or
+    gloo floor); returns (protocol s, bare s) on rank 1."""
+    import gc
+    import types
+
     import torch
 
     from dataplane.engine.types import KVExport, KVMetadata, SamplingParams
@@ -132,29 +138,36 @@ def _kv_run(manager: Any, rank: int, model: Any, num_tokens: int, tag: str) -> f
         keys, values = (_synthetic_kv(kv_shape, shape.num_layers, dtype, device) for _ in "kv")
         transfer: Any = KVSender(group, 1, KVExport(meta, keys, values), timeout_s=TIMEOUT_S)
     else:
-        bufs_k, bufs_v = (
+        keys, values = (
             tuple(
                 torch.empty(kv_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
             )
             for _ in "kv"
         )
-
-        class Target:
-            request_id, keys, values = "bench", bufs_k, bufs_v
-
+        target = types.SimpleNamespace(request_id="bench", keys=keys, values=values)
         transfer = KVReceiver(
-            group, 0, lambda _: Target, lambda _: None, lambda _: None, timeout_s=TIMEOUT_S
+            group, 0, lambda _: target, lambda _: None, lambda _: None, timeout_s=TIMEOUT_S
         )
     group.barrier()
     t0 = time.perf_counter()
     while transfer.poll() not in (TransferState.DONE, TransferState.FAILED):
         time.sleep(0.0002)
     _sync(device)
-    elapsed_s = time.perf_counter() - t0
+    protocol_s = time.perf_counter() - t0
     if transfer.state is not TransferState.DONE:
         raise RuntimeError(f"KV transfer failed: {transfer.failure()}")
+    group.barrier()
+    t0 = time.perf_counter()
+    tensors = [t for pair in zip(keys, values, strict=True) for t in pair]
+    post = group.send if rank == 0 else group.recv
+    for work in [post(t, 1 - rank) for t in tensors]:
+        work.wait()
+    _sync(device)
+    bare_s = time.perf_counter() - t0
     manager.destroy(f"kv-{tag}")
-    return elapsed_s if rank == 1 else None
+    del transfer, keys, values, tensors
+    gc.collect()  # free this size's buffers before the next one is allocated
+    return (protocol_s, bare_s) if rank == 1 else None
 
 
 def _synthetic_kv(
@@ -232,8 +245,10 @@ def _worker(rank: int, port: int, args: Any, results: Any) -> None:
                     for i in range(max(args.repeats, 3) + 1)
                 ]
                 if rank == 1:
-                    median = statistics.median(e for e in elapsed[1:] if e is not None)
-                    results.put(("kv", 2, num_tokens, (median, 0.0, 0.0)))
+                    times = [e for e in elapsed[1:] if e is not None]
+                    protocol = statistics.median(t[0] for t in times)
+                    bare = statistics.median(t[1] for t in times)
+                    results.put(("kv", 2, num_tokens, (protocol, bare, 0.0)))
         if rank == 0:
             _engine_run(model, prompts[WARMUP_PROMPT_TOKENS], args)
         groups: dict[tuple[str, int], Any] = {}  # (kind, k) -> group, warmed up
@@ -360,7 +375,7 @@ def _print(rows: list[Row], p2p_s: dict[int, float], args: Any) -> None:
                 f"| {n} | {kind} | {k} | {wall:.3f} | {speedup:.2f}x | {speedup / k:.0%} | "
                 f"{own_1 / wall:.2f}x | {cpu:.3f} | {decode * 1e3:.1f} |"
             )
-    kv = [(n, m[0]) for kind, _, n, m in rows if kind == "kv"]
+    kv = [(n, m[0], m[1]) for kind, _, n, m in rows if kind == "kv"]
     if kv:
         import torch
 
@@ -369,15 +384,18 @@ def _print(rows: list[Row], p2p_s: dict[int, float], args: Any) -> None:
 
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         per_token = ModelShape.from_config(preset_config(args.model)).kv_bytes_per_token(dtype)
-        print("\n| KV tokens | GiB | transfer s | GB/s | device-to-device copy GB/s | of copy |")
-        print("|---|---|---|---|---|---|")
-        for n, elapsed in kv:
+        print(
+            "\n| KV tokens | GiB | transfer s | transfer GB/s | bare send/recv GB/s | "
+            "device-to-device copy GB/s | transfer / copy |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for n, elapsed, bare in kv:
             size = n * per_token
             copy = f"{size / p2p_s[n] / 1e9:.1f}" if n in p2p_s else ""
             ratio = f"{p2p_s[n] / elapsed:.0%}" if n in p2p_s else ""
             print(
-                f"| {n} | {size / 2**30:.2f} | {elapsed:.3f} | {size / elapsed / 1e9:.1f} | "
-                f"{copy} | {ratio} |"
+                f"| {n} | {size / 2**30:.2f} | {elapsed:.4f} | {size / elapsed / 1e9:.1f} | "
+                f"{size / bare / 1e9:.1f} | {copy} | {ratio} |"
             )
 
 
