@@ -266,7 +266,13 @@ class AsyncClient:
         limit: int | None = None,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[RequestInfo, None]:
-        """Every request matching the filters, fetching pages as needed; at most `limit`."""
+        """Every request matching the filters, newest first, fetching pages as needed.
+
+        At most `limit` (the `limit` newest). Pages are keyset-paged by the server: each request
+        stored when the first page was read (and still matching) comes exactly once, and
+        requests submitted while iterating (newer than what was read) are left for the next
+        listing.
+        """
         wanted_states = tuple(states)
         num_yielded, token = 0, ""
         while limit is None or num_yielded < limit:

@@ -91,7 +91,9 @@ def _register_list(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--state", action="append", choices=_STATES, help="repeatable; default any")
     p.add_argument("--class", dest="request_class", choices=("short", "long"), help="length class")
     p.add_argument("--tenant", default="", help="only this tenant's requests")
-    p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    p.add_argument(
+        "--limit", type=int, default=20, help="at most this many, the newest (default 20)"
+    )
     p.set_defaults(handler=_list)
 
 

@@ -26,7 +26,7 @@ from controlplane.runtime.inputs import PendingSubmit
 from controlplane.runtime.loop import Runtime
 from controlplane.store import codec
 from controlplane.store.errors import NotFound
-from controlplane.store.records import RequestFilter
+from controlplane.store.records import ListOrder, RequestFilter
 from controlplane.telemetry import (
     ATTR_DEDUPLICATED,
     ATTR_PROMPT_TOKENS,
@@ -146,7 +146,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     async def List(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.ListRequest, context: Any, span: Span
     ) -> inference_pb2.ListResponse:
-        """A page of requests matching the filters (client keys: their tenant only)."""
+        """A page of requests matching the filters, newest first (client keys: own tenant only)."""
         principal = current_principal()
         request_filter = convert.list_filter_from_proto(request)
         if request_filter.tenant is None and not principal.is_admin:
@@ -156,11 +156,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         require_tenant(principal, request_filter.tenant or principal.tenant)
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, codec.MAX_PAGE_SIZE)
         try:
-            page = await self.runtime.list_requests(request_filter, page_size, request.page_token)
+            page = await self.runtime.list_requests(
+                request_filter, page_size, request.page_token, ListOrder.NEWEST_FIRST
+            )
         except ValueError as exc:
-            raise ApiError(
-                ApiErrorCode.BAD_PAGE_TOKEN, f"page_token: {exc}", field="page_token"
-            ) from exc
+            # The store's message already names the field: "page_token: ...".
+            raise ApiError(ApiErrorCode.BAD_PAGE_TOKEN, str(exc), field="page_token") from exc
         return inference_pb2.ListResponse(
             requests=[convert.request_to_proto(v) for v in page.views],
             next_page_token=page.next_page_token,

@@ -43,7 +43,7 @@ from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import StoreError
-from controlplane.store.records import RequestFilter, RequestPage
+from controlplane.store.records import ListOrder, RequestFilter, RequestPage
 from controlplane.store.repository import Repository
 from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, TraceContext
 
@@ -192,13 +192,13 @@ class Runtime:
         return await self._read(self.repo.get_output_tokens, request_id, from_index)
 
     async def list_requests(
-        self, request_filter: RequestFilter, page_size: int, page_token: str
+        self, request_filter: RequestFilter, page_size: int, page_token: str, order: ListOrder
     ) -> RequestPage:
-        """One page of stored requests (see Repository.list_requests)."""
+        """One page of stored requests in `order` (see Repository.list_requests)."""
 
         def run() -> RequestPage:
             return self.repo.list_requests(
-                request_filter, page_size=page_size, page_token=page_token
+                request_filter, page_size=page_size, page_token=page_token, order=order
             )
 
         return await self._read(run)

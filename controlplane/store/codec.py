@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import sys
 from array import array
 from collections.abc import Sequence
 
 from controlplane.core.types import ClassStats, RequestClass, RequestState
+from controlplane.store.records import ListOrder
 
 MAX_PAGE_SIZE = 1000
+# Order names a page token may carry (a list or dict from a forged token is simply not one).
+_LIST_ORDERS = tuple(order.value for order in ListOrder)
 _INT64_SPAN = 2**64
 
 
@@ -84,25 +88,37 @@ def check_page_size(page_size: int) -> None:
         raise ValueError(f"page_size: must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
 
 
-def encode_page_token(arrival_s: float, request_id: str) -> str:
-    """An opaque token for the keyset position after (arrival_s, request_id)."""
-    raw = json.dumps([arrival_s, request_id], separators=(",", ":")).encode()
+def encode_page_token(order: ListOrder, arrival_s: float, request_id: str) -> str:
+    """An opaque token for the keyset position after (arrival_s, request_id) in `order`.
+
+    The order is part of the token, so a token is only accepted by a listing in the same order.
+    """
+    raw = json.dumps([order.value, arrival_s, request_id], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_page_token(token: str) -> tuple[float, str]:
-    """Inverse of `encode_page_token`.
+def decode_page_token(token: str, order: ListOrder) -> tuple[float, str]:
+    """The keyset position (arrival_s, request_id) of a token `encode_page_token` made for `order`.
 
     Raises:
-        ValueError: naming `page_token`, for anything `encode_page_token` did not produce.
+        ValueError: naming `page_token`, for anything `encode_page_token` did not produce, or a
+            token of a listing in the other order.
     """
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        arrival_s, request_id = json.loads(raw)
+        token_order, arrival_s, request_id = json.loads(raw)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise ValueError("page_token: malformed; pass next_page_token unchanged") from exc
-    if not isinstance(arrival_s, int | float) or not isinstance(request_id, str):
+    if (
+        token_order not in _LIST_ORDERS
+        or isinstance(arrival_s, bool)
+        or not isinstance(arrival_s, int | float)
+        or not math.isfinite(arrival_s)
+        or not isinstance(request_id, str)
+    ):
         raise ValueError("page_token: malformed; pass next_page_token unchanged")
+    if token_order != order.value:
+        raise ValueError(f"page_token: from a listing in {token_order} order, not {order.value}")
     return float(arrival_s), request_id
 
 

@@ -23,6 +23,7 @@ from controlplane.store.records import (
     ApiKeyRole,
     InstanceRecord,
     InstanceState,
+    ListOrder,
     NewRequest,
     NodeRecord,
     NodeState,
@@ -117,21 +118,30 @@ class InMemoryRepository(Repository):
             return self.inputs[request_id]
 
     def list_requests(
-        self, request_filter: RequestFilter, *, page_size: int = 100, page_token: str = ""
+        self,
+        request_filter: RequestFilter,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        order: ListOrder = ListOrder.OLDEST_FIRST,
     ) -> RequestPage:
         """See Repository.list_requests."""
         codec.check_page_size(page_size)
-        after = codec.decode_page_token(page_token) if page_token else None
+        newest_first = order is ListOrder.NEWEST_FIRST
+        after = codec.decode_page_token(page_token, order) if page_token else None
         with self.transaction():
             matching = sorted(
-                (v for v in self.views.values() if _matches(v, request_filter, after)),
-                key=lambda v: (v.spec.arrival_s, v.request_id),
+                (v for v in self.views.values() if _matches(v, request_filter)),
+                key=_list_key,
+                reverse=newest_first,
             )
+        if after is not None:
+            matching = [v for v in matching if _is_past(_list_key(v), after, newest_first)]
         page = tuple(matching[:page_size])
         next_token = ""
         if len(matching) > page_size:
             last = page[-1]
-            next_token = codec.encode_page_token(last.spec.arrival_s, last.request_id)
+            next_token = codec.encode_page_token(order, last.spec.arrival_s, last.request_id)
         return RequestPage(page, next_token)
 
     def unfinished_requests(self) -> list[RequestView]:
@@ -317,14 +327,20 @@ def _first(stored: float | None, new: float | None) -> float | None:
     return stored if stored is not None else new
 
 
-def _matches(
-    view: RequestView, request_filter: RequestFilter, after: tuple[float, str] | None
-) -> bool:
+def _list_key(view: RequestView) -> tuple[float, str]:
+    """The keyset `list_requests` orders and pages by."""
+    return (view.spec.arrival_s, view.request_id)
+
+
+def _is_past(key: tuple[float, str], after: tuple[float, str], newest_first: bool) -> bool:
+    """Whether `key` comes strictly after the page-token position `after` in the listing."""
+    return key < after if newest_first else key > after
+
+
+def _matches(view: RequestView, request_filter: RequestFilter) -> bool:
     if request_filter.states and view.state not in request_filter.states:
         return False
     if request_filter.request_class is not None:
         if view.request_class is not request_filter.request_class:
             return False
-    if request_filter.tenant is not None and view.spec.tenant != request_filter.tenant:
-        return False
-    return after is None or (view.spec.arrival_s, view.request_id) > after
+    return request_filter.tenant is None or view.spec.tenant == request_filter.tenant

@@ -91,9 +91,16 @@ class RequestFilter:
     tenant: str | None = None
 
 
+class ListOrder(StrEnum):
+    """Direction of `list_requests` over the keyset (arrival_s, request_id)."""
+
+    OLDEST_FIRST = "oldest_first"  # ascending, arrival order: the repository default
+    NEWEST_FIRST = "newest_first"  # descending: what the List RPC promises its clients
+
+
 @dataclass(frozen=True, slots=True)
 class RequestPage:
-    """One page of `list_requests`, in (arrival_s, request_id) order."""
+    """One page of `list_requests`, ordered by (arrival_s, request_id) in the asked direction."""
 
     views: tuple[RequestView, ...]  # at most page_size requests
     next_page_token: str  # pass back for the next page; "" when this is the last page

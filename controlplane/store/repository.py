@@ -27,6 +27,7 @@ from controlplane.store.records import (
     ApiKeyRole,
     InstanceRecord,
     InstanceState,
+    ListOrder,
     NewRequest,
     NodeRecord,
     RequestEvent,
@@ -94,18 +95,34 @@ class Repository(ABC):
 
     @abstractmethod
     def list_requests(
-        self, request_filter: RequestFilter, *, page_size: int = 100, page_token: str = ""
+        self,
+        request_filter: RequestFilter,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        order: ListOrder = ListOrder.OLDEST_FIRST,
     ) -> RequestPage:
-        """Requests matching `request_filter` in (arrival_s, request_id) order, one page.
+        """Requests matching `request_filter`, one page, ordered by (arrival_s, request_id).
+
+        Keyset pagination: a page token holds the (arrival_s, request_id) of the page's last
+        request, and the next page starts strictly after it in `order`. Both keys are immutable,
+        so paging stays stable while requests are added or change state: every request stored
+        before the first page, and matching when its page is read, is returned exactly once. A
+        request added during paging is returned only if its key lies beyond the position
+        already reached. Under NEWEST_FIRST a new arrival (arrival times are non-decreasing)
+        sorts before that position, unless it ties its arrival_s, so it is left for the next
+        listing.
 
         Args:
             request_filter: states / class / tenant to match.
             page_size: 1..codec.MAX_PAGE_SIZE requests per page.
             page_token: "" for the first page, else `next_page_token` of the previous page
-                (keyset pagination: stable while requests are added or change state).
+                listed in the same `order`.
+            order: OLDEST_FIRST (ascending) or NEWEST_FIRST (descending, the List RPC's order).
 
         Raises:
-            ValueError: page_size out of range, or a malformed page_token.
+            ValueError: page_size out of range, a malformed page_token, or a page_token of a
+                listing in the other order.
         """
 
     @abstractmethod

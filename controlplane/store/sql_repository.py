@@ -27,6 +27,7 @@ from controlplane.store.cluster_sql import ClusterSqlMixin
 from controlplane.store.errors import NotFound
 from controlplane.store.records import (
     AddResult,
+    ListOrder,
     NewRequest,
     RequestEvent,
     RequestEventKind,
@@ -167,9 +168,19 @@ class SqlRepository(ClusterSqlMixin, Repository):
         )
 
     def list_requests(
-        self, request_filter: RequestFilter, *, page_size: int = 100, page_token: str = ""
+        self,
+        request_filter: RequestFilter,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        order: ListOrder = ListOrder.OLDEST_FIRST,
     ) -> RequestPage:
-        """See Repository.list_requests."""
+        """See Repository.list_requests.
+
+        One keyset query: `(arrival_s, id) > / < (token)` with ORDER BY both columns in the
+        same direction, which the (arrival_s, id) and (tenant, arrival_s, id) indexes serve by
+        a forward or backward range scan on SQLite and PostgreSQL alike.
+        """
         codec.check_page_size(page_size)
         query = self._select_view
         if request_filter.states:
@@ -178,16 +189,22 @@ class SqlRepository(ClusterSqlMixin, Repository):
             query = query.where(_requests.c.request_class == request_filter.request_class.value)
         if request_filter.tenant is not None:
             query = query.where(_requests.c.tenant == request_filter.tenant)
+        key = tuple_(_requests.c.arrival_s, _requests.c.id)
+        newest_first = order is ListOrder.NEWEST_FIRST
         if page_token:
-            after = codec.decode_page_token(page_token)
-            query = query.where(tuple_(_requests.c.arrival_s, _requests.c.id) > after)
-        query = query.order_by(_requests.c.arrival_s, _requests.c.id).limit(page_size + 1)
+            after = codec.decode_page_token(page_token, order)
+            query = query.where(key < after if newest_first else key > after)
+        if newest_first:
+            query = query.order_by(_requests.c.arrival_s.desc(), _requests.c.id.desc())
+        else:
+            query = query.order_by(_requests.c.arrival_s, _requests.c.id)
         with self.uow.scope(write=False) as connection:
-            rows = connection.execute(query).all()
+            rows = connection.execute(query.limit(page_size + 1)).all()
         views = tuple(_view_from_row(row) for row in rows[:page_size])
         next_token = ""
         if len(rows) > page_size:
-            next_token = codec.encode_page_token(views[-1].spec.arrival_s, views[-1].request_id)
+            last = views[-1]
+            next_token = codec.encode_page_token(order, last.spec.arrival_s, last.request_id)
         return RequestPage(views, next_token)
 
     def unfinished_requests(self) -> list[RequestView]:

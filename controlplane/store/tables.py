@@ -129,9 +129,10 @@ class RequestRow(Base):
         CheckConstraint(_one_of("state", REQUEST_STATES), name="state"),
         CheckConstraint(_one_of("request_class", REQUEST_CLASSES), name="request_class"),
         CheckConstraint("prompt_tokens > 0 AND max_new_tokens > 0", name="token_counts"),
-        # Listing per tenant in arrival order (keyset pagination on (arrival_s, id)).
+        # Listing per tenant by arrival, either direction (keyset pagination on (arrival_s, id);
+        # the List RPC scans it backwards, newest first).
         Index(None, "tenant", "arrival_s", "id"),
-        # Listing everything in arrival order; time-window admin queries.
+        # Listing everything by arrival, either direction; time-window admin queries.
         Index(None, "arrival_s", "id"),
         # Watch counters by class and state.
         Index(None, "request_class", "state"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,17 +19,34 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent
+from integration.store.postgres import fresh_schema_url
 
 from controlplane.api.convert import seconds_to_timestamp
 from controlplane.config import TextTokenizer
+from controlplane.store import codec, migrate
+from controlplane.store.engine import make_engine
+from controlplane.store.records import ListOrder
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_list_pages_and_filters(tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database at the head revision: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield migrated_db(tmp_path)
+        return
+    with fresh_schema_url() as url:
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+async def test_list_pages_newest_first_and_filters(db_url):
     # Prepare: no agents, every request stays queued
-    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    cp = await start_control_plane(make_config(db_url))
     channel = grpc.aio.insecure_channel(cp.target)
     stub = inference_pb2_grpc.InferenceStub(channel)
     try:
@@ -37,14 +56,18 @@ async def test_list_pages_and_filters(tmp_path):
             prompt = [1] * (100 if i == 6 else 5)
             ids.append((await stub.Submit(submit_request(prompt, 2, tenant=tenant))).request_id)
         await stub.Cancel(inference_pb2.CancelRequest(request_id=ids[1]))
-        # Execute
-        seen, token = [], ""
-        while True:
+        # Execute: page through everything while two more requests arrive after page 1
+        seen, token, late = [], "", []
+        for _ in range(5):  # bounded: a token that does not advance fails instead of looping
             page = await stub.List(inference_pb2.ListRequest(page_size=3, page_token=token))
             seen.extend(r.request_id for r in page.requests)
+            if not late:
+                for prompt in ([7], [8]):
+                    late.append((await stub.Submit(submit_request(prompt, 2))).request_id)
             token = page.next_page_token
             if not token:
                 break
+        fresh = await stub.List(inference_pb2.ListRequest(page_size=3))
         tenant_a = await stub.List(inference_pb2.ListRequest(tenant="a"))
         queued_long = await stub.List(
             inference_pb2.ListRequest(
@@ -55,11 +78,19 @@ async def test_list_pages_and_filters(tmp_path):
         cancelled = await stub.List(
             inference_pb2.ListRequest(states=[common_pb2.REQUEST_STATE_CANCELLED])
         )
-        # Assert
-        assert sorted(seen) == sorted(ids) and len(seen) == 7
-        assert {r.tenant for r in tenant_a.requests} == {"a"} and len(tenant_a.requests) == 4
+        oldest_first_token = codec.encode_page_token(ListOrder.OLDEST_FIRST, 0.0, ids[0])
+        with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+            await stub.List(inference_pb2.ListRequest(page_token=oldest_first_token))
+        # Assert: newest first, each request stored before page 1 exactly once, the late ones
+        # only in the next listing
+        assert seen == ids[::-1]
+        assert [r.request_id for r in fresh.requests] == [late[1], late[0], ids[6]]
+        assert fresh.next_page_token
+        assert [r.request_id for r in tenant_a.requests] == [ids[6], ids[4], ids[2], ids[0]]
         assert [r.request_id for r in queued_long.requests] == [ids[6]]
         assert [r.request_id for r in cancelled.requests] == [ids[1]]
+        assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_token.value.details().startswith("page_token: from a listing in oldest_first")
     finally:
         await channel.close()
         await cp.stop()

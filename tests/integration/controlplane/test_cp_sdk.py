@@ -1,6 +1,12 @@
-"""The project's SDK against the real control plane: results, typed errors with details."""
+"""The project's SDK and CLI against the real control plane: results, typed errors with
+details, listing newest first."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from asyncio.subprocess import PIPE
 
 import pytest
 from cp_harness import GENERAL, make_config, migrated_db, start_control_plane
@@ -52,6 +58,40 @@ async def test_sdk_without_key_is_unauthenticated(tmp_path):
     try:
         with pytest.raises(UnauthenticatedError):
             await client.submit("hi", max_new_tokens=2)
+    finally:
+        await client.close()
+        await cp.stop()
+
+
+async def _pecsched(*args: str) -> tuple[int, str, str]:
+    """Run the `pecsched` CLI in a subprocess (the event loop keeps serving meanwhile)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pecsched", *args, stdout=PIPE, stderr=PIPE
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_sdk_and_cli_list_newest_first(tmp_path):
+    # Prepare: no agent, so everything stays queued
+    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    client = AsyncClient(cp.target, timeout_s=10)
+    try:
+        ids = [(await client.submit([i + 1], max_new_tokens=2)).request_id for i in range(5)]
+        # Execute
+        listed = [info.request_id async for info in client.list_requests(page_size=2)]
+        first_three = [info.request_id async for info in client.list_requests(limit=3)]
+        as_json = await _pecsched("list", "--target", cp.target, "--limit", "2", "--json")
+        as_table = await _pecsched("list", "--target", cp.target)
+        # Assert
+        assert listed == ids[::-1]
+        assert first_three == ids[::-1][:3]
+        assert as_json[0] == 0, as_json[2]
+        assert [r["request_id"] for r in json.loads(as_json[1])] == [ids[4], ids[3]]
+        assert as_table[0] == 0, as_table[2]
+        rows = [line.split()[0] for line in as_table[1].splitlines() if line.startswith("req-")]
+        assert rows == ids[::-1]
     finally:
         await client.close()
         await cp.stop()

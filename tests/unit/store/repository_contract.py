@@ -26,6 +26,7 @@ from controlplane.store.records import (
     ApiKeyRole,
     InstanceRecord,
     InstanceState,
+    ListOrder,
     NewRequest,
     NodeRecord,
     NodeState,
@@ -249,6 +250,87 @@ class RepositoryContract(ABC):
 
         assert seen == [f"r{i}" for i in range(7)]
         assert pages == 3
+
+    def test_newest_first_filters_in_reverse_arrival_order(self, repo: Repository) -> None:
+        # Prepare
+        repo.add_request(make_new_request("a", tenant="t1", arrival_s=1.0))
+        b = repo.add_request(make_new_request("b", tenant="t2", arrival_s=2.0)).view
+        repo.add_request(
+            make_new_request("c", tenant="t1", arrival_s=3.0, request_class=RequestClass.LONG)
+        )
+        repo.add_request(make_new_request("d", tenant="t1", arrival_s=4.0))
+        repo.update_requests([running(b, state=RequestState.DECODING)])
+
+        def ids(request_filter: RequestFilter) -> list[str]:
+            page = repo.list_requests(request_filter, order=ListOrder.NEWEST_FIRST)
+            return [v.request_id for v in page.views]
+
+        # Execute / Assert
+        assert ids(RequestFilter()) == ["d", "c", "b", "a"]
+        assert ids(RequestFilter(tenant="t1")) == ["d", "c", "a"]
+        assert ids(RequestFilter(states=frozenset({RequestState.QUEUED}))) == ["d", "c", "a"]
+        assert ids(RequestFilter(tenant="t1", request_class=RequestClass.SHORT)) == ["d", "a"]
+        assert ids(RequestFilter(states=frozenset({RequestState.DECODING}))) == ["b"]
+
+    def test_newest_first_pages_are_stable_while_requests_arrive_and_change(
+        self, repo: Repository
+    ) -> None:
+        # Prepare: pairs of equal arrival times, ordered by id among themselves (r7 > r6), so
+        # the first page boundary (after r5) falls inside the tie of r5 and r4.
+        views = [
+            repo.add_request(make_new_request(f"r{i}", arrival_s=float(i // 2))).view
+            for i in range(8)
+        ]
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        # Execute
+        for _ in range(5):  # bounded: a token that does not advance fails instead of looping
+            page = repo.list_requests(
+                RequestFilter(), page_size=3, page_token=token, order=ListOrder.NEWEST_FIRST
+            )
+            seen += [v.request_id for v in page.views]
+            pages += 1
+            if pages == 1:
+                # Between pages: newer arrivals (one tying the newest arrival time with a
+                # larger id), and state changes of requests already read and still to come.
+                repo.add_request(make_new_request("new", arrival_s=9.0))
+                repo.add_request(make_new_request("r9", arrival_s=3.0))
+                repo.update_requests(
+                    [
+                        running(views[6], state=RequestState.PREFILLING),
+                        running(views[1], state=RequestState.DECODING),
+                    ]
+                )
+            token = page.next_page_token
+            if not token:
+                break
+        fresh = repo.list_requests(RequestFilter(), page_size=3, order=ListOrder.NEWEST_FIRST)
+        # Assert: every request stored before the first page, exactly once, newest first
+        assert seen == ["r7", "r6", "r5", "r4", "r3", "r2", "r1", "r0"]
+        assert pages == 3
+        assert [v.request_id for v in fresh.views] == ["new", "r9", "r7"]
+
+    def test_page_token_continues_only_a_listing_in_its_own_order(self, repo: Repository) -> None:
+        for i in range(3):
+            repo.add_request(make_new_request(f"r{i}", arrival_s=float(i)))
+        oldest = repo.list_requests(RequestFilter(), page_size=1).next_page_token
+        newest = repo.list_requests(
+            RequestFilter(), page_size=1, order=ListOrder.NEWEST_FIRST
+        ).next_page_token
+
+        with pytest.raises(ValueError, match="page_token"):
+            repo.list_requests(RequestFilter(), page_token=oldest, order=ListOrder.NEWEST_FIRST)
+        with pytest.raises(ValueError, match="page_token"):
+            repo.list_requests(RequestFilter(), page_token=newest)
+        with pytest.raises(ValueError, match="page_token"):
+            repo.list_requests(
+                RequestFilter(), page_token="not-a-token", order=ListOrder.NEWEST_FIRST
+            )
+        after_newest = repo.list_requests(
+            RequestFilter(), page_token=newest, order=ListOrder.NEWEST_FIRST
+        )
+        assert [v.request_id for v in after_newest.views] == ["r1", "r0"]
 
     def test_bad_paging_arguments_name_the_field(self, repo: Repository) -> None:
         with pytest.raises(ValueError, match="page_size"):
