@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
 import controlplane.cli
@@ -32,13 +32,20 @@ COMPONENT_CLIS: tuple[ModuleType, ...] = (
 )
 
 
+def _version() -> str:
+    try:
+        return version("pecsched")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `pecsched` argument parser with every component's subcommands."""
     parser = argparse.ArgumentParser(
         prog="pecsched",
         description="PecSched: a cluster scheduler for LLM inference with mixed prompt lengths.",
     )
-    parser.add_argument("--version", action="version", version=f"pecsched {version('pecsched')}")
+    parser.add_argument("--version", action="version", version=f"pecsched {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for component in COMPONENT_CLIS:
         component.register(subparsers)
