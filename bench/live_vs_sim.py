@@ -1,9 +1,10 @@
 """Live cluster vs simulator: one trace slice, several policies, real requests and `pecsched sim`.
 
-    .venv/bin/python bench/live_vs_sim.py --device cuda --model llama-3-8b --workers 2 \\
+    .venv/bin/python bench/live_vs_sim.py --device cuda --model llama-3.1-8b --workers 2 \\
         --policies fifo,priority,pecsched --duration 90 --time-scale 1.5 \\
         --long-rescale 8000:32000 --max-output-tokens 256 --kv-budget 40GiB \\
-        --gpu h100 --calibration bench/results/calibration_h100_llama-3-8b.json --out out/live
+        --gpu h100 --sim-model llama-3-8b \\
+        --calibration bench/results/calibration_h100_llama-3-8b.json --out out/live
 
 For each policy: a fresh local cluster (control plane on SQLite, one agent with N-1 general
 workers and one short-decode worker; on CUDA worker i runs on GPU i mod #GPUs), `pecsched
@@ -83,7 +84,8 @@ def run_sim(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "pecsched", "sim",
         "--trace", str(out / "workload.csv"), "--long-rescale", "none",
-        "--gpus", str(args.workers), "--gpu", args.gpu, "--model", args.model, "--tp", "1",
+        "--gpus", str(args.workers), "--gpu", args.gpu, "--model", args.sim_model or args.model,
+        "--tp", "1",
         "--policy", policy, "--jobs", "1", "--json", str(out / "sim.json"),
     ]  # fmt: skip
     if args.calibration:
@@ -126,6 +128,7 @@ def main() -> int:
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--gpu", help="simulate on this GPU type (h100, a100); omit: no sim")
     parser.add_argument("--calibration", help="calibration JSON for the simulator")
+    parser.add_argument("--sim-model", help="the simulator's name of the model (default: --model)")
     parser.add_argument("--out", type=Path, default=Path("out/live_vs_sim"))
     args = parser.parse_args()
     args.trace = args.trace or DEFAULT_TRACES

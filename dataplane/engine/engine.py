@@ -170,8 +170,9 @@ class Engine:
             )
         total = len(prompt) + sampling.max_new_tokens
         if total > self.max_model_tokens:
+            # The model's limit, not capacity: no instance of this model can run it.
             raise EngineError(
-                EngineErrorCode.DOES_NOT_FIT,
+                EngineErrorCode.INVALID_ARGUMENT,
                 f"request {request_id!r}: prompt {len(prompt)} + max_new_tokens "
                 f"{sampling.max_new_tokens} exceeds the model limit of {self.max_model_tokens}",
             )

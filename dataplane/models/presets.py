@@ -139,6 +139,8 @@ _PRESETS: dict[str, Callable[[], Any]] = {
     "tiny-qwen2": _tiny_qwen2,
     "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, tie=True, max_pos=131072, rope_factor=32.0),
     "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, tie=False, max_pos=8192, rope_factor=None),
+    # Llama 3.1 8B: the 3-8B shape with a 128K context (llama3 RoPE scaling).
+    "llama-3.1-8b": lambda: _llama(4096, 14336, 32, 32, tie=False, max_pos=131072, rope_factor=8.0),
     "mistral-7b": _mistral_7b,
     "qwen2-7b": _qwen2_7b,
     "llama-3.1-70b": lambda: _llama(
