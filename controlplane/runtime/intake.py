@@ -3,7 +3,10 @@
 A report is applied only when it is about the request's current work: it must come from an
 instance of the request's last persisted placement (KV transfer progress is matched by its
 transfer id instead). Reports from an earlier attempt (before a re-queue, a restart or an
-agent reconnect) are dropped here, because the policy cannot tell attempts apart.
+agent reconnect) are dropped here, because the policy cannot tell attempts apart. A failure
+that names no instance is an agent refusing a command (StartDecode, for one, names none on
+the wire): it is about the request's work on the reporting node, and must reach the policy, or
+the request would wait forever for work that never runs.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Intake:
         if report.attempt is not None and report.attempt != st.attempts.get(rid, 0):
             self.num_stale += 1  # a delayed failure report about an earlier attempt
             return False
-        if report.instance_id not in st.placement.get(rid, frozenset()):
+        if not self._about_placement(report):
             self.num_stale += 1
             return False
         match body:
@@ -91,11 +94,20 @@ class Intake:
                 self.events.append(RequestFailed(rid, body.retryable, at, body.error))
                 if body.retryable:  # a final failure is recorded with the FAILED state
                     details = {"error": body.error, "retryable": True}
-                    self._note(rid, _K.FAILED, at, report.instance_id, details)
+                    self._note(rid, _K.FAILED, at, report.instance_id or None, details)
             case Dropped():
                 pass
         self.touched.add(rid)
         return True
+
+    def _about_placement(self, report: AgentReport) -> bool:
+        """The report comes from an instance of the request's placement (a refused command:
+        from the node of one)."""
+        placement = self._state.placement.get(report.request_id, frozenset())
+        if report.instance_id or not isinstance(report.body, Broken):
+            return report.instance_id in placement
+        node_of = self._state.instance_node
+        return any(node_of.get(iid) == report.node_id for iid in placement)
 
     def _transfer(self, report: AgentReport, body: TransferProgress) -> bool:
         st = self._state

@@ -8,6 +8,7 @@ Owned by the tick thread (controlplane/runtime/ticker.py); the event loop reads 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from controlplane.core.types import RequestState, RequestView
@@ -73,12 +74,19 @@ class RuntimeState:
         self.tenant_active[inputs.tenant] += 1
 
     def settle(self, view: RequestView) -> None:
-        """Record a persisted view; forget the request once it is terminal."""
+        """Record a persisted view; forget the request once it is terminal.
+
+        A request that is no longer TRANSFERRING_KV (re-queued, or decoding where it was
+        prefilled after its destination was lost) has no transfer in flight any more: a late
+        report or the expiry of an earlier transfer must not reach the policy.
+        """
         rid = view.request_id
         if not view.state.is_terminal:
             self.state_of[rid] = view.state
             self.requeues_of[rid] = view.num_requeues
             self.placement[rid] = frozenset(view.instance_ids)
+            if view.state is not RequestState.TRANSFERRING_KV:
+                self.forget_transfers(lambda info: info.request_id == rid)
             return
         inputs = self.inputs.pop(rid, None)
         if inputs is not None:
@@ -94,7 +102,12 @@ class RuntimeState:
         self.gen_base.pop(rid, None)
         self.attempts.pop(rid, None)
         self.last_transfer.pop(rid, None)
-        for transfer_id in [t for t, info in self.transfers.items() if info.request_id == rid]:
+        self.forget_transfers(lambda info: info.request_id == rid)
+
+    def forget_transfers(self, which: Callable[[TransferInfo], bool]) -> None:
+        """Stop tracking the transfers in flight that `which` selects (reports about them
+        are dropped as stale from now on, and they never expire)."""
+        for transfer_id in [t for t, info in self.transfers.items() if which(info)]:
             del self.transfers[transfer_id]
 
     def with_carryover(self, view: RequestView) -> RequestView:

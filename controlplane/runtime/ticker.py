@@ -180,11 +180,17 @@ class Ticker:
             self.repo.mark_node_down(leave.node_id, now)
         except NotFound:
             pass
+        lost = frozenset(leave.instance_ids)
         for iid in leave.instance_ids:
             if iid in self._up:
                 self._up.discard(iid)
                 self.state.instance_node.pop(iid, None)
                 events.append(InstanceDown(iid, now, leave.reason))
+        # The policy settles transfers from or to a lost instance on InstanceDown (re-queue,
+        # or another destination): a later report or expiry of one would hit the next attempt.
+        self.state.forget_transfers(
+            lambda info: info.source_instance_id in lost or info.destination_instance_id in lost
+        )
         return True
 
     def _expire_transfers(self, now: float, intake: Intake) -> None:

@@ -199,16 +199,36 @@ class CommandRouter:
             self.core.ports.send_worker(index, cmd)
 
     def _cancel(self, request_id: str) -> None:
-        route = self.core.routes.get(request_id)
+        """Retire the request's route at once and cancel it on its workers.
+
+        The control plane may place the request here again right after the Cancel (a re-queue
+        in the same tick): the new command must find no route. Until each worker has answered
+        Cancelled, its reports about the request belong to the cancelled work and are dropped
+        (`on_report`); the one Cancelled event is sent once all have answered.
+        """
+        core = self.core
+        route = core.routes.pop(request_id, None)
         if route is None or not route.workers:
-            self.core.routes.pop(request_id, None)
-            event = cluster_pb2.Event(request_id=request_id, at_s=time.time())
-            event.cancelled.CopyFrom(cluster_pb2.Cancelled())
-            self.core.emit(event)
+            self._emit_cancelled(request_id)
             return
-        route.cancel_waiting = set(route.workers)
+        core.cancelling.setdefault(request_id, set()).update(route.workers)
         for index in sorted(route.workers):
-            self.core.ports.send_worker(index, m.Cancel(request_id))
+            core.ports.send_worker(index, m.Cancel(request_id))
+
+    def _emit_cancelled(self, request_id: str) -> None:
+        event = cluster_pb2.Event(request_id=request_id, at_s=time.time())
+        event.cancelled.CopyFrom(cluster_pb2.Cancelled())
+        self.core.emit(event)
+
+    def cancel_answered(self, request_id: str, index: int) -> None:
+        """Worker `index` answered (or died): the Cancelled event once every holder has."""
+        waiting = self.core.cancelling.get(request_id)
+        if waiting is None or index not in waiting:
+            return
+        waiting.discard(index)
+        if not waiting:
+            del self.core.cancelling[request_id]
+            self._emit_cancelled(request_id)
 
     def _transfer(self, cmd: cluster_pb2.TransferKv) -> None:
         core = self.core
@@ -274,6 +294,12 @@ class CommandRouter:
         """Turn one worker report into at most one event and update the route."""
         core = self.core
         rid = getattr(report, "request_id", "")
+        if index in core.cancelling.get(rid, ()):
+            # The worker reports in order: all it says before Cancelled is about the
+            # cancelled work, whatever route the request has here now.
+            if isinstance(report, m.Cancelled):
+                self.cancel_answered(rid, index)
+            return
         route = core.routes.get(rid)
         if route is None:
             return
@@ -285,10 +311,7 @@ class CommandRouter:
                 return
             instance_id, destination = info.source_id, info.destination_id
         elif isinstance(report, m.Cancelled):
-            route.cancel_waiting.discard(index)
-            if route.cancel_waiting:
-                return
-            del core.routes[rid]
+            return  # an SP member's answer to a Cancel this router did not send
         elif isinstance(report, m.Finished):
             del core.routes[rid]
         elif isinstance(report, m.Failed):
@@ -310,7 +333,11 @@ class CommandRouter:
         core = self.core
         if report.state == "failed":
             if not report.is_source:
-                route.workers.discard(index)
+                route.workers.discard(index)  # the receiver freed its partial import
+                if not route.workers:
+                    # Nothing of the request is left here (the source is elsewhere): a later
+                    # StartPrefill or TransferKv for it must find no route.
+                    del core.routes[report.request_id]
             if report.transfer_id in core.failed_transfers:
                 return False
             core.failed_transfers.add(report.transfer_id)

@@ -5,8 +5,10 @@ the supervisor (`WorkerSaid`, `WorkerDied`) and the clock.
 
 Request routes: every request this node holds has a route (which workers hold it, the tokens
 generated before a re-queue, the prompt length). Reports for requests without a route are
-dropped, which de-duplicates the replies of several workers. Events produced while no stream
-is registered are buffered (in order) and sent after the next `Registered`.
+dropped, which de-duplicates the replies of several workers. A Cancel retires the route at
+once (`cancelling` remembers the workers yet to answer), so the request can be placed here
+again by the next command. Events produced while no stream is registered are buffered (in
+order) and sent after the next `Registered`.
 
 Commands are validated here; an invalid one becomes a `Failed` event naming the field, and
 the agent keeps running. Wire semantics (Tokens include the first token, transfer DONE only
@@ -73,6 +75,7 @@ class AgentCore:
         self.loads: list[m.Load | None] = [None] * n
         self.busy_reported_s = [0.0] * n
         self.routes: dict[str, Route] = {}
+        self.cancelling: dict[str, set[int]] = {}  # request -> workers yet to answer a Cancel
         self.transfers: dict[str, TransferInfo] = {}
         self.failed_transfers: set[str] = set()
         self.epoch: int | None = None
@@ -132,7 +135,8 @@ class AgentCore:
         if self.registered and now_s >= self.next_heartbeat_s:
             self.next_heartbeat_s = now_s + self.heartbeat_interval_s
             self._send(cluster_pb2.AgentMessage(heartbeat=self.heartbeat()))
-        if self.draining and (not self.routes or now_s >= self.drain_deadline_s):
+        idle = not (self.routes or self.cancelling)
+        if self.draining and (idle or now_s >= self.drain_deadline_s):
             self.hand_back_all("agent drained: the request was handed back")
             self.finished = True
 
@@ -251,6 +255,8 @@ class AgentCore:
             self.emit_failed(
                 rid, instance_id, f"instance {instance_id} died (exit code {exit_code})", True
             )
+        for rid in sorted(rid for rid, waiting in self.cancelling.items() if index in waiting):
+            self.commands.cancel_answered(rid, index)  # the dead worker holds nothing
         self.loads[index] = None
         self.generations[index] += 1
         if not (self.finished or self.draining):

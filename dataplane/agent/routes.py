@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -13,7 +13,6 @@ class Route:
     offset_tokens: int  # output tokens generated before a re-queue
     prompt_tokens: int  # original prompt length
     paused: bool = False  # last report was Paused
-    cancel_waiting: set[int] = field(default_factory=set)  # Cancel sent, reply pending
 
 
 @dataclass(frozen=True, slots=True)

@@ -284,7 +284,10 @@ class Group:
             backend.abort()
             return
         if not works and peer is not None:
-            works = [backend.recv([torch.empty(1, device=self.device)], peer, _CANCEL_TAG)]
+            try:
+                works = [backend.recv([torch.empty(1, device=self.device)], peer, _CANCEL_TAG)]
+            except RuntimeError:
+                return  # the peer closed the pair already (it finished or died): nothing to do
         for work in works:
             try:
                 work.wait(dt.timedelta(milliseconds=1))

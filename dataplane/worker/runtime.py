@@ -191,6 +191,7 @@ class WorkerRuntime:
         manager = self._managers(cmd.store_address)
         side: KVSender | KVReceiver
         if isinstance(cmd, m.SendKv):
+            self._abort_sends(cmd.request_id)  # the control plane gave up on them
             state = self.engine.request_state(cmd.request_id)
             if state is RequestState.DECODING:
                 self.engine.pause(cmd.request_id)  # KV must not change while it is sent
@@ -243,7 +244,16 @@ class WorkerRuntime:
                 tracked.decode_requested = True
             return
         if state in (RequestState.PAUSED, RequestState.HELD):
+            self._abort_sends(request_id)  # decode where prefilled: its destination was lost
             self.engine.resume(request_id)
+
+    def _abort_sends(self, request_id: str) -> None:
+        """Abort the request's outgoing KV transfers, silently (the control plane no longer
+        tracks them): one that completed later would free the KV this worker uses again."""
+        for key in [k for k, t in self._transfers.items() if k[0] == request_id and t.is_source]:
+            transfer = self._transfers.pop(key)
+            transfer.side.abort()
+            transfer.manager.destroy(transfer.group_id)
 
     # ------------------------------------------------------------------ iteration
     def run_once(self) -> None:

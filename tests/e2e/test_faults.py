@@ -43,15 +43,6 @@ def _settled_states(cluster: Cluster, timeout_s: float = 10.0) -> dict[str, str]
         time.sleep(0.2)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known bug: when the KV-transfer destination's agent dies, the policy decodes the "
-        "request where it was prefilled, but the source worker's sender to the dead peer stays "
-        "registered (agent and runtime); the request stalls and is requeued only after the "
-        "runtime's transfer timeout. See README 'Known problems'."
-    ),
-    strict=False,
-)
 def test_agent_sigkill_requests_finish_on_the_other_agent(
     tmp_path: Path, reference: Reference
 ) -> None:

@@ -164,6 +164,58 @@ def test_transfer_events_transferring_from_source_done_from_destination_failed_o
     assert ports.worker[-1] == (1, m.StartDecode("r"))
 
 
+def test_request_placed_again_right_after_a_cancel_runs_and_old_reports_are_dropped() -> None:
+    """A re-queue cancels the request here and places it here again in one tick (seen when
+    the node of a KV transfer's source died): the new placement must run, not be refused."""
+    # Prepare: n1/1 receives the request's KV from a node that then dies
+    core, ports = make_core()
+    attach(core)
+    transfer = cluster_pb2.TransferKv(
+        request_id="r", transfer_id="t", source_instance_id="n0/0", destination_instance_id="n1/1"
+    )
+    command(core, transfer_kv=transfer)
+    # Execute: the control plane's re-queue, then the receiver's answers, oldest first
+    command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="r"))
+    prefill(core, "r", ["n1/0"])
+    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
+    core.handle(WorkerSaid(1, 0, m.Cancelled("r")))
+    core.handle(WorkerSaid(0, 0, m.PrefillDone("r", 3, 7)))
+    # Assert
+    assert ports.worker[-1][0] == 0 and isinstance(ports.worker[-1][1], m.Prefill)
+    events = ports.events()
+    assert [e.WhichOneof("kind") for e in events] == ["cancelled", "prefill_done"], events
+    assert core.routes["r"].workers == {0} and not core.cancelling
+
+
+def test_failed_receive_leaves_no_route_behind() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    transfer = cluster_pb2.TransferKv(
+        request_id="r", transfer_id="t", source_instance_id="n0/0", destination_instance_id="n1/1"
+    )
+    command(core, transfer_kv=transfer)
+    # Execute: the receive fails; later the request is prefilled here from scratch
+    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
+    prefill(core, "r", ["n1/1"])
+    # Assert
+    assert [e.WhichOneof("kind") for e in ports.events()] == ["kv_transfer"]
+    assert isinstance(ports.worker[-1][1], m.Prefill) and core.routes["r"].workers == {1}
+
+
+def test_worker_death_answers_its_pending_cancel() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"])
+    command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="r"))
+    # Execute
+    core.handle(WorkerDied(0, 0, -9))
+    # Assert
+    assert [e.WhichOneof("kind") for e in ports.events()] == ["cancelled"]
+    assert not core.cancelling
+
+
 def test_worker_death_fails_its_requests_and_respawns() -> None:
     core, ports = make_core()
     attach(core)

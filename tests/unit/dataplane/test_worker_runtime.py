@@ -1,0 +1,107 @@
+"""WorkerRuntime around real tiny engines, KV transfers over an in-process gloo pair: what a
+source worker does with its outgoing transfer when the control plane gives up on it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+import torch
+
+from dataplane.engine.engine import Engine, EngineConfig
+from dataplane.engine.types import SamplingParams
+from dataplane.models.loading import random_model
+from dataplane.models.presets import preset_config
+from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
+from dataplane.worker import messages as m
+from dataplane.worker.runtime import WorkerRuntime
+
+PROMPT = tuple((i * 37 + 11) % 256 for i in range(90))
+SAMPLING = SamplingParams(max_new_tokens=8)
+TIMEOUT_S = 20.0
+R = TypeVar("R")
+
+
+@dataclass
+class Worker:
+    """One runtime and everything it reported so far."""
+
+    runtime: WorkerRuntime
+    manager: GroupManager
+    reports: list[m.WorkerReport] = field(default_factory=list)
+
+    def step(self) -> None:
+        self.runtime.run_once()
+        self.reports.extend(self.runtime.take_reports())
+
+    def handle(self, cmd: m.WorkerCommand) -> None:
+        self.runtime.handle(cmd)
+        self.reports.extend(self.runtime.take_reports())
+
+    def of(self, kind: type[R]) -> list[R]:
+        return [r for r in self.reports if isinstance(r, kind)]
+
+
+def _only(manager: GroupManager) -> Callable[[str], GroupManager]:
+    """The worker's manager lookup by store address: one store here."""
+    return lambda _address: manager
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Worker, Worker, str]]:
+    """Workers w0 and w1 (same seeded tiny weights), rendezvousing through one TCPStore."""
+    model = random_model(
+        preset_config("tiny"), seed=0, dtype=torch.float32, device=torch.device("cpu")
+    )
+    master = connect_store("127.0.0.1", 0, TIMEOUT_S, is_master=True)
+    address = f"127.0.0.1:{master.port}"
+    factory = make_backend_factory("cpu", "127.0.0.1")
+    workers = []
+    for name in ("w0", "w1"):
+        store = connect_store("127.0.0.1", master.port, TIMEOUT_S)
+        manager = GroupManager(store, name, factory, TIMEOUT_S)
+        engine = Engine(model, EngineConfig(chunk_tokens=64, kv_budget_bytes=4 << 20))
+        workers.append(Worker(WorkerRuntime(engine, name, _only(manager)), manager))
+    yield workers[0], workers[1], address
+    for worker in workers:
+        worker.manager.close()
+
+
+def run_until(workers: list[Worker], done: Callable[[], object], limit_s: float = 60.0) -> None:
+    start = time.monotonic()
+    while not done():
+        assert time.monotonic() - start < limit_s, "no progress"
+        for worker in workers:
+            worker.step()
+        time.sleep(0.001)
+
+
+def test_decode_in_place_aborts_the_send_whose_destination_was_lost(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: w0 prefills and streams the KV to w1, which receives all of it and then (say)
+    # dies before its DONE reaches the control plane; w0 has not polled its sender yet.
+    src, dst, address = pair
+    src.handle(m.Prefill("r", PROMPT, SAMPLING, 64, decode_in_place=False))
+    run_until([src], lambda: src.of(m.PrefillDone))
+    src.handle(m.SendKv("r", "t1", "g1", "w1", address, TIMEOUT_S))
+    dst.handle(m.RecvKv("r", "t1", "g1", "w0", address, TIMEOUT_S))
+    run_until([dst], lambda: dst.of(m.TransferUpdate))
+    assert [u.state for u in dst.of(m.TransferUpdate)] == ["done"]
+    # Execute: the control plane decodes where it prefilled
+    src.handle(m.StartDecode("r"))
+    run_until([src], lambda: not src.runtime.has_work())
+    # Assert: the request decoded to the end on w0, equal to the copy on w1; no late DONE
+    # of the abandoned send freed it
+    dst.handle(m.StartDecode("r"))
+    run_until([dst], lambda: dst.of(m.Finished))
+    (finished,) = src.of(m.Finished)
+    assert finished.output_tokens == SAMPLING.max_new_tokens
+    tokens = [t for r in src.of(m.Tokens) for t in r.token_ids]
+    expected = [t for r in dst.of(m.Tokens) for t in r.token_ids]
+    assert tokens[1:] == expected and len(tokens) == SAMPLING.max_new_tokens
+    states = [u.state for u in src.of(m.TransferUpdate)]
+    assert "done" not in states, states
