@@ -51,7 +51,9 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         db_url=f"sqlite:///{out / 'pecsched.db'}",
         port=free_port(),
         policy=policy,
-        config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
+        config_toml=args.config.read_text()
+        if args.config
+        else (CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML),
         agents=(AgentSpec("node0", roles, args.model, args.device, args.kv_budget),),
     )
     cluster = LocalCluster(spec, out / "logs")
@@ -117,6 +119,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="N-1 general + 1 short-decode")
     parser.add_argument("--kv-budget", help="KV pool per worker (TOKENS or a size)")
     parser.add_argument("--policies", default="fifo,priority,pecsched")
+    parser.add_argument(
+        "--config", type=Path, help="control plane config TOML (default: `pecsched up`'s)"
+    )
     parser.add_argument("--trace", action="append", help="trace CSV (default: both Azure files)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of trace")
     parser.add_argument("--time-scale", type=float, default=1.0)
