@@ -74,6 +74,13 @@ def register(subparsers: Any) -> None:
         help="reservation: instances kept for long requests (default: sized for "
         "the longest request)",
     )
+    p.add_argument(
+        "--short-decode-instances",
+        type=int,
+        metavar="N",
+        help="pecsched: exactly N short-decode instances (default: the paper's GPU share), "
+        "e.g. to match a live cluster's roles",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--jobs",
@@ -179,7 +186,10 @@ def _run(args: argparse.Namespace) -> int:
             f"ms; mean |error| {before.mean_abs_rel:.1%} -> {after.mean_abs_rel:.1%}"
         )
     cluster = ClusterSpec(args.gpus, cost)
-    config = SchedulerConfig(num_long_reserved_instances=args.long_reserved_instances)
+    config = SchedulerConfig(
+        num_long_reserved_instances=args.long_reserved_instances,
+        num_short_decode_instances=args.short_decode_instances,
+    )
 
     n_long = int((workload.prompt_tokens >= config.short_threshold_tokens).sum())
     print(
@@ -211,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
             "time_scale": args.time_scale,
             "rate": args.rate,
             "max_requests": args.max_requests,
+            "short_decode_instances": args.short_decode_instances,
             "gpus": args.gpus,
             "gpu": args.gpu,
             "model": model.name,

@@ -111,7 +111,8 @@ class PecSchedPolicy(BasePolicy):
 
     def _lend_or_reclaim_last_decoder(self) -> bool:
         """Lend the last, empty short-decode instance to GENERAL while longs wait; take an
-        empty GENERAL one back when none waits. True when it lent one."""
+        empty GENERAL one back when none waits, never the last GENERAL one. True when it lent
+        one."""
         st = self._state
         count = st.census.count(_DECODE)
         if count == 1 and self._lend_last_decoder and not st.transfer_wait:
@@ -119,7 +120,12 @@ class PecSchedPolicy(BasePolicy):
             if last is not None and self._is_empty(last):
                 st.change_role(last, _GENERAL)
                 return True
-        elif count == 0 and not self._lend_last_decoder and self._decode_pool_peak > 0:
+        elif (
+            count == 0
+            and not self._lend_last_decoder
+            and self._decode_pool_peak > 0
+            and st.census.count(_GENERAL) > 1  # a decoder alone could prefill nothing
+        ):
             candidate = st.pool.best(_GENERAL, Slot.OPEN)
             if candidate is not None and self._is_empty(candidate):
                 st.change_role(candidate, _DECODE)

@@ -9,7 +9,7 @@ from fake_dataplane import FakeDataPlane, check_invariants
 
 from controlplane.core import actions as act
 from controlplane.core.accounting import KvLedger
-from controlplane.core.events import PrefillDone, RequestFailed, RequestFinished
+from controlplane.core.events import InstanceDown, PrefillDone, RequestFailed, RequestFinished
 from controlplane.core.pool import InstancePool
 from controlplane.core.records import InstanceRecord, Slot
 from controlplane.core.types import InstanceRole, RequestState, RequestView
@@ -166,6 +166,34 @@ def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
     assert long2.prefill_instance_ids == ("d0",) and lent
     assert policy.num_active_requests() == 0
     assert sorted(roles.values()).count(SD) == 1
+
+
+def test_the_last_general_instance_is_never_reclaimed_as_a_decoder() -> None:
+    # Prepare: d0 is lent to GENERAL while a long waits; then g0 dies with the long on it
+    instances = [make_instance("g0"), make_instance("d0", role=SD)]
+    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
+    dp = FakeDataPlane(policy, tokens_per_step=1)
+    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
+    dp.step()
+    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
+    for _ in range(2):
+        dp.step()
+    assert policy.request_view("long2").prefill_instance_ids == ("d0",)
+    dp.inject(InstanceDown("g0", dp.now_s))
+
+    # Execute: everything finishes on d0, then a short arrives
+    for _ in range(30):
+        dp.step()
+        check_invariants(policy, dp.now_s)
+    dp.submit(make_request("short", prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+    for _ in range(5):
+        dp.step()
+    roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
+
+    # Assert: d0 stayed GENERAL (a decoder alone could prefill nothing) and served the short
+    assert roles == {"d0": InstanceRole.GENERAL}
+    assert policy.request_view("short").prefill_instance_ids == ("d0",)
+    assert policy.num_active_requests() == 0
 
 
 def _stream_shorts_past_a_long(duty_cycle_chunks: int | None) -> tuple[RequestView, float]:

@@ -216,3 +216,28 @@ def test_engine_invariants_hold_for_random_workloads(
     assert (r.finished_s >= r.first_token_s).all()
     assert 0.0 < out.run.busy_gpu_s <= gpus * out.run.end_s + 1e-6
     assert out.run.end_s == pytest.approx(float(r.finished_s.max()))
+
+
+def test_cli_short_decode_instances_sets_the_pecsched_roles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t.csv"
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    rows += [f"2023-11-16 18:00:{i:02d}.0,{500 + 10 * i},{20}" for i in range(40)]
+    trace.write_text("\n".join(rows) + "\n")
+    base = ["sim", "--trace", str(trace), "--long-rescale", "none", "--gpus", "2"]
+    base += ["--gpu", "h100", "--model", "llama-3-8b", "--tp", "1", "--policy", "pecsched"]
+    out = tmp_path / "r.json"
+
+    default_out = tmp_path / "default.json"
+
+    ok = pecsched_main([*base, "--short-decode-instances", "1", "--json", str(out)])
+    default = pecsched_main([*base, "--json", str(default_out)])
+    bad = pecsched_main([*base, "--short-decode-instances", "-1"])
+
+    # Assert: at 2 GPUs the paper's share gives no decoder; one decoder idles one GPU more
+    assert ok == default == 0
+    one_decoder, paper_share = (json.loads(p.read_text()) for p in (out, default_out))
+    assert one_decoder["config"]["short_decode_instances"] == 1
+    assert one_decoder["results"][0]["gpu_idle_rate"] > paper_share["results"][0]["gpu_idle_rate"]
+    assert bad == 2 and "num_short_decode_instances" in capsys.readouterr().err
