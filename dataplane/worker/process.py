@@ -1,18 +1,28 @@
 """The worker process: builds the model and engine, then loops over commands and iterations.
 
-Started by the agent with `torch.multiprocessing` (spawn) as `worker_main(spec, commands,
-reports)`: `commands` is the receiving end of a one-way pipe from the agent, `reports` the
-sending end of one to it. The loop, between engine iterations: take every pending command,
-poll transfers, run one iteration, send the reports and (at most every `load_interval_s`, and
-whenever something changed) a `Load`. Idle, it blocks on the command pipe for up to
-`idle_wait_s`. `Stop` (or the agent's end of the pipe closing) ends the process.
+Started by the agent with `torch.multiprocessing` (spawn) as `worker_process(spec, commands,
+reports)`, which runs `worker_main` and then ends the process at once: `commands` is the
+receiving end of a one-way pipe from the agent, `reports` the sending end of one to it. The
+loop, between engine iterations: take every pending command, poll transfers, run one
+iteration, send the reports and (at most every `load_interval_s`, and whenever something
+changed) a `Load`. Idle, it blocks on the command pipe for up to `idle_wait_s`. `Stop` (or the
+agent's end of the pipe closing) ends the process.
+
+The process skips Python's interpreter teardown (`os._exit` once `worker_main` has released
+its groups): with torch loaded that teardown is seconds of garbage collection over module
+globals (2-3 s per worker, several times that with four workers on a busy host), and a
+rendezvous thread still blocked in the store would hold it until the group timeout (the
+interpreter joins thread-pool threads at exit). The agent waits for its workers before it
+exits, so it overran `pecsched up`'s 10 s grace and was killed after "drained; exiting".
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -70,8 +80,25 @@ def device_name(device: str) -> str:
     return dev.type
 
 
+def worker_process(spec: WorkerSpec, commands: Connection, reports: Connection) -> None:
+    """Process target: `worker_main`, then `os._exit` (0, or 1 after printing an exception)."""
+    code = 1
+    try:
+        worker_main(spec, commands, reports)
+        code = 0
+    except BaseException:  # what multiprocessing would print, before we skip its exit path
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> None:
-    """Process entry point (see the module docstring)."""
+    """The worker's life in this process (see the module docstring); returns after `Stop`."""
     import torch
 
     from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
