@@ -303,7 +303,8 @@ def test_invalid_commands_fail_clearly_and_the_agent_keeps_serving(
     assert "prompt_token_ids" in errors["empty"].error
     assert "decode_in_place" in errors["sp"].error
     assert "instance_ids[1] 'n9/1'" in errors["sp-remote"].error
-    assert "DOES_NOT_FIT" in errors["too-long"].error
+    assert "exceeds the model limit" in errors["too-long"].error
+    assert not errors["too-long"].retryable  # no instance of this model can run it
     assert errors["ghost"].retryable and "not resident" in errors["ghost"].error
     assert not errors["empty"].retryable
     assert live.cp.wait_event("", "failed").failed.error.startswith("command")
