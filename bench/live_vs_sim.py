@@ -6,11 +6,12 @@
         --gpu h100 --sim-model llama-3-8b \\
         --calibration bench/results/calibration_h100_llama-3-8b.json --out out/live
 
-For each policy: a fresh local cluster (control plane on SQLite, one agent with N-1 general
-workers and one short-decode worker; on CUDA worker i runs on GPU i mod #GPUs), `pecsched
-replay` of the slice (its JSON, and the requests it sent as an Azure CSV), then the cluster
-stops. With `--gpu`, `pecsched sim` then runs the requests as sent on N simulated GPUs of the
-same model (tp 1), its cost model fitted to `--calibration` (the engine's measured profile).
+For each policy: a fresh local cluster (control plane on SQLite, one agent with N workers, the
+last K of them short-decode, the rest general; on CUDA worker i runs on GPU i mod #GPUs),
+`pecsched replay` of the slice (its JSON, and the requests it sent as an Azure CSV), then the
+cluster stops. With `--gpu`, `pecsched sim` then runs the requests as sent on N simulated GPUs of the
+same model (tp 1, K short-decode instances as live), its cost model fitted to `--calibration`
+(the engine's measured profile).
 Prints live vs simulated: short queueing delay p50/p99, short throughput, long mean JCT, and
 writes everything under `--out`. The scheduler settings are the control plane's defaults on
 CUDA (those the simulator uses); on CPU they are `pecsched up`'s for the `tiny` model, which the
@@ -46,7 +47,8 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     out = args.out / policy
     out.mkdir(parents=True, exist_ok=True)
     (out / "pecsched.db").unlink(missing_ok=True)
-    roles = ("general",) * (args.workers - 1) + ("short_decode",)
+    k = args.short_decode_workers
+    roles = ("general",) * (args.workers - k) + ("short_decode",) * k
     spec = ClusterSpec(
         db_url=f"sqlite:///{out / 'pecsched.db'}",
         port=free_port(),
@@ -89,6 +91,7 @@ def run_sim(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         "--gpus", str(args.workers), "--gpu", args.gpu, "--model", args.sim_model or args.model,
         "--tp", "1",
         "--policy", policy, "--jobs", "1", "--json", str(out / "sim.json"),
+        "--short-decode-instances", str(args.short_decode_workers),  # the live roles
     ]  # fmt: skip
     if args.calibration:
         command += ["--calibration", args.calibration]
@@ -116,7 +119,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="tiny", help="preset name")
-    parser.add_argument("--workers", type=int, default=2, help="N-1 general + 1 short-decode")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (GPUs)")
+    parser.add_argument(
+        "--short-decode-workers",
+        type=int,
+        default=1,
+        help="of them, short-decode (the rest general)",
+    )
     parser.add_argument("--kv-budget", help="KV pool per worker (TOKENS or a size)")
     parser.add_argument("--policies", default="fifo,priority,pecsched")
     parser.add_argument(
@@ -137,8 +146,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/live_vs_sim"))
     args = parser.parse_args()
     args.trace = args.trace or DEFAULT_TRACES
-    if args.workers < 2:
-        parser.error("--workers must be >= 2 (one is short-decode)")
+    if not 1 <= args.short_decode_workers < args.workers:
+        parser.error("--short-decode-workers must be >= 1 and leave >= 1 general worker")
 
     rows = []
     for policy in args.policies.split(","):
