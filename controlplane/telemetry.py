@@ -43,6 +43,7 @@ ATTR_DECISION_S = "pecsched.decision.seconds"
 ATTR_POLICY = "pecsched.policy"
 ATTR_RPC_METHOD = "rpc.method"
 ATTR_ERROR_CODE = "pecsched.error.code"
+ATTR_STREAM_ABANDONED = "pecsched.stream.abandoned"  # the client went away mid-stream
 
 AttributeValue = str | int | float | bool | list[str]
 

@@ -4,7 +4,7 @@
 present) and hands it to the method, which converts the request, calls the runtime or the
 repository and converts the answer. Any exception leaves through the error catalog
 (`errors.abort_with`); the span records it. Works for unary methods and for async-generator
-(streaming) methods alike.
+(streaming) methods alike; a stream the client abandons ends its span too.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from controlplane.api.errors import abort_with, resolve
 from controlplane.telemetry import (
     ATTR_ERROR_CODE,
     ATTR_RPC_METHOD,
+    ATTR_STREAM_ABANDONED,
     Span,
     Telemetry,
     TraceContext,
@@ -74,6 +75,10 @@ def rpc(span_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                         yield item
                 except Exception as exc:
                     await _fail(span, context, exc)
+                except GeneratorExit:  # the client went away: grpc closed us at the `yield`
+                    span.set_attribute(ATTR_STREAM_ABANDONED, True)
+                    span.end()
+                    raise
                 span.end()
 
             stream.__name__ = method
