@@ -226,7 +226,7 @@ def _cuda_flash_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`attention_with_lse` through the flash kernel, or None where the mask has another shape.
 
-    Needs q_pos contiguous and k_pos ascending. Keys before the first query are a fully visible
+    Needs q_pos contiguous and k_pos strictly ascending. Keys before the first query are a fully visible
     prefix; keys after the last query are invisible to all; the keys in between must be the
     positions q_pos[-(len):] exactly, a causal block aligned bottom-right. The (at most two)
     partials merge by LSE.
@@ -235,7 +235,10 @@ def _cuda_flash_with_lse(
     if n == 0 or m == 0:
         return None
     first, last = int(q_pos[0].item()), int(q_pos[-1].item())
-    if last - first != n - 1 or not bool(torch.all(k_pos[1:] > k_pos[:-1])):
+    contiguous = last - first == n - 1 and torch.equal(
+        q_pos, torch.arange(first, last + 1, device=q_pos.device, dtype=q_pos.dtype)
+    )
+    if not contiguous or not bool(torch.all(k_pos[1:] > k_pos[:-1])):
         return None
     split = int(torch.searchsorted(k_pos, first).item())  # keys [0, split) precede all queries
     end = int(torch.searchsorted(k_pos, last, right=True).item())  # keys [end, m) follow them
