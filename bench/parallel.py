@@ -252,7 +252,7 @@ def _worker(rank: int, port: int, args: Any, results: Any) -> None:
         if rank == 0:
             _engine_run(model, prompts[WARMUP_PROMPT_TOKENS], args)
         groups: dict[tuple[str, int], Any] = {}  # (kind, k) -> group, warmed up
-        for n in lengths:  # shortest first: a run cut short still reports the shorter ones
+        for n in sorted(lengths):  # shortest first: a run cut short still reports the shorter ones
             if rank == 0:
                 times = [_engine_run(model, prompts[n], args) for _ in range(args.repeats)]
                 results.put(("engine", 1, n, (statistics.median(times), 0.0, 0.0)))
