@@ -4,12 +4,15 @@ shrinks, and the duty cycle of protected long prefills."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from builders import arrive, make_instance, make_policy, make_request
 from fake_dataplane import FakeDataPlane, check_invariants
 
 from controlplane.core import actions as act
 from controlplane.core.accounting import KvLedger
 from controlplane.core.events import InstanceDown, PrefillDone, RequestFailed, RequestFinished
+from controlplane.core.policy import Policy
 from controlplane.core.pool import InstancePool
 from controlplane.core.records import InstanceRecord, Slot
 from controlplane.core.types import InstanceRole, RequestState, RequestView
@@ -143,19 +146,24 @@ def test_decode_pool_offers_the_most_loaded_first_for_packing() -> None:
     assert [i.instance_id for i in spread] == ["d0", "d2", "d1"]
 
 
-def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
-    # Prepare: one general and one short-decode instance; a long prefills on g0
+def _second_long_behind_a_first(**config: Any) -> tuple[Policy, FakeDataPlane]:
+    """g0 (general) and d0 (short-decode); long1 prefills on g0, long2 arrives a step later and
+    two more steps run. Returns the policy and the data plane."""
     instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
+    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000, **config)
     dp = FakeDataPlane(policy, tokens_per_step=1)
     dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
     dp.step()
-
-    # Execute: a second long arrives while the first one prefills
     dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
     for _ in range(2):
         dp.step()
         check_invariants(policy, dp.now_s)
+    return policy, dp
+
+
+def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
+    # Prepare / Execute: a second long arrives while the first one prefills on g0
+    policy, dp = _second_long_behind_a_first()
     long2 = policy.request_view("long2")
     lent = policy.request_view("long1").state is RequestState.PREFILLING
     for _ in range(20):
@@ -170,14 +178,7 @@ def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
 
 def test_the_last_general_instance_is_never_reclaimed_as_a_decoder() -> None:
     # Prepare: d0 is lent to GENERAL while a long waits; then g0 dies with the long on it
-    instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
-    dp = FakeDataPlane(policy, tokens_per_step=1)
-    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
-    dp.step()
-    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
-    for _ in range(2):
-        dp.step()
+    policy, dp = _second_long_behind_a_first()
     assert policy.request_view("long2").prefill_instance_ids == ("d0",)
     dp.inject(InstanceDown("g0", dp.now_s))
 
@@ -245,16 +246,7 @@ def test_protected_long_lends_its_group_once_per_duty_cycle() -> None:
 
 def test_last_decoder_is_kept_when_lending_is_off() -> None:
     # Prepare / Execute: as above, with lending off
-    instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy(
-        "pecsched", instances=instances, chunk_tokens=10_000, lend_last_short_decoder=False
-    )
-    dp = FakeDataPlane(policy, tokens_per_step=1)
-    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
-    dp.step()
-    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
-    for _ in range(2):
-        dp.step()
+    policy, dp = _second_long_behind_a_first(lend_last_short_decoder=False)
 
     # Assert: long2 waits for g0; d0 stays a short-decode instance
     assert policy.request_view("long2").state is RequestState.QUEUED
