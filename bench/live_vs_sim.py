@@ -40,7 +40,7 @@ DEFAULT_TRACES = [
 def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     """One policy on a fresh cluster; returns the replay's JSON document (also written)."""
     from pecsched.cluster import AgentSpec, ClusterSpec, LocalCluster, free_port
-    from pecsched.replay import run_replay
+    from pecsched.replay import replay_options, run_replay
     from pecsched.up import CPU_CONFIG_TOML, GPU_CONFIG_TOML
     from sim.workloads import write_azure_csv
 
@@ -59,16 +59,13 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         agents=(AgentSpec("node0", roles, args.model, args.device, args.kv_budget),),
     )
     cluster = LocalCluster(spec, out / "logs")
-    replay = argparse.Namespace(
+    replay = replay_options(
         time_scale=args.time_scale,
         token_scale=args.token_scale,
         long_threshold_tokens=args.long_threshold_tokens,
         long_rescale=args.long_rescale,
-        max_prompt_tokens=None,
         max_output_tokens=args.max_output_tokens,
         duration=args.duration,
-        max_requests=None,
-        seed=0,
         drain_timeout=args.drain_timeout,
     )
     try:

@@ -233,6 +233,19 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def replay_options(**fields: Any) -> argparse.Namespace:
+    """The replay flags as `pecsched replay` parses them by default, with `fields` set (for
+    callers that replay without a command line: `up --demo`, benchmarks)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_replay_arguments(parser)
+    options = parser.parse_args([])
+    for name, value in fields.items():
+        if not hasattr(options, name):
+            raise TypeError(f"unknown replay option {name!r}")
+        setattr(options, name, value)
+    return options
+
+
 def _handle(args: argparse.Namespace) -> int:
     import asyncio
 

@@ -174,23 +174,18 @@ def _handle(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace, target: str, cluster: LocalCluster) -> int:
     import asyncio
 
-    from pecsched.replay import run_replay
+    from pecsched.replay import replay_options, run_replay
 
     traces = args.trace or [t for t in DEFAULT_TRACES if Path(t).exists()]
     if not traces:
         print(f"pecsched up: error: no trace found at {', '.join(DEFAULT_TRACES)}", file=sys.stderr)
         return 2
     shape = DEMO_SHAPES[args.device]
-    demo = argparse.Namespace(
-        time_scale=1.0,
+    demo = replay_options(
         token_scale=shape.token_scale,
-        long_threshold_tokens=4096,
         long_rescale=shape.long_rescale,
-        max_prompt_tokens=None,
         max_output_tokens=shape.max_output_tokens,
         duration=args.demo_duration,
-        max_requests=None,
-        seed=0,
         drain_timeout=max(120.0, args.demo_duration * 2),
     )
     status = _StatusThread(target, cluster)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from pecsched.loadgen import ClusterCounters, Measured, ReplayOutcome
-from pecsched.replay import LengthPlan, capacity_limits, plan_requests, records_of, scale_lengths
+from pecsched.replay import (
+    LengthPlan,
+    capacity_limits,
+    plan_requests,
+    records_of,
+    replay_options,
+    scale_lengths,
+)
 from pecsched.replay_report import build_report
 from sdk.types import (
     ClusterSnapshot,
@@ -165,3 +172,15 @@ def test_report_without_watch_marks_cluster_counters_unavailable() -> None:
     assert live["colocations_total"] is None and live["kv_transfers_total"] is None
     assert report.payload["results"][0]["gpu_idle_rate"] is None
     assert "counters unavailable" in report.table and report.num_failed == 0
+
+
+def test_replay_options_are_the_cli_defaults_with_fields_set() -> None:
+    # Execute
+    options = replay_options(token_scale=0.5, duration=30.0)
+
+    # Assert: the rest as `pecsched replay` parses them; an unknown field is refused
+    assert options.token_scale == 0.5 and options.duration == 30.0
+    assert options.time_scale == 1.0 and options.long_threshold_tokens == 4096
+    assert options.long_rescale is None and options.drain_timeout == 600.0
+    with pytest.raises(TypeError, match="tokens_scale"):
+        replay_options(tokens_scale=2.0)
