@@ -30,8 +30,7 @@ run: setup  ## The main job: a local cluster (control plane + 4 tiny CPU workers
 	$(VENV)/bin/pecsched up --demo
 
 sim: setup  ## One simulation: both Azure traces, 32 x A100, Mistral-7B, the four policies
-	$(VENV)/bin/pecsched sim --trace ../shared/traces/AzureLLMInferenceTrace_code.csv \
-		--trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
+	$(VENV)/bin/pecsched sim \
 		--gpus 32 --gpu a100 --model mistral-7b --policy all
 
 paper-eval: setup  ## The paper's evaluation in the simulator; rewrites docs/evaluation.md (minutes on many cores)

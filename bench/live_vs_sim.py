@@ -31,10 +31,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_TRACES = [
-    str(REPO_ROOT.parent / "shared" / "traces" / name)
-    for name in ("AzureLLMInferenceTrace_code.csv", "AzureLLMInferenceTrace_conv.csv")
-]
+from sim.workloads import AZURE_TRACES  # noqa: E402
 
 
 def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,7 +139,7 @@ def main() -> int:
     parser.add_argument("--sim-model", help="the simulator's name of the model (default: --model)")
     parser.add_argument("--out", type=Path, default=Path("out/live_vs_sim"))
     args = parser.parse_args()
-    args.trace = args.trace or DEFAULT_TRACES
+    args.trace = args.trace or [str(p) for p in AZURE_TRACES]
     if not 1 <= args.short_decode_workers < args.workers:
         parser.error("--short-decode-workers must be >= 1 and leave >= 1 general worker")
 

@@ -37,11 +37,7 @@ from sim.plots import plot_results  # noqa: E402
 from sim.report import PolicyResult, result_to_dict  # noqa: E402
 from sim.runner import prefill_load, run_policy  # noqa: E402
 
-TRACE_DIR = Path(os.environ.get("PECSCHED_TRACE_DIR", REPO.parent / "shared" / "traces"))
-TRACES = [
-    TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
-    TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
-]
+TRACES = list(wl.AZURE_TRACES)
 PAPER_MODELS = ("mistral-7b", "phi-3-14b", "yi-34b", "llama-3.1-70b")
 BASELINES = ("fifo", "reservation", "priority")
 ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from sdk.types import ClusterSnapshot
 
 AGENT_DRAIN_ARGS = ("--drain-timeout", "5")
-DEFAULT_TRACES = (
-    "../shared/traces/AzureLLMInferenceTrace_code.csv",
-    "../shared/traces/AzureLLMInferenceTrace_conv.csv",
-)
 CUDA_DEFAULT_MODEL = "llama-3.2-1b"
 CUDA_KV_BUDGET = "8GiB"  # per worker: N workers may share one GPU, so never "all free memory"
 # Scheduler settings for `tiny` on CPU (4,096-token KV per worker): prompts of 1,024+ tokens are
@@ -175,11 +171,9 @@ def _run_demo(args: argparse.Namespace, target: str, cluster: LocalCluster) -> i
     import asyncio
 
     from pecsched.replay import replay_options, run_replay
+    from sim.workloads import AZURE_TRACES
 
-    traces = args.trace or [t for t in DEFAULT_TRACES if Path(t).exists()]
-    if not traces:
-        print(f"pecsched up: error: no trace found at {', '.join(DEFAULT_TRACES)}", file=sys.stderr)
-        return 2
+    traces = args.trace or [str(p) for p in AZURE_TRACES]
     shape = DEMO_SHAPES[args.device]
     demo = replay_options(
         token_scale=shape.token_scale,

@@ -34,9 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--trace",
         action="append",
-        required=True,
         metavar="FILE",
-        help="Azure trace CSV (repeat to merge by timestamp)",
+        help="Azure trace CSV (repeat to merge by timestamp); default: both bundled Azure 2023 "
+        "traces (code + conversation)",
     )
     p.add_argument(
         "--long-rescale",
@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     from sim.report import result_to_dict, table
 
     names = policy_names(args.policy)
+    args.trace = args.trace or [str(p) for p in wl.AZURE_TRACES]
     workload = wl.load_azure_traces(args.trace)
     if args.long_rescale != "none":
         try:

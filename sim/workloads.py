@@ -4,6 +4,8 @@ Trace data: "Azure LLM inference trace 2023" (code and conversation services, on
 invocations each), published by Microsoft under CC BY 4.0 with Splitwise: P. Patel, E. Choukse,
 C. Zhang, A. Shah, Í. Goiri, S. Maleki, R. Bianchini, "Splitwise: Efficient generative LLM
 inference using phase splitting", ISCA 2024. Columns: TIMESTAMP, ContextTokens, GeneratedTokens.
+Both files ship with the package in `sim/traces/` (provenance and license: `TRACES_LICENSE.md`
+there); `AZURE_TRACES` names them wherever the package runs from.
 
 A workload is three parallel arrays sorted by arrival; every transformation returns a new one.
 """
@@ -55,6 +57,13 @@ class Workload:
     def rate_rps(self) -> float:
         """Mean arrival rate (requests per second over the trace's span)."""
         return (len(self) - 1) / self.duration_s if self.duration_s > 0 else 0.0
+
+
+TRACE_DIR = Path(__file__).resolve().with_name("traces")
+AZURE_TRACES: tuple[Path, ...] = (
+    TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
+    TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
+)  # the two bundled Azure 2023 traces, in the order `pecsched sim` merges them by default
 
 
 def _make(arrival_s: FloatArray, prompt: IntArray, output: IntArray) -> Workload:

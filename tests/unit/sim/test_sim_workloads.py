@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sim.workloads import (
+    AZURE_TRACES,
     SyntheticSpec,
     Workload,
     head,
@@ -19,8 +20,6 @@ from sim.workloads import (
     tile,
     write_azure_csv,
 )
-
-TRACES = Path(__file__).resolve().parents[4] / "shared" / "traces"
 
 
 def _write(path: Path, rows: list[tuple[str, int, int]]) -> Path:
@@ -76,12 +75,9 @@ def test_bad_row_names_file_and_line(tmp_path: Path) -> None:
         load_azure_traces([bad])
 
 
-@pytest.mark.skipif(not TRACES.exists(), reason="shared traces not present")
 def test_azure_traces_load_with_expected_sizes() -> None:
-    code = load_azure_traces([TRACES / "AzureLLMInferenceTrace_code.csv"])
-    both = load_azure_traces(
-        [TRACES / "AzureLLMInferenceTrace_code.csv", TRACES / "AzureLLMInferenceTrace_conv.csv"]
-    )
+    code = load_azure_traces([AZURE_TRACES[0]])
+    both = load_azure_traces(list(AZURE_TRACES))
 
     assert len(code) == 8819
     assert len(both) == 8819 + 19366
