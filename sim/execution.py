@@ -252,6 +252,7 @@ class Executor:
                 if math.isnan(self.first_sched[job.req]):
                     self.first_sched[job.req] = now
         ctx = inst.decode_context_tokens()
+        inst.mixed_start_s = now
         inst.mixed_dt = self.cost.iteration_s(tokens, pairs, context, seqs, decodes, ctx)
         inst.mixed_seq += 1
         self.push(now + inst.mixed_dt, MIXED, inst.index, inst.mixed_seq)
@@ -316,7 +317,7 @@ class Executor:
             )
             self.jobs[req] = job
             inst.mixed.append(job)
-            if inst.mixed_dt == INF:
+            if inst.mixed_dt == INF or inst.mixed_start_s == now:  # (re)plan the iteration
                 self._run_mixed(inst, now)
         elif isinstance(action, act.Colocate):
             req = int(action.request_id)

@@ -83,6 +83,7 @@ class SimInstance:
     mixed: list[PrefillJob] = field(default_factory=list)  # mixed jobs, in start order
     mixed_dt: float = INF  # duration of the mixed iteration in flight (INF: none)
     mixed_seq: int = 0  # mixed iteration generation, to drop stale completion events
+    mixed_start_s: float = -INF  # when the mixed iteration in flight started
     # Decode members: request -> (join iteration, context tokens at join); shadows (members
     # of a group decode led by another instance) have no entry in `finish_heap`.
     members: dict[int, tuple[float, float]] = field(default_factory=dict)
