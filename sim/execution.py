@@ -3,7 +3,7 @@
 `Executor` owns the instances (`sim.instances`), the live prefill jobs and the event heap of one
 simulation; `sim.engine.Engine` drives it. Heap entries are (time, kind priority, seq, a, b):
 kind TICK (instance a's milestone, version b), CHUNK (request a's chunk generation b ends),
-TRANSFER (request a's KV reaches instance b). Completions append the `controlplane.core`
+TRANSFER (request a's KV reaches instance b), MIXED (instance a's mixed iteration b ends). Completions append the `controlplane.core`
 events the policy will observe to `out`.
 """
 
@@ -14,11 +14,12 @@ import math
 
 from controlplane.core import actions as act
 from controlplane.core import events as ev
-from sim.cost_model import CostModel
+from sim.cost_model import CostModel, causal_pairs
 from sim.instances import INF, PrefillJob, SimInstance
 
-# Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers.
-TICK, CHUNK, TRANSFER = 0, 1, 2
+# Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers, mixed
+# iteration ends.
+TICK, CHUNK, TRANSFER, MIXED = 0, 1, 2, 3
 
 
 class Executor:
@@ -77,6 +78,8 @@ class Executor:
             elif kind == CHUNK:
                 job = self.jobs.get(a)
                 stale = job is None or not job.running or job.seq != b
+            elif kind == MIXED:
+                stale = self.instances[a].mixed_seq != b
             else:
                 return
             if not stale:
@@ -106,6 +109,8 @@ class Executor:
                 self._chunk_done(job, now)
         elif kind == TRANSFER:
             self.out.append(ev.KVTransferDone(str(a), self.instances[b].instance_id, True, now))
+        elif kind == MIXED and self.instances[a].mixed_seq == b:
+            self._mixed_done(self.instances[a], now)
 
     def _chunk_done(self, job: PrefillJob, now: float) -> None:
         group = [self.instances[i] for i in job.group]
@@ -226,6 +231,51 @@ class Executor:
             if not job.running and self.jobs.get(job.req) is job and not job.pause_pending:
                 self._try_start(job, now)
 
+    # --- mixed batches (sarathi) -------------------------------------------------------------
+
+    def _run_mixed(self, inst: SimInstance, now: float) -> None:
+        """Start one iteration: decodes first, then mixed jobs in start order under the budget."""
+        inst.sync(now)
+        decodes = len(inst.members)
+        left = max(0, inst.mixed[0].mixed_batch_tokens - decodes)
+        tokens = seqs = 0
+        pairs = context = 0.0
+        for job in inst.mixed:
+            step = min(job.prompt_tokens - job.done_tokens, job.chunk_tokens, left)
+            job.step_tokens = step
+            left -= step
+            if step:
+                tokens += step
+                seqs += 1
+                pairs += causal_pairs(step, job.done_tokens)
+                context += job.done_tokens
+                if math.isnan(self.first_sched[job.req]):
+                    self.first_sched[job.req] = now
+        ctx = inst.decode_context_tokens()
+        inst.mixed_start_s = now
+        inst.mixed_dt = self.cost.iteration_s(tokens, pairs, context, seqs, decodes, ctx)
+        inst.mixed_seq += 1
+        self.push(now + inst.mixed_dt, MIXED, inst.index, inst.mixed_seq)
+        self.wake(inst)
+
+    def _mixed_done(self, inst: SimInstance, now: float) -> None:
+        """An iteration ended: finished prompts decode; the next iteration starts if any remain."""
+        inst.sync(now)
+        inst.mixed_dt = INF
+        done: list[PrefillJob] = []
+        for job in inst.mixed:
+            job.done_tokens += job.step_tokens
+            job.step_tokens = 0
+            if job.done_tokens >= job.prompt_tokens:
+                done.append(job)
+        inst.mixed = [job for job in inst.mixed if job not in done]
+        for job in done:
+            self._prefill_done(job, now)
+        if inst.mixed:
+            self._run_mixed(inst, now)
+        else:
+            self.wake(inst)
+
     # --- actions ------------------------------------------------------------------------------
 
     def _group(self, ids: tuple[str, ...]) -> tuple[int, ...]:
@@ -251,6 +301,24 @@ class Executor:
             )
             self.jobs[req] = job
             self._try_start(job, now)
+        elif isinstance(action, act.Colocate) and action.mixed_batch_tokens:
+            req = int(action.request_id)
+            inst = self.by_id[action.host_instance_id]
+            assert inst.slot is None, f"mixed prefill {req} on {inst.instance_id}: slot taken"
+            job = PrefillJob(
+                req,
+                (inst.index,),
+                self.prompt[req],
+                action.chunk_tokens,
+                action.num_chunks,
+                0,
+                action.decode_in_place,
+                mixed_batch_tokens=action.mixed_batch_tokens,
+            )
+            self.jobs[req] = job
+            inst.mixed.append(job)
+            if inst.mixed_dt == INF or inst.mixed_start_s == now:  # (re)plan the iteration
+                self._run_mixed(inst, now)
         elif isinstance(action, act.Colocate):
             req = int(action.request_id)
             host = self.by_id[action.host_instance_id].index
@@ -294,6 +362,9 @@ class Executor:
         """Stop all work of `req` (cancel or reject); it stays unfinished in the records."""
         self.active -= 1
         job = self.jobs.pop(req, None)
+        if job is not None and job.mixed_batch_tokens:  # its tokens in flight are wasted
+            host = self.instances[job.group[0]]
+            host.mixed = [j for j in host.mixed if j is not job]
         if job is not None and job.running:
             group = [self.instances[i] for i in job.group]
             for inst in group:

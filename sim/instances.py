@@ -10,6 +10,9 @@ Execution model (the data-plane semantics in `controlplane.core.actions`):
   chunk per iteration on its whole SP group, synchronously; the decodes sharing those instances
   get one token per chunk (they stall while the chunk runs). A *colocated* job runs inside the
   host's decode iterations, `budget` prompt tokens per iteration.
+* *Mixed* jobs (sarathi's Colocate with `mixed_batch_tokens`) take no slot: any number share
+  the instance, and while one is in flight every iteration is stepped (`mixed_dt`): decodes
+  first, then the mixed jobs in start order, each at most its chunk, until the budget.
 * Instead of stepping iterations, the simulator only wakes an instance at its next milestone:
   the first decode member to finish or the end of a colocated prefill (`next_milestone_s`).
   `it`, the fractional count of iterations done, is brought up to date lazily by `sync`.
@@ -47,6 +50,9 @@ class PrefillJob:
     chunk_duration_s: float = 0.0  # duration of the chunk in flight
     end_it: float = INF  # colocated: iteration count of the host when it completes
     seq: int = 0  # chunk generation, to drop stale completion events
+    mixed_batch_tokens: int = 0  # > 0 marks a mixed job: its host's tokens per iteration
+    done_tokens: int = 0  # mixed: prompt tokens prefilled so far
+    step_tokens: int = 0  # mixed: prompt tokens in the iteration in flight
 
     @property
     def is_colocated(self) -> bool:
@@ -74,6 +80,10 @@ class SimInstance:
     version: int = 0  # bumped on every change, to drop stale wake-ups
     slot: PrefillJob | None = None
     pending: list[PrefillJob] = field(default_factory=list)  # jobs waiting for the slot
+    mixed: list[PrefillJob] = field(default_factory=list)  # mixed jobs, in start order
+    mixed_dt: float = INF  # duration of the mixed iteration in flight (INF: none)
+    mixed_seq: int = 0  # mixed iteration generation, to drop stale completion events
+    mixed_start_s: float = -INF  # when the mixed iteration in flight started
     # Decode members: request -> (join iteration, context tokens at join); shadows (members
     # of a group decode led by another instance) have no entry in `finish_heap`.
     members: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -125,7 +135,9 @@ class SimInstance:
         batch = len(self.members)
         job = self.slot
         cost = self.cost
-        if job is not None and not job.is_colocated:
+        if self.mixed_dt < INF:
+            self.dt = self.mixed_dt
+        elif job is not None and not job.is_colocated:
             self.dt = job.chunk_duration_s
         elif job is not None:
             iters = math.ceil(job.prompt_tokens / job.colocate_budget_tokens)

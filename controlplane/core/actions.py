@@ -14,6 +14,12 @@ Data-plane semantics the drivers implement (the simulator's cost model and the a
 - `Colocate` instead runs the prefill inside the decode iterations of the host, at most
   `iteration_prefill_budget_tokens` prompt tokens per iteration, so the decode it shares the
   instance with keeps a bounded time between tokens.
+- Several `Colocate`s with `mixed_batch_tokens` > 0 share their host (the `sarathi` baseline,
+  vLLM-v1 / Sarathi-Serve chunked prefill): each iteration runs the host's decodes first, then
+  those prefills in start order, each at most `chunk_tokens`, until `mixed_batch_tokens` tokens
+  in all (decodes included); no prefill slot is taken. The live agent runs any Colocate as a
+  prefill of `min(chunk_tokens, iteration_prefill_budget_tokens)`-token chunks in its engine,
+  which mixes prefills and decodes this way under its own `max_batch_tokens`.
 - `Pause` takes effect at the next chunk boundary: the chunk in flight completes (and is
   reported by PrefillChunkDone), the KV stays resident, then the instances' prefill slots are
   free. The core counts the slots as free as soon as it issues the Pause, so a `StartPrefill`
@@ -50,15 +56,18 @@ class StartPrefill:
 
 @dataclass(frozen=True, slots=True)
 class Colocate:
-    """Run a short prefill inside the decode iterations of `host_instance_id`."""
+    """Run a prefill inside the iterations of `host_instance_id` (a short beside a long
+    decode; with `mixed_batch_tokens`, one of several mixed prefills of any length)."""
 
-    request_id: str  # which (short) request
-    host_instance_id: str  # instance running a long request's decode
+    request_id: str  # which request
+    host_instance_id: str  # instance running a long request's decode (or mixed batches)
     iteration_prefill_budget_tokens: int  # prompt tokens per decode iteration at most
     chunk_tokens: int  # prompt tokens per chunk (a short prompt is one chunk)
     num_chunks: int  # chunks in the whole prompt
     decode_in_place: bool  # decode on the host after prefill (no TransferKV)
     reason: str  # why this host, for tracing
+    mixed_batch_tokens: int = 0  # > 0: tokens per host iteration shared with its decodes and
+    # other mixed prefills (sarathi); 0: alone in the host's decode iterations (pecsched)
 
 
 @dataclass(frozen=True, slots=True)

@@ -287,6 +287,15 @@ class BasePolicy:
         top = self._state.queues[request_class].peek()
         return None if top is None else self._state.requests[top[1]]
 
+    def _oldest(self) -> RequestRecord | None:
+        """The best queued request of either class: higher priority, then admission order."""
+        short, long = self._head(RequestClass.SHORT), self._head(RequestClass.LONG)
+        if short is None or long is None:
+            return short or long
+        key_short = (-short.spec.priority, short.seq)
+        key_long = (-long.spec.priority, long.seq)
+        return short if key_short < key_long else long
+
     def _place_short(
         self,
         req: RequestRecord,

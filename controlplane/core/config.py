@@ -147,13 +147,17 @@ class SchedulerConfig:
     num_long_reserved_instances: int | None = field(
         default=None,
         metadata={
-            "help": "reservation: LONG_RESERVED instance count; None sizes it so that "
-            "reservation_sized_for_tokens fits"
+            "help": "reservation: LONG_RESERVED instance count (0 to all but one); None: "
+            "the long class's share of the work of the arrivals so far, round(share x "
+            "instances), at least what holds reservation_sized_for_tokens, at most all but one"
         },
     )
     reservation_sized_for_tokens: int = field(
         default=512_000,
-        metadata={"help": "reservation: longest request (prompt + output) the reserve must hold"},
+        metadata={
+            "help": "reservation: longest request (prompt + output) the reserve must hold in "
+            "one SP group (the smallest reserve when sized by the work share)"
+        },
     )
     max_kv_transfer_attempts: int = field(
         default=3,
@@ -168,6 +172,56 @@ class SchedulerConfig:
         },
     )
 
+    # ---- baselines: sarathi, distserve, reservation sizing -----------------------------------
+    sarathi_batch_tokens: int = field(
+        default=2048,
+        metadata={
+            "help": "sarathi: tokens per iteration, decodes + prefill chunks (vLLM "
+            "max_num_batched_tokens; 2048 is vLLM V1's default for an API server on A100)"
+        },
+    )
+    sarathi_long_prefill_tokens: int = field(
+        default=1024,
+        metadata={
+            "help": "sarathi: a prompt longer than this gets at most this many tokens per "
+            "iteration (vLLM long_prefill_token_threshold), leaving the rest of the budget to "
+            "other prompts"
+        },
+    )
+    sarathi_max_partial_prefills: int = field(
+        default=4,
+        metadata={
+            "help": "sarathi: prefills in flight per instance at most (vLLM "
+            "max_num_partial_prefills)"
+        },
+    )
+    sarathi_max_long_partial_prefills: int = field(
+        default=1,
+        metadata={
+            "help": "sarathi: LONG prefills in flight per instance at most (vLLM "
+            "max_long_partial_prefills; below max_num_partial_prefills so shorts pass longs)"
+        },
+    )
+    distserve_decode_gpu_fraction: float = field(
+        default=0.25,
+        metadata={"help": "distserve: share of GPUs given the decode role"},
+    )
+    distserve_decode_instances: int | None = field(
+        default=None,
+        metadata={
+            "help": "distserve: exact decode instance count (1 to all but one); overrides "
+            "distserve_decode_gpu_fraction"
+        },
+    )
+    reservation_attention_tokens: int = field(
+        default=32_768,
+        metadata={
+            "help": "reservation: context length at which a token's attention FLOPs equal "
+            "its linear FLOPs, P/(2·L·H·hd) (27K Mistral-7B, 53K Llama-3.1-70B); weighs "
+            "long prompts in the work share that sizes the reserve"
+        },
+    )
+
     def __post_init__(self) -> None:
         positive = {
             "short_threshold_tokens": self.short_threshold_tokens,
@@ -179,6 +233,11 @@ class SchedulerConfig:
             "reservation_sized_for_tokens": self.reservation_sized_for_tokens,
             "max_kv_transfer_attempts": self.max_kv_transfer_attempts,
             "protected_duty_cycle_chunks": self.protected_duty_cycle_chunks or 1,
+            "sarathi_batch_tokens": self.sarathi_batch_tokens,
+            "sarathi_long_prefill_tokens": self.sarathi_long_prefill_tokens,
+            "sarathi_max_partial_prefills": self.sarathi_max_partial_prefills,
+            "sarathi_max_long_partial_prefills": self.sarathi_max_long_partial_prefills,
+            "reservation_attention_tokens": self.reservation_attention_tokens,
         }
         for name, value in positive.items():
             if value < 1:
@@ -197,12 +256,24 @@ class SchedulerConfig:
                 f"must be in [0, 1), got {self.short_decode_gpu_fraction}",
             )
         for name, count in (
+            ("distserve_decode_instances", self.distserve_decode_instances),
             ("min_chunks_between_pauses", self.min_chunks_between_pauses),
             ("num_short_decode_instances", self.num_short_decode_instances),
             ("num_long_reserved_instances", self.num_long_reserved_instances),
         ):
             if count is not None and count < 0:
                 raise InvalidArgumentError(name, f"must be >= 0, got {count}")
+        if self.sarathi_max_long_partial_prefills > self.sarathi_max_partial_prefills:
+            raise InvalidArgumentError(
+                "sarathi_max_long_partial_prefills",
+                f"must be <= sarathi_max_partial_prefills={self.sarathi_max_partial_prefills}, "
+                f"got {self.sarathi_max_long_partial_prefills}",
+            )
+        if not 0.0 <= self.distserve_decode_gpu_fraction < 1.0:
+            raise InvalidArgumentError(
+                "distserve_decode_gpu_fraction",
+                f"must be in [0, 1), got {self.distserve_decode_gpu_fraction}",
+            )
         if not (math.isfinite(self.max_pause_s) and self.max_pause_s >= 0.0):
             raise InvalidArgumentError(
                 "max_pause_s", f"must be finite and >= 0, got {self.max_pause_s}"

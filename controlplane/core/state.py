@@ -172,6 +172,38 @@ class ClusterState:
         n = req.chunks_total
         return StartPrefill(req.request_id, ids, sp_kind, chunk, n, 0, decode_in_place, reason)
 
+    def start_mixed_prefill(
+        self,
+        req: RequestRecord,
+        inst: InstanceRecord,
+        *,
+        chunk_tokens: int,
+        batch_tokens: int,
+        now_s: float,
+        reason: str,
+    ) -> Colocate:
+        """Admit `req` to `inst`'s mixed batches (sarathi), reserving prompt + output KV there.
+
+        The prefill slot stays free: several such prefills share the instance's iterations, at
+        most `chunk_tokens` each and `batch_tokens` in all, decodes first (see actions.Colocate).
+        It decodes in place and is never paused.
+        """
+        spec = req.spec
+        self.ledger.allocate(req.request_id, inst.instance_id, spec.total_tokens)
+        self.dequeue(req)
+        self.set_state(req, lifecycle.START_PREFILL)
+        req.prefill_ids = (inst.instance_id,)
+        req.decode_ids = ()
+        req.decode_in_place = True
+        req.chunks_done = 0
+        req.chunks_total = -(-spec.prompt_tokens // chunk_tokens)
+        if req.first_scheduled_s is None:
+            req.first_scheduled_s = now_s
+        self.refresh(req.prefill_ids)
+        n = req.chunks_total
+        rid, iid = req.request_id, inst.instance_id
+        return Colocate(rid, iid, chunk_tokens, chunk_tokens, n, True, reason, batch_tokens)
+
     def pause(self, req: RequestRecord, now_s: float, reason: str) -> Pause:
         """Pause `req`'s prefill at its next chunk boundary; its group's slots become free
         (a protected request's group is held for it: it resumes once the slot it lent frees)."""

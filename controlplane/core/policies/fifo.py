@@ -13,7 +13,7 @@ from __future__ import annotations
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
 from controlplane.core.config import SchedulerConfig
-from controlplane.core.records import RequestRecord, Slot
+from controlplane.core.records import Slot
 from controlplane.core.roles import all_general
 from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass
@@ -35,11 +35,3 @@ class FifoPolicy(BasePolicy):
                 placed = self._place_long(req, now_s, out, InstanceRole.GENERAL)
             if not placed and not self._reject_if_never_fits(req, out):
                 return  # head-of-line: nothing overtakes the oldest request
-
-    def _oldest(self) -> RequestRecord | None:
-        short, long = self._head(RequestClass.SHORT), self._head(RequestClass.LONG)
-        if short is None or long is None:
-            return short or long
-        key_short = (-short.spec.priority, short.seq)
-        key_long = (-long.spec.priority, long.seq)
-        return short if key_short < key_long else long

@@ -12,10 +12,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
+from controlplane.core.policies.distserve import DistServePolicy
 from controlplane.core.policies.fifo import FifoPolicy
 from controlplane.core.policies.pecsched import PecSchedPolicy
 from controlplane.core.policies.priority import PriorityPolicy
 from controlplane.core.policies.reservation import ReservationPolicy
+from controlplane.core.policies.sarathi import SarathiPolicy
 from controlplane.core.policy import Policy
 from controlplane.core.tiebreak import SeededTiebreak, Tiebreak
 from controlplane.core.types import SpKind
@@ -39,6 +41,11 @@ _FACTORIES: dict[str, tuple[_Factory, Callable[[SchedulerConfig], SchedulerConfi
     "fifo": (FifoPolicy, _baseline),
     "reservation": (ReservationPolicy, _baseline),
     "priority": (PriorityPolicy, _baseline),
+    "sarathi": (SarathiPolicy, _baseline),
+    "distserve": (
+        DistServePolicy,
+        lambda c: replace(_baseline(c), disaggregation=True, short_decode_elastic=False),
+    ),
     "pecsched": (PecSchedPolicy, lambda c: c),
     "pecsched-no-preempt": (PecSchedPolicy, lambda c: replace(c, preemption=False)),
     "pecsched-no-disagg": (PecSchedPolicy, lambda c: replace(c, disaggregation=False)),

@@ -49,6 +49,7 @@ class FakeDataPlane:
     chunks_run: dict[str, list[int]] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     pending: list[ev.Event] = field(default_factory=list)
+    mixed: set[str] = field(default_factory=set)  # admitted as mixed prefills (no slot held)
 
     def inject(self, *events: ev.Event) -> None:
         """Report `events` with the next step's progress; a dead instance's work stops."""
@@ -137,6 +138,8 @@ class FakeDataPlane:
                     action.instance_ids,
                 )
             case act.Colocate():
+                if action.mixed_batch_tokens:
+                    self.mixed.add(action.request_id)
                 self.jobs[action.request_id] = Job(
                     action.request_id,
                     action.num_chunks,
@@ -162,17 +165,23 @@ class FakeDataPlane:
                 pass
 
 
-def check_invariants(policy: Policy, now_s: float, request_ids: Iterable[str] = ()) -> None:
+def check_invariants(
+    policy: Policy, now_s: float, request_ids: Iterable[str] = (), mixed: Iterable[str] = ()
+) -> None:
     """KV within capacity everywhere; every request is in at most one place at a time.
 
     `request_ids` (tracked, not yet taken) also get their prefill slots checked: a PREFILLING
-    request holds the slot of every instance of its group, a PAUSED one holds none.
+    request holds the slot of every instance of its group (unless admitted as a mixed prefill,
+    one of `mixed`, which shares its instance and holds no slot), a PAUSED one holds none.
     """
     view = policy.cluster_view(now_s)
     slot_of = {i.spec.instance_id: i.prefill_request_id for i in view.instances}
+    mixed = set(mixed)
     for request_id in request_ids:
         req = policy.request_view(request_id)
-        if req.state is RequestState.PREFILLING:
+        if req.state is RequestState.PREFILLING and request_id in mixed:
+            assert request_id not in slot_of.values(), req
+        elif req.state is RequestState.PREFILLING:
             assert all(slot_of.get(i) == request_id for i in req.prefill_instance_ids), req
         elif req.state is not RequestState.QUEUED:
             assert request_id not in slot_of.values(), req

@@ -113,12 +113,12 @@ def play(sc: Scenario, seed: int = 0, check: bool = True) -> FakeDataPlane:
                 )
         dp.step()
         if check:
-            check_invariants(dp.policy, dp.now_s, submitted)
+            check_invariants(dp.policy, dp.now_s, submitted, dp.mixed)
     dp.inject(*(InstanceUp(spec, dp.now_s) for spec in down.values()))
     for _ in range(DRAIN_STEPS):
         dp.step()
         if check:
-            check_invariants(dp.policy, dp.now_s, submitted)
+            check_invariants(dp.policy, dp.now_s, submitted, dp.mixed)
         if dp.policy.num_active_requests() == 0:
             break
     return dp

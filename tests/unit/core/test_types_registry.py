@@ -19,6 +19,8 @@ NAMES = (
     "fifo",
     "reservation",
     "priority",
+    "sarathi",
+    "distserve",
     "pecsched",
     "pecsched-no-preempt",
     "pecsched-no-disagg",
