@@ -165,3 +165,18 @@ def test_work_tokens_counts_linear_and_attention_flops() -> None:
     cfg = make_config()
     assert work_tokens(100, 10, 1000) == 110 + (100 * 100 / 2 + 100 * 10) / 1000
     assert cfg.reservation_attention_tokens == 32_768
+
+
+def test_baselines_take_the_chunk_budget_only_when_asked() -> None:
+    # Prepare
+    fixed = make_config(preemption=False)
+    budgeted = make_config(preemption=False, chunk_budget_without_preemption=True)
+    budget = budgeted.chunk_budget_token_pairs
+    assert budget is not None
+
+    # Assert: 8,192-token chunks by default; the budget rule (as for pecsched) when asked
+    assert fixed.prefill_chunk_tokens(500_000, 1) == fixed.chunk_tokens == 8192
+    assert budgeted.prefill_chunk_tokens(500_000, 1) == budget // 500_000
+    assert budgeted.prefill_chunk_tokens(500_000, 1) == make_config().prefill_chunk_tokens(
+        500_000, 1
+    )
