@@ -180,3 +180,11 @@ def test_baselines_take_the_chunk_budget_only_when_asked() -> None:
     assert budgeted.prefill_chunk_tokens(500_000, 1) == make_config().prefill_chunk_tokens(
         500_000, 1
     )
+
+
+def test_new_baselines_force_their_defining_settings() -> None:
+    sarathi = make_policy("sarathi", preemption=True, disaggregation=True).config
+    distserve = make_policy("distserve", preemption=True, short_decode_elastic=True).config
+    assert not sarathi.preemption and not sarathi.disaggregation
+    assert not distserve.preemption and distserve.disaggregation
+    assert not distserve.short_decode_elastic  # a static split
