@@ -190,11 +190,13 @@ class SchedulerConfig:
         },
     )
     sarathi_long_prefill_tokens: int = field(
-        default=1024,
+        default=512,
         metadata={
             "help": "sarathi: a prompt longer than this gets at most this many tokens per "
             "iteration (vLLM long_prefill_token_threshold), leaving the rest of the budget to "
-            "other prompts"
+            "other prompts (measured, Azure traces on 32 x A100 Mistral-7B at their native "
+            "rate: 256/512/1024/2048 give short queueing p99 0.15/0.30/2.3/651 s, TBT p99 "
+            "0.18/0.34/0.67/0.88 s, long JCT 1.08/1.04/1.03/1.01 x FIFO's)"
         },
     )
     sarathi_max_partial_prefills: int = field(

@@ -29,7 +29,7 @@ def test_sarathi_mixes_a_short_prefill_into_a_running_long_prefill_and_never_pre
     (long_start,) = dp.step().actions
 
     # Execute: a short arrives while the long's prefill runs
-    dp.submit(make_request("s", prompt_tokens=700, max_new_tokens=4, arrival_s=dp.now_s))
+    dp.submit(make_request("s", prompt_tokens=400, max_new_tokens=4, arrival_s=dp.now_s))
     (short_start,) = dp.step().actions
     rest = _run_to_end(dp)
 
@@ -37,7 +37,7 @@ def test_sarathi_mixes_a_short_prefill_into_a_running_long_prefill_and_never_pre
     assert isinstance(long_start, act.Colocate) and isinstance(short_start, act.Colocate)
     assert long_start.host_instance_id == short_start.host_instance_id == "i00"
     assert long_start.mixed_batch_tokens == short_start.mixed_batch_tokens == 2048
-    assert long_start.chunk_tokens == cfg.sarathi_long_prefill_tokens == 1024
+    assert long_start.chunk_tokens == cfg.sarathi_long_prefill_tokens == 512
     assert short_start.chunk_tokens == cfg.sarathi_batch_tokens
     assert policy.request_view("s").state is RequestState.FINISHED
     assert not any(isinstance(a, act.Pause) for a in rest)
