@@ -214,8 +214,14 @@ class SchedulerConfig:
         },
     )
     distserve_decode_gpu_fraction: float = field(
-        default=0.25,
-        metadata={"help": "distserve: share of GPUs given the decode role"},
+        default=0.0625,
+        metadata={
+            "help": "distserve: share of GPUs given the decode role, at least one instance "
+            "(measured, Azure traces on 32 x A100 Mistral-7B at their native rate: 1/2/4/8 "
+            "decode instances give short queueing p99 706/795/1025/1629 s, long JCT "
+            "1.07/1.18/1.49/2.28 x FIFO's, TBT p99 0.21/0.05/0.03/0.02 s: the short outputs "
+            "need little decode; 1/16 keeps TBT p99 under 0.1 s)"
+        },
     )
     distserve_decode_instances: int | None = field(
         default=None,

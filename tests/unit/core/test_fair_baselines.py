@@ -124,10 +124,13 @@ def test_distserve_never_decodes_on_a_prefill_instance_and_moves_every_kv() -> N
     assert policy.cluster_view(dp.now_s).kv_transfers_total == 8
 
 
-def test_distserve_default_split_gives_a_quarter_of_the_gpus_to_decode() -> None:
-    policy = make_policy("distserve", instances=make_instances(8))
-    roles = [i.role for i in policy.cluster_view(0.0).instances]
-    assert roles.count(InstanceRole.SHORT_DECODE) == 2
+def test_distserve_default_split_gives_a_sixteenth_of_the_gpus_to_decode() -> None:
+    def decoders(n: int) -> int:
+        policy = make_policy("distserve", instances=make_instances(n))
+        roles = [i.role for i in policy.cluster_view(0.0).instances]
+        return roles.count(InstanceRole.SHORT_DECODE)
+
+    assert [decoders(n) for n in (1, 2, 8, 32, 48)] == [0, 1, 1, 2, 3]
 
 
 def test_reservation_default_size_follows_the_long_work_share() -> None:
