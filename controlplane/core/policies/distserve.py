@@ -1,10 +1,10 @@
 """`distserve`: static prefill/decode disaggregation (DistServe / Splitwise / Dynamo style).
 
 A fixed split of the instances: `distserve_decode_instances` of them (by default the
-`distserve_decode_gpu_fraction` share of GPUs, a quarter) only decode, with the SHORT_DECODE role
-(here it decodes both classes); the rest only prefill. DistServe picks the split per model and
-load with a placement search; `bench/paper_eval.py` does the same by sweeping
-`distserve_decode_instances` from 1 to all but one.
+`distserve_decode_gpu_fraction` share of GPUs, 1/16, at least one instance) only decode, with
+the SHORT_DECODE role (here it decodes both classes); the rest only prefill. DistServe picks the
+split per model and load with a placement search; `bench/paper_eval.py` does the same by
+sweeping `distserve_decode_instances` from 1 to all but one.
 
 Prefill instances serve one first-come-first-served queue for every length (head-of-line order,
 as DistServe's FCFS prefill scheduler): a prompt goes to the open prefill instance with the most
@@ -52,7 +52,8 @@ class DistServePolicy(BasePolicy):
 
 
 def distserve_plan(config: SchedulerConfig) -> RolePlan:
-    """Decode role up to `distserve_decode_instances` or the GPU fraction; never the first."""
+    """Decode role up to `distserve_decode_instances`, or the GPU fraction (at least one
+    instance); never the first instance up."""
 
     def assign(spec: InstanceSpec, census: RoleCensus) -> InstanceRole:
         if spec.role is _DECODE:
@@ -65,7 +66,8 @@ def distserve_plan(config: SchedulerConfig) -> RolePlan:
         else:
             total_gpus = sum(census.num_gpus.values()) + spec.tp
             decode_gpus = census.num_gpus.get(_DECODE, 0) + spec.tp
-            decode = decode_gpus <= config.distserve_decode_gpu_fraction * total_gpus + 1e-9
+            share = config.distserve_decode_gpu_fraction * total_gpus
+            decode = decode_gpus <= max(spec.tp, share + 1e-9)  # one decode instance at least
         return _DECODE if decode else _PREFILL
 
     return assign

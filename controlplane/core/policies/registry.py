@@ -2,7 +2,8 @@
 
 Adding a policy is a new file in policies/ and one line in `_FACTORIES`. Baselines run with
 their defining settings forced (no preemption, no disaggregation, a short prefill may stall a
-long decode); the PecSched ablations flip exactly one switch of the given config.
+long decode; distserve disaggregates every request into a fixed decode pool); the PecSched
+ablations flip exactly one switch of the given config.
 """
 
 from __future__ import annotations

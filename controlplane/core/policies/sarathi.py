@@ -26,15 +26,23 @@ mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
 from controlplane.core.config import SchedulerConfig
+from controlplane.core.events import (
+    Event,
+    InstanceDown,
+    PrefillDone,
+    RequestCancelled,
+    RequestFailed,
+)
 from controlplane.core.records import InstanceRecord, RequestRecord
 from controlplane.core.roles import all_general
 from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
-
-_PREFILLING = RequestState.PREFILLING
 
 
 class SarathiPolicy(BasePolicy):
@@ -42,11 +50,29 @@ class SarathiPolicy(BasePolicy):
 
     def __init__(self, name: str, config: SchedulerConfig, rng: Tiebreak) -> None:
         super().__init__(name, config, rng, all_general)
-        # instance id -> {request id: is LONG} of its mixed prefills in flight;
-        # entries of requests no longer prefilling there are dropped when next looked at
-        self._in_flight: dict[str, dict[str, bool]] = {}
+        self._flights: dict[str, _Flight] = {}  # request id -> its mixed prefill in flight
+        self._load: dict[str, _Load] = {}  # instance id -> its mixed prefills in flight
+        self._num_settled = 0  # mixed prefills ended (each frees a place)
+        self._num_failed = 0  # stats["failed"] when the flights were last checked
+        self._blocked: tuple[str, int, int, int, int] | None = None  # _route_key() of a miss
+
+    def observe(self, events: Sequence[Event]) -> None:
+        """Apply events (see BasePolicy); free the places of mixed prefills that ended."""
+        super().observe(events)
+        for event in events:
+            match event:
+                case PrefillDone() | RequestCancelled() | RequestFailed():
+                    self._settle(event.request_id)
+                case InstanceDown():
+                    for request_id in list(self._flights):
+                        self._settle(request_id)
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
+        num_failed = self._state.stats["failed"]
+        if num_failed != self._num_failed:  # deadline cancels happen in schedule(), not observe
+            self._num_failed = num_failed
+            for request_id in list(self._flights):
+                self._settle(request_id)
         longs_open = True  # False once the oldest long found no place: shorts may pass it
         while True:
             short = self._head(RequestClass.SHORT)
@@ -69,14 +95,19 @@ class SarathiPolicy(BasePolicy):
         if capacities and req.spec.total_tokens > capacities[-1]:
             return self._place_sp(req, now_s, out)
         is_long = req.request_class is RequestClass.LONG
+        key = self._route_key(req)
+        if key == self._blocked:
+            return False  # nothing freed since it found no instance
         inst = self._route(req, is_long)
         if inst is None:
+            self._blocked = key
             return False
         chunk = cfg.sarathi_batch_tokens
         if req.spec.prompt_tokens > cfg.sarathi_long_prefill_tokens:
             chunk = cfg.sarathi_long_prefill_tokens
-        load = self._outstanding_tokens(inst.instance_id)
-        reason = f"least outstanding prefill tokens ({load}): {inst.instance_id}"
+        iid = inst.instance_id
+        load = self._load.setdefault(iid, _Load())
+        reason = f"least outstanding prefill tokens ({load.prompt_tokens}): {iid}"
         action = st.start_mixed_prefill(
             req,
             inst,
@@ -85,32 +116,59 @@ class SarathiPolicy(BasePolicy):
             now_s=now_s,
             reason=reason,
         )
-        self._in_flight.setdefault(inst.instance_id, {})[req.request_id] = is_long
+        flight = _Flight(iid, is_long, req.spec.prompt_tokens)
+        self._flights[req.request_id] = flight
+        load.add(flight, 1)
         out.append(action)
         return True
+
+    def _settle(self, request_id: str) -> None:
+        """Free the place of `request_id`'s mixed prefill if it is no longer in flight."""
+        flight = self._flights.get(request_id)
+        if flight is None:
+            return
+        req = self._state.requests.get(request_id)
+        if (
+            req is not None
+            and req.state is RequestState.PREFILLING
+            and req.prefill_ids == (flight.instance_id,)
+        ):
+            return
+        del self._flights[request_id]
+        self._load[flight.instance_id].add(flight, -1)
+        self._num_settled += 1
+
+    def _route_key(self, req: RequestRecord) -> tuple[str, int, int, int, int]:
+        """Changes whenever an instance that refused `req` might take it now."""
+        st = self._state
+        return (
+            req.request_id,
+            st.ledger.num_frees,
+            st.pool.total_offers,
+            st.census.version,
+            self._num_settled,
+        )
 
     def _route(self, req: RequestRecord, is_long: bool) -> InstanceRecord | None:
         """The least loaded instance with a free prefill place of `req`'s kind and room."""
         cfg, st = self._config, self._state
         need = req.spec.total_tokens
+        idle = _Load()
         best: InstanceRecord | None = None
         best_key: tuple[int, int, float] | None = None
         for inst in st.instances.values():
             iid = inst.instance_id
+            load = self._load.get(iid, idle)
             if (
-                inst.prefill_id is not None
+                load.num >= cfg.sarathi_max_partial_prefills
+                or (is_long and load.num_long >= cfg.sarathi_max_long_partial_prefills)
+                or inst.prefill_id is not None
                 or inst.held_for is not None
                 or len(inst.decoding) >= cfg.max_decode_batch
                 or not st.ledger.can_allocate(iid, need)
             ):
                 continue
-            flight = self._live(iid)
-            num_long = sum(flight.values())
-            if len(flight) >= cfg.sarathi_max_partial_prefills or (
-                is_long and num_long >= cfg.sarathi_max_long_partial_prefills
-            ):
-                continue
-            key = (self._outstanding_tokens(iid), len(inst.decoding), inst.tiebreak)
+            key = (load.prompt_tokens, len(inst.decoding), inst.tiebreak)
             if best_key is None or key < best_key:
                 best, best_key = inst, key
         return best
@@ -145,28 +203,34 @@ class SarathiPolicy(BasePolicy):
             if inst.role is InstanceRole.GENERAL
             and inst.prefill_id is None
             and inst.held_for is None
-            and not self._live(inst.instance_id)
+            and not self._load.get(inst.instance_id, _Load()).num
         ]
         return sorted(free, key=lambda i: (-st.ledger.free_tokens(i.instance_id), i.tiebreak))
 
-    def _live(self, instance_id: str) -> dict[str, bool]:
-        """The mixed prefills still in flight on `instance_id` (drops finished ones)."""
-        flight = self._in_flight.get(instance_id)
-        if not flight:
-            return {}
-        requests = self._state.requests
-        for rid in [r for r in flight if not _prefilling_on(requests.get(r), instance_id)]:
-            del flight[rid]
-        return flight
 
-    def _outstanding_tokens(self, instance_id: str) -> int:
-        requests = self._state.requests
-        return sum(requests[r].spec.prompt_tokens for r in self._live(instance_id))
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """A mixed prefill in flight."""
+
+    instance_id: str  # where it runs
+    is_long: bool  # LONG class (counts against sarathi_max_long_partial_prefills)
+    prompt_tokens: int  # its prompt (outstanding until it ends)
+
+
+@dataclass(slots=True)
+class _Load:
+    """The mixed prefills in flight on one instance."""
+
+    num: int = 0  # prefills in flight
+    num_long: int = 0  # of them LONG
+    prompt_tokens: int = 0  # their prompts, summed (the router's load)
+
+    def add(self, flight: _Flight, sign: int) -> None:
+        """Count `flight` in (sign 1) or out (sign -1)."""
+        self.num += sign
+        self.num_long += sign * flight.is_long
+        self.prompt_tokens += sign * flight.prompt_tokens
 
 
 def _key(req: RequestRecord) -> tuple[int, int]:
     return (-req.spec.priority, req.seq)
-
-
-def _prefilling_on(req: RequestRecord | None, instance_id: str) -> bool:
-    return req is not None and req.state is _PREFILLING and req.prefill_ids == (instance_id,)

@@ -29,7 +29,7 @@ def test_sarathi_mixes_a_short_prefill_into_a_running_long_prefill_and_never_pre
     (long_start,) = dp.step().actions
 
     # Execute: a short arrives while the long's prefill runs
-    dp.submit(make_request("s", prompt_tokens=700, max_new_tokens=4, arrival_s=dp.now_s))
+    dp.submit(make_request("s", prompt_tokens=400, max_new_tokens=4, arrival_s=dp.now_s))
     (short_start,) = dp.step().actions
     rest = _run_to_end(dp)
 
@@ -37,7 +37,7 @@ def test_sarathi_mixes_a_short_prefill_into_a_running_long_prefill_and_never_pre
     assert isinstance(long_start, act.Colocate) and isinstance(short_start, act.Colocate)
     assert long_start.host_instance_id == short_start.host_instance_id == "i00"
     assert long_start.mixed_batch_tokens == short_start.mixed_batch_tokens == 2048
-    assert long_start.chunk_tokens == cfg.sarathi_long_prefill_tokens == 1024
+    assert long_start.chunk_tokens == cfg.sarathi_long_prefill_tokens == 512
     assert short_start.chunk_tokens == cfg.sarathi_batch_tokens
     assert policy.request_view("s").state is RequestState.FINISHED
     assert not any(isinstance(a, act.Pause) for a in rest)
@@ -124,10 +124,13 @@ def test_distserve_never_decodes_on_a_prefill_instance_and_moves_every_kv() -> N
     assert policy.cluster_view(dp.now_s).kv_transfers_total == 8
 
 
-def test_distserve_default_split_gives_a_quarter_of_the_gpus_to_decode() -> None:
-    policy = make_policy("distserve", instances=make_instances(8))
-    roles = [i.role for i in policy.cluster_view(0.0).instances]
-    assert roles.count(InstanceRole.SHORT_DECODE) == 2
+def test_distserve_default_split_gives_a_sixteenth_of_the_gpus_to_decode() -> None:
+    def decoders(n: int) -> int:
+        policy = make_policy("distserve", instances=make_instances(n))
+        roles = [i.role for i in policy.cluster_view(0.0).instances]
+        return roles.count(InstanceRole.SHORT_DECODE)
+
+    assert [decoders(n) for n in (1, 2, 8, 32, 48)] == [0, 1, 1, 2, 3]
 
 
 def test_reservation_default_size_follows_the_long_work_share() -> None:
@@ -165,3 +168,26 @@ def test_work_tokens_counts_linear_and_attention_flops() -> None:
     cfg = make_config()
     assert work_tokens(100, 10, 1000) == 110 + (100 * 100 / 2 + 100 * 10) / 1000
     assert cfg.reservation_attention_tokens == 32_768
+
+
+def test_baselines_take_the_chunk_budget_only_when_asked() -> None:
+    # Prepare
+    fixed = make_config(preemption=False)
+    budgeted = make_config(preemption=False, chunk_budget_without_preemption=True)
+    budget = budgeted.chunk_budget_token_pairs
+    assert budget is not None
+
+    # Assert: 8,192-token chunks by default; the budget rule (as for pecsched) when asked
+    assert fixed.prefill_chunk_tokens(500_000, 1) == fixed.chunk_tokens == 8192
+    assert budgeted.prefill_chunk_tokens(500_000, 1) == budget // 500_000
+    assert budgeted.prefill_chunk_tokens(500_000, 1) == make_config().prefill_chunk_tokens(
+        500_000, 1
+    )
+
+
+def test_new_baselines_force_their_defining_settings() -> None:
+    sarathi = make_policy("sarathi", preemption=True, disaggregation=True).config
+    distserve = make_policy("distserve", preemption=True, short_decode_elastic=True).config
+    assert not sarathi.preemption and not sarathi.disaggregation
+    assert not distserve.preemption and distserve.disaggregation
+    assert not distserve.short_decode_elastic  # a static split
