@@ -12,8 +12,9 @@ Load rule (CPU): the first 120 s of the merged Azure traces (519 requests, 15 of
 at twice their arrival rate (time scale 0.5, 60 s). Replayed in real time, the previous demo,
 the slice left the `tiny` workers 49-82% idle. At twice the rate the workers are busy most of
 the run and shorts queue behind long prefills (contention), which is where policies differ,
-and both runs fit in the demo's 5-minute budget. (On the loaded 2-core development box this
-load saturates the CPU and pecsched did not beat fifo: BENCHMARKS.md, "The `make run` demo".) Lengths are scaled to what `tiny` on a CPU serves: shorts ~15-600
+and both runs fit in the demo's 5-minute budget. (On the 2-core development box, loaded by
+other jobs, pecsched beat fifo in one of three runs at this load: BENCHMARKS.md, "The
+`make run` demo".) Lengths are scaled to what `tiny` on a CPU serves: shorts ~15-600
 prompt tokens, the trace's long prompts spread over 2,000-6,000 tokens, so that preemption,
 colocation, KV transfer and SP prefill all happen; the control plane's long threshold (1,024
 tokens) and chunk size are set to match (see `up.py`).
