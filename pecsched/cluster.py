@@ -10,6 +10,7 @@ end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<n
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
@@ -175,6 +176,18 @@ class LocalCluster:
         self.start_controlplane()
         for agent in self.spec.agents:
             self.start_agent(agent)
+        self.wait_ready(self.spec.num_instances, ready_timeout_s)
+
+    def restart_controlplane(self, policy: str, ready_timeout_s: float) -> None:
+        """Stop the control plane (SIGTERM, then SIGKILL after the grace period), start it on
+        the same database with `policy`, and wait until every agent's instances are back up.
+
+        The agents and their workers keep running and re-attach on their own.
+        """
+        assert self.controlplane is not None, "control plane not started"
+        _terminate(self.controlplane, STOP_GRACE_S)
+        self.spec = dataclasses.replace(self.spec, policy=policy)
+        self.start_controlplane()
         self.wait_ready(self.spec.num_instances, ready_timeout_s)
 
     def check_alive(self) -> None:

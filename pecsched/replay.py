@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pecsched.loadgen import PlannedRequest, ReplayOutcome
+    from pecsched.loadgen import ClusterCounters, PlannedRequest, ReplayOutcome
+    from pecsched.replay_report import ClassRow
     from sdk.types import ClusterSnapshot
-    from sim.metrics import RequestRecords
+    from sim.metrics import FloatArray, RequestRecords
     from sim.workloads import Workload
 
 PROMPT_TOKEN_RANGE = (1, 256)  # token ids of generated prompts: valid for every model's vocab
@@ -276,6 +277,9 @@ class ReplayReport:
     payload: dict[str, Any]  # the JSON document
     num_failed: int  # requests that did not finish (failed, cancelled, unfinished, refused)
     workload: Workload  # the requests sent, lengths as sent (after scaling and clamping)
+    rows: tuple[ClassRow, ClassRow]  # the table's short and long rows
+    counters: ClusterCounters  # preemptions, colocations, KV transfers during the replay
+    short_queueing_delay_s: FloatArray  # each short's (never scheduled: end of run - arrival)
 
 
 async def run_replay(

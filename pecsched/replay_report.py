@@ -7,6 +7,7 @@ The metrics come from `sim.metrics.summarize` on the measured records, and the J
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,4 +148,64 @@ def build_report(
         "request_ids": [r.request_id for r in outcome.requests],
     }
     payload = {"config": {**config, "policies": [policy]}, "results": [result]}
-    return ReplayReport(format_table(rows, footer), payload, num_failed, workload)
+    return ReplayReport(
+        table=format_table(rows, footer),
+        payload=payload,
+        num_failed=num_failed,
+        workload=workload,
+        rows=rows,
+        counters=counters,
+        short_queueing_delay_s=queueing_delay_s(records, ~records.is_long, end_s),
+    )
+
+
+def _counter(value: int, report: ReplayReport) -> float:
+    return float(value) if report.counters.is_available else math.nan
+
+
+# (label, value of one replay, True when the value is in seconds), in the comparison's order.
+_COMPARED: tuple[tuple[str, Callable[[ReplayReport], float], bool], ...] = (
+    ("short queueing delay p50 (s)", lambda r: r.rows[0].queueing_delay_s["p50"], True),
+    ("short queueing delay p99 (s)", lambda r: r.rows[0].queueing_delay_s["p99"], True),
+    ("short TTFT p99 (s)", lambda r: r.rows[0].ttft_s["p99"], True),
+    ("short TBT p99 (s)", lambda r: r.rows[0].tbt_s["p99"], True),
+    ("long TBT p99 (s)", lambda r: r.rows[1].tbt_s["p99"], True),
+    ("long JCT p50 (s)", lambda r: r.rows[1].jct_s["p50"], True),
+    ("long JCT p99 (s)", lambda r: r.rows[1].jct_s["p99"], True),
+    ("preemptions", lambda r: _counter(r.counters.preemptions, r), False),
+    ("colocations", lambda r: _counter(r.counters.colocations, r), False),
+    ("KV transfers", lambda r: _counter(r.counters.kv_transfers, r), False),
+    ("not finished", lambda r: float(r.num_failed), False),
+)
+
+
+def _change(before: float, after: float, is_seconds: bool) -> str:
+    if math.isnan(before) or math.isnan(after):
+        return "-"
+    if not is_seconds:
+        return f"{after - before:+.0f}"
+    if before == 0.0:
+        return "same" if after == 0.0 else "-"
+    return f"{(after - before) / before:+.0%}"
+
+
+def format_comparison(baseline: tuple[str, ReplayReport], ours: tuple[str, ReplayReport]) -> str:
+    """The headline metrics of two replays of the same slice, side by side, with the change
+    from `baseline` to `ours` (relative for times, absolute for counts); each is (policy name,
+    report)."""
+    (base_name, base), (our_name, our) = baseline, ours
+    width = max(len(label) for label, _, _ in _COMPARED)
+    columns = max(len(base_name), len(our_name), 9)
+    header = f"{'':<{width}}  {base_name:>{columns}}  {our_name:>{columns}}  {'change':>7}"
+    lines = [header, "-" * len(header)]
+    for label, value, is_seconds in _COMPARED:
+        before, after = value(base), value(our)
+        cells = [
+            "-" if math.isnan(v) else (f"{v:.3f}" if is_seconds else f"{v:.0f}")
+            for v in (before, after)
+        ]
+        lines.append(
+            f"{label:<{width}}  {cells[0]:>{columns}}  {cells[1]:>{columns}}  "
+            f"{_change(before, after, is_seconds):>7}"
+        )
+    return "\n".join(lines)

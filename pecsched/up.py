@@ -5,11 +5,8 @@ one short-decode) as child processes, waits until every instance is registered, 
 status line (queues by class, busy instances, throughput, counters) until Ctrl-C, which stops
 the children cleanly (SIGTERM, then SIGKILL after a grace period).
 
-`--demo` first replays a slice of the Azure traces (both files, merged) with lengths scaled to
-what the `tiny` model on CPU can serve: shorts ~15-600 prompt tokens, the trace's long prompts
-spread over 2,000-6,000 tokens, so that preemption, colocation, KV transfer and SP prefill all
-happen; the control plane's long threshold (1,024 tokens) and chunk size are set to match. It
-prints the per-class table, then keeps serving. `--demo-only` exits after the table.
+`--demo` first replays the same slice of the Azure traces under `fifo` and under `--policy`
+and compares them (pecsched/demo.py), then keeps serving. `--demo-only` exits after that.
 """
 
 from __future__ import annotations
@@ -20,10 +17,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from pecsched.demo import DEMO_DURATION_S, run_demo
 
 if TYPE_CHECKING:
     from pecsched.cluster import ClusterSpec, LocalCluster
@@ -42,23 +40,6 @@ short_threshold_tokens = 1024
 chunk_tokens = 256
 """
 GPU_CONFIG_TOML = "auth_enabled = false\n"  # the paper's thresholds (4,096 / 8,192-token chunks)
-
-
-@dataclass(frozen=True, slots=True)
-class DemoShape:
-    """How the demo scales trace lengths for one device."""
-
-    token_scale: float  # short prompts and outputs
-    long_rescale: str  # LOW:HIGH tokens for the trace's long prompts
-    max_output_tokens: int
-
-
-DEMO_SHAPES = {
-    "cpu": DemoShape(0.15, "2000:6000", 64),  # tiny: threshold 1,024, 4,096-token pools
-    # A real preset on one GPU: real short lengths, longs up to what a few workers hold
-    # (NOTE(helper-9): not yet run on a GPU).
-    "cuda": DemoShape(1.0, "8000:32000", 256),
-}
 
 
 def register(subparsers: Any) -> None:
@@ -85,10 +66,16 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--log-dir", default="pecsched-logs", help="children's logs (default ./pecsched-logs)"
     )
-    p.add_argument("--demo", action="store_true", help="replay a slice of the Azure trace first")
-    p.add_argument("--demo-only", action="store_true", help="exit after the demo's table")
     p.add_argument(
-        "--demo-duration", type=float, default=120.0, metavar="S", help="seconds of trace to replay"
+        "--demo", action="store_true", help="first compare fifo and --policy on a trace slice"
+    )
+    p.add_argument("--demo-only", action="store_true", help="exit after the demo's comparison")
+    p.add_argument(
+        "--demo-duration",
+        type=float,
+        default=DEMO_DURATION_S,
+        metavar="S",
+        help=f"seconds of (compressed) arrivals per policy (default {DEMO_DURATION_S:.0f})",
     )
     p.add_argument(
         "--trace",
@@ -149,7 +136,7 @@ def _handle(args: argparse.Namespace) -> int:
         cluster.start(ready_timeout_s=180.0)
         print(f"ready: {spec.num_instances} instances registered", flush=True)
         if args.demo or args.demo_only:
-            code = _run_demo(args, spec.target, cluster)
+            code = run_demo(args, cluster, lambda: _StatusThread(spec.target, cluster))
             if args.demo_only:
                 return code
         _print_usage(spec)
@@ -165,31 +152,6 @@ def _handle(args: argparse.Namespace) -> int:
         codes = cluster.stop()
         print(f"stopped ({', '.join(f'{k}: {v}' for k, v in codes.items())})", file=sys.stderr)
     return code
-
-
-def _run_demo(args: argparse.Namespace, target: str, cluster: LocalCluster) -> int:
-    import asyncio
-
-    from pecsched.replay import replay_options, run_replay
-    from sim.workloads import AZURE_TRACES
-
-    traces = args.trace or [str(p) for p in AZURE_TRACES]
-    shape = DEMO_SHAPES[args.device]
-    demo = replay_options(
-        token_scale=shape.token_scale,
-        long_rescale=shape.long_rescale,
-        max_output_tokens=shape.max_output_tokens,
-        duration=args.demo_duration,
-        drain_timeout=max(120.0, args.demo_duration * 2),
-    )
-    status = _StatusThread(target, cluster)
-    status.start()
-    try:
-        report = asyncio.run(run_replay(traces, demo, target, None))
-    finally:
-        status.stop()
-    print(report.table, flush=True)
-    return 0 if report.num_failed == 0 else 1
 
 
 def _print_usage(spec: ClusterSpec) -> None:

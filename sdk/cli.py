@@ -108,6 +108,13 @@ def _register_top(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 # -- handlers --------------------------------------------------------------------------------
 
+# Terminal control sequences of `top` (VT100/xterm).
+_ENTER_SCREEN = "\x1b[?1049h\x1b[?25l"  # alternate screen, cursor hidden
+_LEAVE_SCREEN = "\x1b[?25h\x1b[?1049l"  # cursor shown, the shell's screen back
+_HOME = "\x1b[H"  # cursor to the top-left corner
+_CLEAR_LINE = "\x1b[K"  # erase to the end of the line
+_CLEAR_BELOW = "\x1b[J"  # erase below the cursor
+
 
 def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
     # Opens the client, runs `body`, and turns SDK and input errors into messages + exit codes.
@@ -258,23 +265,41 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from sdk.render import format_snapshot
+    import shutil
+
+    from sdk.render import fit_screen, format_snapshot
+
+    # On a terminal: the alternate screen (the shell's screen comes back on exit), each
+    # snapshot drawn over the last from the top-left corner, cut to the terminal's size.
+    live = sys.stdout.isatty() and not (args.once or args.json)
 
     def body(client: Client) -> int:
+        if live:
+            sys.stdout.write(_ENTER_SCREEN)
         try:
             for snapshot in client.watch(interval_s=args.interval_s):
                 if args.json:
                     _print_json(snapshot)
-                elif args.once:
-                    print(format_snapshot(snapshot))
-                else:
-                    # Clear the terminal and redraw from the top-left corner.
-                    sys.stdout.write("\x1b[H\x1b[2J" + format_snapshot(snapshot) + "\n")
+                elif live:
+                    size = shutil.get_terminal_size()
+                    screen = fit_screen(format_snapshot(snapshot), size.columns, size.lines)
+                    sys.stdout.write(
+                        _HOME
+                        + screen.replace("\n", _CLEAR_LINE + "\n")
+                        + _CLEAR_LINE
+                        + _CLEAR_BELOW
+                    )
                     sys.stdout.flush()
+                else:
+                    print(format_snapshot(snapshot) + ("" if args.once else "\n"), flush=True)
                 if args.once:
                     return 0
         except KeyboardInterrupt:
             return 0
+        finally:
+            if live:
+                sys.stdout.write(_LEAVE_SCREEN)
+                sys.stdout.flush()
         return 0
 
     return _run(args, body)

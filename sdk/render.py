@@ -125,3 +125,14 @@ def format_snapshot(snapshot: ClusterSnapshot) -> str:
         ],
     )
     return f"{header}\n\n{classes}\n\n{instances}"
+
+
+def fit_screen(text: str, columns: int, lines: int) -> str:
+    """`text` cut to a `columns` x `lines` screen: long lines are clipped, and when there are
+    more lines than fit, the last screen line says how many were left out. No trailing newline,
+    so writing it from the top-left corner never scrolls the terminal."""
+    rows = [row[:columns] for row in text.split("\n")]
+    if len(rows) > lines:
+        kept = max(lines - 1, 0)
+        rows = [*rows[:kept], f"... {len(rows) - kept} more lines (enlarge the terminal)"[:columns]]
+    return "\n".join(rows)

@@ -1,6 +1,6 @@
 """Faults on a live cluster: an agent SIGKILLed mid-run, the control plane SIGKILLed and restarted.
 
-Durability contract (DESIGN.md): after an agent dies its requests are re-queued and finish
+Durability contract (docs/architecture.md): after an agent dies its requests are re-queued and finish
 elsewhere; after a control-plane restart on the same database every acknowledged request
 finishes. Outputs must still equal transformers' greedy output (a resumed request continues
 from its generated tokens, a re-run one starts over: both must give the same tokens).

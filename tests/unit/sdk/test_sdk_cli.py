@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
 
 import pytest
 from sdk_fake_control_plane import API_KEY, FakeControlPlane, output_tokens, token_text
@@ -184,3 +193,45 @@ def test_errors_give_messages_and_exit_codes(
     assert auth_code == 1 and "UNAUTHENTICATED" in auth_err
     assert both_code == 2 and "either as TEXT or as --token-ids" in both_err
     assert bad_code == 2 and "--token-ids must be comma-separated integers" in bad_err
+
+
+def test_top_on_a_terminal_redraws_one_screen_in_place(target: str) -> None:
+    # Prepare: `pecsched top` on a pseudo-terminal of 8 lines x 40 columns
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 8, 40, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pecsched", "top", "--interval-s", "0.05", "--target", target],
+        stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    os.close(follower)
+
+    # Execute: read until three frames were drawn, then Ctrl-C
+    out = b""
+    deadline = time.monotonic() + 60
+    while out.count(b"\x1b[H") < 3 and time.monotonic() < deadline:
+        out += os.read(leader, 65536)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=30)
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+
+    # Assert: alternate screen in and out, every frame drawn from the top-left corner and cut
+    # to the terminal (the pty turns "\n" into "\r\n")
+    text = out.decode()
+    assert code == 0, proc.stderr.read() if proc.stderr else ""
+    assert text.startswith("\x1b[?1049h\x1b[?25l") and text.endswith("\x1b[?25h\x1b[?1049l")
+    frames = text.removesuffix("\x1b[?25h\x1b[?1049l").split("\x1b[H")[1:]
+    assert len(frames) >= 3
+    for frame in frames[:3]:
+        rows = frame.replace("\x1b[K", "").replace("\x1b[J", "").split("\r\n")
+        assert len(rows) == 8 and all(len(row) <= 40 for row in rows), rows
+        assert rows[0].startswith("policy pecsched")
+        assert rows[-1] == "... 3 more lines (enlarge the terminal)"
