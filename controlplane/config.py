@@ -84,6 +84,13 @@ class Config:
     text_tokenizer: TextTokenizer = field(
         default=TextTokenizer.BYTE, metadata={"help": "tokenizer of text prompts: byte | none"}
     )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "served model's directory with tokenizer.json (+ tokenizer_config.json, chat "
+            "template): text and chat prompts use it; overrides text_tokenizer"
+        },
+    )
     model: str | None = field(
         default=None,
         metadata={"help": "model agents must register; None = the first agent's model"},

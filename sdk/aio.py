@@ -37,6 +37,7 @@ from sdk.types import (
     ClusterSnapshot,
     GenerateResult,
     ListPage,
+    Prompt,
     RequestClass,
     RequestInfo,
     RequestState,
@@ -166,7 +167,7 @@ class AsyncClient:
 
     async def submit(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_new_tokens: int,
         sampling: Sampling | None = None,
