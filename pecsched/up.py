@@ -78,6 +78,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=50051, help="control plane port on 127.0.0.1")
     p.add_argument("--policy", default="pecsched", help="scheduling policy")
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API on 127.0.0.1:PORT (default 8000; 0 disables)",
+    )
+    p.add_argument(
         "--kv-budget",
         help=f"KV pool per worker (default: the agent's on cpu, {CUDA_KV_BUDGET} on cuda, "
         "where the workers share one GPU)",
@@ -108,10 +114,15 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     model = args.model or ("tiny" if args.device == "cpu" else CUDA_DEFAULT_MODEL)
     roles = ("general",) * (args.workers - 1) + ("short_decode",)
     kv_budget = args.kv_budget or (CUDA_KV_BUDGET if args.device == "cuda" else None)
+    has_tokenizer = (Path(model) / "tokenizer.json").is_file()
     return ClusterSpec(
         db_url=args.db,
         port=args.port,
         policy=args.policy,
+        # A model directory's own tokenizer serves text and chat prompts (else: UTF-8 bytes).
+        tokenizer_dir=model if has_tokenizer else None,
+        http_port=args.http_port or None,
+        model_name=Path(model).name,
         config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
         # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
         agents=(
@@ -202,6 +213,10 @@ def _print_usage(spec: ClusterSpec) -> None:
         f"  {cli} list --target {spec.target}",
         f"  {cli} top --target {spec.target}",
     ]
+    if spec.http_port is not None:
+        lines.append(
+            f"  OpenAI API: http://127.0.0.1:{spec.http_port}/v1 (model {spec.model_name})"
+        )
     if db_file:
         query = "select * from request_history limit 10"
         if shutil.which("sqlite3"):

@@ -20,7 +20,7 @@ def test_up_demo_only_prints_the_table_and_fills_the_database(tmp_path: Path) ->
     command = [
         sys.executable, "-m", "pecsched", "up", "--demo-only", "--demo-duration", "20",
         "--port", str(free_port()), "--db", f"sqlite:///{db_path}",
-        "--log-dir", str(tmp_path / "logs"),
+        "--log-dir", str(tmp_path / "logs"), "--http-port", str(free_port()),
     ]  # fmt: skip
 
     # Execute: from a directory outside the repository (the bundled traces are found anyway)
