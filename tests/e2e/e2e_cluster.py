@@ -44,6 +44,7 @@ class Reference:
     """transformers' greedy continuation on the exported tiny weights (memoized)."""
 
     hf_model: Any
+    directory: Path  # the exported HF directory (config.json + model.safetensors)
     _cache: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
 
     def greedy(self, prompt: list[int], num_tokens: int) -> list[int]:

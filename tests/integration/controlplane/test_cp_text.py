@@ -3,6 +3,11 @@ counted and classified in its tokens, output streamed back as its text (also on 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+from asyncio.subprocess import PIPE
+
 import pytest
 from cp_harness import GENERAL, make_config, migrated_db, start_control_plane
 from cp_sim_agent import SimAgent, expected_token
@@ -63,6 +68,34 @@ async def test_text_and_chat_prompts_use_the_model_tokenizer(tmp_path):
         assert refused.value.field == "prompt.chat" and "alternate" in refused.value.message
     finally:
         await client.close()
+        await agent.stop()
+        await cp.stop()
+
+
+async def test_cli_submits_text_as_chat_and_prints_the_model_text(tmp_path):
+    # Prepare
+    model_dir = write_chat_tokenizer(tmp_path / "model")
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    cp = await start_control_plane(make_config(migrated_db(tmp_path), tokenizer=str(model_dir)))
+    agent = SimAgent(cp.target, "node-a", [("a0", GENERAL, 4096)])
+    await agent.start()
+    try:
+        # Execute: the CLI in a subprocess (this event loop keeps serving meanwhile)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pecsched", "submit", "héllo", "--chat", "--max-tokens", "6",
+            "--target", cp.target, "--json", stdout=PIPE, stderr=PIPE,
+        )  # fmt: skip
+        stdout, stderr = await process.communicate()
+        # Assert
+        assert process.returncode == 0, stderr.decode()
+        printed = json.loads(stdout)
+        chat_ids = reference.apply_chat_template(
+            [{"role": "user", "content": "héllo"}], add_generation_prompt=True, return_dict=False
+        )
+        expected = [expected_token(list(chat_ids), i) for i in range(6)]
+        assert printed["token_ids"] == expected
+        assert printed["text"] == reference.decode(expected, skip_special_tokens=True)
+    finally:
         await agent.stop()
         await cp.stop()
 
