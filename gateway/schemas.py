@@ -92,9 +92,11 @@ class CompletionRequest(_Sampled):
     def prompt_value(self) -> str | list[int]:
         """The prompt as text or token ids."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            return str(prompt[0])
-        return prompt  # type: ignore[return-value]  # str, or a list of ints
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt[0], str):  # a batch of one prompt
+            return prompt[0]
+        return [int(t) for t in prompt]
 
 
 class TextPart(BaseModel):
