@@ -102,6 +102,7 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     import torch
 
     from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
+    from dataplane.parallel.kv_ipc import IpcRegistry
     from dataplane.worker.runtime import WorkerRuntime
 
     # The agent owns shutdown: a terminal's Ctrl-C or a group-wide SIGTERM must not kill the
@@ -121,7 +122,8 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
             managers[address] = GroupManager(store, spec.member_id, factory, spec.group_timeout_s)
         return managers[address]
 
-    runtime = WorkerRuntime(engine, spec.member_id, manager_for)
+    ipc = IpcRegistry(engine.device) if engine.device.type == "cuda" else None
+    runtime = WorkerRuntime(engine, spec.member_id, manager_for, ipc)
     eos = engine.model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids, os.getpid()))
