@@ -30,7 +30,7 @@ class TextTokenizer(StrEnum):
     """How the control plane turns `SubmitRequest.text` into token ids."""
 
     BYTE = "byte"  # UTF-8 bytes, token id = byte value (the data plane's default tokenizer)
-    NONE = "none"  # refuse text prompts (models with their own HF tokenizer): send token_ids
+    NONE = "none"  # refuse text prompts: send token_ids (or give the model's tokenizer dir)
 
 
 @dataclass(frozen=True, slots=True)
