@@ -21,9 +21,8 @@ from controlplane.config import Config
 from controlplane.core.errors import InvalidArgumentError
 from controlplane.core.types import RequestSpec, classify
 from controlplane.store.records import UINT32_MAX, NewRequest
-from controlplane.text.chat import ChatTemplateError, ChatTurn
+from controlplane.text.chat import ChatTemplateError, ChatTurn, ChatUnsupportedError
 from controlplane.text.codec import TextCodec
-from controlplane.text.hf import ChatUnsupportedError
 from protos.pecsched.v1 import inference_pb2
 
 MAX_TENANT_CHARS = 128

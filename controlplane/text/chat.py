@@ -36,6 +36,10 @@ class ChatTemplateError(ValueError):
     """The template refused the conversation (its `raise_exception`, or a rendering error)."""
 
 
+class ChatUnsupportedError(ValueError):
+    """The served model has no chat template."""
+
+
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (HF's assistant-mask marker) renders its body."""
 

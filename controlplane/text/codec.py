@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from controlplane.config import Config, TextTokenizer
-from controlplane.text.chat import ChatTurn
-from controlplane.text.hf import ChatUnsupportedError, HFCodec
+from controlplane.text.chat import ChatTurn, ChatUnsupportedError
+from controlplane.text.hf import HFCodec
 
 BYTE_TOKEN_OFFSET = 0  # token id of byte value b is b + BYTE_TOKEN_OFFSET
 NUM_BYTE_TOKENS = 256

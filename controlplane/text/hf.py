@@ -18,7 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from controlplane.text.chat import ChatTemplate, ChatTurn
+from controlplane.text.chat import ChatTemplate, ChatTurn, ChatUnsupportedError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -33,10 +33,6 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
-
-
-class ChatUnsupportedError(ValueError):
-    """The model has no chat template."""
 
 
 class HFStreamDecoder:

@@ -17,9 +17,9 @@ from tokenizer_dir import write_chat_tokenizer
 from transformers import AutoTokenizer
 
 from controlplane.config import Config, TextTokenizer
-from controlplane.text.chat import ChatTemplateError, ChatTurn
+from controlplane.text.chat import ChatTemplateError, ChatTurn, ChatUnsupportedError
 from controlplane.text.codec import ByteCodec, load_text_codec
-from controlplane.text.hf import TEMPLATE_FILE, ChatUnsupportedError, HFCodec
+from controlplane.text.hf import TEMPLATE_FILE, HFCodec
 
 TEXTS = ["Hello world", "  the lazy dog\n\n", "héllo wörld ✓", "日本語 🙂 mixed", "</s> literal"]
 CHATS = [
