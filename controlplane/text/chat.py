@@ -23,6 +23,15 @@ import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+# The byte tokenizer's chat format (models without a tokenizer of their own, such as the random
+# presets): one "role: content" line per message, then "assistant:" to open the reply.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ChatTurn:

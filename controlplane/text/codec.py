@@ -5,8 +5,8 @@
   template (`hf.HFCodec`); prompts are counted and classified in its tokens;
 - else `text_tokenizer = "byte"`: `ByteCodec`, the rule of the data plane's default tokenizer
   (dataplane/models/tokenizer.py `ByteTokenizer`, which this module must match and never
-  imports): token id = UTF-8 byte value (ids 0..255), ids >= 256 decode to nothing; it has no
-  chat template;
+  imports): token id = UTF-8 byte value (ids 0..255), ids >= 256 decode to nothing; chats are
+  rendered as plain "role: content" lines (`chat.PLAIN_CHAT_TEMPLATE`);
 - else (`"none"`): None, text and chat prompts are refused and clients send token ids.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from controlplane.config import Config, TextTokenizer
-from controlplane.text.chat import ChatTurn, ChatUnsupportedError
+from controlplane.text.chat import PLAIN_CHAT_TEMPLATE, ChatTemplate, ChatTurn
 from controlplane.text.hf import HFCodec
 
 BYTE_TOKEN_OFFSET = 0  # token id of byte value b is b + BYTE_TOKEN_OFFSET
@@ -76,15 +76,16 @@ class ByteCodec:
 
     name = "byte"
 
+    def __init__(self) -> None:
+        self._chat_template = ChatTemplate(PLAIN_CHAT_TEMPLATE, {})
+
     def encode(self, text: str) -> list[int]:
         """One id per UTF-8 byte."""
         return [b + BYTE_TOKEN_OFFSET for b in text.encode("utf-8")]
 
     def encode_chat(self, turns: Sequence[ChatTurn]) -> list[int]:
-        """Always refused: a byte-level model has no chat template."""
-        raise ChatUnsupportedError(
-            "the served model has no chat template (byte tokenizer); send text or token ids"
-        )
+        """The bytes of the conversation as plain "role: content" lines, "assistant:" last."""
+        return self.encode(self._chat_template.render(turns, add_generation_prompt=True))
 
     def stream_decoder(self, prefix_ids: Sequence[int]) -> ByteStreamDecoder:
         """A UTF-8 decoder after `prefix_ids`."""

@@ -101,8 +101,9 @@ async def test_cli_submits_text_as_chat_and_prints_the_model_text(tmp_path):
 
 
 async def test_chat_prompts_need_a_chat_template(tmp_path):
-    # Prepare: the default byte tokenizer, which has no chat template
-    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    # Prepare: a model tokenizer saved without a chat template
+    model_dir = write_chat_tokenizer(tmp_path / "model", chat_template=None)
+    cp = await start_control_plane(make_config(migrated_db(tmp_path), tokenizer=str(model_dir)))
     client = AsyncClient(cp.target, timeout_s=10)
     try:
         # Execute
@@ -111,6 +112,20 @@ async def test_chat_prompts_need_a_chat_template(tmp_path):
         # Assert
         assert refused.value.detail_code == "CHAT_UNSUPPORTED"
         assert refused.value.field == "prompt.chat"
+    finally:
+        await client.close()
+        await cp.stop()
+
+
+async def test_byte_models_take_chat_as_plain_role_lines(tmp_path):
+    # Prepare: the default byte tokenizer (a preset model without a tokenizer of its own)
+    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    client = AsyncClient(cp.target, timeout_s=10)
+    try:
+        # Execute
+        ack = await client.submit([ChatMessage("user", "héllo")], max_new_tokens=2)
+        # Assert: one token per byte of the plain rendering
+        assert ack.prompt_tokens == len("user: héllo\nassistant:".encode())
     finally:
         await client.close()
         await cp.stop()

@@ -135,10 +135,13 @@ def test_chat_needs_a_template_and_text_needs_a_tokenizer_file(tmp_path):
     # Execute / Assert
     with pytest.raises(ChatUnsupportedError, match="no chat template"):
         HFCodec.from_directory(no_template).encode_chat(CHATS[0])
-    with pytest.raises(ChatUnsupportedError, match="no chat template"):
-        ByteCodec().encode_chat(CHATS[0])
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         HFCodec.from_directory(tmp_path)
+
+
+def test_byte_models_chat_in_plain_role_lines():
+    ids = ByteCodec().encode_chat(CHATS[1])
+    assert bytes(ids).decode() == "system: Be brief.\nuser:   Schedule me first  \nassistant:"
 
 
 def test_config_picks_the_model_tokenizer_over_the_byte_rule(model_dir):
