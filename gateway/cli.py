@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,10 @@ def _handle(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pecsched gateway: error: {exc}", file=sys.stderr)
         return 2
+    # uvicorn re-raises the signal that stopped it once it has shut down cleanly: a no-op
+    # handler makes that an exit with code 0 rather than death by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     return asyncio.run(serve(settings, args.log_level.lower()))
 
 
