@@ -10,6 +10,7 @@ carries the final state.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -65,7 +66,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     ) -> inference_pb2.SubmitResponse:
         """Validate, persist (group commit) and acknowledge a request."""
         principal = current_principal()
-        new = new_request_from_proto(
+        validate = functools.partial(
+            new_request_from_proto,
             request,
             principal,
             self.config,
@@ -73,6 +75,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
             self._ids.next_id(),
             self.text_codec,
         )
+        # Tokenizing a long text or chat prompt takes seconds: in a thread (the tokenizer
+        # releases the GIL), so the scheduler and the other calls keep running meanwhile.
+        is_text = request.WhichOneof("prompt") in ("text", "chat")
+        new = await asyncio.to_thread(validate) if is_text else validate()
         span.set_attribute(ATTR_TENANT, new.spec.tenant)
         span.set_attribute(ATTR_PROMPT_TOKENS, new.spec.prompt_tokens)
         outcome = await self.runtime.submit(PendingSubmit(new, span.context))

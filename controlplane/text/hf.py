@@ -88,9 +88,12 @@ class HFCodec:
         return self._chat_template is not None
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a text prompt, with the special tokens the tokenizer adds."""
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True).ids
-        return ids
+        """Token ids of a text prompt, with the special tokens the tokenizer adds.
+
+        Releases the GIL while it runs (a long prompt takes seconds): callers on an event loop
+        run it in a thread.
+        """
+        return self._encode(text, add_special_tokens=True)
 
     def encode_chat(self, turns: Sequence[ChatTurn]) -> list[int]:
         """Token ids of a conversation rendered by the chat template, the assistant's turn open.
@@ -102,7 +105,12 @@ class HFCodec:
         if self._chat_template is None:
             raise ChatUnsupportedError(f"the served model ({self.name}) has no chat template")
         text = self._chat_template.render(turns, add_generation_prompt=True)
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._encode(text, add_special_tokens=False)
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        # encode_batch, unlike encode, releases the GIL; the ids are the same.
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        ids: list[int] = encoding.ids
         return ids
 
     def stream_decoder(self, prefix_ids: Sequence[int]) -> HFStreamDecoder:
