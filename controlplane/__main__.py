@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     parser.add_argument("--metrics-port", type=int, metavar="P", help=_help("metrics_port"))
     parser.add_argument("--otlp-endpoint", metavar="URL", help=_help("otlp_endpoint"))
+    parser.add_argument("--tokenizer", metavar="DIR", help=_help("tokenizer"))
     parser.add_argument(
         "--no-auth",
         dest="auth_enabled",
@@ -61,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "policy",
             "metrics_port",
             "otlp_endpoint",
+            "tokenizer",
             "auth_enabled",
             "heartbeat_interval_s",
         )
@@ -94,9 +96,11 @@ async def serve(config: Config) -> int:
     from controlplane.store.errors import SchemaOutdated, StoreError
     from controlplane.store.sql_repository import SqlRepository
     from controlplane.telemetry import Telemetry
+    from controlplane.text.codec import load_text_codec
 
     try:
         policy = make_policy(config.policy, config.scheduler, config.seed)
+        text_codec = load_text_codec(config)
         engine = make_engine(config.db_url)
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
@@ -114,7 +118,7 @@ async def serve(config: Config) -> int:
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     recovered = await runtime.start()
     authenticator = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, authenticator, config.listen)
+    api = ApiServer(runtime, authenticator, config.listen, text_codec)
     port = await api.start()
     metrics = None
     if config.metrics_port is not None:
@@ -125,12 +129,13 @@ async def serve(config: Config) -> int:
         _log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
     host = config.listen.rsplit(":", 1)[0]
     _log.info(
-        "listening on %s:%d policy=%s recovered=%d auth=%s",
+        "listening on %s:%d policy=%s recovered=%d auth=%s tokenizer=%s",
         host,
         port,
         config.policy,
         recovered,
         "on" if config.auth_enabled else "OFF",
+        text_codec.name if text_codec is not None else "none (token ids only)",
     )
     print(f"pecsched controlplane listening on {host}:{port}", flush=True)
     stop = asyncio.Event()

@@ -30,7 +30,7 @@ class TextTokenizer(StrEnum):
     """How the control plane turns `SubmitRequest.text` into token ids."""
 
     BYTE = "byte"  # UTF-8 bytes, token id = byte value (the data plane's default tokenizer)
-    NONE = "none"  # refuse text prompts (models with their own HF tokenizer): send token_ids
+    NONE = "none"  # refuse text prompts: send token_ids (or give the model's tokenizer dir)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,13 @@ class Config:
     )
     text_tokenizer: TextTokenizer = field(
         default=TextTokenizer.BYTE, metadata={"help": "tokenizer of text prompts: byte | none"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "served model's directory with tokenizer.json (+ tokenizer_config.json, chat "
+            "template): text and chat prompts use it; overrides text_tokenizer"
+        },
     )
     model: str | None = field(
         default=None,

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import controlplane.cli
 import dataplane.cli
+import gateway.cli
 import pecsched.replay
 import pecsched.up
 import sdk.cli
@@ -27,6 +28,7 @@ COMPONENT_CLIS: tuple[ModuleType, ...] = (
     dataplane.cli,
     controlplane.cli,
     sim.cli,
+    gateway.cli,
     pecsched.replay,
     pecsched.up,
 )

@@ -1,7 +1,7 @@
 """A local cluster as child processes: the control plane and node agents on this machine.
 
-`LocalCluster` runs `pecsched db upgrade`, starts `pecsched controlplane` and any number of
-`pecsched agent`s (each `sys.executable -m pecsched ...`, in its own process group so that its
+`LocalCluster` runs `pecsched db upgrade`, starts `pecsched controlplane`, any number of
+`pecsched agent`s and optionally `pecsched gateway` (the OpenAI HTTP endpoint) (each `sys.executable -m pecsched ...`, in its own process group so that its
 worker processes go with it), waits until the agents' instances are registered, and stops
 everything: SIGTERM, a grace period, then SIGKILL of the whole group. `pecsched up` and the
 end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<name>.log`.
@@ -66,6 +66,9 @@ class ClusterSpec:
     agents: tuple[AgentSpec, ...] = ()
     extra_controlplane_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every child
+    tokenizer_dir: str | None = None  # served model's tokenizer, for the control plane
+    http_port: int | None = None  # OpenAI gateway on 127.0.0.1:PORT (None: no gateway)
+    model_name: str = "pecsched"  # the model id the gateway serves
 
     @property
     def target(self) -> str:
@@ -94,6 +97,7 @@ class LocalCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.controlplane: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.gateway: subprocess.Popen[bytes] | None = None
         self._num_starts: dict[str, int] = {}
 
     # -- processes --------------------------------------------------------------------------
@@ -141,6 +145,8 @@ class LocalCluster:
             "--policy",
             self.spec.policy,
         ]
+        if self.spec.tokenizer_dir is not None:
+            args += ["--tokenizer", self.spec.tokenizer_dir]
         if self.spec.config_toml:
             config_path = self.log_dir / "controlplane.toml"
             config_path.write_text(self.spec.config_toml)
@@ -170,13 +176,34 @@ class LocalCluster:
             args += ["--kv-budget", agent.kv_budget]
         self.agents[agent.node_id] = self._spawn(agent.node_id, [*args, *agent.extra_args])
 
+    def start_gateway(self, timeout_s: float = 30.0) -> None:
+        """Start `pecsched gateway` on the spec's HTTP port and wait until it accepts."""
+        assert self.spec.http_port is not None, "no http_port in the spec"
+        args = ["gateway", "--target", self.spec.target, "--model-name", self.spec.model_name]
+        self.gateway = self._spawn(
+            "gateway", [*args, "--listen", f"127.0.0.1:{self.spec.http_port}"]
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", self.spec.http_port), 1.0).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"gateway not listening after {timeout_s:.0f} s") from None
+                time.sleep(0.1)
+
     def start(self, ready_timeout_s: float = 120.0) -> None:
-        """Upgrade the database, start the control plane and every agent, wait until ready."""
+        """Upgrade the database, start the control plane and every agent, wait until ready,
+        then start the gateway (if the spec has an HTTP port)."""
         self.upgrade_db()
         self.start_controlplane()
         for agent in self.spec.agents:
             self.start_agent(agent)
         self.wait_ready(self.spec.num_instances, ready_timeout_s)
+        if self.spec.http_port is not None:
+            self.start_gateway()
 
     def restart_controlplane(self, policy: str, ready_timeout_s: float) -> None:
         """Stop the control plane (SIGTERM, then SIGKILL after the grace period), start it on
@@ -192,7 +219,7 @@ class LocalCluster:
 
     def check_alive(self) -> None:
         """Raise ClusterError (with the log's end) if a started child has exited."""
-        children = {"controlplane": self.controlplane, **self.agents}
+        children = {"controlplane": self.controlplane, "gateway": self.gateway, **self.agents}
         for name, proc in children.items():
             if proc is not None and proc.poll() is not None:
                 raise ClusterError(
@@ -238,11 +265,14 @@ class LocalCluster:
         self.controlplane.wait()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> dict[str, int]:
-        """SIGTERM each agent, then the control plane; after `grace_s` each, SIGKILL its group.
+        """SIGTERM the gateway, each agent, then the control plane; after `grace_s` each, SIGKILL
+        its group.
 
         Returns each child's exit code (negative: killed by that signal).
         """
         codes: dict[str, int] = {}
+        if self.gateway is not None:
+            codes["gateway"] = _terminate(self.gateway, grace_s)
         for name, proc in self.agents.items():
             codes[name] = _terminate(proc, grace_s)
         if self.controlplane is not None:

@@ -40,6 +40,18 @@ short_threshold_tokens = 1024
 chunk_tokens = 256
 """
 GPU_CONFIG_TOML = "auth_enabled = false\n"  # the paper's thresholds (4,096 / 8,192-token chunks)
+# Workers sharing a GPU never form an SP group: NCCL cannot put two ranks of one group on one
+# GPU (the agent refuses such groups too), so the policy plans with SP degree 1 there.
+SHARED_GPU_SCHEDULER_TOML = "\n[scheduler]\nmax_sp_degree = 1\n"
+
+
+def config_toml(device: str, num_workers: int, num_gpus: int) -> str:
+    """The control plane's config for a local cluster of `num_workers` on `device`."""
+    if device == "cpu":
+        return CPU_CONFIG_TOML
+    if num_workers > num_gpus:  # the agent puts worker i on GPU i mod num_gpus
+        return GPU_CONFIG_TOML + SHARED_GPU_SCHEDULER_TOML
+    return GPU_CONFIG_TOML
 
 
 def register(subparsers: Any) -> None:
@@ -49,7 +61,13 @@ def register(subparsers: Any) -> None:
         help="run a local cluster (control plane + agent) in the foreground",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="worker processes (default 4); on cuda worker i uses GPU i mod #GPUs, so N workers "
+        "may share one GPU, each with --kv-budget of KV (the agent refuses shares that do not fit)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--model",
@@ -58,6 +76,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", default="sqlite:///pecsched.db", help="database URL")
     p.add_argument("--port", type=int, default=50051, help="control plane port on 127.0.0.1")
     p.add_argument("--policy", default="pecsched", help="scheduling policy")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API on 127.0.0.1:PORT (default 8000; 0 disables)",
+    )
     p.add_argument(
         "--kv-budget",
         help=f"KV pool per worker (default: the agent's on cpu, {CUDA_KV_BUDGET} on cuda, "
@@ -86,8 +110,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_handle)
 
 
-def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    """The ClusterSpec `up` starts for its flags."""
+def cluster_spec(args: argparse.Namespace, num_gpus: int = 0) -> ClusterSpec:
+    """The ClusterSpec `up` starts for its flags (`num_gpus`: GPUs visible, for cuda)."""
     from pecsched.cluster import AgentSpec, ClusterSpec
 
     if args.workers < 2:
@@ -95,11 +119,16 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     model = args.model or ("tiny" if args.device == "cpu" else CUDA_DEFAULT_MODEL)
     roles = ("general",) * (args.workers - 1) + ("short_decode",)
     kv_budget = args.kv_budget or (CUDA_KV_BUDGET if args.device == "cuda" else None)
+    has_tokenizer = (Path(model) / "tokenizer.json").is_file()
     return ClusterSpec(
         db_url=args.db,
         port=args.port,
         policy=args.policy,
-        config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
+        # A model directory's own tokenizer serves text and chat prompts (else: UTF-8 bytes).
+        tokenizer_dir=model if has_tokenizer else None,
+        http_port=args.http_port or None,
+        model_name=Path(model).name,
+        config_toml=config_toml(args.device, args.workers, num_gpus),
         # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
         agents=(
             AgentSpec("local", roles, model, args.device, kv_budget, extra_args=AGENT_DRAIN_ARGS),
@@ -118,8 +147,13 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 def _handle(args: argparse.Namespace) -> int:
     from pecsched.cluster import ClusterError, LocalCluster
 
+    num_gpus = 0
+    if args.device == "cuda":
+        import torch
+
+        num_gpus = torch.cuda.device_count()
     try:
-        spec = cluster_spec(args)
+        spec = cluster_spec(args, num_gpus)
     except ValueError as exc:
         print(f"pecsched up: error: {exc}", file=sys.stderr)
         return 2
@@ -164,6 +198,10 @@ def _print_usage(spec: ClusterSpec) -> None:
         f"  {cli} list --target {spec.target}",
         f"  {cli} top --target {spec.target}",
     ]
+    if spec.http_port is not None:
+        lines.append(
+            f"  OpenAI API: http://127.0.0.1:{spec.http_port}/v1 (model {spec.model_name})"
+        )
     if db_file:
         query = "select * from request_history limit 10"
         if shutil.which("sqlite3"):

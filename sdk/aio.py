@@ -12,6 +12,7 @@ logic lives in `sdk/convert.py`, `sdk/retry.py`, `sdk/stream.py` and `sdk/rpc.py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
@@ -37,6 +38,7 @@ from sdk.types import (
     ClusterSnapshot,
     GenerateResult,
     ListPage,
+    Prompt,
     RequestClass,
     RequestInfo,
     RequestState,
@@ -84,10 +86,27 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._methods = inference_pb2_grpc.InferenceStub(self._channel)
+        self._owns_channel = True
+
+    def with_api_key(self, api_key: str | None) -> AsyncClient:
+        """A client that sends `api_key` instead, over this client's channel (no new connection).
+
+        For front ends that forward each caller's key (the OpenAI gateway). Closing the derived
+        client does nothing; closing this one ends the calls of both.
+        """
+        derived = object.__new__(AsyncClient)
+        derived._settings = dataclasses.replace(self._settings, api_key=api_key)
+        derived._rng = derived._settings.make_rng()
+        derived._channel = self._channel
+        derived._methods = self._methods
+        derived._owns_channel = False
+        return derived
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close the channel (a client from `with_api_key` leaves it open); calls in flight are
+        cancelled."""
+        if self._owns_channel:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -166,7 +185,7 @@ class AsyncClient:
 
     async def submit(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_new_tokens: int,
         sampling: Sampling | None = None,

@@ -62,6 +62,11 @@ def _register_submit(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("text", nargs="?", help="prompt text")
     p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send TEXT as a user chat message (the model's chat template applies)",
+    )
     p.add_argument("--max-tokens", type=int, required=True, help="tokens to generate at most")
     p.add_argument("--no-wait", action="store_true", help="print the request id and return")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -158,12 +163,20 @@ def _parse_token_ids(raw: str) -> list[int]:
 def _submit(args: argparse.Namespace) -> int:
     from datetime import datetime, timedelta
 
-    from sdk.types import RequestState, Sampling
+    from sdk.types import ChatMessage, Prompt, RequestState, Sampling
 
     def body(client: Client) -> int:
         if (args.text is None) == (args.token_ids is None):
             raise ValueError("give the prompt either as TEXT or as --token-ids, not both")
-        prompt = args.text if args.text is not None else _parse_token_ids(args.token_ids)
+        if args.chat and args.text is None:
+            raise ValueError("--chat needs the prompt as TEXT")
+        prompt: Prompt = (
+            _parse_token_ids(args.token_ids)
+            if args.text is None
+            else [ChatMessage("user", args.text)]
+            if args.chat
+            else args.text
+        )
         deadline = None
         if args.deadline_s is not None:
             deadline = datetime.now(UTC) + timedelta(seconds=args.deadline_s)

@@ -38,6 +38,7 @@ from sdk.types import (
     ClusterSnapshot,
     GenerateResult,
     ListPage,
+    Prompt,
     RequestClass,
     RequestInfo,
     RequestState,
@@ -178,7 +179,7 @@ class Client:
 
     def submit(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         max_new_tokens: int,
         sampling: Sampling | None = None,
@@ -188,7 +189,7 @@ class Client:
         idempotency_key: str | None = None,
         timeout_s: float | None = None,
     ) -> SubmitResult:
-        """Submit a request (text, or token ids); returns once the control plane made it durable.
+        """Submit a request (text, chat messages or token ids); returns once it is durable.
 
         An idempotency key is generated when none is given, so the client's own retries never
         create a second request. `deadline` (aware datetime) is when the server gives up on it.

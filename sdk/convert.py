@@ -7,7 +7,7 @@ UNSPECIFIED instead of failing.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -15,12 +15,14 @@ from google.protobuf import timestamp_pb2
 
 from protos.pecsched.v1 import common_pb2, inference_pb2
 from sdk.types import (
+    ChatMessage,
     ClassStats,
     ClusterSnapshot,
     InstanceInfo,
     InstanceRole,
     InstanceState,
     ListPage,
+    Prompt,
     RequestClass,
     RequestInfo,
     RequestState,
@@ -95,13 +97,14 @@ def datetime_to_proto(when: datetime, field: str) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def _token_ids(ids: Iterable[int], field: str) -> list[int]:
-    out = list(ids)
-    for i, token_id in enumerate(out):
+def _token_ids(ids: Iterable[object], field: str) -> list[int]:
+    out: list[int] = []
+    for i, token_id in enumerate(ids):
         if isinstance(token_id, bool) or not isinstance(token_id, int):
             raise ValueError(f"{field}[{i}] must be an int, got {token_id!r}")
         if not 0 <= token_id <= _MAX_UINT32:
             raise ValueError(f"{field}[{i}] must be in [0, 2**32), got {token_id}")
+        out.append(token_id)
     return out
 
 
@@ -116,7 +119,7 @@ def sampling_to_proto(sampling: Sampling) -> common_pb2.SamplingParams:
 
 
 def submit_to_proto(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     max_new_tokens: int,
     sampling: Sampling,
@@ -125,7 +128,7 @@ def submit_to_proto(
     deadline: datetime | None,
     idempotency_key: str,
 ) -> inference_pb2.SubmitRequest:
-    """The SubmitRequest for a text prompt (str) or a token-id prompt (sequence of ints)."""
+    """The SubmitRequest for a text prompt (str), chat messages or token ids (ints)."""
     request = inference_pb2.SubmitRequest(
         sampling=sampling_to_proto(sampling), tenant=tenant, idempotency_key=idempotency_key
     )
@@ -133,6 +136,11 @@ def submit_to_proto(
         if not prompt:
             raise ValueError("prompt must not be empty")
         request.text = prompt
+    elif prompt and isinstance(prompt[0], ChatMessage):
+        for i, m in enumerate(prompt):
+            if not isinstance(m, ChatMessage):
+                raise ValueError(f"prompt[{i}] must be a ChatMessage, got {m!r}")
+            request.chat.messages.add(role=m.role, content=m.content)
     else:
         ids = _token_ids(prompt, "prompt")
         if not ids:

@@ -9,6 +9,7 @@ has not set yet (e.g. `finished` of a running request) is `None`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -74,6 +75,19 @@ class Sampling:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"sampling.seed must be in [0, 2**64), got {self.seed}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of a chat prompt; the server renders the turns with the model's chat template."""
+
+    role: str  # "system", "user", "assistant", ... as the model's template knows them
+    content: str
+
+
+# What `submit` takes: text, token ids, or chat messages (text and chat need a control plane
+# that has the served model's tokenizer).
+Prompt = str | Sequence[int] | Sequence[ChatMessage]
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class ApiErrorCode(IntEnum):
     NOT_FOUND = 9  # no such request
     BAD_PAGE_TOKEN = 10  # List page_token not from a previous page
     PROTOCOL_VIOLATION = 11  # an agent broke the Attach protocol
+    CHAT_UNSUPPORTED = 12  # a chat prompt, and the served model has no chat template
 
 
 class ApiError(Exception):
@@ -82,6 +83,7 @@ _API: dict[ApiErrorCode, CatalogEntry] = {
     ApiErrorCode.PROTOCOL_VIOLATION: CatalogEntry(
         "PROTOCOL_VIOLATION", _SC.FAILED_PRECONDITION, None
     ),
+    ApiErrorCode.CHAT_UNSUPPORTED: CatalogEntry("CHAT_UNSUPPORTED", _SC.INVALID_ARGUMENT, None),
 }
 
 _RUNTIME: dict[RuntimeErrorCode, CatalogEntry] = {

@@ -10,16 +10,16 @@ carries the final state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from controlplane.api import convert
 from controlplane.api.auth import current_principal, require_admin, require_tenant
 from controlplane.api.errors import ApiError, ApiErrorCode
 from controlplane.api.recipe import Traced, rpc
-from controlplane.api.tokenizer import StreamDecoder
 from controlplane.api.validate import RequestIds, new_request_from_proto
-from controlplane.config import Config, TextTokenizer
+from controlplane.config import Config
 from controlplane.core.types import RequestView
 from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
 from controlplane.runtime.inputs import PendingSubmit
@@ -38,6 +38,7 @@ from controlplane.telemetry import (
     Span,
     Telemetry,
 )
+from controlplane.text.codec import StreamDecoder, TextCodec
 from protos.pecsched.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 100
@@ -46,10 +47,17 @@ DEFAULT_PAGE_SIZE = 100
 class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     """Client-facing API over the runtime."""
 
-    def __init__(self, runtime: Runtime, config: Config, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: Config,
+        telemetry: Telemetry,
+        text_codec: TextCodec | None,
+    ) -> None:
         self.runtime = runtime
         self.config = config
         self.telemetry = telemetry
+        self.text_codec = text_codec  # tokenizes text/chat prompts, decodes output; None: ids only
         self._ids = RequestIds()
 
     @rpc(SPAN_SUBMIT)
@@ -58,9 +66,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     ) -> inference_pb2.SubmitResponse:
         """Validate, persist (group commit) and acknowledge a request."""
         principal = current_principal()
-        new = new_request_from_proto(
-            request, principal, self.config, self.runtime.clock.now_s(), self._ids.next_id()
+        validate = functools.partial(
+            new_request_from_proto,
+            request,
+            principal,
+            self.config,
+            self.runtime.clock.now_s(),
+            self._ids.next_id(),
+            self.text_codec,
         )
+        # Tokenizing a long text or chat prompt takes seconds: in a thread (the tokenizer
+        # releases the GIL), so the scheduler and the other calls keep running meanwhile.
+        is_text = request.WhichOneof("prompt") in ("text", "chat")
+        new = await asyncio.to_thread(validate) if is_text else validate()
         span.set_attribute(ATTR_TENANT, new.spec.tenant)
         span.set_attribute(ATTR_PROMPT_TOKENS, new.spec.prompt_tokens)
         outcome = await self.runtime.submit(PendingSubmit(new, span.context))
@@ -88,17 +106,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         await self._owned(rid)
         span.set_attribute(ATTR_REQUEST_ID, rid)
         index = request.from_token_index
-        decoder = StreamDecoder() if self.config.text_tokenizer is TextTokenizer.BYTE else None
         log = self.runtime.token_log(rid)
         if log is None:
             view = await self.runtime.get(rid)
             log = self.runtime.token_log(rid)
             if log is None:  # finished (terminal views are final in the store)
-                tokens = await self.runtime.read_tokens(rid, index)
+                output = await self.runtime.read_tokens(rid, 0)
+                decoder = self._decoder(output[:index])
+                tokens = output[index:]
                 text = decoder.feed(tokens, final=True) if decoder else ""
                 final = view.state if view.state.is_terminal else None
                 yield convert.token_chunk_to_proto(rid, index, tokens, text, final, view.error)
                 return
+        decoder = self._decoder(log.ids[:index])
         stopped = asyncio.ensure_future(self.runtime.stopped.wait())
         try:
             while True:
@@ -182,6 +202,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
             view = await self.runtime.cluster_view()
             yield convert.cluster_to_proto(view, self.runtime.throughput_rps())
             await asyncio.sleep(interval_s)
+
+    def _decoder(self, streamed_ids: Sequence[int]) -> StreamDecoder | None:
+        """A text decoder positioned after the output tokens already streamed (None: no text)."""
+        return self.text_codec.stream_decoder(streamed_ids) if self.text_codec else None
 
     async def _owned(self, request_id: str) -> RequestView:
         """The request's view if the caller may see it (NOT_FOUND / PERMISSION_DENIED)."""

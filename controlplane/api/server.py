@@ -10,6 +10,7 @@ from controlplane.api.auth import Authenticator, AuthInterceptor
 from controlplane.api.cluster import ClusterServicer
 from controlplane.api.inference import InferenceServicer
 from controlplane.runtime.loop import Runtime
+from controlplane.text.codec import TextCodec
 from protos.pecsched.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 SERVICE_NAMES = (
@@ -22,7 +23,14 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts travel as StartPrefill toke
 class ApiServer:
     """The control plane's gRPC server; `start()` binds and returns the port."""
 
-    def __init__(self, runtime: Runtime, authenticator: Authenticator, listen: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        authenticator: Authenticator,
+        listen: str,
+        text_codec: TextCodec | None,
+    ) -> None:
+        """`text_codec` tokenizes text and chat prompts (None: token ids only)."""
         self.runtime = runtime
         self.listen = listen
         options = [
@@ -34,7 +42,7 @@ class ApiServer:
         )
         telemetry = runtime.telemetry
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(runtime, runtime.settings, telemetry), self.server
+            InferenceServicer(runtime, runtime.settings, telemetry, text_codec), self.server
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterServicer(runtime, telemetry), self.server

@@ -1,7 +1,8 @@
 """Submit validation: a SubmitRequest -> a NewRequest, or ApiError naming the field.
 
 Checked here, before the request reaches the runtime: a prompt is present and non-empty (text
-is tokenized by the byte tokenizer, or refused when text prompts are off), at most
+and chat are tokenized by the served model's text codec, controlplane/text/, or refused when
+there is none), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
 in range; the tenant is the caller's (client keys); the deadline lies in the future; ids and
 keys have sane lengths. Whether the cluster could ever hold the request is checked by the
@@ -16,11 +17,12 @@ import secrets
 from controlplane.api import convert
 from controlplane.api.auth import Principal, require_tenant
 from controlplane.api.errors import ApiError, ApiErrorCode
-from controlplane.api.tokenizer import encode_text
-from controlplane.config import Config, TextTokenizer
+from controlplane.config import Config
 from controlplane.core.errors import InvalidArgumentError
 from controlplane.core.types import RequestSpec, classify
 from controlplane.store.records import UINT32_MAX, NewRequest
+from controlplane.text.chat import ChatTemplateError, ChatTurn, ChatUnsupportedError
+from controlplane.text.codec import TextCodec
 from protos.pecsched.v1 import inference_pb2
 
 MAX_TENANT_CHARS = 128
@@ -46,9 +48,11 @@ def new_request_from_proto(
     config: Config,
     now_s: float,
     request_id: str,
+    text_codec: TextCodec | None,
 ) -> NewRequest:
-    """Validate `request` and build the request to persist (arrival = `now_s`)."""
-    prompt = _prompt_ids(request, config)
+    """Validate `request` and build the request to persist (arrival = `now_s`); text and chat
+    prompts are tokenized by `text_codec` (None: refused)."""
+    prompt = _prompt_ids(request, config, text_codec)
     if not 0 < request.max_new_tokens <= config.max_new_tokens_limit:
         raise ApiError(
             ApiErrorCode.BAD_MAX_NEW_TOKENS,
@@ -97,17 +101,23 @@ def new_request_from_proto(
     return NewRequest(spec, request_class, prompt, sampling, key)
 
 
-def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[int]:
+def _prompt_ids(
+    request: inference_pb2.SubmitRequest, config: Config, text_codec: TextCodec | None
+) -> list[int]:
     which = request.WhichOneof("prompt")
+    if which in ("text", "chat") and text_codec is None:
+        raise ApiError(
+            ApiErrorCode.TEXT_PROMPT_UNSUPPORTED,
+            f"prompt.{which}: this control plane has no tokenizer for the served model; "
+            "send prompt.token_ids instead",
+            field=f"prompt.{which}",
+        )
     if which == "text":
-        if config.text_tokenizer is TextTokenizer.NONE:
-            raise ApiError(
-                ApiErrorCode.TEXT_PROMPT_UNSUPPORTED,
-                "prompt.text: this cluster's model has its own tokenizer; "
-                "send prompt.token_ids instead",
-                field="prompt.text",
-            )
-        ids = encode_text(request.text)
+        assert text_codec is not None
+        ids = text_codec.encode(request.text)
+    elif which == "chat":
+        assert text_codec is not None
+        ids = _chat_ids(request.chat, text_codec)
     elif which == "token_ids":
         ids = list(request.token_ids.ids)
     else:
@@ -129,3 +139,17 @@ def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[in
             ApiErrorCode.INVALID_ARGUMENT, "prompt.token_ids: out of range", field="prompt"
         )
     return ids
+
+
+def _chat_ids(chat: inference_pb2.ChatMessages, text_codec: TextCodec) -> list[int]:
+    turns = [ChatTurn(m.role, m.content) for m in chat.messages]
+    try:
+        return text_codec.encode_chat(turns)
+    except ChatUnsupportedError as exc:
+        raise ApiError(
+            ApiErrorCode.CHAT_UNSUPPORTED, f"prompt.chat: {exc}", field="prompt.chat"
+        ) from exc
+    except ChatTemplateError as exc:
+        raise ApiError(
+            ApiErrorCode.INVALID_ARGUMENT, f"prompt.chat: {exc}", field="prompt.chat"
+        ) from exc

@@ -32,7 +32,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     assert done.returncode == 0, done.stderr
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return Reference(model)
+    return Reference(model, directory)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ class Reference:
     """transformers' greedy continuation on the exported tiny weights (memoized)."""
 
     hf_model: Any
+    directory: Path  # the exported HF directory (config.json + model.safetensors)
     _cache: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
 
     def greedy(self, prompt: list[int], num_tokens: int) -> list[int]:
@@ -125,8 +126,11 @@ def start_cluster(
     auth: bool = True,
     config_toml: str = SCHEDULER_TOML,
     policy: str = "pecsched",
+    tokenizer_dir: str | None = None,
+    http_port: int | None = None,
 ) -> Cluster:
-    """Upgrade a fresh SQLite database, create keys, start the control plane and agents."""
+    """Upgrade a fresh SQLite database, create keys, start the control plane and agents (and
+    the OpenAI gateway on `http_port`, serving model id "tiny-chat", when given)."""
     db_path = tmp_path / "pecsched.db"
     db_url = f"sqlite:///{db_path}"
     toml = config_toml if auth else "auth_enabled = false\n" + config_toml
@@ -143,7 +147,14 @@ def start_cluster(
         for a in agents
     )  # fmt: skip
     spec = ClusterSpec(
-        db_url=db_url, port=spec.port, policy=policy, config_toml=toml, agents=with_keys
+        db_url=db_url,
+        port=spec.port,
+        policy=policy,
+        config_toml=toml,
+        agents=with_keys,
+        tokenizer_dir=tokenizer_dir,
+        http_port=http_port,
+        model_name="tiny-chat",
     )
     local = LocalCluster(spec, tmp_path / "logs", api_key=admin_key)
     try:

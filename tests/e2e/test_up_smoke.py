@@ -98,7 +98,8 @@ def test_up_demo_only_compares_fifo_and_pecsched_from_a_copy(
         repo_copy,
         tmp_path / "elsewhere",
         ["-m", "pecsched", "up", "--demo-only", "--demo-duration", "20",
-         "--port", str(free_port()), "--db", f"sqlite:///{db_path}", "--log-dir", str(log_dir)],
+         "--port", str(free_port()), "--db", f"sqlite:///{db_path}", "--log-dir", str(log_dir),
+         "--http-port", str(free_port())],
         timeout_s=540,
     )  # fmt: skip
 

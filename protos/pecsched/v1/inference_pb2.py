@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos.pecsched.v1 import common_pb2 as protos_dot_pecsched_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pecsched/v1/inference.proto\x12\x0bpecsched.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fprotos/pecsched/v1/common.proto\"\x85\x02\n\rSubmitRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pecsched.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pecsched.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x83\x01\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\rrequest_class\x18\x02 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x04 \x01(\x08\"?\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x66rom_token_index\x18\x02 \x01(\r\"\x95\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x0b\x66inal_state\x18\x05 \x01(\x0e\x32\x19.pecsched.v1.RequestState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\" \n\nGetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa1\x03\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x30\n\rrequest_class\x18\x03 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.pecsched.v1.RequestState\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x15\n\routput_tokens\x18\x07 \x01(\r\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12+\n\ntimestamps\x18\t \x01(\x0b\x32\x17.pecsched.v1.Timestamps\x12\x13\n\x0bpreemptions\x18\n \x01(\r\x12\x14\n\x0cinstance_ids\x18\x0b \x03(\t\x12\x13\n\x0b\x63hunks_done\x18\x0c \x01(\r\x12\x14\n\x0c\x63hunks_total\x18\r \x01(\r\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x0bListRequest\x12)\n\x06states\x18\x01 \x03(\x0e\x32\x19.pecsched.v1.RequestState\x12\x30\n\rrequest_class\x18\x02 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x0cListResponse\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.pecsched.v1.Request\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x0cWatchRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xcc\x01\n\nClassStats\x12\x30\n\rrequest_class\x18\x01 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x12\n\nprefilling\x18\x03 \x01(\r\x12\x0e\n\x06paused\x18\x04 \x01(\r\x12\x17\n\x0ftransferring_kv\x18\x05 \x01(\r\x12\x10\n\x08\x64\x65\x63oding\x18\x06 \x01(\r\x12\x16\n\x0e\x66inished_total\x18\x07 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x08 \x01(\x04\"\x87\x02\n\x0f\x43lusterSnapshot\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12(\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x17.pecsched.v1.ClassStats\x12(\n\tinstances\x18\x04 \x03(\x0b\x32\x15.pecsched.v1.Instance\x12\x19\n\x11preemptions_total\x18\x05 \x01(\x04\x12\x19\n\x11\x63olocations_total\x18\x06 \x01(\x04\x12\x1a\n\x12kv_transfers_total\x18\x07 \x01(\x04\x12\x16\n\x0ethroughput_rps\x18\x08 \x01(\x01\x32\x86\x03\n\tInference\x12\x41\n\x06Submit\x12\x1a.pecsched.v1.SubmitRequest\x1a\x1b.pecsched.v1.SubmitResponse\x12\x43\n\x08Generate\x12\x1c.pecsched.v1.GenerateRequest\x1a\x17.pecsched.v1.TokenChunk0\x01\x12\x34\n\x03Get\x12\x17.pecsched.v1.GetRequest\x1a\x14.pecsched.v1.Request\x12:\n\x06\x43\x61ncel\x12\x1a.pecsched.v1.CancelRequest\x1a\x14.pecsched.v1.Request\x12;\n\x04List\x12\x18.pecsched.v1.ListRequest\x1a\x19.pecsched.v1.ListResponse\x12\x42\n\x05Watch\x12\x19.pecsched.v1.WatchRequest\x1a\x1c.pecsched.v1.ClusterSnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pecsched/v1/inference.proto\x12\x0bpecsched.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fprotos/pecsched/v1/common.proto\"\xb0\x02\n\rSubmitRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.pecsched.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\t \x01(\x0b\x32\x19.pecsched.v1.ChatMessagesH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pecsched.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pecsched.v1.ChatMessage\"\x83\x01\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\rrequest_class\x18\x02 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x04 \x01(\x08\"?\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x66rom_token_index\x18\x02 \x01(\r\"\x95\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x0b\x66inal_state\x18\x05 \x01(\x0e\x32\x19.pecsched.v1.RequestState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\" \n\nGetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa1\x03\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x30\n\rrequest_class\x18\x03 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.pecsched.v1.RequestState\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x15\n\routput_tokens\x18\x07 \x01(\r\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12+\n\ntimestamps\x18\t \x01(\x0b\x32\x17.pecsched.v1.Timestamps\x12\x13\n\x0bpreemptions\x18\n \x01(\r\x12\x14\n\x0cinstance_ids\x18\x0b \x03(\t\x12\x13\n\x0b\x63hunks_done\x18\x0c \x01(\r\x12\x14\n\x0c\x63hunks_total\x18\r \x01(\r\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x0bListRequest\x12)\n\x06states\x18\x01 \x03(\x0e\x32\x19.pecsched.v1.RequestState\x12\x30\n\rrequest_class\x18\x02 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"O\n\x0cListResponse\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.pecsched.v1.Request\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x0cWatchRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\xcc\x01\n\nClassStats\x12\x30\n\rrequest_class\x18\x01 \x01(\x0e\x32\x19.pecsched.v1.RequestClass\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x12\n\nprefilling\x18\x03 \x01(\r\x12\x0e\n\x06paused\x18\x04 \x01(\r\x12\x17\n\x0ftransferring_kv\x18\x05 \x01(\r\x12\x10\n\x08\x64\x65\x63oding\x18\x06 \x01(\r\x12\x16\n\x0e\x66inished_total\x18\x07 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x08 \x01(\x04\"\x87\x02\n\x0f\x43lusterSnapshot\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12(\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x17.pecsched.v1.ClassStats\x12(\n\tinstances\x18\x04 \x03(\x0b\x32\x15.pecsched.v1.Instance\x12\x19\n\x11preemptions_total\x18\x05 \x01(\x04\x12\x19\n\x11\x63olocations_total\x18\x06 \x01(\x04\x12\x1a\n\x12kv_transfers_total\x18\x07 \x01(\x04\x12\x16\n\x0ethroughput_rps\x18\x08 \x01(\x01\x32\x86\x03\n\tInference\x12\x41\n\x06Submit\x12\x1a.pecsched.v1.SubmitRequest\x1a\x1b.pecsched.v1.SubmitResponse\x12\x43\n\x08Generate\x12\x1c.pecsched.v1.GenerateRequest\x1a\x17.pecsched.v1.TokenChunk0\x01\x12\x34\n\x03Get\x12\x17.pecsched.v1.GetRequest\x1a\x14.pecsched.v1.Request\x12:\n\x06\x43\x61ncel\x12\x1a.pecsched.v1.CancelRequest\x1a\x14.pecsched.v1.Request\x12;\n\x04List\x12\x18.pecsched.v1.ListRequest\x1a\x19.pecsched.v1.ListResponse\x12\x42\n\x05Watch\x12\x19.pecsched.v1.WatchRequest\x1a\x1c.pecsched.v1.ClusterSnapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pecsched.v1.inferenc
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=118
-  _globals['_SUBMITREQUEST']._serialized_end=379
-  _globals['_TOKENIDS']._serialized_start=381
-  _globals['_TOKENIDS']._serialized_end=404
-  _globals['_SUBMITRESPONSE']._serialized_start=407
-  _globals['_SUBMITRESPONSE']._serialized_end=538
-  _globals['_GENERATEREQUEST']._serialized_start=540
-  _globals['_GENERATEREQUEST']._serialized_end=603
-  _globals['_TOKENCHUNK']._serialized_start=606
-  _globals['_TOKENCHUNK']._serialized_end=755
-  _globals['_GETREQUEST']._serialized_start=757
-  _globals['_GETREQUEST']._serialized_end=789
-  _globals['_CANCELREQUEST']._serialized_start=791
-  _globals['_CANCELREQUEST']._serialized_end=826
-  _globals['_REQUEST']._serialized_start=829
-  _globals['_REQUEST']._serialized_end=1246
-  _globals['_LISTREQUEST']._serialized_start=1249
-  _globals['_LISTREQUEST']._serialized_end=1410
-  _globals['_LISTRESPONSE']._serialized_start=1412
-  _globals['_LISTRESPONSE']._serialized_end=1491
-  _globals['_WATCHREQUEST']._serialized_start=1493
-  _globals['_WATCHREQUEST']._serialized_end=1527
-  _globals['_CLASSSTATS']._serialized_start=1530
-  _globals['_CLASSSTATS']._serialized_end=1734
-  _globals['_CLUSTERSNAPSHOT']._serialized_start=1737
-  _globals['_CLUSTERSNAPSHOT']._serialized_end=2000
-  _globals['_INFERENCE']._serialized_start=2003
-  _globals['_INFERENCE']._serialized_end=2393
+  _globals['_SUBMITREQUEST']._serialized_end=422
+  _globals['_TOKENIDS']._serialized_start=424
+  _globals['_TOKENIDS']._serialized_end=447
+  _globals['_CHATMESSAGE']._serialized_start=449
+  _globals['_CHATMESSAGE']._serialized_end=493
+  _globals['_CHATMESSAGES']._serialized_start=495
+  _globals['_CHATMESSAGES']._serialized_end=553
+  _globals['_SUBMITRESPONSE']._serialized_start=556
+  _globals['_SUBMITRESPONSE']._serialized_end=687
+  _globals['_GENERATEREQUEST']._serialized_start=689
+  _globals['_GENERATEREQUEST']._serialized_end=752
+  _globals['_TOKENCHUNK']._serialized_start=755
+  _globals['_TOKENCHUNK']._serialized_end=904
+  _globals['_GETREQUEST']._serialized_start=906
+  _globals['_GETREQUEST']._serialized_end=938
+  _globals['_CANCELREQUEST']._serialized_start=940
+  _globals['_CANCELREQUEST']._serialized_end=975
+  _globals['_REQUEST']._serialized_start=978
+  _globals['_REQUEST']._serialized_end=1395
+  _globals['_LISTREQUEST']._serialized_start=1398
+  _globals['_LISTREQUEST']._serialized_end=1559
+  _globals['_LISTRESPONSE']._serialized_start=1561
+  _globals['_LISTRESPONSE']._serialized_end=1640
+  _globals['_WATCHREQUEST']._serialized_start=1642
+  _globals['_WATCHREQUEST']._serialized_end=1676
+  _globals['_CLASSSTATS']._serialized_start=1679
+  _globals['_CLASSSTATS']._serialized_end=1883
+  _globals['_CLUSTERSNAPSHOT']._serialized_start=1886
+  _globals['_CLUSTERSNAPSHOT']._serialized_end=2149
+  _globals['_INFERENCE']._serialized_start=2152
+  _globals['_INFERENCE']._serialized_end=2542
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,7 @@ from controlplane.store import migrate
 from controlplane.store.engine import make_engine
 from controlplane.store.sql_repository import SqlRepository
 from controlplane.telemetry import Telemetry
+from controlplane.text.codec import load_text_codec
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 GENERAL = common_pb2.INSTANCE_ROLE_GENERAL
@@ -97,7 +98,7 @@ async def start_control_plane(config: Config, telemetry: Telemetry | None = None
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     await runtime.start()
     auth = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, auth, config.listen)
+    api = ApiServer(runtime, auth, config.listen, load_text_codec(config))
     port = await api.start()
     return ControlPlane(config, repo, runtime, api, port, telemetry)
 

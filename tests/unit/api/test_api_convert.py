@@ -6,7 +6,6 @@ import pytest
 
 from controlplane.api import convert
 from controlplane.api.errors import ApiError
-from controlplane.api.tokenizer import StreamDecoder, encode_text
 from controlplane.core.types import RequestClass, RequestSpec, RequestState, RequestView, SpKind
 from controlplane.runtime.commands import (
     AgentCommand,
@@ -32,6 +31,7 @@ from controlplane.runtime.reports import (
 )
 from controlplane.store.records import SamplingParams
 from controlplane.telemetry import TraceContext
+from controlplane.text.codec import ByteCodec, ByteStreamDecoder
 from dataplane.models.tokenizer import ByteTokenizer
 from protos.pecsched.v1 import cluster_pb2, common_pb2
 
@@ -40,14 +40,14 @@ TRACE = TraceContext("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
 
 @pytest.mark.parametrize("text", ["", "hello", "héllo wörld ✓", "日本語", "\x00\n"])
 def test_text_tokenizer_matches_the_data_plane_default(text):
-    assert encode_text(text) == ByteTokenizer().encode(text)
-    ids = encode_text(text) + [300]
-    assert StreamDecoder().feed(ids, final=True) == ByteTokenizer().decode(ids)
+    assert ByteCodec().encode(text) == ByteTokenizer().encode(text)
+    ids = ByteCodec().encode(text) + [300]
+    assert ByteStreamDecoder().feed(ids, final=True) == ByteTokenizer().decode(ids)
 
 
 def test_stream_decoder_waits_for_split_characters():
-    decoder = StreamDecoder()
-    ids = encode_text("é")
+    decoder = ByteStreamDecoder()
+    ids = ByteCodec().encode("é")
     assert decoder.feed(ids[:1]) == ""
     assert decoder.feed(ids[1:]) == "é"
 
