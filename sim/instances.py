@@ -71,12 +71,14 @@ class SimInstance:
     t_ref: float = 0.0  # time `it` and `busy_s` are up to date to
     dt: float = INF  # current iteration duration; INF when idle
     busy_s: float = 0.0  # seconds with work (decode members or a prefill)
+    slow_dt_s: float = INF  # an iteration longer than this is a slow token gap (the TBT SLO)
+    slow_it: float = 0.0  # iterations done that were slow
     version: int = 0  # bumped on every change, to drop stale wake-ups
     slot: PrefillJob | None = None
     pending: list[PrefillJob] = field(default_factory=list)  # jobs waiting for the slot
-    # Decode members: request -> (join iteration, context tokens at join); shadows (members
-    # of a group decode led by another instance) have no entry in `finish_heap`.
-    members: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Decode members: request -> (join iteration, context tokens at join, slow_it at join);
+    # shadows (members of a group decode led by another instance) have no `finish_heap` entry.
+    members: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     finish_heap: list[tuple[float, int]] = field(default_factory=list)  # (finish it, req)
     ctx_sum: float = 0.0  # Σ context at join over members
     join_sum: float = 0.0  # Σ join iteration over members
@@ -85,8 +87,11 @@ class SimInstance:
         """Advance `it` and `busy_s` to `now_s` at the current iteration duration."""
         elapsed = now_s - self.t_ref
         if elapsed > 0.0 and self.dt < INF:
-            self.it += elapsed / self.dt
+            steps = elapsed / self.dt
+            self.it += steps
             self.busy_s += elapsed
+            if self.dt > self.slow_dt_s:
+                self.slow_it += steps
         self.t_ref = now_s
 
     def decode_context_tokens(self) -> float:
@@ -95,19 +100,21 @@ class SimInstance:
 
     def add_member(self, req: int, context_tokens: float, remaining_tokens: int | None) -> None:
         """Join the decode batch (sync first); `remaining_tokens` None makes a shadow."""
-        self.members[req] = (self.it, context_tokens)
+        self.members[req] = (self.it, context_tokens, self.slow_it)
         self.ctx_sum += context_tokens
         self.join_sum += self.it
         if remaining_tokens is not None:
             heapq.heappush(self.finish_heap, (self.it + remaining_tokens, req))
 
-    def remove_member(self, req: int) -> None:
-        """Leave the decode batch (sync first); its heap entry is dropped lazily."""
-        joined, context = self.members.pop(req)
+    def remove_member(self, req: int) -> float:
+        """Leave the decode batch (sync first); its heap entry is dropped lazily. Returns the
+        slow iterations (longer than `slow_dt_s`) run while `req` was a member."""
+        joined, context, slow_at_join = self.members.pop(req)
         self.ctx_sum -= context
         self.join_sum -= joined
         if not self.members:  # re-anchor so float drift cannot accumulate
             self.ctx_sum = self.join_sum = 0.0
+        return self.slow_it - slow_at_join
 
     def pop_finished(self) -> list[int]:
         """Members whose last token is done by now (call after `sync`)."""
