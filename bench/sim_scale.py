@@ -36,11 +36,6 @@ from sim.hardware import GPUS, MODELS  # noqa: E402
 from sim.report import PolicyResult, result_to_dict, table  # noqa: E402
 from sim.runner import run_policy  # noqa: E402
 
-TRACE_DIR = Path(os.environ.get("PECSCHED_TRACE_DIR", REPO.parent / "shared" / "traces"))
-TRACES = [
-    TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
-    TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
-]
 POLICIES = ("fifo", "reservation", "priority", "pecsched")
 
 
@@ -70,7 +65,7 @@ def main() -> int:
     ap.add_argument("--window-s", type=float, default=0.005)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    base = wl.rescale_long(wl.load_azure_traces(list(TRACES)), 100_000, 500_000, "minmax")
+    base = wl.rescale_long(wl.load_azure_traces(list(wl.AZURE_TRACES)), 100_000, 500_000, "minmax")
     cost = CostModel(MODELS["mistral-7b"], GPUS["a100"], 1)
     report: dict[str, object] = {
         "machine": f"{platform.processor() or platform.machine()}, "

@@ -8,7 +8,9 @@ come from `sim.cost_model`. Nothing
 depends on wall time or hash order, so the same inputs give the same run.
 
 Reporting: `TokensGenerated(1)` with `PrefillDone` (the first token), `TokensGenerated(rest)`
-right before `RequestFinished`; no per-token events. A periodic tick (`tick_s`) calls
+right before `RequestFinished`; no per-token events. Each request's token gaps longer than
+`tbt_slo_s` are counted (`RequestRecords.tbt_gaps_over_slo`) from the instances' slow
+iterations, so SLO attainment needs no per-token work either. A periodic tick (`tick_s`) calls
 `schedule` while requests are active so time-only rules (aging, pause bounds) fire.
 
 `batch_window_s` > 0 (large clusters) hands the policy every event of a window of that length
