@@ -284,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    commit = head_commit()  # the code that runs, before anything is written
     jobs, scale_jobs = build_jobs(args)
     started = time.perf_counter()
     cpu_s = 0.0
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
     timing = (
-        f"at commit {head_commit()} in {wall_s:.0f} s of wall time on {args.jobs} processes "
+        f"at commit {commit} in {wall_s:.0f} s of wall time on {args.jobs} processes "
         f"({cpu_s:.0f} CPU-seconds, {len(runs) + len(scale)} simulations; {machine()})"
     )
     write_markdown(Path(args.out), runs, scale, native, SCENARIOS, args, timing)

@@ -72,7 +72,8 @@ class SimInstance:
     dt: float = INF  # current iteration duration; INF when idle
     busy_s: float = 0.0  # seconds with work (decode members or a prefill)
     slow_dt_s: float = INF  # an iteration longer than this is a slow token gap (the TBT SLO)
-    slow_it: float = 0.0  # iterations done that were slow
+    slow_it: float = 0.0  # slow iterations done up to iteration `it_at_dt` (see `slow_now`)
+    it_at_dt: float = 0.0  # `it` when `dt` was last set
     version: int = 0  # bumped on every change, to drop stale wake-ups
     slot: PrefillJob | None = None
     pending: list[PrefillJob] = field(default_factory=list)  # jobs waiting for the slot
@@ -87,12 +88,16 @@ class SimInstance:
         """Advance `it` and `busy_s` to `now_s` at the current iteration duration."""
         elapsed = now_s - self.t_ref
         if elapsed > 0.0 and self.dt < INF:
-            steps = elapsed / self.dt
-            self.it += steps
+            self.it += elapsed / self.dt
             self.busy_s += elapsed
-            if self.dt > self.slow_dt_s:
-                self.slow_it += steps
         self.t_ref = now_s
+
+    def slow_now(self) -> float:
+        """Slow iterations done so far (call after `sync`): those booked when `dt` last
+        changed, plus the ones since then if the current `dt` is slow."""
+        if self.dt > self.slow_dt_s:
+            return self.slow_it + (self.it - self.it_at_dt)
+        return self.slow_it
 
     def decode_context_tokens(self) -> float:
         """Σ over members of their current context (prompt + tokens generated so far)."""
@@ -100,7 +105,7 @@ class SimInstance:
 
     def add_member(self, req: int, context_tokens: float, remaining_tokens: int | None) -> None:
         """Join the decode batch (sync first); `remaining_tokens` None makes a shadow."""
-        self.members[req] = (self.it, context_tokens, self.slow_it)
+        self.members[req] = (self.it, context_tokens, self.slow_now())
         self.ctx_sum += context_tokens
         self.join_sum += self.it
         if remaining_tokens is not None:
@@ -114,7 +119,7 @@ class SimInstance:
         self.join_sum -= joined
         if not self.members:  # re-anchor so float drift cannot accumulate
             self.ctx_sum = self.join_sum = 0.0
-        return self.slow_it - slow_at_join
+        return self.slow_now() - slow_at_join
 
     def pop_finished(self) -> list[int]:
         """Members whose last token is done by now (call after `sync`)."""
@@ -129,6 +134,9 @@ class SimInstance:
     def recompute(self) -> None:
         """Set the iteration duration for the current slot and members (sync first)."""
         self.version += 1
+        if self.dt > self.slow_dt_s:  # book the iterations run at the old, slow duration
+            self.slow_it += self.it - self.it_at_dt
+        self.it_at_dt = self.it
         batch = len(self.members)
         job = self.slot
         cost = self.cost
