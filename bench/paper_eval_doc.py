@@ -98,6 +98,7 @@ def _targets(points: list[Point]) -> list[str]:
         lines += ["", "No point was contended, so no target was checked."]
     else:
         lines += ["", f"{met} of {total} target checks met on every seed."]
+    print("\n".join(lines), flush=True)  # the targets, met or missed, on stdout too
     return lines + [""]
 
 

@@ -213,18 +213,18 @@ def targets(point: Point) -> list[Check | None]:
         jct.append((point.jct_ratio("pecsched", s), JCT_TARGET))
     out: list[Check | None] = []
     v, b = _worst(qd_cut, True)
-    out.append(Check(v >= b, f"{v:.1%} (need ≥ {b:.0%})"))
+    out.append(Check(v >= b, f"{v:.1%} (need ≥ {b:.0%}: {(v - b) * 100:+.1f} pts)"))
     if qd_new:
         v, b = _worst(qd_new, False)
-        out.append(Check(v <= b, f"{v:.2f} s vs {b:.2f} s ({_ratio(v, b)})"))
+        out.append(Check(v <= b, f"{v:.2f} s vs {b:.2f} s ({_ratio(v, b)} the best)"))
     else:
         out.append(None)
     v, b = _worst(tbt, False)
-    out.append(Check(v <= b, f"{v:.3f} s (need ≤ {b} s)"))
+    out.append(Check(v <= b, f"{v:.3f} s (need ≤ {b} s: {_ratio(v, b)} the bound)"))
     v, b = _worst(slo, True)
     out.append(Check(v >= b, f"{v:.1%} vs best baseline {b:.1%} ({(v - b) * 100:+.1f} pts)"))
     v, b = _worst(jct, False)
-    out.append(Check(v <= b, f"{v:.2f}x (need ≤ {b}x)"))
+    out.append(Check(v <= b, f"{v:.2f}x FIFO's (need ≤ {b}x: {(v - b) * 100:+.0f} pts)"))
     return out
 
 
