@@ -247,6 +247,16 @@ def head_commit() -> str:
     return rev.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+TIMES = REPO / "bench" / "results" / "paper_eval_times.json"  # the last full and quick runs
+
+
+def _shaped(argv: list[str]) -> bool:
+    """True when flags other than --quick, --jobs, --out and --json change what runs (such a
+    run's time is not the full or quick evaluation's)."""
+    free = {"--quick", "--jobs", "--out", "--json"}
+    return any(a.startswith("--") and a.split("=")[0] not in free for a in argv)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags; `--quick` fills the unset ones from QUICK, otherwise from FULL."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -324,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         f"at commit {commit} in {wall_s:.0f} s of wall time on {args.jobs} processes "
         f"({cpu_s:.0f} CPU-seconds, {len(runs) + len(scale)} simulations; {machine()})"
     )
-    write_markdown(Path(args.out), runs, scale, native, SCENARIOS, args, timing)
+    times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    if not _shaped(sys.argv[1:] if argv is None else argv):
+        times["quick" if args.quick else "full"] = timing
+        TIMES.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+    write_markdown(Path(args.out), runs, scale, native, SCENARIOS, args, timing, times)
     print(f"wrote {args.out}: {wall_s:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
     return 0
 
