@@ -10,7 +10,9 @@ weights, bf16, cuda). One invocation measures, in the same process on the same c
 * decode tokens/s at batch 1/16/64 and context 1K/8K, against `transformers`' `generate` on
   the same weights, and as a fraction of the bandwidth roofline (weights + KV read per step);
 * calibration points: prefill time vs chunk tokens and context, decode step time vs batch and
-  context.
+  context;
+* profiles of decode steps (default batch 1 / 8K and batch 64 / 1K context; torch profiler,
+  GPU kernel time per step, top kernels by time), so the next bottleneck is visible.
 
 Writes DIR/engine_gpu.json (everything) and DIR/calibration.json (the simulator's format:
 {"gpu", "model", "prefill": [{"tokens", "context_tokens", "time_s"}],
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataplane.engine.engine import Engine, EngineConfig  # noqa: E402
 from dataplane.engine.types import KVMetadata, SamplingParams  # noqa: E402
 from dataplane.models.llama import LlamaForCausalLM, ModelShape  # noqa: E402
-from dataplane.models.loading import parse_dtype, random_model  # noqa: E402
+from dataplane.models.loading import hf_state_dict, parse_dtype, random_model  # noqa: E402
 from dataplane.models.presets import preset_config  # noqa: E402
 
 
@@ -61,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--copy-mib", type=int, default=4096)
     p.add_argument("--no-transformers", action="store_true", help="skip the generate baseline")
+    p.add_argument("--no-split-kv", action="store_true", help="decode with the prefill kernel")
+    p.add_argument(
+        "--profile-points", default="1x8192,64x1024", help="BATCHxCONTEXT,... ('' for none)"
+    )
+    p.add_argument("--profile-steps", type=int, default=10)
     args = p.parse_args(argv)
     if args.prefill_tokens is None:
         args.prefill_tokens = [1024, 8192] if args.quick else [1024, 8192, 32768]
@@ -176,10 +183,9 @@ def bench_prefill(engine: Engine, timer: Timer, args: argparse.Namespace) -> lis
     return points
 
 
-def bench_decode(
-    engine: Engine, timer: Timer, batch: int, context: int, steps: int
-) -> float | None:
-    """Seconds per decode step of `batch` requests at `context`; None if they do not fit."""
+def start_decodes(engine: Engine, batch: int, context: int, steps: int) -> list[str] | None:
+    """Import `batch` requests at `context` ready to decode `steps` tokens, then run 3 warm-up
+    steps; returns their ids, or None if they do not fit."""
     shape = engine.model.shape
     rows = context + steps + 8
     if batch * rows > engine.kv.allocator.largest_free_tokens or rows > engine.max_model_tokens:
@@ -203,6 +209,16 @@ def bench_decode(
         engine.finish_import(rid)
     for _ in range(3):
         engine.step()
+    return ids
+
+
+def bench_decode(
+    engine: Engine, timer: Timer, batch: int, context: int, steps: int
+) -> float | None:
+    """Seconds per decode step of `batch` requests at `context`; None if they do not fit."""
+    ids = start_decodes(engine, batch, context, steps)
+    if ids is None:
+        return None
     timer.sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -212,6 +228,45 @@ def bench_decode(
     for rid in ids:
         engine.cancel(rid)
     return seconds
+
+
+def profile_decode(
+    engine: Engine, timer: Timer, batch: int, context: int, steps: int, top: int = 12
+) -> dict[str, Any] | None:
+    """GPU kernel time per decode step at one point, and the `top` kernels by time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = start_decodes(engine, batch, context, steps)
+    if ids is None:
+        return None
+    timer.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        timer.sync()
+        wall_s = time.perf_counter() - start
+    for rid in ids:
+        engine.cancel(rid)
+    kernels = [
+        (event.key, event.self_device_time_total, event.count)
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0
+    ]
+    kernels.sort(key=lambda k: -k[1])
+    total_us = sum(us for _, us, _ in kernels)
+    return {
+        "batch": batch,
+        "context_tokens": context,
+        "steps": steps,
+        "wall_ms_per_step": wall_s * 1e3 / steps,
+        "kernel_ms_per_step": total_us / 1e3 / steps,
+        "top_kernels": [
+            {"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": count / steps}
+            for name, us, count in kernels[:top]
+        ],
+    }
 
 
 def transformers_model(model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device) -> Any:
@@ -227,8 +282,9 @@ def transformers_model(model: LlamaForCausalLM, dtype: torch.dtype, device: torc
             )
     finally:
         torch.set_default_dtype(previous)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    tied = ("lm_head.weight",) if model.shape.tie_word_embeddings else ()
+    if unexpected or [m for m in missing if not m.endswith("inv_freq") and m not in tied]:
         raise RuntimeError(f"weights do not map: missing {missing} unexpected {unexpected}")
     return hf.eval()
 
@@ -298,11 +354,14 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_seqs=max(args.decode_batches),
             kv_budget_bytes=budget,
             max_model_tokens=max(longest, shape.max_position_tokens),
+            split_kv_decode=not args.no_split_kv,
         ),
     )
+    decode_kernel = "split-kv" if engine.split_kv_decode else engine.kernel.value
     print(
-        f"attention kernel {engine.kernel.value}, CUDA graphs {engine.graphs is not None}, "
-        f"KV pool {engine.kv.pool_tokens} tokens ({engine.kv_plan.source})"
+        f"attention kernel {engine.kernel.value} (decode {decode_kernel}), CUDA graphs "
+        f"{engine.graphs is not None}, KV pool {engine.kv.pool_tokens} tokens "
+        f"({engine.kv_plan.source})"
     )
     prefill = bench_prefill(engine, timer, args)
     for prefill_point in prefill:
@@ -316,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                 roofline_s = decode_bytes(shape, dtype, batch, context) / bandwidth
                 point.update(tokens_per_s=batch / seconds, roofline_fraction=roofline_s / seconds)
             decode.append(point)
+    profiles = []
+    if device.type == "cuda":
+        for spec in filter(None, args.profile_points.split(",")):
+            batch, context = (int(x) for x in spec.split("x"))
+            profiles.append(profile_decode(engine, timer, batch, context, args.profile_steps))
     kernel = engine.kernel.value
     graphs = "on" if engine.graphs is not None else f"off ({engine.graph_error or 'disabled'})"
     del engine
@@ -344,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.preset,
         "dtype": str(dtype),
         "attention_kernel": kernel,
+        "decode_attention": decode_kernel,
         "decode_cuda_graphs": graphs,
         "torch": torch.__version__,
         "matmul_tflops": matmul / 1e12,
         "bandwidth_gbps": bandwidth / 1e9,
         "prefill": prefill,
         "decode": decode,
+        "decode_profiles": profiles,
     }
     calibration = {
         "gpu": gpu,
@@ -384,7 +450,10 @@ def print_table(report: dict[str, Any]) -> None:
             f"{p['tokens']:>8} {p['context_tokens']:>8} {p['time_s']:>9.4f} "
             f"{p['tflops']:>8.1f} {p['mfu']:>6.1%}"
         )
-    print("\n## decode (tokens/s; transformers generate on the same GPU and weights)")
+    print(
+        f"\n## decode (attention {report['decode_attention']}, tokens/s; transformers generate "
+        "on the same GPU and weights)"
+    )
     print(
         f"{'batch':>6} {'context':>8} {'step_ms':>9} {'tok/s':>9} {'hf tok/s':>9} "
         f"{'speedup':>8} {'roofline':>9}"
@@ -398,6 +467,17 @@ def print_table(report: dict[str, Any]) -> None:
             f"{_fmt(d.get('speedup_vs_transformers'), '8.2f'):>8} "
             f"{_fmt(d.get('roofline_fraction'), '9.1%'):>9}"
         )
+    for prof in report["decode_profiles"]:
+        if prof is None:
+            continue
+        print(
+            f"\n## decode profile: batch {prof['batch']}, context {prof['context_tokens']}: "
+            f"{prof['kernel_ms_per_step']:.2f} ms of GPU kernels per step, "
+            f"{prof['wall_ms_per_step']:.2f} ms wall (profiled)"
+        )
+        print(f"{'ms/step':>8} {'calls':>6}  kernel")
+        for k in prof["top_kernels"]:
+            print(f"{k['ms_per_step']:>8.3f} {k['calls_per_step']:>6.0f}  {k['name'][:90]}")
 
 
 if __name__ == "__main__":

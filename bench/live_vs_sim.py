@@ -38,7 +38,7 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     """One policy on a fresh cluster; returns the replay's JSON document (also written)."""
     from pecsched.cluster import AgentSpec, ClusterSpec, LocalCluster, free_port
     from pecsched.replay import replay_options, run_replay
-    from pecsched.up import CPU_CONFIG_TOML, GPU_CONFIG_TOML
+    from pecsched.up import config_toml
     from sim.workloads import write_azure_csv
 
     out = args.out / policy
@@ -52,7 +52,7 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         policy=policy,
         config_toml=args.config.read_text()
         if args.config
-        else (CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML),
+        else config_toml(args.device, args.workers, _num_gpus(args.device)),
         agents=(AgentSpec("node0", roles, args.model, args.device, args.kv_budget),),
     )
     cluster = LocalCluster(spec, out / "logs")
@@ -74,6 +74,14 @@ def run_live(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     write_azure_csv(report.workload, out / "workload.csv")
     (out / "live.json").write_text(json.dumps(report.payload, indent=2) + "\n")
     return report.payload
+
+
+def _num_gpus(device: str) -> int:
+    if device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def run_sim(policy: str, args: argparse.Namespace) -> dict[str, Any]:

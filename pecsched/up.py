@@ -42,6 +42,18 @@ short_threshold_tokens = 1024
 chunk_tokens = 256
 """
 GPU_CONFIG_TOML = "auth_enabled = false\n"  # the paper's thresholds (4,096 / 8,192-token chunks)
+# Workers sharing a GPU never form an SP group: NCCL cannot put two ranks of one group on one
+# GPU (the agent refuses such groups too), so the policy plans with SP degree 1 there.
+SHARED_GPU_SCHEDULER_TOML = "\n[scheduler]\nmax_sp_degree = 1\n"
+
+
+def config_toml(device: str, num_workers: int, num_gpus: int) -> str:
+    """The control plane's config for a local cluster of `num_workers` on `device`."""
+    if device == "cpu":
+        return CPU_CONFIG_TOML
+    if num_workers > num_gpus:  # the agent puts worker i on GPU i mod num_gpus
+        return GPU_CONFIG_TOML + SHARED_GPU_SCHEDULER_TOML
+    return GPU_CONFIG_TOML
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,13 @@ def register(subparsers: Any) -> None:
         help="run a local cluster (control plane + agent) in the foreground",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="worker processes (default 4); on cuda worker i uses GPU i mod #GPUs, so N workers "
+        "may share one GPU, each with --kv-budget of KV (the agent refuses shares that do not fit)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--model",
@@ -99,8 +117,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_handle)
 
 
-def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    """The ClusterSpec `up` starts for its flags."""
+def cluster_spec(args: argparse.Namespace, num_gpus: int = 0) -> ClusterSpec:
+    """The ClusterSpec `up` starts for its flags (`num_gpus`: GPUs visible, for cuda)."""
     from pecsched.cluster import AgentSpec, ClusterSpec
 
     if args.workers < 2:
@@ -112,7 +130,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         db_url=args.db,
         port=args.port,
         policy=args.policy,
-        config_toml=CPU_CONFIG_TOML if args.device == "cpu" else GPU_CONFIG_TOML,
+        config_toml=config_toml(args.device, args.workers, num_gpus),
         # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
         agents=(
             AgentSpec("local", roles, model, args.device, kv_budget, extra_args=AGENT_DRAIN_ARGS),
@@ -131,8 +149,13 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 def _handle(args: argparse.Namespace) -> int:
     from pecsched.cluster import ClusterError, LocalCluster
 
+    num_gpus = 0
+    if args.device == "cuda":
+        import torch
+
+        num_gpus = torch.cuda.device_count()
     try:
-        spec = cluster_spec(args)
+        spec = cluster_spec(args, num_gpus)
     except ValueError as exc:
         print(f"pecsched up: error: {exc}", file=sys.stderr)
         return 2

@@ -22,12 +22,14 @@ from dataplane.agent.link import AttachLink
 from dataplane.agent.supervisor import WorkerSupervisor
 from dataplane.agent.tracing import make_tracer
 from dataplane.worker import messages as m
-from dataplane.worker.process import WorkerSpec
+from dataplane.worker.memory import check_gpu_shares
+from dataplane.worker.process import WorkerSpec, worker_memory
 from protos.pecsched.v1 import cluster_pb2
 
 log = logging.getLogger("pecsched.agent")
 
 TICK_S = 0.05  # longest wait of the main loop for an input
+GPU_MEMORY_FRACTION = 0.92  # share of a GPU its workers may take together (as one engine's)
 
 
 class _Ports:
@@ -61,7 +63,8 @@ def worker_specs(config: AgentConfig, store_address: str) -> tuple[list[WorkerSp
             raise ValueError(
                 f"--kv-budget is required when {config.num_workers} workers share {num_gpus} GPU(s)"
             )
-    specs, indices = [], []
+    specs: list[WorkerSpec] = []
+    indices: list[int] = []
     budget = config.kv_budget
     tokens = budget.tokens if budget is not None else (4096 if config.device == "cpu" else None)
     for index in range(config.num_workers):
@@ -82,6 +85,11 @@ def worker_specs(config: AgentConfig, store_address: str) -> tuple[list[WorkerSp
             )
         )
         indices.append(device_index)
+    if num_gpus and config.kv_budget is not None:
+        import torch
+
+        totals = {i: torch.cuda.get_device_properties(i).total_memory for i in set(indices)}
+        check_gpu_shares(indices, worker_memory(specs[0]), totals, GPU_MEMORY_FRACTION)
     return specs, indices
 
 

@@ -14,11 +14,14 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
 * Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
   `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
 * Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`.
-* TransferKv: the worker holding the source sends over a pair group (rendezvous through
-  `rendezvous_address`, default this node's store; group id `group_id`, default
-  "kv/<transfer_id>"); TRANSFERRING is reported when sending starts, DONE once the destination
-  holds all of it (the source copy is freed then), FAILED from either side. The destination
-  never decodes before DONE and StartDecode.
+* TransferKv: the transport follows the topology (`dataplane.worker.transfers`): between two
+  GPU workers of this node the destination copies the KV through CUDA IPC; otherwise the pair
+  sends over its persistent group (rendezvous through `rendezvous_address`, default this
+  node's store; a group created by this transfer gets the id `group_id`, default
+  "kv/<transfer_id>"), one transfer of a pair at a time, in command order. TRANSFERRING is
+  reported when sending starts, DONE once the destination holds all of it (the source copy is
+  freed then), FAILED from either side. The destination never decodes before DONE and
+  StartDecode; a newer TransferKv to it for the same request supersedes an older one.
 * StartDecode resumes the destination of `transfer_id` (or the one worker holding the request).
 * Cancel frees the request on every worker here (aborting transfers) and answers one
   Cancelled, also for a request this node does not hold.
@@ -34,6 +37,7 @@ from dataplane.agent import convert
 from dataplane.agent.routes import Route, TransferInfo
 from dataplane.agent.tracing import command_span
 from dataplane.engine.types import SamplingParams
+from dataplane.parallel.topology import shared_devices
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2, common_pb2
 
@@ -162,6 +166,13 @@ class CommandRouter:
             raise CommandError(
                 "decode_in_place must be set for an SP group (its sharded KV decodes in place)"
             )
+        devices = [f"cuda:{core.device_indices[i]}" for i in indices] if self._on_cuda else []
+        shared = shared_devices(tuple(devices))
+        if shared:
+            raise CommandError(
+                f"SP group {list(cmd.instance_ids)} shares GPU(s) {', '.join(shared)}: NCCL "
+                "cannot put two ranks of one group on one GPU (run SP over distinct GPUs)"
+            )
         self.sp_groups += 1
         group_id = cmd.group_id or f"sp/{cmd.request_id}/{core.config.node_id}/{self.sp_groups}"
         core.routes[cmd.request_id] = Route(set(indices), offset, len(cmd.prompt_token_ids))
@@ -179,6 +190,10 @@ class CommandRouter:
                     store_address=core.rendezvous_address,
                 ),
             )
+
+    @property
+    def _on_cuda(self) -> bool:
+        return self.core.config.device == "cuda"
 
     def _local(self, instance_id: str, field: str) -> int:
         index = self.core.index_of(instance_id)
@@ -259,13 +274,16 @@ class CommandRouter:
             cmd.request_id, cmd.source_instance_id, cmd.destination_instance_id
         )
         args = (cmd.request_id, cmd.transfer_id, group_id)
+        same_node = src is not None and dst is not None  # CUDA: IPC between the two workers
         if src is not None:
             core.ports.send_worker(
-                src, m.SendKv(*args, cmd.destination_instance_id, store, timeout_s)
+                src, m.SendKv(*args, cmd.destination_instance_id, store, timeout_s, same_node)
             )
         if dst is not None:
             route.workers.add(dst)
-            core.ports.send_worker(dst, m.RecvKv(*args, cmd.source_instance_id, store, timeout_s))
+            core.ports.send_worker(
+                dst, m.RecvKv(*args, cmd.source_instance_id, store, timeout_s, same_node)
+            )
 
     def _start_decode(self, cmd: cluster_pb2.StartDecode) -> None:
         core = self.core

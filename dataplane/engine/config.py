@@ -20,8 +20,9 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # KV pool size; None: from free CUDA memory
     memory_fraction: float = 0.92  # share of device memory the process may use (CUDA)
     max_model_tokens: int | None = None  # longest prompt + output; None: the model's limit
-    cuda_graphs: bool = True  # capture decode-only steps as CUDA graphs (flash kernel only)
+    cuda_graphs: bool = True  # capture decode-only steps (flash or split-KV decode kernel only)
     attention_kernel: str = "auto"  # "auto" (probe flash varlen), "flash-varlen" or "sdpa"
+    split_kv_decode: bool = True  # decodes by the Triton split-KV kernel where it runs (probed)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_seqs", "chunk_tokens"):

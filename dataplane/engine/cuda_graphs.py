@@ -1,4 +1,4 @@
-"""CUDA graphs for decode-only iterations (flash varlen kernel only).
+"""CUDA graphs for decode-only iterations (split-KV or flash varlen decode kernel).
 
 A decode step of an 8B model launches ~1,500 small kernels; launched one by one from Python
 that costs more host time than the GPU needs to stream the weights. `DecodeGraphs` captures the
@@ -8,9 +8,9 @@ input buffers and replays it:
 * inputs live in static device buffers: token ids, positions, KV slots (int64) and per-sequence
   KV starts / lengths (int32); a replay copies the real values in, padding rows point at a
   one-row scratch range of the pool that belongs to no request;
-* the flash call inside the graph receives an upper bound (`max_kv_tokens`) as max_seqlen_k;
-  the kernel reads each sequence's true length from `seqused_k`, so the bound only sizes the
-  launch;
+* the decode kernel inside the graph receives an upper bound (`max_kv_tokens`) for the
+  longest sequence (flash: max_seqlen_k; split-KV: the number of splits) and reads each
+  sequence's true length on the device, so the bound only sizes the launch;
 * logits come out of a static (padded_batch, vocab) buffer; sampling runs eagerly after.
 
 Steps that contain a prefill chunk, or more sequences than the largest graph, run eagerly.
@@ -39,7 +39,9 @@ class DecodeGraphs:
         max_batch_seqs: int,
         max_kv_tokens: int,
         scratch_row: int,
+        kernels: dict[str, bool],
     ) -> None:
+        """`kernels`: the `CachedAttention` kernel flags of the engine (see its attention_kernels)."""
         device = next(model.parameters()).device
         self.buckets = [b for b in BATCH_BUCKETS if b <= max_batch_seqs]
         size = self.buckets[-1]
@@ -55,7 +57,7 @@ class DecodeGraphs:
                 batch = self._static_batch(bucket, max_kv_tokens)
 
                 def forward(batch: AttentionBatch = batch, bucket: int = bucket) -> torch.Tensor:
-                    attend = CachedAttention(k_pools, v_pools, batch, use_flash_varlen=True)
+                    attend = CachedAttention(k_pools, v_pools, batch, **kernels)
                     logits: torch.Tensor = model(
                         self._ids[0, :bucket], self._ids[1, :bucket], attend
                     )
@@ -136,6 +138,7 @@ def capture_verified_graphs(
     max_batch_seqs: int,
     max_kv_tokens: int,
     scratch_row: int,
+    kernels: dict[str, bool],
 ) -> DecodeGraphs:
     """Capture decode graphs and check one replay against the eager forward.
 
@@ -148,11 +151,12 @@ def capture_verified_graphs(
         max_batch_seqs=max_batch_seqs,
         max_kv_tokens=max_kv_tokens,
         scratch_row=scratch_row,
+        kernels=kernels,
     )
     device = kv.pool.device
     got = graphs.run([0], [0], [scratch_row], [1])
     batch = make_attention_batch([1], [1], [scratch_row], device)
-    attend = CachedAttention(kv.k_pools, kv.v_pools, batch, use_flash_varlen=True)
+    attend = CachedAttention(kv.k_pools, kv.v_pools, batch, **kernels)
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     with torch.inference_mode():
         want = model(zero, zero, attend)

@@ -25,8 +25,9 @@ beyond that they take turns round robin), then prefill chunks of PREFILLING requ
 until `max_batch_tokens` is used. It returns the events of the iteration. All model work runs
 inside `step()`, so every other call happens at a chunk boundary by construction.
 
-On CUDA with the flash varlen kernel, decode-only iterations replay CUDA graphs
-(`dataplane.engine.cuda_graphs`); everything else runs the eager forward.
+On CUDA, decodes use the Triton split-KV kernel where it runs (`split_kv_decode`), and
+decode-only iterations replay CUDA graphs (`dataplane.engine.cuda_graphs`) when the decode
+kernel is split-KV or flash varlen; everything else runs the eager forward.
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ from dataplane.engine.types import (
     SamplingParams,
     TokenGenerated,
 )
-from dataplane.models.attention import CachedAttention, flash_varlen_works, make_attention_batch
+from dataplane.models.attention import (
+    CachedAttention,
+    flash_varlen_works,
+    make_attention_batch,
+    split_kv_decode_works,
+)
 from dataplane.models.llama import LlamaForCausalLM
 
 __all__ = ["AttentionKernel", "Engine", "EngineConfig", "KVImportTarget"]
@@ -78,6 +84,9 @@ class Engine:
                 f"attention_kernel='flash-varlen' does not run on {self.device} in {self.dtype}",
             )
         self.kernel = AttentionKernel.FLASH_VARLEN if use_flash else AttentionKernel.SDPA
+        self.split_kv_decode = config.split_kv_decode and split_kv_decode_works(
+            self.device, self.dtype
+        )
         self.kv_plan: KVPlan = plan_pool_tokens(
             bytes_per_token=shape.kv_bytes_per_token(self.dtype),
             device=self.device,
@@ -97,7 +106,7 @@ class Engine:
         self._decode_turn = 0  # round-robin offset when decodes exceed max_batch_seqs
         self.graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None  # why CUDA graphs are off, when they were wanted
-        if config.cuda_graphs and self.kernel is AttentionKernel.FLASH_VARLEN:
+        if config.cuda_graphs and (use_flash or self.split_kv_decode):
             scratch = self.kv.reserve("<graph scratch row>", 1)  # graph padding rows write here
             try:
                 self.graphs = capture_verified_graphs(
@@ -106,9 +115,18 @@ class Engine:
                     max_batch_seqs=min(config.max_batch_seqs, config.max_batch_tokens),
                     max_kv_tokens=self.max_model_tokens,
                     scratch_row=scratch,
+                    kernels=self.attention_kernels,
                 )
             except RuntimeError as exc:
                 self.graph_error = str(exc)
+
+    @property
+    def attention_kernels(self) -> dict[str, bool]:
+        """The kernel choices every `CachedAttention` of this engine is built with."""
+        return {
+            "use_flash_varlen": self.kernel is AttentionKernel.FLASH_VARLEN,
+            "split_kv_decode": self.split_kv_decode,
+        }
 
     # ----------------------------------------------------------------- admission
     def add_request(
@@ -325,12 +343,7 @@ class Engine:
         """The eager forward of one iteration; logits (len(logits_rows), vocab) float32."""
         device = self.device
         batch = make_attention_batch(num_new, num_kv, starts, device)
-        attend = CachedAttention(
-            self.kv.k_pools,
-            self.kv.v_pools,
-            batch,
-            use_flash_varlen=self.kernel is AttentionKernel.FLASH_VARLEN,
-        )
+        attend = CachedAttention(self.kv.k_pools, self.kv.v_pools, batch, **self.attention_kernels)
         logits: torch.Tensor = self.model(
             torch.cat(id_parts).to(device, non_blocking=True),
             torch.cat(pos_parts).to(device, non_blocking=True),

@@ -3,10 +3,11 @@
 Public API:
 
 * `LlamaForCausalLM(config)` (`dataplane.models.llama`): Llama 2/3, Mistral, Qwen2 from a
-  transformers config; parameter names equal transformers'. `model.shape` is a `ModelShape`
-  (layers, heads, head_dim, KV bytes per token, parameter count).
-* `random_model`, `load_hf_directory`, `export_hf_directory`, `resolve_model`, `parse_dtype`
-  (`dataplane.models.loading`); `preset_config`, `PRESET_NAMES` (`dataplane.models.presets`);
+  transformers config; q/k/v and gate/up are fused GEMMs, and `hf_parameters(model)` names
+  every weight (a fused one per row block) as transformers does. `model.shape` is a
+  `ModelShape` (layers, heads, head_dim, KV bytes per token, parameter count).
+* `random_model`, `load_hf_directory`, `export_hf_directory`, `hf_state_dict`, `resolve_model`,
+  `parse_dtype` (`dataplane.models.loading`); `preset_config`, `PRESET_NAMES` (`dataplane.models.presets`);
   `load_tokenizer`, `ByteTokenizer`, `HFTokenizer` (`dataplane.models.tokenizer`).
 
 The forward contract (what sequence-parallel code plugs into)::
@@ -20,6 +21,9 @@ The forward contract (what sequence-parallel code plugs into)::
 
 Implementations of `attend` (`dataplane.models.attention`): `dense_causal_attend` (one
 sequence, no cache) and `CachedAttention` (per-layer KV pools, varlen batches of decodes and
-prefill chunks). A Ulysses/ring wrapper replaces `attend` and may call an inner `attend` with
-a head shard: implementations read head counts from the tensors.
+prefill chunks; on CUDA decodes by the Triton split-KV kernel of `decode_attention`).
+Triton code (`decode_attention`, `triton_ops`) is imported only on CUDA; `fused` picks the
+Triton or the torch path of RoPE, residual add + RMSNorm and the KV store per tensor. A
+Ulysses/ring wrapper replaces `attend` and may call an inner `attend` with a head shard:
+implementations read head counts from the tensors.
 """

@@ -23,6 +23,7 @@ wrapper may call an inner `attend` with a head shard (Hq/P, Hkv/P). Implementati
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from dataplane.models.fused import store_kv
 
 
 class Attend(Protocol):
@@ -121,8 +124,13 @@ def make_attention_batch(
 class CachedAttention:
     """`Attend` over per-layer KV pools: write the new k/v, then attend each sequence's rows.
 
-    Pools are (pool_tokens, Hkv, D) per layer. Two kernels families, chosen by the caller
-    (the engine probes once which one the device supports, see `flash_varlen_works`):
+    Pools are (pool_tokens, Hkv, D) per layer. Kernels are chosen by the caller (the engine
+    probes once what the device supports: `flash_varlen_works`, `split_kv_decode_works`):
+
+    * split-KV decode (CUDA with Triton, `split_kv_decode=True`): all decodes in one Triton
+      launch that splits each sequence's keys across thread blocks and merges the partial
+      softmax results (`dataplane.models.decode_attention`); prefill chunks use one of the
+      families below.
 
     * flash varlen (CUDA): one `_flash_attention_forward` call for all decodes, with the GQA
       group folded into the query length so each KV row is read once per KV head, and one call
@@ -138,11 +146,13 @@ class CachedAttention:
         batch: AttentionBatch,
         *,
         use_flash_varlen: bool,
+        split_kv_decode: bool = False,
     ) -> None:
         self._k_pools = k_pools
         self._v_pools = v_pools
         self._batch = batch
         self._use_flash_varlen = use_flash_varlen
+        self._split_kv_decode = split_kv_decode
         self._decode_gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._flash_cu: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per forward
 
@@ -152,12 +162,13 @@ class CachedAttention:
         """Write k/v into the layer's pools, return attention output (T, Hq, D)."""
         batch = self._batch
         k_pool, v_pool = self._k_pools[layer_idx], self._v_pools[layer_idx]
-        k_pool.index_copy_(0, batch.slot_mapping, k)
-        v_pool.index_copy_(0, batch.slot_mapping, v)
+        store_kv(k_pool, v_pool, k, v, batch.slot_mapping)
         out = torch.empty_like(q)
         nd = batch.num_decodes
         if nd > 0:
-            if self._use_flash_varlen:
+            if self._split_kv_decode:
+                self._split_kv(q[:nd], k_pool, v_pool, out[:nd])
+            elif self._use_flash_varlen:
                 out[:nd] = self._flash_decode(q[:nd], k_pool, v_pool)
             else:
                 out[:nd] = self._sdpa_decode(q[:nd], k_pool, v_pool)
@@ -167,6 +178,23 @@ class CachedAttention:
             else:
                 _sdpa_prefill(q, k_pool, v_pool, batch, out)
         return out
+
+    def _split_kv(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """All decodes by the Triton split-KV kernel, written into `out` (num_decodes, Hq, D)."""
+        from dataplane.models.decode_attention import choose_num_splits, split_kv_decode
+
+        batch = self._batch
+        num_splits = choose_num_splits(
+            batch.num_decodes,
+            k_pool.shape[1],
+            _num_sms(q.device),
+            max(batch.num_kv_tokens[: batch.num_decodes]),  # an upper bound under CUDA graphs
+        )
+        split_kv_decode(
+            q, k_pool, v_pool, batch.decode_kv_starts, batch.decode_kv_lens, out, num_splits
+        )
 
     def _flash_decode(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
@@ -311,10 +339,31 @@ def _cu_k(kv_starts: torch.Tensor) -> torch.Tensor:
     return torch.cat((kv_starts, kv_starts[-1:]))
 
 
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (the split-KV kernel sizes its grid from it)."""
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def flash_varlen_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Probe once whether the flash varlen path runs here and matches the portable path."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
+    return _matches_portable(device, dtype, {"use_flash_varlen": True})
+
+
+def split_kv_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Probe once whether the Triton split-KV decode kernel runs here and matches SDPA.
+
+    False on CPU and wherever Triton is not installed: Triton is imported only here and in
+    `CachedAttention` when this probe said yes.
+    """
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    return _matches_portable(device, dtype, {"use_flash_varlen": False, "split_kv_decode": True})
+
+
+def _matches_portable(device: torch.device, dtype: torch.dtype, kernels: dict[str, bool]) -> bool:
+    """Whether `CachedAttention` with `kernels` runs a small mixed batch and matches SDPA."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     pool_tokens, heads_q, heads_kv, head_dim = 64, 8, 2, 64
     k_pool = torch.randn(pool_tokens, heads_kv, head_dim, generator=gen).to(device, dtype)
@@ -325,9 +374,9 @@ def flash_varlen_works(device: torch.device, dtype: torch.dtype) -> bool:
     k = torch.randn(6, heads_kv, head_dim, generator=gen).to(device, dtype)
     v = torch.randn(6, heads_kv, head_dim, generator=gen).to(device, dtype)
     try:
-        fast = CachedAttention([k_pool.clone()], [v_pool.clone()], batch, use_flash_varlen=True)
+        fast = CachedAttention([k_pool.clone()], [v_pool.clone()], batch, **kernels)
         got = fast(0, q, k, v)
-    except (RuntimeError, TypeError):
+    except Exception:  # noqa: BLE001 - a kernel that fails to build or launch is "not here"
         return False
     slow = CachedAttention([k_pool], [v_pool], batch, use_flash_varlen=False)
     want = slow(0, q, k, v)

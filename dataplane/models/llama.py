@@ -1,7 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) in plain PyTorch, built from an HF config.
 
-Parameter names equal `transformers`' (`model.layers.0.self_attn.q_proj.weight`, ...), so a
-state dict moves between the two unchanged. The forward works on a flat token dimension::
+The q/k/v projections are one `FusedLinear` (`qkv_proj`) and so are the MLP's gate/up
+(`gate_up_proj`): one GEMM each instead of three and two. `hf_parameters(model)` names every
+parameter (or row block of a fused one) as `transformers` does
+(`model.layers.0.self_attn.q_proj.weight`, ...): loading, seeded init and export go through it,
+so HF directories load and export unchanged. The forward works on a flat token dimension::
 
     logits = model(input_ids, positions, attend, logits_indices)
         input_ids:      (T,) int64   new tokens of one or more sequences, concatenated
@@ -17,6 +20,7 @@ projections, MLP) is per token, so a worker may run any shard of a sequence at a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataplane.models.attention import Attend
-from dataplane.models.rope import apply_rope, rope_cos_sin, rope_inverse_frequencies
+from dataplane.models.fused import add_rms_norm, rope_qk
+from dataplane.models.rope import rope_cos_sin, rope_inverse_frequencies
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -124,8 +129,46 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class FusedLinear(nn.Linear):
+    """Several linear layers over the same input as one: their weights stacked by rows.
+
+    `parts` names each stacked layer (its HF module name) with its output width, in row order.
+    The output is the parts' outputs concatenated on the last dim.
+    """
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool) -> None:
+        super().__init__(in_features, sum(width for _, width in parts), bias=bias)
+        self.parts = parts
+
+    def part_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF-relative name, row-block view) per part, weight then bias, in HF order."""
+        first = 0
+        for name, width in self.parts:
+            yield f"{name}.weight", self.weight[first : first + width]
+            if self.bias is not None:
+                yield f"{name}.bias", self.bias[first : first + width]
+            first += width
+
+
+def hf_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter under its `transformers` name, in module order; a fused parameter
+    yields one row-block view per part. Tied parameters are yielded once (the first name)."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        parent = prefix.rpartition(".")[0]
+        if isinstance(module, FusedLinear):
+            for name, view in module.part_parameters():
+                yield f"{parent}.{name}" if parent else name, view
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{prefix}.{name}" if prefix else name, param
+
+
 class SelfAttention(nn.Module):
-    """q/k/v projections + RoPE, the swappable `attend` step, and the output projection."""
+    """Fused q/k/v projection + RoPE, the swappable `attend` step, and the output projection."""
 
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
@@ -135,9 +178,9 @@ class SelfAttention(nn.Module):
             shape.num_kv_heads,
             d,
         )
-        self.q_proj = nn.Linear(h, shape.num_q_heads * d, bias=shape.qkv_bias)
-        self.k_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
-        self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
+        self.qkv_widths = [shape.num_q_heads * d, shape.num_kv_heads * d, shape.num_kv_heads * d]
+        parts = tuple(zip(("q_proj", "k_proj", "v_proj"), self.qkv_widths, strict=True))
+        self.qkv_proj = FusedLinear(h, parts, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(shape.num_q_heads * d, h, bias=shape.o_bias)
 
     def forward(
@@ -150,28 +193,30 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden); attention itself is `attend`'s business."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_q_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)  # row-strided views
+        q = q.view(num_tokens, self.num_q_heads, self.head_dim)  # (T, Hq, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q, k = rope_qk(q, k, cos, sin)  # on CUDA in place: q, k are views of a fresh output
         out = attend(layer_idx, q, k, v)  # (T, Hq, D)
         projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, -1))  # (T, hidden)
         return projected
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one fused GEMM."""
 
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
         h, i = shape.hidden_size, shape.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=shape.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=shape.mlp_bias)
+        self.intermediate_size = i
+        self.gate_up_proj = FusedLinear(h, (("gate_proj", i), ("up_proj", i)), bias=shape.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=shape.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> (T, hidden)."""
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
 
@@ -188,15 +233,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attend: Attend,
         layer_idx: int,
-    ) -> torch.Tensor:
-        """x (T, hidden) -> (T, hidden)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_idx)
-        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
-        return out
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried as a pair whose sum it is: (x, residual), both
+        (T, hidden); the first layer gets (embeddings, None). Returns the pair for the next
+        layer: (MLP output, stream before it). Each add is fused with the norm that follows."""
+        if residual is None:
+            residual = x
+            normed = self.input_layernorm(x)
+        else:
+            normed, residual = add_rms_norm(x, residual, self.input_layernorm)
+        attn = self.self_attn(normed, cos, sin, attend, layer_idx)
+        normed, residual = add_rms_norm(attn, residual, self.post_attention_layernorm)
+        return self.mlp(normed), residual
 
 
 class DecoderStack(nn.Module):
@@ -242,9 +295,12 @@ class LlamaForCausalLM(nn.Module):
             inv_freq = self._inv_freq_cpu.to(positions.device)
             self._inv_freq[positions.device] = inv_freq
         cos, sin = rope_cos_sin(positions, inv_freq, hidden.dtype)  # (T, D) each
+        residual = None
         for layer_idx, layer in enumerate(self.model.layers):
-            hidden = layer(hidden, cos, sin, attend, layer_idx)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]  # (N, hidden): skip the norm/head for other rows
-        logits: torch.Tensor = self.lm_head(self.model.norm(hidden))
+            hidden, residual = layer(hidden, residual, cos, sin, attend, layer_idx)
+        assert residual is not None, "a decoder has at least one layer"
+        if logits_indices is not None:  # (N, hidden): skip the norm/head for other rows
+            hidden, residual = hidden[logits_indices], residual[logits_indices]
+        normed, _ = add_rms_norm(hidden, residual, self.model.norm)
+        logits: torch.Tensor = self.lm_head(normed)
         return logits.float()

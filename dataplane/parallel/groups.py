@@ -330,6 +330,11 @@ class GroupManager:
         self._retired: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pecsched-rdzv")
 
+    @property
+    def store(self) -> Store:
+        """The rendezvous store (also the mailbox of CUDA IPC transfers)."""
+        return self._store
+
     def connect(self, spec: GroupSpec) -> Group:
         """The cached group for `spec`, creating it (blocking rendezvous) if needed.
 
@@ -360,7 +365,7 @@ class GroupManager:
             return pending
 
     def _create(self, spec: GroupSpec, rank: int) -> Group:
-        prefixed = PrefixStore(f"{GROUP_KEY_PREFIX}{spec.group_id}", self._store)
+        prefixed = PrefixStore(f"{GROUP_KEY_PREFIX}{spec.group_id}", self._connection())
         try:
             backend = self.factory.create(prefixed, rank, spec.size, self.timeout_s)
         except (RuntimeError, dist.DistError) as exc:
@@ -373,6 +378,26 @@ class GroupManager:
             self._pending.pop(spec.group_id, None)
             self._groups[spec.group_id] = group
         return group
+
+    def _connection(self) -> Store:
+        """A store connection of the group's own.
+
+        A TCPStore client runs one operation at a time: a rendezvous that waits for a late
+        peer's key holds the connection for up to the group timeout, and would hold every other
+        rendezvous of this worker (and the IPC mailbox) behind it. This was the live cluster's
+        stall: one transfer's rendezvous waiting 30 s delayed all the next transfers of its
+        worker by as much. Each group therefore gets a connection of its own (it keeps it for
+        its life: backends may use the store after the rendezvous).
+        """
+        if isinstance(self._store, TCPStore):
+            return TCPStore(
+                self._store.host,
+                self._store.port,
+                is_master=False,
+                wait_for_workers=False,
+                timeout=dt.timedelta(seconds=self.timeout_s),
+            )
+        return self._store
 
     def get(self, group_id: str) -> Group | None:
         """The cached live group with this id, or None."""

@@ -140,8 +140,7 @@ class _Transfer(ABC):
     # ------------------------------------------------------------ helper thread
     def _thread_main(self) -> None:
         try:
-            remaining_s = max(self._deadline - self._clock(), 0.001)
-            self._group = self._group_future.result(timeout=remaining_s)
+            self._group = self._await_group()
             self._run(self._group)
         except FutureTimeout:
             self._thread_error = "pair group rendezvous did not finish in time"
@@ -149,6 +148,17 @@ class _Transfer(ABC):
             self._thread_error = f"{type(exc).__name__}: {exc}"
         else:
             self._thread_ok = True
+
+    def _await_group(self) -> Group:
+        """The pair group once its rendezvous is done; stops early on abort (no 1 s join)."""
+        while True:
+            try:
+                return self._group_future.result(timeout=0.05)
+            except FutureTimeout:
+                if self._stop.is_set():
+                    raise RuntimeError("stopped") from None
+                if self._clock() > self._deadline:
+                    raise
 
     def _post(self, post: Callable[..., dist.Work], t: torch.Tensor) -> dist.Work:
         """Post one send/recv (refused once stopped, so `_fail` sees every posted op)."""

@@ -140,3 +140,34 @@ def chunk_bounds(num_tokens: int, chunk_tokens: int) -> tuple[tuple[int, int], .
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     return tuple((s, min(s + chunk_tokens, num_tokens)) for s in range(0, num_tokens, chunk_tokens))
+
+
+class KVTransport(Enum):
+    """How one KV transfer moves its bytes (chosen per worker pair by `kv_transport`)."""
+
+    PAIR_GROUP = "pair_group"  # send/recv over the pair's persistent group (gloo, or NCCL)
+    CUDA_IPC = "cuda_ipc"  # the receiver copies from the sender's pool through an IPC handle
+
+
+def kv_transport(device_type: str, same_node: bool) -> KVTransport:
+    """The transport for a pair of workers: CUDA IPC between GPUs of one node (one GPU or two),
+    else point-to-point over the pair's group (NCCL between nodes, gloo on CPU)."""
+    if device_type == "cuda" and same_node:
+        return KVTransport.CUDA_IPC
+    return KVTransport.PAIR_GROUP
+
+
+def shared_devices(device_keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices that more than one SP member would use (sorted); empty when none is shared.
+
+    A device key names one physical device of one node (e.g. "node-a/cuda:0"); members on CPU
+    have no key to share (""). NCCL cannot put two ranks of one communicator on one GPU, so
+    an SP group over shared GPUs is refused rather than left to hang.
+    """
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for key in device_keys:
+        if key and key in seen:
+            shared.add(key)
+        seen.add(key)
+    return tuple(sorted(shared))

@@ -63,14 +63,15 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class SendKv:
-    """Send a held request's KV to `peer_member_id` over the pair group; free it when done."""
+    """Send a held request's KV to `peer_member_id`; free it when done (see worker.transfers)."""
 
     request_id: str
     transfer_id: str
-    group_id: str  # rendezvous id of the pair (source rank 0, destination rank 1)
+    group_id: str  # id the pair's group gets if this transfer creates it (source rank 0)
     peer_member_id: str  # destination instance id
     store_address: str  # host:port of the rendezvous store
     timeout_s: float
+    same_node: bool = False  # the peer is a worker of this node (CUDA: IPC, no group)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class RecvKv:
     peer_member_id: str  # source instance id
     store_address: str
     timeout_s: float
+    same_node: bool = False
 
 
 @dataclass(frozen=True, slots=True)

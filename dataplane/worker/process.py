@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dataplane.worker import messages as m
+from dataplane.worker.memory import WorkerMemory
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +49,24 @@ class WorkerSpec:
     idle_wait_s: float = 0.05  # blocking wait for a command when idle
 
 
+def engine_config(spec: WorkerSpec, kv_bytes_per_token: int):  # type: ignore[no-untyped-def]
+    """The engine's limits for this spec (KV budget in bytes, from tokens when given so)."""
+    from dataplane.engine.engine import EngineConfig
+
+    budget = spec.kv_budget_bytes
+    if spec.kv_budget_tokens is not None:
+        budget = spec.kv_budget_tokens * kv_bytes_per_token
+    chunk = min(512, spec.max_batch_tokens)
+    return EngineConfig(
+        max_batch_tokens=spec.max_batch_tokens, chunk_tokens=chunk, kv_budget_bytes=budget
+    )
+
+
 def build_engine(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     """The model on its device and an engine whose KV pool follows the spec's budget."""
     import torch
 
-    from dataplane.engine.engine import Engine, EngineConfig
+    from dataplane.engine.engine import Engine
     from dataplane.models.loading import parse_dtype, resolve_model
 
     device = torch.device(spec.device)
@@ -60,14 +74,37 @@ def build_engine(spec: WorkerSpec):  # type: ignore[no-untyped-def]
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = resolve_model(spec.model, seed=spec.seed, dtype=dtype, device=device)
-    budget = spec.kv_budget_bytes
-    if spec.kv_budget_tokens is not None:
-        budget = spec.kv_budget_tokens * model.shape.kv_bytes_per_token(dtype)
-    chunk = min(512, spec.max_batch_tokens)
-    config = EngineConfig(
-        max_batch_tokens=spec.max_batch_tokens, chunk_tokens=chunk, kv_budget_bytes=budget
+    return Engine(model, engine_config(spec, model.shape.kv_bytes_per_token(dtype)))
+
+
+def worker_memory(spec: WorkerSpec) -> WorkerMemory:
+    """The GPU memory this spec's worker takes (its KV budget must be set), without loading it."""
+    from pathlib import Path
+
+    import torch
+
+    from dataplane.engine.config import activation_reserve_bytes
+    from dataplane.models.llama import ModelShape
+    from dataplane.models.loading import parse_dtype
+    from dataplane.models.presets import preset_config
+
+    if Path(spec.model).is_dir():
+        from transformers import AutoConfig
+
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(spec.model))
+    else:
+        shape = ModelShape.from_config(preset_config(spec.model))
+    dtype = parse_dtype(spec.dtype)
+    per_token = shape.kv_bytes_per_token(dtype)
+    config = engine_config(spec, per_token)
+    if config.kv_budget_bytes is None:
+        raise ValueError("a memory share needs a KV budget (--kv-budget)")
+    item = torch.empty((), dtype=dtype).element_size()
+    return WorkerMemory(
+        weights_bytes=shape.num_params() * item,
+        kv_bytes=config.kv_budget_bytes // per_token * per_token,
+        activation_bytes=activation_reserve_bytes(shape, config, dtype),
     )
-    return Engine(model, config)
 
 
 def device_name(device: str) -> str:
@@ -102,6 +139,7 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     import torch
 
     from dataplane.parallel.groups import GroupManager, connect_store, make_backend_factory
+    from dataplane.parallel.kv_ipc import IpcRegistry
     from dataplane.worker.runtime import WorkerRuntime
 
     # The agent owns shutdown: a terminal's Ctrl-C or a group-wide SIGTERM must not kill the
@@ -121,7 +159,8 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
             managers[address] = GroupManager(store, spec.member_id, factory, spec.group_timeout_s)
         return managers[address]
 
-    runtime = WorkerRuntime(engine, spec.member_id, manager_for)
+    ipc = IpcRegistry(engine.device) if engine.device.type == "cuda" else None
+    runtime = WorkerRuntime(engine, spec.member_id, manager_for, ipc)
     eos = engine.model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids, os.getpid()))

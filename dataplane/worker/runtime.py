@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dataplane.engine import types as ev
@@ -23,26 +24,13 @@ from dataplane.engine.engine import Engine
 from dataplane.engine.errors import EngineError, EngineErrorCode
 from dataplane.engine.requests import RequestState
 from dataplane.engine.types import KVMetadata
-from dataplane.parallel.groups import GroupError, GroupManager, GroupSpec
+from dataplane.parallel.groups import Group, GroupError, GroupManager
+from dataplane.parallel.kv_ipc import IpcKVReceiver, IpcKVSender, IpcRegistry
 from dataplane.parallel.kv_transfer import KVReceiver, KVSender, TransferState
+from dataplane.parallel.topology import KVTransport, kv_transport
 from dataplane.worker import messages as m
 from dataplane.worker.sp_jobs import SpJobs
-
-
-@dataclass(slots=True)
-class _Transfer:
-    """One side of a KV transfer (the parallel module's sender or receiver) and its group."""
-
-    side: KVSender | KVReceiver
-    manager: GroupManager  # destroys the pair group when the transfer ends
-    group_id: str
-    started_s: float  # monotonic start, for duration_s
-    announced: bool = False  # TRANSFERRING reported (sender)
-
-    @property
-    def is_source(self) -> bool:
-        """True for the sending side."""
-        return isinstance(self.side, KVSender)
+from dataplane.worker.transfers import Transfer, TransferTable
 
 
 @dataclass(slots=True)
@@ -64,16 +52,22 @@ class WorkerRuntime:
         engine: this worker's engine.
         member_id: this worker's instance id (its member id in groups).
         managers: store address -> the GroupManager rendezvousing through that store.
+        ipc: this worker's CUDA IPC registry (CUDA workers only; None elsewhere).
     """
 
     def __init__(
-        self, engine: Engine, member_id: str, managers: Callable[[str], GroupManager]
+        self,
+        engine: Engine,
+        member_id: str,
+        managers: Callable[[str], GroupManager],
+        ipc: IpcRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.member_id = member_id
         self._managers = managers
+        self._ipc = ipc
         self._tracked: dict[str, _Tracked] = {}
-        self._transfers: dict[tuple[str, str], _Transfer] = {}  # (request_id, transfer_id)
+        self._transfers = TransferTable()
         self._reports: list[m.WorkerReport] = []
         self._sp = SpJobs(engine, member_id, self._reports)
         self.busy_total_s = 0.0
@@ -173,10 +167,8 @@ class WorkerRuntime:
         # PREFILLING / DECODING / IMPORTING: already running or about to; nothing to do.
 
     def _cancel(self, request_id: str, silent: bool) -> None:
-        for key in [k for k in self._transfers if k[0] == request_id]:
-            transfer = self._transfers.pop(key)
-            transfer.side.abort()  # a receiver frees its partial import itself
-            transfer.manager.destroy(transfer.group_id)
+        for key in self._transfers.keys_of(request_id):
+            self._transfers.abort(key)  # a receiver frees its partial import itself
         if request_id in self._tracked or self._is_resident(request_id):
             if self._is_resident(request_id):
                 self.engine.cancel(request_id)
@@ -189,40 +181,67 @@ class WorkerRuntime:
         if key in self._transfers:
             raise EngineError(EngineErrorCode.INVALID_STATE, f"transfer {cmd.transfer_id!r} exists")
         manager = self._managers(cmd.store_address)
-        side: KVSender | KVReceiver
+        transport = kv_transport(self.engine.device.type, cmd.same_node)
+        if transport is KVTransport.CUDA_IPC and self._ipc is None:
+            raise EngineError(EngineErrorCode.INVALID_STATE, "CUDA IPC needs a CUDA worker")
+        rid, timeout_s = cmd.request_id, cmd.timeout_s
         if isinstance(cmd, m.SendKv):
-            self._abort_sends(cmd.request_id)  # the control plane gave up on them
-            state = self.engine.request_state(cmd.request_id)
+            self._abort_sends(rid)  # the control plane gave up on them
+            state = self.engine.request_state(rid)
             if state is RequestState.DECODING:
-                self.engine.pause(cmd.request_id)  # KV must not change while it is sent
+                self.engine.pause(rid)  # KV must not change while it is sent
             elif state not in (RequestState.HELD, RequestState.PAUSED):
                 raise EngineError(
                     EngineErrorCode.INVALID_STATE,
-                    f"request {cmd.request_id!r} is {state.name}: its prefill is not finished",
+                    f"request {rid!r} is {state.name}: its prefill is not finished",
                 )
-            export = self.engine.export_kv(cmd.request_id)
-            spec = GroupSpec(cmd.group_id, (self.member_id, cmd.peer_member_id))
-            future = manager.connect_async(spec)
-            side = KVSender(future, 1, export, timeout_s=cmd.timeout_s)
-        else:
-            if self._is_resident(cmd.request_id):
-                raise EngineError(
-                    EngineErrorCode.INVALID_STATE, f"request {cmd.request_id!r} is already here"
+            export = self.engine.export_kv(rid)
+            if self._ipc is not None and transport is KVTransport.CUDA_IPC:
+                sender = IpcKVSender(
+                    manager.store, cmd.transfer_id, export, self._ipc, timeout_s=timeout_s
                 )
-            spec = GroupSpec(cmd.group_id, (cmd.peer_member_id, self.member_id))
-            future = manager.connect_async(spec)
-            rid = cmd.request_id
+                self._transfers.add_ipc(key, True, timeout_s, sender)
+                return
 
-            def begin(meta: KVMetadata) -> object:
-                if meta.request_id != rid:
-                    raise ValueError(f"incoming KV is for {meta.request_id!r}, expected {rid!r}")
-                return self.engine.begin_import(meta)
+            def make_sender(group: Future[Group], remaining_s: float) -> KVSender:
+                return KVSender(group, 1, export, timeout_s=remaining_s)
 
-            side = KVReceiver(
-                future, 0, begin, self._finish_import, self.engine.cancel, timeout_s=cmd.timeout_s
+            pair = (self.member_id, cmd.peer_member_id)
+            self._transfers.add_pair(key, True, timeout_s, pair, cmd.group_id, manager, make_sender)
+            return
+        # A newer receive supersedes older ones: the control plane gave up on those (a late
+        # failure of one must not be reported against the request this one delivers).
+        for old in self._transfers.keys_of(rid):
+            self._transfers.abort(old)
+        if self._is_resident(rid):
+            raise EngineError(EngineErrorCode.INVALID_STATE, f"request {rid!r} is already here")
+
+        def begin(meta: KVMetadata) -> object:
+            if meta.request_id != rid:
+                raise ValueError(f"incoming KV is for {meta.request_id!r}, expected {rid!r}")
+            return self.engine.begin_import(meta)
+
+        self._tracked.setdefault(rid, _Tracked(0, 0))
+        if self._ipc is not None and transport is KVTransport.CUDA_IPC:
+            receiver = IpcKVReceiver(
+                manager.store,
+                cmd.transfer_id,
+                self._ipc,
+                begin,
+                self._finish_import,
+                self.engine.cancel,
+                timeout_s=timeout_s,
             )
-            self._tracked.setdefault(rid, _Tracked(0, 0))
-        self._transfers[key] = _Transfer(side, manager, cmd.group_id, time.monotonic())
+            self._transfers.add_ipc(key, False, timeout_s, receiver)
+            return
+
+        def make_receiver(group: Future[Group], remaining_s: float) -> KVReceiver:
+            return KVReceiver(
+                group, 0, begin, self._finish_import, self.engine.cancel, timeout_s=remaining_s
+            )
+
+        pair = (cmd.peer_member_id, self.member_id)
+        self._transfers.add_pair(key, False, timeout_s, pair, cmd.group_id, manager, make_receiver)
 
     def _finish_import(self, request_id: str) -> None:
         """All KV landed: runnable, but held until StartDecode unless that already came."""
@@ -234,7 +253,7 @@ class WorkerRuntime:
     def _start_decode(self, request_id: str) -> None:
         tracked = self._tracked.get(request_id)
         if not self._is_resident(request_id):
-            if tracked is not None and any(k[0] == request_id for k in self._transfers):
+            if tracked is not None and self._transfers.keys_of(request_id):
                 tracked.decode_requested = True  # decode once the import completes
                 return
             raise EngineError(EngineErrorCode.UNKNOWN_REQUEST, f"no KV for {request_id!r} here")
@@ -250,27 +269,17 @@ class WorkerRuntime:
     def _abort_sends(self, request_id: str) -> None:
         """Abort the request's outgoing KV transfers, silently (the control plane no longer
         tracks them): one that completed later would free the KV this worker uses again."""
-        for key in [k for k, t in self._transfers.items() if k[0] == request_id and t.is_source]:
-            transfer = self._transfers.pop(key)
-            transfer.side.abort()
-            transfer.manager.destroy(transfer.group_id)
+        for key in self._transfers.keys_of(request_id, sources_only=True):
+            self._transfers.abort(key)
 
     # ------------------------------------------------------------------ iteration
     def run_once(self) -> None:
         """Poll every transfer, then run one engine iteration if anything is runnable."""
-        for key, transfer in list(self._transfers.items()):
-            state = transfer.side.poll()
-            if (
-                state is TransferState.TRANSFERRING
-                and transfer.is_source
-                and not transfer.announced
-            ):
-                transfer.announced = True
-                self._transfer_report(transfer, key, "transferring")
-            if state in (TransferState.DONE, TransferState.FAILED):
-                del self._transfers[key]
-                transfer.manager.destroy(transfer.group_id)
-                self._transfer_finished(transfer, key, state)
+        for transfer, state in self._transfers.poll():
+            if state is TransferState.TRANSFERRING:
+                self._transfer_report(transfer, "transferring")
+            else:
+                self._transfer_finished(transfer, state)
         self.busy_total_s += self._sp.run_once()
         if not self.engine.has_runnable_work():
             return
@@ -280,12 +289,10 @@ class WorkerRuntime:
         self.busy_total_s += duration_s
         self._convert(events, duration_s)
 
-    def _transfer_finished(
-        self, transfer: _Transfer, key: tuple[str, str], state: TransferState
-    ) -> None:
-        rid = key[0]
+    def _transfer_finished(self, transfer: Transfer, state: TransferState) -> None:
+        rid = transfer.key[0]
         if state is TransferState.FAILED:
-            self._transfer_report(transfer, key, "failed")
+            self._transfer_report(transfer, "failed")
             if not transfer.is_source:
                 self._tracked.pop(rid, None)  # the receiver freed its partial import
             return
@@ -293,18 +300,18 @@ class WorkerRuntime:
             if self._is_resident(rid):
                 self.engine.cancel(rid)  # the destination holds the KV now
             self._tracked.pop(rid, None)
-        self._transfer_report(transfer, key, "done")
+        self._transfer_report(transfer, "done")
 
-    def _transfer_report(self, transfer: _Transfer, key: tuple[str, str], state: str) -> None:
+    def _transfer_report(self, transfer: Transfer, state: str) -> None:
         self._reports.append(
             m.TransferUpdate(
-                request_id=key[0],
-                transfer_id=key[1],
+                request_id=transfer.key[0],
+                transfer_id=transfer.key[1],
                 state=state,
                 is_source=transfer.is_source,
-                num_bytes=transfer.side.num_bytes,
+                num_bytes=transfer.num_bytes,
                 duration_s=time.monotonic() - transfer.started_s,
-                error=transfer.side.failure() or "",
+                error=transfer.failure(),
             )
         )
 

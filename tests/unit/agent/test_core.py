@@ -36,10 +36,12 @@ class RecordingPorts:
         return [w.event for w in self.wire if w.HasField("event")]
 
 
-def make_core(num_workers: int = 2) -> tuple[AgentCore, RecordingPorts]:
+def make_core(
+    num_workers: int = 2, device: str = "cpu", device_indices: list[int] | None = None
+) -> tuple[AgentCore, RecordingPorts]:
     config = AgentConfig(
         controlplane="127.0.0.1:1",
-        device="cpu",
+        device=device,
         num_workers=num_workers,
         model="tiny",
         roles=("general",) * num_workers,
@@ -49,7 +51,8 @@ def make_core(num_workers: int = 2) -> tuple[AgentCore, RecordingPorts]:
         drain_timeout_s=5.0,
     )
     ports = RecordingPorts()
-    core = AgentCore(config, ports, "127.0.0.1:9", "test", list(range(num_workers)))
+    indices = list(range(num_workers)) if device_indices is None else device_indices
+    core = AgentCore(config, ports, "127.0.0.1:9", "test", indices)
     for i in range(num_workers):
         core.handle(WorkerSaid(i, 0, m.Ready(100, "cpu", (), 1000 + i)))
     return core, ports
@@ -278,3 +281,35 @@ def test_invalid_commands_become_failed_events() -> None:
     assert "request_id must not be empty" in errors[1][1]
     assert errors[2][0] == "nobody" and errors[2][2] is True
     assert errors[3][0] == "c" and "iteration_prefill_budget_tokens" in errors[3][1]
+
+
+def test_transfers_between_workers_of_this_node_are_marked_same_node() -> None:
+    # Prepare: r is resident on n1/0
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"], decode_in_place=False)
+    # Execute: one transfer inside the node, one to another node
+    for tid, dst in (("t1", "n1/1"), ("t2", "n2/0")):
+        kv = cluster_pb2.TransferKv(
+            request_id="r", transfer_id=tid, source_instance_id="n1/0", destination_instance_id=dst
+        )
+        command(core, transfer_kv=kv)
+    # Assert: the worker picks CUDA IPC for the first (on GPUs), its pair group for the second
+    sends = [c for _, c in ports.worker if isinstance(c, m.SendKv)]
+    (recv,) = [c for _, c in ports.worker if isinstance(c, m.RecvKv)]
+    assert [(c.transfer_id, c.same_node) for c in sends] == [("t1", True), ("t2", False)]
+    assert recv.same_node
+
+
+def test_an_sp_group_of_workers_sharing_a_gpu_is_refused_not_left_to_hang() -> None:
+    # Prepare: three CUDA workers, two of them on GPU 0
+    core, ports = make_core(3, "cuda", [0, 0, 1])
+    attach(core)
+    # Execute
+    prefill(core, "shared", ["n1/0", "n1/1"])
+    prefill(core, "distinct", ["n1/1", "n1/2"])
+    # Assert: the first fails at once naming the GPU; the second starts on both workers
+    (failed,) = [e for e in ports.events() if e.request_id == "shared"]
+    assert not failed.failed.retryable and "shares GPU(s) cuda:0" in failed.failed.error
+    started = [(i, c.request_id) for i, c in ports.worker if isinstance(c, m.SpPrefill)]
+    assert started == [(1, "distinct"), (2, "distinct")]

@@ -167,6 +167,24 @@ def test_rendezvous_without_the_peer_fails_within_the_timeout() -> None:
     manager.close()
 
 
+def test_a_rendezvous_waiting_for_an_absent_peer_holds_up_no_other_group(
+    managers: list[GroupManager],
+) -> None:
+    # Prepare: w0 starts a group whose other member never comes (a transfer the control plane
+    # gave up on). Before each group had a store connection of its own, that rendezvous held
+    # w0's one connection for the whole group timeout (20 s here, 30 s live), and every other
+    # group w0 started meanwhile waited behind it: the live cluster's transfers stalled so.
+    stuck = managers[0].connect_async(GroupSpec("kv/abandoned", ("w0", "w-gone")))
+    spec = GroupSpec("kv/next", ("w0", "w1"))
+
+    # Execute
+    futures = [manager.connect_async(spec) for manager in managers]
+
+    # Assert: the next group forms while the first still waits
+    g0, g1 = (future.result(timeout=10.0) for future in futures)
+    assert (g0.rank, g1.rank) == (0, 1) and not stuck.done()
+
+
 def test_all_to_all_checks_split_counts(managers: list[GroupManager]) -> None:
     solo = managers[0].connect(GroupSpec("solo-2", ("w0",)))
 

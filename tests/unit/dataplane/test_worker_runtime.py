@@ -105,3 +105,59 @@ def test_decode_in_place_aborts_the_send_whose_destination_was_lost(
     assert tokens[1:] == expected and len(tokens) == SAMPLING.max_new_tokens
     states = [u.state for u in src.of(m.TransferUpdate)]
     assert "done" not in states, states
+
+
+def test_transfers_of_a_pair_run_in_order_over_one_persistent_group(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: three prefilled requests on w0, their transfers to w1 ordered back to back (the
+    # live GPU cluster's pattern: shorts finish prefill faster than one transfer takes)
+    src, dst, address = pair
+    rids = ("a", "b", "c")
+    for rid in rids:
+        src.handle(m.Prefill(rid, PROMPT, SAMPLING, 64, decode_in_place=False))
+    run_until([src], lambda: len(src.of(m.PrefillDone)) == len(rids))
+    # Execute
+    for i, rid in enumerate(rids):
+        src.handle(m.SendKv(rid, f"t{i}", f"g{i}", "w1", address, TIMEOUT_S))
+        dst.handle(m.RecvKv(rid, f"t{i}", f"g{i}", "w0", address, TIMEOUT_S))
+    run_until([src, dst], lambda: len(dst.of(m.TransferUpdate)) == len(rids))
+    for rid in rids:
+        dst.handle(m.StartDecode(rid))
+    run_until([src, dst], lambda: len(dst.of(m.Finished)) == len(rids))
+    # Assert: every transfer landed, one at a time over the group the first one created, which
+    # stays up for the next transfer (no communicator per transfer)
+    assert [(u.request_id, u.state) for u in dst.of(m.TransferUpdate)] == [
+        (rid, "done") for rid in rids
+    ]
+    assert src.manager.group_ids() == dst.manager.group_ids() == ("g0",)
+    assert {f.request_id: f.output_tokens for f in dst.of(m.Finished)} == dict.fromkeys(
+        rids, SAMPLING.max_new_tokens
+    )
+
+
+def test_a_superseded_receive_never_fails_the_request_its_successor_delivered(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: w1 was told to receive r as t1, but the control plane gave up on t1 (its sender
+    # never started it) and retried as t2. Before the fix, t1's late failure was reported
+    # against r after t2 had delivered it, and the agent dropped r's route: r never finished.
+    src, dst, address = pair
+    src.handle(m.Prefill("r", PROMPT, SAMPLING, 64, decode_in_place=False))
+    run_until([src], lambda: src.of(m.PrefillDone))
+    stale_timeout_s = 2.0
+    dst.handle(m.RecvKv("r", "t1", "g1", "w0", address, stale_timeout_s))
+    # Execute
+    src.handle(m.SendKv("r", "t2", "g2", "w1", address, TIMEOUT_S))
+    dst.handle(m.RecvKv("r", "t2", "g2", "w0", address, TIMEOUT_S))
+    run_until([src, dst], lambda: dst.of(m.TransferUpdate))
+    dst.handle(m.StartDecode("r"))
+    run_until([dst], lambda: dst.of(m.Finished))
+    deadline_s = time.monotonic() + stale_timeout_s + 0.5
+    while time.monotonic() < deadline_s:  # well past t1's own deadline
+        dst.step()
+        time.sleep(0.01)
+    # Assert: r decoded to the end on w1 and nothing was ever said about t1
+    assert [(u.transfer_id, u.state) for u in dst.of(m.TransferUpdate)] == [("t2", "done")]
+    assert [f.output_tokens for f in dst.of(m.Finished)] == [SAMPLING.max_new_tokens]
+    assert not dst.of(m.Failed)
