@@ -33,8 +33,8 @@ sim: setup  ## One simulation: both Azure traces, 32 x A100, Mistral-7B, the fou
 	$(VENV)/bin/pecsched sim \
 		--gpus 32 --gpu a100 --model mistral-7b --policy all
 
-paper-eval: setup  ## The paper's evaluation in the simulator; rewrites docs/evaluation.md (minutes on many cores)
-	$(PY) bench/paper_eval.py --jobs $$(nproc)
+paper-eval: setup  ## The evaluation in the simulator, 3 seeds; rewrites docs/evaluation.md and docs/img (QUICK=1: a subset for 2 cores)
+	$(PY) bench/paper_eval.py --jobs $$(nproc) $(if $(QUICK),--quick)
 
 test: setup  ## Unit, integration and e2e tests on CPU (PostgreSQL tests run when it is reachable)
 	$(PY) -m pytest -q

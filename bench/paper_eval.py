@@ -1,475 +1,346 @@
-"""Reproduce the paper's evaluation in the simulator and write docs/evaluation.md.
+"""Reproduce the paper's evaluation in the simulator, over several seeds, and write
+docs/evaluation.md (tables, plots and targets; nothing in it is edited by hand).
 
-    .venv/bin/python bench/paper_eval.py [--jobs N] [--models m1,m2] [--loads 0.2,0.5,...]
-        [--max-requests N] [--skip-scale] [--out docs/evaluation.md]
+    .venv/bin/python bench/paper_eval.py [--quick] [--jobs N] [--seeds 1,2,3]
+        [--models m1,m2] [--loads 0.25,0.5,...] [--scenarios s1,s2] [--max-requests N]
+        [--synthetic-requests N] [--skip-scale] [--out docs/evaluation.md] [--json OUT]
 
-For each paper model on 32 x A100-80GB (paper TP: TP1 for 7B/14B, TP4 for 34B/70B; 4 GPUs of
-short decode), the merged one-hour Azure trace (long prompts min-max rescaled into
-[100K, 500K]) is replayed at several offered loads under the four policies; the reservation
-baseline is tuned per model and load (the best of several reserve sizes on the headline
-metric), ablations run at the contended loads; then a 10,000-GPU scalability run. Runs are
-independent and go through a process pool.
+Two suites, both on 32 x A100-80GB with the paper's TP:
+* azure: the merged one-hour Azure trace, prompts >= 4096 tokens min-max rescaled into
+  [100K, 500K] (the paper's setup), for each paper model at several offered prefill loads;
+* synthetic: seeded heavy-tail workloads (`sim.workloads.heavy_tail`: log-normal lengths,
+  Poisson or bursty arrivals, 5-60% long) on Mistral-7B at several loads.
+Every (suite, model, load) point runs under every registered policy and seed: fifo, priority,
+pecsched, sarathi; reservation over a sweep of reserve sizes up to all-but-one instance;
+distserve over a sweep of decode-instance counts; the PecSched ablations at loads >= 0.5 of
+the azure suite. Then a 10,000-GPU run measures the simulator at scale. Runs are independent
+and go through a process pool; `paper_eval_doc` writes the document.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from paper_eval_doc import write_markdown  # noqa: E402
+from paper_eval_report import Run  # noqa: E402
 
 from controlplane.core.config import SchedulerConfig  # noqa: E402
+from controlplane.core.policies.registry import policy_names  # noqa: E402
 from sim import workloads as wl  # noqa: E402
 from sim.cost_model import CostModel  # noqa: E402
 from sim.engine import ClusterSpec  # noqa: E402
 from sim.hardware import GPUS, MODELS, PAPER_TP  # noqa: E402
-from sim.plots import plot_results  # noqa: E402
-from sim.report import PolicyResult, result_to_dict  # noqa: E402
+from sim.report import result_to_dict  # noqa: E402
 from sim.runner import prefill_load, run_policy  # noqa: E402
 
-TRACES = list(wl.AZURE_TRACES)
 PAPER_MODELS = ("mistral-7b", "phi-3-14b", "yi-34b", "llama-3.1-70b")
-BASELINES = ("fifo", "reservation", "priority")
-ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
-RESERVE_GPUS = (4, 8, 16, 24)  # reservation sweep, in GPUs (instances = GPUs / tp)
 GPUS_32 = 32
-LEVER_CHUNK_TOKENS = 2048  # tuning lever measured next to the defaults at contended loads
+SINGLE = ("fifo", "priority", "pecsched", "sarathi")  # run once per point and seed
+ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
+ABLATION_MIN_LOAD = 0.5  # ablations run at azure loads from here up
+RESERVE_KNOB = "num_long_reserved_instances"
+DISTSERVE_KNOB = "distserve_decode_instances"  # the distserve split (decode instances)
+SYNTHETIC_MODEL = "mistral-7b"
+SCENARIOS: dict[str, tuple[float, float]] = {  # name: (long fraction, inter-arrival cv)
+    "long5-poisson": (0.05, 1.0),
+    "long20-poisson": (0.20, 1.0),
+    "long20-bursty": (0.20, 4.0),
+    "long60-poisson": (0.60, 1.0),
+}
 SCALE_LOADS = (0.75, 1.0)  # per-GPU offered prefill loads of the 10,000-GPU runs
 SCALE_WINDOW_S = 0.005  # event batching window of the 10,000-GPU run
-DEFAULTS = SchedulerConfig()
-CONTENTION_P99_S = 0.5  # best baseline's short p99 queueing delay above this = contention
+FULL = {
+    "seeds": "1,2,3",
+    "models": ",".join(PAPER_MODELS),
+    "loads": "0.25,0.5,0.75,1.0",
+    "scenarios": ",".join(SCENARIOS),
+    "synthetic_loads": "0.5,1.0,1.5",
+    "synthetic_requests": 3000,
+}
+QUICK = {  # a subset that finishes in minutes on a 2-core machine
+    "seeds": "1,2,3",
+    "models": "mistral-7b",
+    "loads": "0.5,1.0",
+    "scenarios": "long20-poisson,long20-bursty",
+    "synthetic_loads": "1.0",
+    "synthetic_requests": 800,
+    "max_requests": 4000,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
     """One simulation to run in a worker process."""
 
+    suite: str  # "azure" or a SCENARIOS name
     model: str
     load: float  # offered prefill load (see sim.runner.prefill_load)
-    time_scale: float
+    seed: int  # the policy's tie-breaks; the synthetic workload's draw
     policy: str
-    reserve: int | None  # reservation: LONG_RESERVED instances
-    gpus: int
-    max_requests: int | None
-    tile_copies: int = 1
-    seed: int = 0
-    chunk_tokens: int | None = None  # config override (a tuning lever), None = default
+    knob: str = ""  # a SchedulerConfig field swept for this policy, "" for none
+    knob_value: int | None = None  # its value (None: the policy's default)
+    max_requests: int | None = None  # azure: keep the first N arrivals
+    synthetic_requests: int = 0  # synthetic: requests drawn
+    gpus: int = GPUS_32
+    tile_copies: int = 1  # the scale run tiles the trace
     batch_window_s: float = 0.0  # the scale run hands events to the policy in windows
 
     @property
-    def label(self) -> str:
-        """Policy name plus any config override."""
-        return self.policy + (f" chunk={self.chunk_tokens}" if self.chunk_tokens else "")
+    def variant(self) -> str:
+        """Policy name plus its swept knob's value (`reservation r=4`, `distserve d=8`)."""
+        if not self.knob:
+            return self.policy
+        value = "default" if self.knob_value is None else str(self.knob_value)
+        return f"{self.policy} {'r' if self.knob == RESERVE_KNOB else 'd'}={value}"
 
 
-def _workload(job: Job) -> wl.Workload:
-    base = wl.rescale_long(wl.load_azure_traces(list(TRACES)), 100_000, 500_000, "minmax")
-    if job.tile_copies > 1:
-        base = wl.tile(base, job.tile_copies, seed=job.seed)
-    w = wl.scale_time(base, job.time_scale)
-    return wl.head(w, job.max_requests) if job.max_requests else w
-
-
-def _cost(model: str) -> CostModel:
+def cost_of(model: str) -> CostModel:
+    """The paper's A100 instance of `model`."""
     return CostModel(MODELS[model], GPUS["a100"], PAPER_TP[model])
 
 
-def run_job(job: Job) -> tuple[Job, dict[str, Any], PolicyResult]:
-    """Run one simulation; returns the JSON dict and the result (picklable)."""
-    cost = _cost(job.model)
-    config = SchedulerConfig(num_long_reserved_instances=job.reserve)
-    if job.chunk_tokens:
-        config = replace(config, chunk_tokens=job.chunk_tokens)
+@lru_cache(maxsize=1)
+def _azure_base() -> wl.Workload:
+    return wl.rescale_long(wl.load_azure_traces(list(wl.AZURE_TRACES)), 100_000, 500_000)
+
+
+@lru_cache(maxsize=64)
+def native_load(suite: str, model: str, seed: int, synthetic_requests: int) -> float:
+    """Offered prefill load of the suite's workload at its own pace (synthetic: 1 req/s)."""
+    return prefill_load(_base(suite, seed, synthetic_requests), cost_of(model), _CONFIG, GPUS_32)
+
+
+_CONFIG = SchedulerConfig()
+
+
+def _base(suite: str, seed: int, synthetic_requests: int) -> wl.Workload:
+    if suite == "azure":
+        return _azure_base()
+    long_fraction, cv = SCENARIOS[suite]
+    return wl.heavy_tail(wl.HeavyTailSpec(synthetic_requests, 1.0, long_fraction, cv), seed)
+
+
+def workload_of(job: Job) -> wl.Workload:
+    """The job's workload, its arrivals scaled to the job's offered load."""
+    seed = job.seed if job.suite != "azure" else 0
+    base = _base(job.suite, seed, job.synthetic_requests)
+    scale = native_load(job.suite, job.model, seed, job.synthetic_requests) / job.load
+    if job.tile_copies > 1:
+        base = wl.tile(base, job.tile_copies, seed=job.seed)
+    w = wl.scale_time(base, scale)
+    return wl.head(w, job.max_requests) if job.max_requests else w
+
+
+def run_job(job: Job) -> tuple[Job, dict[str, Any], float]:
+    """Run one simulation: the job, its `pecsched sim --json` result and its CPU seconds."""
+    started = time.process_time()
+    config = _CONFIG
+    if job.knob:
+        override: dict[str, Any] = {job.knob: job.knob_value}
+        config = replace(config, **override)
     outcome = run_policy(
-        _workload(job),
-        ClusterSpec(job.gpus, cost),
+        workload_of(job),
+        ClusterSpec(job.gpus, cost_of(job.model)),
         job.policy,
         config,
         job.seed,
         batch_window_s=job.batch_window_s,
     )
-    return job, result_to_dict(outcome.result), outcome.result
+    return job, result_to_dict(outcome.result), time.process_time() - started
 
 
-def _pct(new: float, old: float) -> str:
-    if old <= 0 or math.isnan(old) or math.isnan(new):
-        return "-"
-    return f"{(new / old - 1.0) * 100:+.0f}%"
+def sweep(instances: int, fractions: tuple[float, ...]) -> list[int]:
+    """Distinct instance counts at `fractions` of `instances`, within [1, instances - 1]."""
+    return sorted({min(instances - 1, max(1, round(f * instances))) for f in fractions})
 
 
-def _f(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def point_jobs(mk: Job, registered: tuple[str, ...], ablations: bool) -> list[Job]:
+    """Every policy variant of one (suite, model, load, seed) point."""
+    instances = GPUS_32 // PAPER_TP[mk.model]
+    out = [replace(mk, policy=p) for p in SINGLE if p in registered]
+    reserve = [None, *sweep(instances, (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0))]  # up to all-but-one
+    out += [replace(mk, policy="reservation", knob=RESERVE_KNOB, knob_value=r) for r in reserve]
+    if "distserve" in registered:
+        if DISTSERVE_KNOB in {f.name for f in fields(SchedulerConfig)}:
+            split = sweep(instances, (1 / 8, 1 / 4, 3 / 8, 1 / 2))
+            out += [
+                replace(mk, policy="distserve", knob=DISTSERVE_KNOB, knob_value=d) for d in split
+            ]
+        else:
+            out.append(replace(mk, policy="distserve"))
+    if ablations:
+        out += [replace(mk, policy=p) for p in ABLATIONS if p in registered]
+    return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(PAPER_MODELS))
-    ap.add_argument("--loads", default="0.25,0.5,0.75,1.0")
-    ap.add_argument("--max-requests", type=int, default=None)
-    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
+def build_jobs(args: argparse.Namespace) -> tuple[list[Job], list[Job]]:
+    """The evaluation's jobs and the scale jobs."""
+    registered = policy_names()
+    jobs: list[Job] = []
+    for seed in args.seeds:
+        for model in args.models:
+            for load in args.loads:
+                mk = Job("azure", model, load, seed, "", max_requests=args.max_requests)
+                jobs += point_jobs(mk, registered, load >= ABLATION_MIN_LOAD)
+        for scenario in args.scenarios:
+            for load in args.synthetic_loads:
+                mk = Job(scenario, SYNTHETIC_MODEL, load, seed, "")
+                jobs += point_jobs(
+                    replace(mk, synthetic_requests=args.synthetic_requests), registered, False
+                )
+    scale: list[Job] = []
+    if not args.skip_scale:
+        copies = -(-args.scale_gpus // GPUS_32)
+        for load in SCALE_LOADS:
+            for policy in ("pecsched", "fifo"):
+                scale.append(
+                    Job(
+                        "azure",
+                        "mistral-7b",
+                        load,
+                        0,
+                        policy,
+                        max_requests=args.scale_requests,
+                        gpus=args.scale_gpus,
+                        tile_copies=copies,
+                        batch_window_s=SCALE_WINDOW_S,
+                    )
+                )
+    return jobs, scale
+
+
+def machine() -> str:
+    """The CPU model, core count and Python of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def head_commit() -> str:
+    """HEAD's short hash, marked `+changes` when the tree differs from it."""
+    git = ["git", "-C", str(REPO)]
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return rev.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+TIMES = REPO / "bench" / "results" / "paper_eval_times.json"  # the last full and quick runs
+
+
+def _shaped(argv: list[str]) -> bool:
+    """True when flags other than --quick, --jobs, --out and --json change what runs (such a
+    run's time is not the full or quick evaluation's)."""
+    free = {"--quick", "--jobs", "--out", "--json"}
+    return any(a.startswith("--") and a.split("=")[0] not in free for a in argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags; `--quick` fills the unset ones from QUICK, otherwise from FULL."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset for a 2-core machine")
+    ap.add_argument("--seeds")
+    ap.add_argument("--models")
+    ap.add_argument("--loads")
+    ap.add_argument("--scenarios", help=f"synthetic scenarios: {', '.join(SCENARIOS)}")
+    ap.add_argument("--synthetic-loads")
+    ap.add_argument("--synthetic-requests", type=int)
+    ap.add_argument("--max-requests", type=int, help="azure: keep the first N arrivals")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--scale-gpus", type=int, default=10_000)
     ap.add_argument("--scale-requests", type=int, default=1_000_000)
     ap.add_argument("--out", default=str(REPO / "docs" / "evaluation.md"))
     ap.add_argument("--json", default=None, help="also write every run's numbers as JSON")
-    args = ap.parse_args()
-    models = args.models.split(",")
-    loads = [float(x) for x in args.loads.split(",")]
-    img = Path(args.out).parent / "img"
-    img.mkdir(parents=True, exist_ok=True)
+    args = ap.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.skip_scale = True
+    args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    args.models = str(args.models).split(",")
+    args.loads = [float(x) for x in str(args.loads).split(",")]
+    args.scenarios = [s for s in str(args.scenarios).split(",") if s]
+    args.synthetic_loads = [float(x) for x in str(args.synthetic_loads).split(",")]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown or len(args.seeds) < 1:
+        ap.error(f"unknown scenarios {unknown}" if unknown else "--seeds: at least one")
+    return args
 
-    base = wl.rescale_long(wl.load_azure_traces(list(TRACES)), 100_000, 500_000, "minmax")
-    jobs: list[Job] = []
-    native: dict[str, float] = {}
-    for model in models:
-        cost = _cost(model)
-        native[model] = prefill_load(base, cost, SchedulerConfig(), GPUS_32)
-        for load in loads:
-            scale = native[model] / load
-            mk = Job(model, load, scale, "", None, GPUS_32, args.max_requests)
-            for policy in ("fifo", "priority", "pecsched"):
-                jobs.append(replace(mk, policy=policy))
-            for gpus in RESERVE_GPUS:
-                jobs.append(replace(mk, policy="reservation", reserve=gpus // cost.tp))
-            if load >= loads[len(loads) // 2]:
-                for policy in ABLATIONS:
-                    jobs.append(replace(mk, policy=policy))
-            if load >= loads[len(loads) // 2]:
-                jobs.append(replace(mk, policy="pecsched", chunk_tokens=LEVER_CHUNK_TOKENS))
-                jobs.append(
-                    replace(mk, policy="pecsched-no-disagg", chunk_tokens=LEVER_CHUNK_TOKENS)
-                )
-    scale_jobs: list[Job] = []
-    if not args.skip_scale:
-        copies = math.ceil(args.scale_gpus / GPUS_32)
-        for load in SCALE_LOADS:
-            for policy in ("pecsched", "fifo"):
-                scale_jobs.append(
-                    Job(
-                        "mistral-7b",
-                        load,
-                        native.get("mistral-7b", 1.0) / load,
-                        policy,
-                        None,
-                        args.scale_gpus,
-                        args.scale_requests,
-                        tile_copies=copies,
-                        batch_window_s=SCALE_WINDOW_S,
-                    )
-                )
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    commit = head_commit()  # the code that runs, before anything is written
+    jobs, scale_jobs = build_jobs(args)
     started = time.perf_counter()
+    cpu_s = 0.0
     print(f"{len(jobs) + len(scale_jobs)} simulations on {args.jobs} processes", flush=True)
-    results: list[tuple[Job, dict[str, Any], PolicyResult]] = []
-    scale_rows: list[dict[str, Any]] = []
+    runs: list[Run] = []
+    scale: list[Run] = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         scale_futures = [pool.submit(run_job, job) for job in scale_jobs]  # longest first
-        for out in pool.map(run_job, jobs):
-            results.append(out)
-            job = out[0]
+        for i, (job, result, cpu) in enumerate(pool.map(run_job, jobs, chunksize=1)):
+            runs.append(Run(job, result))
+            cpu_s += cpu
             print(
-                f"  {job.model} load {job.load} {job.label} r={job.reserve}: {out[2].wall_s:.1f} s",
+                f"  [{i + 1}/{len(jobs)}] {job.suite} {job.model} load {job.load} seed "
+                f"{job.seed} {job.variant}: {cpu:.1f} s",
                 flush=True,
             )
         for future in scale_futures:
-            job, as_dict, res = future.result()
-            as_dict["num_requests"] = args.scale_requests
-            as_dict["load"] = job.load
-            scale_rows.append(as_dict)
-            print(f"  scale {job.policy}: {res.wall_s:.0f} s", flush=True)
-    sweep_wall = time.perf_counter() - started
-
+            job, result, cpu = future.result()
+            scale.append(Run(job, result))
+            cpu_s += cpu
+            print(f"  scale {job.policy} load {job.load}: {result['wall_s']:.0f} s", flush=True)
+    wall_s = time.perf_counter() - started
+    native = {m: native_load("azure", m, 0, 0) for m in args.models}
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
                     "native_load": native,
-                    "runs": [
-                        {
-                            "model": j.model,
-                            "load": j.load,
-                            "time_scale": j.time_scale,
-                            "reserve": j.reserve,
-                            **d,
-                        }
-                        for j, d, _ in results
-                    ],
-                    "scale": scale_rows,
+                    "runs": [{"job": asdict(r.job), **r.result} for r in runs],
+                    "scale": [{"job": asdict(r.job), **r.result} for r in scale],
                 },
                 indent=1,
             )
             + "\n"
         )
-    write_markdown(
-        Path(args.out), img, results, native, loads, models, scale_rows, sweep_wall, args
+    timing = (
+        f"at commit {commit} in {wall_s:.0f} s of wall time on {args.jobs} processes "
+        f"({cpu_s:.0f} CPU-seconds, {len(runs) + len(scale)} simulations; {machine()})"
     )
+    times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    if not _shaped(sys.argv[1:] if argv is None else argv):
+        times["quick" if args.quick else "full"] = timing
+        TIMES.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+    write_markdown(Path(args.out), runs, scale, native, SCENARIOS, args, timing, times)
+    print(f"wrote {args.out}: {wall_s:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
     return 0
-
-
-ANALYSIS_MARKER = "<!-- analysis: hand-written below this line, kept on regeneration -->"
-
-
-def _num(x: float | None) -> float:
-    return math.nan if x is None else float(x)
-
-
-def _p99(d: dict[str, Any]) -> float:
-    return _num(d["short"]["queueing_delay_s"]["p99"])
-
-
-def _jct(d: dict[str, Any]) -> float:
-    return _num(d["long"]["jct_mean_s"])
-
-
-def _best_reservation(rows: list[Any], fifo_jct: float) -> int:
-    """The reserve a fair operator picks: lowest short p99 queueing delay among the sizes whose
-    long mean JCT stays within 1.10x FIFO's (PecSched's own constraint); when none does, the
-    size with the lowest long JCT."""
-    ok = [i for i, r in enumerate(rows) if _jct(r[1]) <= 1.10 * fifo_jct]
-    if ok:
-        return min(ok, key=lambda i: (_p99(rows[i][1]), _jct(rows[i][1])))
-    return min(range(len(rows)), key=lambda i: _jct(rows[i][1]))
-
-
-def _row(name: str, d: dict[str, Any]) -> str:
-    s, lg = d["short"], d["long"]
-    q = s["queueing_delay_s"]
-    return (
-        f"| {name} | {_f(q['p50'], 3)} | {_f(q['p99'])} | {_f(s['ttft_s']['p99'])} | "
-        f"{_f(s['tbt_s']['p99'], 3)} | "
-        f"{_f(s['throughput_rps'])} | {_f(lg['jct_mean_s'], 1)} | {_f(lg['jct_p99_s'], 1)} | "
-        f"{lg['starvation_rate']:.1%} | {lg['preemptions_total']} | {d['gpu_idle_rate']:.0%} |"
-    )
-
-
-def _headline(
-    model: str,
-    load: float,
-    variant: str,
-    pec: dict[str, Any],
-    best: Any,
-    best_ok: Any,
-    best_rps: float,
-    fifo_jct: float,
-) -> str:
-    """One headline row: `variant` against the best baseline and the best JCT-feasible one."""
-    pq = _p99(pec)
-    jct_ratio = _jct(pec) / fifo_jct
-    cells = []
-    verdicts = []
-    for ref in (best, best_ok):
-        bq = _p99(ref[1])
-        cells.append(f"{ref[0].policy} {_f(bq)} ({_pct(pq, bq)})")
-        if bq < CONTENTION_P99_S:
-            verdicts.append("no contention")
-        else:
-            ok = pq <= 0.08 * bq and jct_ratio <= 1.10
-            verdicts.append("yes" if ok else "no")
-    rps = _pct(_num(pec["short"]["throughput_rps"]), best_rps)
-    return (
-        f"| {model} | {load} | {variant} | {_f(pq)} | {cells[0]} | {cells[1]} | {rps} | "
-        f"{_f(jct_ratio)} | {verdicts[0]} / {verdicts[1]} |"
-    )
-
-
-HEADER = (
-    "| policy | short QD p50 (s) | short QD p99 (s) | short TTFT p99 (s) | short TBT p99 (s) | "
-    "short rps | "
-    "long JCT mean (s) | long JCT p99 (s) | long starved | preemptions | GPU idle |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def write_markdown(
-    out: Path,
-    img: Path,
-    results: list[tuple[Job, dict[str, Any], PolicyResult]],
-    native: dict[str, float],
-    loads: list[float],
-    models: list[str],
-    scale_rows: list[dict[str, Any]],
-    sweep_wall: float,
-    args: argparse.Namespace,
-) -> None:
-    """Render tables and plots into `out` (keeps the hand-written analysis section)."""
-    kept = ""
-    if out.exists() and ANALYSIS_MARKER in out.read_text():
-        kept = out.read_text().split(ANALYSIS_MARKER, 1)[1]
-    shown_args, skip = [], False
-    for arg in sys.argv[1:]:  # output paths are machine-specific: leave them out
-        if skip or arg in ("--out", "--json"):
-            skip = not skip and arg in ("--out", "--json")
-            continue
-        shown_args.append(arg)
-    cmd = "python bench/paper_eval.py " + " ".join(shown_args)
-    lines = [
-        "# Evaluation: PecSched vs. baselines in the simulator",
-        "",
-        f"Generated by `{cmd.strip()}` ({len(results)} simulations, {sweep_wall:.0f} s of wall "
-        f"time on {args.jobs} processes, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}). `--json OUT` also writes every run's numbers.",
-        "",
-        "**Setup.** 32 x A100-80GB (4 nodes of 8, NVLink inside a node, 25 GB/s per GPU "
-        "between nodes). Paper TP: TP1 for Mistral-7B and Phi-3-14B, TP4 for Yi-34B and "
-        "Llama-3.1-70B; PecSched starts with 4 GPUs (12.5%) of short-decode instances (its "
-        f"elastic pool, `short_decode_elastic={DEFAULTS.short_decode_elastic}`, may lend them "
-        "back). Workload: the "
-        "Azure LLM inference trace 2023 (code + conversation merged, 28,185 requests in one "
-        "hour; CC BY 4.0, Splitwise, Patel et al., ISCA 2024) with prompts >= 4096 tokens "
-        "min-max rescaled into [100K, 500K] tokens (1,657 long requests).",
-        "",
-        "**Load.** Arrival times are scaled so that the *offered prefill load* — the GPU-seconds "
-        "of every prefill run alone on the fewest instances that hold it, divided by "
-        "(trace span x 32 GPUs) — takes the values below. At the trace's own pace it is "
-        + ", ".join(f"{m} {native[m]:.2f}" for m in models)
-        + ". Decode comes on top, so contention starts well below 1.",
-        "",
-        "**Baselines.** `fifo`: one arrival-ordered queue over all instances, long prefills with "
-        "Ulysses SP, no preemption. `reservation`: long requests only on LONG_RESERVED "
-        f"instances; the reserve is swept over {', '.join(map(str, RESERVE_GPUS))} GPUs per "
-        "model and load, and the size a fair operator would pick is shown: the lowest short "
-        "p99 queueing delay among sizes keeping long mean JCT within 1.10x FIFO's (the "
-        "constraint PecSched must meet), else the lowest long JCT. `priority`: "
-        "shorts first, non-preemptive. Metric definitions: `sim/metrics.py` (queueing delay = "
-        "arrival -> first scheduled for prefill; starved = unfinished or JCT > 5x isolated JCT).",
-        "",
-    ]
-    by_key: dict[tuple[str, float], list[tuple[Job, dict[str, Any], PolicyResult]]] = {}
-    for r in results:
-        by_key.setdefault((r[0].model, r[0].load), []).append(r)
-    summary = [
-        "## Headline: PecSched vs. the best baseline",
-        "",
-        "Targets (issue 4): at loads with contention, short p99 queueing delay >= 92% lower "
-        "than the best baseline, long mean JCT <= 1.10x FIFO's. A load counts as contended "
-        f"when the best baseline's short p99 queueing delay is at least {CONTENTION_P99_S} s "
-        "(several short prefills' worth); below that every policy serves shorts at once.",
-        "",
-        "Columns: PecSched's short p99 queueing delay; the best baseline on that metric (its "
-        "value and PecSched's change); the best baseline among those whose long mean JCT stays "
-        "within 1.10x FIFO's (the constraint PecSched is held to); short throughput against the "
-        "best baseline; PecSched's long mean JCT over FIFO's; targets met against each reference.",
-        "",
-        "| model | load | variant | p99 QD (s) | vs best baseline | vs best JCT-feasible "
-        "baseline | short rps | long JCT / FIFO | targets met |",
-        "|---|---:|---|---:|---|---|---:|---:|---|",
-    ]
-    details: list[str] = []
-    ablation_lines = [
-        "## Ablations",
-        "",
-        "Each PecSched switch turned off alone (registry ablations), plus the tuning lever "
-        f"`chunk_tokens={LEVER_CHUNK_TOKENS}` (default {DEFAULTS.chunk_tokens}; with "
-        f"`chunk_budget_token_pairs={DEFAULTS.chunk_budget_token_pairs}` the core shrinks each "
-        "request's chunk below that, see controlplane/core/config.py) with and without "
-        "disaggregation.",
-        "",
-        "| model | load | variant | short QD p99 (s) | short rps | long JCT mean (s) | "
-        "long JCT / FIFO | preemptions |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    sweep_lines = [
-        "## Reservation sweep (reserve size in GPUs)",
-        "",
-        "| model | load | " + " | ".join(f"{g} GPUs: QD p99 / JCT" for g in RESERVE_GPUS) + " |",
-        "|---|---:|" + "---:|" * len(RESERVE_GPUS),
-    ]
-    for model in models:
-        details += [f"## {model} (TP{PAPER_TP[model]})", ""]
-        for load in loads:
-            rows = by_key.get((model, load), [])
-            if not rows:
-                continue
-            named = {r[0].label: r for r in rows if r[0].policy != "reservation"}
-            res_rows = [r for r in rows if r[0].policy == "reservation"]
-            fifo_jct = _jct(named["fifo"][1]) if "fifo" in named else math.inf
-            best_res = res_rows[_best_reservation(res_rows, fifo_jct)] if res_rows else None
-            shown = [named[p] for p in ("fifo",) if p in named]
-            shown += [best_res] if best_res else []
-            shown += [named[p] for p in ("priority", "pecsched") if p in named]
-            details += [f"### load {load}", "", HEADER]
-            for r in shown:
-                label = r[0].policy + (
-                    f" ({r[0].reserve * PAPER_TP[model]} GPUs)"
-                    if r[0].policy == "reservation"
-                    else ""
-                )
-                details.append(_row(label, r[1]))
-            png = img / f"eval_{model}_load{load}.png"
-            plot_results([r[2] for r in shown], png, f"{model}, 32 x A100, load {load}")
-            details += ["", f"![{model} load {load}](img/{png.name})", ""]
-            sweep_lines.append(
-                f"| {model} | {load} | "
-                + " | ".join(
-                    f"{_f(r[1]['short']['queueing_delay_s']['p99'])} / {_f(r[1]['long']['jct_mean_s'], 0)}"
-                    for r in res_rows
-                )
-                + " |"
-            )
-            levers = [f"{p} chunk={LEVER_CHUNK_TOKENS}" for p in ("pecsched", "pecsched-no-disagg")]
-            for p in ("pecsched", *ABLATIONS, *levers):
-                if p in named and (p != "pecsched" or any(a in named for a in ABLATIONS)):
-                    d = named[p][1]
-                    ablation_lines.append(
-                        f"| {model} | {load} | {p} | {_f(d['short']['queueing_delay_s']['p99'])} | "
-                        f"{_f(d['short']['throughput_rps'])} | {_f(d['long']['jct_mean_s'], 1)} | "
-                        f"{_f(_jct(d) / fifo_jct)} | {d['long']['preemptions_total']} |"
-                    )
-            if "pecsched" not in named:
-                continue
-            bases = [r for r in shown if r[0].policy in BASELINES]
-            best = min(bases, key=lambda r: (_p99(r[1]), _jct(r[1])))
-            feasible = [r for r in bases if _jct(r[1]) <= 1.10 * fifo_jct] or bases
-            best_ok = min(feasible, key=lambda r: (_p99(r[1]), _jct(r[1])))
-            best_rps = max(_num(r[1]["short"]["throughput_rps"]) for r in bases)
-            for variant in ("pecsched", f"pecsched chunk={LEVER_CHUNK_TOKENS}"):
-                if variant in named:
-                    summary.append(
-                        _headline(
-                            model,
-                            load,
-                            variant,
-                            named[variant][1],
-                            best,
-                            best_ok,
-                            best_rps,
-                            fifo_jct,
-                        )
-                    )
-    lines += summary + [""] + details + ablation_lines + [""] + sweep_lines + [""]
-    if scale_rows:
-        lines += [
-            f"## Scalability: {args.scale_gpus:,} GPUs, {args.scale_requests:,} requests",
-            "",
-            "Mistral-7B on A100s; the merged trace is tiled (circularly time-shifted copies) to "
-            "keep the per-GPU load of the 32-GPU runs at the loads below, and cut at the first "
-            f"{args.scale_requests:,} arrivals; events reach the policy in "
-            f"{SCALE_WINDOW_S * 1e3:.0f} ms windows.",
-            "",
-            "| load | policy | wall (s) | events | schedule calls | policy cost per call (us) | "
-            "short QD p99 (s) | long JCT mean (s) | preemptions |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for d in scale_rows:
-            c = d["policy_cost"]
-            lines.append(
-                f"| {d['load']} | {d['policy']} | {d['wall_s']:.0f} | {c['events']:,} | "
-                f"{c['schedule_calls']:,} | {c['per_decision_us']:.0f} | "
-                f"{_f(d['short']['queueing_delay_s']['p99'])} | {_f(d['long']['jct_mean_s'], 1)} | "
-                f"{d['long']['preemptions_total']} |"
-            )
-        lines.append("")
-    lines += [ANALYSIS_MARKER + kept.rstrip("\n") if kept else ANALYSIS_MARKER, ""]
-    out.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,26 @@ def register(subparsers: Any) -> None:
         help="pecsched: exactly N short-decode instances (default: the paper's GPU share), "
         "e.g. to match a live cluster's roles",
     )
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="the policies' tie-break seed")
+    seeds.add_argument(
+        "--seeds",
+        type=seed_list,
+        metavar="S1,S2,...",
+        help="run every policy once per seed (results carry `seed`)",
+    )
+    p.add_argument(
+        "--slo-ttft-s",
+        type=float,
+        metavar="S",
+        help="SLO attainment: a short's time to first token within S (default 1)",
+    )
+    p.add_argument(
+        "--slo-tbt-s",
+        type=float,
+        metavar="S",
+        help="SLO attainment: a short's per-request p99 time between tokens within S (default 0.1)",
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -96,6 +115,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="write paper-style plots")
     p.set_defaults(handler=_handle)
+
+
+def seed_list(spec: str) -> list[int]:
+    """Parse a --seeds value: distinct comma-separated integers."""
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3, got {spec!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct integers like 1,2,3, got {spec!r}")
+    return seeds
 
 
 def policy_names(spec: str) -> list[str]:
@@ -115,12 +145,18 @@ def policy_names(spec: str) -> list[str]:
 
 
 def _run_one(
-    workload: Workload, cluster: ClusterSpec, name: str, config: SchedulerConfig, seed: int
+    workload: Workload,
+    cluster: ClusterSpec,
+    name: str,
+    config: SchedulerConfig,
+    seed: int,
+    slo_s: tuple[float, float],
 ) -> PolicyResult:
     """One policy's run in a worker process (results are identical to a serial run)."""
     from sim.runner import run_policy
 
-    return run_policy(workload, cluster, name, config, seed).result
+    ttft, tbt = slo_s
+    return run_policy(workload, cluster, name, config, seed, slo_ttft_s=ttft, slo_tbt_s=tbt).result
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -139,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     from sim.cost_model import CostModel
     from sim.engine import ClusterSpec
     from sim.hardware import PAPER_TP, gpu_spec, model_shape
+    from sim.metrics import DEFAULT_SLO_TBT_S, DEFAULT_SLO_TTFT_S
     from sim.plots import plot_results
     from sim.report import result_to_dict, table
 
@@ -199,17 +236,28 @@ def _run(args: argparse.Namespace) -> int:
         f"tp={tp} ({cluster.num_instances} instances)",
         flush=True,
     )
-    jobs = max(1, min(len(names), args.jobs or os.cpu_count() or 1))
+    seeds: list[int] = args.seeds or [args.seed]
+    runs = [(name, seed) for name in names for seed in seeds]
+    if args.slo_ttft_s is None:
+        args.slo_ttft_s = DEFAULT_SLO_TTFT_S
+    if args.slo_tbt_s is None:
+        args.slo_tbt_s = DEFAULT_SLO_TBT_S
+    if args.slo_ttft_s <= 0 or args.slo_tbt_s <= 0:
+        raise ValueError("--slo-ttft-s and --slo-tbt-s must be > 0")
+    slo_s = (args.slo_ttft_s, args.slo_tbt_s)
+    jobs = max(1, min(len(runs), args.jobs or os.cpu_count() or 1))
     results = []
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = [
-            pool.submit(_run_one, workload, cluster, name, config, args.seed) for name in names
+            pool.submit(_run_one, workload, cluster, name, config, seed, slo_s)
+            for name, seed in runs
         ]
-        for name, future in zip(names, futures, strict=True):
+        for (name, seed), future in zip(runs, futures, strict=True):
             result = future.result()
             results.append(result)
+            label = f"{name} seed {seed}" if len(seeds) > 1 else name
             print(
-                f"  {name}: simulated {result.summary.makespan_s:.0f} s in {result.wall_s:.1f} s",
+                f"  {label}: simulated {result.summary.makespan_s:.0f} s in {result.wall_s:.1f} s",
                 flush=True,
             )
     print(table(results))
@@ -229,7 +277,10 @@ def _run(args: argparse.Namespace) -> int:
             "tp": tp,
             "instances": cluster.num_instances,
             "policies": names,
-            "seed": args.seed,
+            "seed": seeds[0],
+            "seeds": seeds,
+            "slo_ttft_s": args.slo_ttft_s,
+            "slo_tbt_s": args.slo_tbt_s,
             "num_requests": len(workload),
             "num_long": n_long,
             "efficiency": {

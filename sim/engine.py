@@ -8,7 +8,9 @@ come from `sim.cost_model`. Nothing
 depends on wall time or hash order, so the same inputs give the same run.
 
 Reporting: `TokensGenerated(1)` with `PrefillDone` (the first token), `TokensGenerated(rest)`
-right before `RequestFinished`; no per-token events. A periodic tick (`tick_s`) calls
+right before `RequestFinished`; no per-token events. Each request's token gaps longer than
+`tbt_slo_s` are counted (`RequestRecords.tbt_gaps_over_slo`) from the instances' slow
+iterations, so SLO attainment needs no per-token work either. A periodic tick (`tick_s`) calls
 `schedule` while requests are active so time-only rules (aging, pause bounds) fire.
 
 `batch_window_s` > 0 (large clusters) hands the policy every event of a window of that length
@@ -32,7 +34,7 @@ from controlplane.core.types import InstanceRole, InstanceSpec, RequestSpec
 from sim.cost_model import CostModel
 from sim.execution import Executor
 from sim.instances import INF
-from sim.metrics import RequestRecords
+from sim.metrics import DEFAULT_SLO_TBT_S, RequestRecords
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +82,17 @@ class Engine:
         max_idle_s: float = 3600.0,
         batch_window_s: float = 0.0,
         log_decisions: bool = False,
+        tbt_slo_s: float = DEFAULT_SLO_TBT_S,
     ) -> None:
         self.cost = cluster.cost
         self.policy = policy
         self.arrival: list[float] = arrival_s.tolist()
         prompt: list[int] = prompt_tokens.tolist()
         output: list[int] = output_tokens.tolist()
-        self.x = Executor(cluster.cost, cluster.num_instances, prompt, output, log_decisions)
+        self.tbt_slo_s = tbt_slo_s  # token gaps above this are counted per request
+        self.x = Executor(
+            cluster.cost, cluster.num_instances, prompt, output, log_decisions, tbt_slo_s
+        )
         self.threshold = policy.config.short_threshold_tokens
         self.isolated = [
             isolated_jct(p, o) if p >= self.threshold else math.nan
@@ -184,4 +190,6 @@ class Engine:
             output_tokens=np.array(x.output, dtype=np.int64),
             preemptions=np.array(x.preempt, dtype=np.int64),
             isolated_jct_s=np.array(self.isolated, dtype=np.float64),
+            tbt_gaps_over_slo=np.array(x.gaps_over_slo, dtype=np.int64),
+            tbt_slo_s=self.tbt_slo_s,
         )

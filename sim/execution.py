@@ -32,12 +32,15 @@ class Executor:
         prompt_tokens: list[int],
         output_tokens: list[int],
         log_decisions: bool,
+        tbt_slo_s: float = math.inf,
     ) -> None:
         self.cost = cost
         self.tp = cost.tp
+        self.tbt_slo_s = tbt_slo_s
         per_node = max(1, cost.gpu.gpus_per_node // self.tp)
         self.instances = [
-            SimInstance(i, f"i{i:05d}", i // per_node, cost) for i in range(num_instances)
+            SimInstance(i, f"i{i:05d}", i // per_node, cost, slow_dt_s=tbt_slo_s)
+            for i in range(num_instances)
         ]
         self.by_id = {inst.instance_id: inst for inst in self.instances}
         self.prompt = prompt_tokens
@@ -47,6 +50,7 @@ class Executor:
         self.first_token = [math.nan] * n
         self.finished = [math.nan] * n
         self.preempt = [0] * n
+        self.gaps_over_slo = [0] * n  # token gaps longer than tbt_slo_s (see _start_decode)
         self.jobs: dict[int, PrefillJob] = {}  # live prefill jobs (running, pending, paused)
         self.decode_group: dict[int, tuple[int, ...]] = {}  # request -> decode instances
         self.heap: list[tuple[float, int, int, int, int]] = []  # (t, kind, seq, a, b)
@@ -154,6 +158,10 @@ class Executor:
             self._start_decode(req, job.group, now)
 
     def _start_decode(self, req: int, group: tuple[int, ...], now: float) -> None:
+        # Token gaps: every decode iteration of the leader, plus the handoff from the first
+        # token to the decode start (a KV transfer, a wait for a decoder) when it alone is slow.
+        if now - self.first_token[req] > self.tbt_slo_s:
+            self.gaps_over_slo[req] += 1
         share = (self.prompt[req] + 1) / len(group)
         self.decode_group[req] = group
         for rank, i in enumerate(group):
@@ -168,9 +176,11 @@ class Executor:
         for i in group:
             inst = self.instances[i]
             inst.sync(now)
-            inst.remove_member(req)
+            slow_iterations = inst.remove_member(req)
             if i != group[0]:
                 self.wake(inst)
+            else:
+                self.gaps_over_slo[req] += round(slow_iterations)
         self.finished[req] = now
         self.active -= 1
         rid = str(req)

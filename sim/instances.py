@@ -77,6 +77,9 @@ class SimInstance:
     t_ref: float = 0.0  # time `it` and `busy_s` are up to date to
     dt: float = INF  # current iteration duration; INF when idle
     busy_s: float = 0.0  # seconds with work (decode members or a prefill)
+    slow_dt_s: float = INF  # an iteration longer than this is a slow token gap (the TBT SLO)
+    slow_it: float = 0.0  # slow iterations done up to iteration `it_at_dt` (see `slow_now`)
+    it_at_dt: float = 0.0  # `it` when `dt` was last set
     version: int = 0  # bumped on every change, to drop stale wake-ups
     slot: PrefillJob | None = None
     pending: list[PrefillJob] = field(default_factory=list)  # jobs waiting for the slot
@@ -84,9 +87,9 @@ class SimInstance:
     mixed_dt: float = INF  # duration of the mixed iteration in flight (INF: none)
     mixed_seq: int = 0  # mixed iteration generation, to drop stale completion events
     mixed_start_s: float = -INF  # when the mixed iteration in flight started
-    # Decode members: request -> (join iteration, context tokens at join); shadows (members
-    # of a group decode led by another instance) have no entry in `finish_heap`.
-    members: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Decode members: request -> (join iteration, context tokens at join, slow_it at join);
+    # shadows (members of a group decode led by another instance) have no `finish_heap` entry.
+    members: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     finish_heap: list[tuple[float, int]] = field(default_factory=list)  # (finish it, req)
     ctx_sum: float = 0.0  # Σ context at join over members
     join_sum: float = 0.0  # Σ join iteration over members
@@ -99,25 +102,34 @@ class SimInstance:
             self.busy_s += elapsed
         self.t_ref = now_s
 
+    def slow_now(self) -> float:
+        """Slow iterations done so far (call after `sync`): those booked when `dt` last
+        changed, plus the ones since then if the current `dt` is slow."""
+        if self.dt > self.slow_dt_s:
+            return self.slow_it + (self.it - self.it_at_dt)
+        return self.slow_it
+
     def decode_context_tokens(self) -> float:
         """Σ over members of their current context (prompt + tokens generated so far)."""
         return self.ctx_sum + len(self.members) * self.it - self.join_sum
 
     def add_member(self, req: int, context_tokens: float, remaining_tokens: int | None) -> None:
         """Join the decode batch (sync first); `remaining_tokens` None makes a shadow."""
-        self.members[req] = (self.it, context_tokens)
+        self.members[req] = (self.it, context_tokens, self.slow_now())
         self.ctx_sum += context_tokens
         self.join_sum += self.it
         if remaining_tokens is not None:
             heapq.heappush(self.finish_heap, (self.it + remaining_tokens, req))
 
-    def remove_member(self, req: int) -> None:
-        """Leave the decode batch (sync first); its heap entry is dropped lazily."""
-        joined, context = self.members.pop(req)
+    def remove_member(self, req: int) -> float:
+        """Leave the decode batch (sync first); its heap entry is dropped lazily. Returns the
+        slow iterations (longer than `slow_dt_s`) run while `req` was a member."""
+        joined, context, slow_at_join = self.members.pop(req)
         self.ctx_sum -= context
         self.join_sum -= joined
         if not self.members:  # re-anchor so float drift cannot accumulate
             self.ctx_sum = self.join_sum = 0.0
+        return self.slow_now() - slow_at_join
 
     def pop_finished(self) -> list[int]:
         """Members whose last token is done by now (call after `sync`)."""
@@ -132,6 +144,9 @@ class SimInstance:
     def recompute(self) -> None:
         """Set the iteration duration for the current slot and members (sync first)."""
         self.version += 1
+        if self.dt > self.slow_dt_s:  # book the iterations run at the old, slow duration
+            self.slow_it += self.it - self.it_at_dt
+        self.it_at_dt = self.it
         batch = len(self.members)
         job = self.slot
         cost = self.cost

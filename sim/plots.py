@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,4 +48,39 @@ def plot_results(results: list[PolicyResult], path: str | Path, title: str) -> N
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_PANELS = (  # key, y label, log scale
+    ("qd", "short p99 queueing delay (s)", True),
+    ("slo", "short SLO attainment", False),
+    ("jct", "long mean JCT / FIFO's", False),
+)
+
+
+def plot_load_curves(
+    curves: dict[str, dict[str, list[tuple[float, list[float]]]]], path: str | Path, title: str
+) -> None:
+    """Write a PNG of three panels against offered load (keys "qd", "slo", "jct" of each
+    policy's curves: (load, one value per seed) pairs): median points joined by lines, bars
+    from the smallest to the largest seed's value."""
+    fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.8))
+    for ax, (key, label, log) in zip(axes, _PANELS, strict=True):
+        floor = _FLOOR_S if log else -np.inf  # log axes cannot show 0
+        for policy, series in curves.items():
+            points = sorted(series[key])
+            loads = [load for load, _ in points]
+            values = [np.maximum(np.array(v, dtype=np.float64), floor) for _, v in points]
+            mid = np.array([np.median(v) for v in values])
+            lo = mid - np.array([v.min() for v in values])
+            hi = np.array([v.max() for v in values]) - mid
+            ax.errorbar(loads, mid, yerr=[lo, hi], marker="o", capsize=3, label=policy)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("offered prefill load")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

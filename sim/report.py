@@ -19,6 +19,7 @@ class PolicyResult:
     schedule_calls: int  # schedule(now_s) calls made
     schedule_wall_s: float  # real seconds spent inside observe + schedule (the policy's cost)
     num_events: int  # simulator events processed
+    seed: int = 0  # the run's seed (the policy's tie-breaks; a synthetic workload's draw)
 
 
 def _num(value: float) -> float | None:
@@ -36,12 +37,15 @@ def result_to_dict(result: PolicyResult) -> dict[str, Any]:
     calls = max(result.schedule_calls, 1)
     return {
         "policy": result.policy,
+        "seed": result.seed,
         "short": {
             "count": s.short.count,
             "queueing_delay_s": _nums(s.short.queueing_delay_s),
             "ttft_s": _nums(s.short.ttft_s),
             "tbt_s": _nums(s.short.tbt_s),
             "throughput_rps": _num(s.short.throughput_rps),
+            "throughput_makespan_rps": _num(s.short.throughput_makespan_rps),
+            "slo_attainment": _num(s.short.slo_attainment),
         },
         "long": {
             "count": s.long.count,
@@ -69,27 +73,39 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1%}"
+
+
 def table(results: list[PolicyResult]) -> str:
-    """A fixed-width table, one row per policy."""
+    """A fixed-width table, one row per result (labelled with its seed when seeds differ)."""
+    seeds = len({r.seed for r in results}) > 1
+    label = 24 if seeds else 20
     header = (
-        f"{'policy':<20} {'short':>7} {'qd p50':>8} {'qd p99':>9} {'ttft p99':>9} "
-        f"{'short rps':>9} {'long':>5} {'JCT mean':>9} {'JCT p99':>9} {'starved':>7} "
-        f"{'preempt':>7} {'idle':>5} {'makespan':>9} {'wall':>6} {'us/dec':>7}"
+        f"{'policy':<{label}} {'short':>6} {'qd p50':>7} {'qd p99':>8} {'ttft p99':>8} "
+        f"{'tbt p50':>7} {'tbt p99':>7} {'SLO':>6} {'rps mk':>6} {'rps sh':>6} {'long':>5} "
+        f"{'JCT mean':>8} {'JCT p99':>8} {'starved':>7} {'preempt':>7} {'idle':>4} "
+        f"{'makespan':>8} {'wall':>6} {'us/dec':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         s = r.summary
         per_decision_us = r.schedule_wall_s / max(r.schedule_calls, 1) * 1e6
+        name = f"{r.policy} seed={r.seed}" if seeds else r.policy
         lines.append(
-            f"{r.policy:<20} {s.short.count:>7} {_fmt(s.short.queueing_delay_s['p50'], 3):>8} "
-            f"{_fmt(s.short.queueing_delay_s['p99'], 2):>9} {_fmt(s.short.ttft_s['p99']):>9} "
-            f"{_fmt(s.short.throughput_rps):>9} {s.long.count:>5} {_fmt(s.long.jct_mean_s, 1):>9} "
-            f"{_fmt(s.long.jct_p99_s, 1):>9} {s.long.starvation_rate:>7.1%} "
-            f"{s.preemptions_total:>7} {s.gpu_idle_rate:>5.0%} {_fmt(s.makespan_s, 0):>9} "
-            f"{r.wall_s:>6.1f} {per_decision_us:>7.0f}"
+            f"{name:<{label}} {s.short.count:>6} {_fmt(s.short.queueing_delay_s['p50'], 3):>7} "
+            f"{_fmt(s.short.queueing_delay_s['p99']):>8} {_fmt(s.short.ttft_s['p99']):>8} "
+            f"{_fmt(s.short.tbt_s['p50'], 3):>7} {_fmt(s.short.tbt_s['p99'], 3):>7} "
+            f"{_pct(s.short.slo_attainment):>6} {_fmt(s.short.throughput_makespan_rps):>6} "
+            f"{_fmt(s.short.throughput_rps):>6} {s.long.count:>5} "
+            f"{_fmt(s.long.jct_mean_s, 1):>8} {_fmt(s.long.jct_p99_s, 1):>8} "
+            f"{s.long.starvation_rate:>7.1%} {s.preemptions_total:>7} {s.gpu_idle_rate:>4.0%} "
+            f"{_fmt(s.makespan_s, 0):>8} {r.wall_s:>6.1f} {per_decision_us:>6.0f}"
         )
     lines.append(
-        "qd = short queueing delay (s); JCT = long job completion time (s); starved = long "
+        "qd = short queueing delay (s); tbt = per-request mean time between tokens (s); SLO = "
+        "shorts within the TTFT and TBT-p99 SLOs; rps mk / sh = short throughput over the "
+        "makespan / over the shorts' span; JCT = long job completion time (s); starved = long "
         "requests unfinished or > 5x isolated JCT; us/dec = policy cost per schedule call"
     )
     return "\n".join(lines)

@@ -13,7 +13,12 @@ from controlplane.core.policies.registry import make_policy
 from controlplane.core.policy import Policy
 from sim.cost_model import CostModel
 from sim.engine import ClusterSpec, Engine, SimRun
-from sim.metrics import DEFAULT_STARVATION_FACTOR, summarize
+from sim.metrics import (
+    DEFAULT_SLO_TBT_S,
+    DEFAULT_SLO_TTFT_S,
+    DEFAULT_STARVATION_FACTOR,
+    summarize,
+)
 from sim.report import PolicyResult
 from sim.workloads import Workload
 
@@ -54,8 +59,11 @@ def run_policy(
     log_decisions: bool = False,
     starvation_factor: float = DEFAULT_STARVATION_FACTOR,
     batch_window_s: float = 0.0,
+    slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
+    slo_tbt_s: float = DEFAULT_SLO_TBT_S,
 ) -> Outcome:
-    """Simulate `workload` under `policy` (a registry name, or a built policy) and summarise."""
+    """Simulate `workload` under `policy` (a registry name, or a built policy) and summarise;
+    `seed` seeds the policy's tie-breaks and is recorded in the result."""
     if isinstance(policy, str):
         built = make_policy(policy, config=config, rng=seed)
     else:
@@ -70,12 +78,15 @@ def run_policy(
         isolated_jct_fn(cluster.cost, built.config),
         log_decisions=log_decisions,
         batch_window_s=batch_window_s,
+        tbt_slo_s=slo_tbt_s,
     )
     run = engine.run()
     wall = time.perf_counter() - started
-    summary = summarize(run.records, run.busy_gpu_s, cluster.num_gpus, run.end_s, starvation_factor)
+    summary = summarize(
+        run.records, run.busy_gpu_s, cluster.num_gpus, run.end_s, starvation_factor, slo_ttft_s
+    )
     result = PolicyResult(
-        built.name, summary, wall, run.schedule_calls, run.policy_wall_s, run.num_events
+        built.name, summary, wall, run.schedule_calls, run.policy_wall_s, run.num_events, seed
     )
     return Outcome(result, run)
 

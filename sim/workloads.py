@@ -13,6 +13,7 @@ A workload is three parallel arrays sorted by arrival; every transformation retu
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -241,16 +242,80 @@ class SyntheticSpec:
                 raise ValueError(f"{name} must satisfy 1 <= low <= high, got {(lo, hi)}")
 
 
+def _arrivals(rng: np.random.Generator, n: int, rate_rps: float, cv: float) -> FloatArray:
+    """`n` arrival times from 0 with gamma inter-arrivals of mean 1/rate and coefficient of
+    variation `cv` (1 = Poisson; above 1 the requests come in bursts)."""
+    shape = 1.0 / cv**2
+    gaps = rng.gamma(shape, 1.0 / (rate_rps * shape), size=n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
 def synthetic(spec: SyntheticSpec, seed: int) -> Workload:
     """Generate `spec` with `seed`: gamma inter-arrivals (Poisson when cv = 1, bursty above)."""
     rng = np.random.default_rng(seed)
     n = spec.num_requests
-    shape = 1.0 / spec.burstiness_cv**2
-    gaps = rng.gamma(shape, 1.0 / (spec.rate_rps * shape), size=n)
-    gaps[0] = 0.0
+    arrival = _arrivals(rng, n, spec.rate_rps, spec.burstiness_cv)
     is_long = rng.random(n) < spec.long_fraction
     short = rng.integers(spec.short_prompt_tokens[0], spec.short_prompt_tokens[1] + 1, size=n)
     long = rng.integers(spec.long_prompt_tokens[0], spec.long_prompt_tokens[1] + 1, size=n)
     output = rng.integers(spec.output_tokens[0], spec.output_tokens[1] + 1, size=n)
     prompt = np.where(is_long, long, short).astype(np.int64)
-    return Workload(np.cumsum(gaps), prompt, output.astype(np.int64))
+    return Workload(arrival, prompt, output.astype(np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class LogNormal:
+    """A log-normal length distribution truncated to [low, high] tokens (by redrawing)."""
+
+    median_tokens: float  # exp(mu)
+    sigma: float  # standard deviation of the log
+    low: int  # smallest length kept
+    high: int  # largest length kept
+
+    def __post_init__(self) -> None:
+        if self.sigma <= 0 or not 1 <= self.low <= self.median_tokens <= self.high:
+            raise ValueError(f"LogNormal needs sigma > 0 and 1 <= low <= median <= high: {self}")
+
+    def draw(self, rng: np.random.Generator, n: int) -> IntArray:
+        """`n` seeded lengths; values outside [low, high] are drawn again."""
+        mu = math.log(self.median_tokens)
+        out = np.rint(rng.lognormal(mu, self.sigma, size=n)).astype(np.int64)
+        bad = (out < self.low) | (out > self.high)
+        while bad.any():
+            out[bad] = np.rint(rng.lognormal(mu, self.sigma, size=int(bad.sum())))
+            bad = (out < self.low) | (out > self.high)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class HeavyTailSpec:
+    """A seeded workload with truncated log-normal lengths. By default short prompts have a
+    median of 700 tokens (up to 4095), long prompts a median of 160K tokens with ~78% past 100K
+    and a tail to 500K, outputs a median of 150 tokens (up to 4096)."""
+
+    num_requests: int  # requests to generate
+    rate_rps: float  # mean arrival rate
+    long_fraction: float  # share of long requests (prompt >= LONG_THRESHOLD_TOKENS)
+    burstiness_cv: float = 1.0  # coefficient of variation of inter-arrivals (1 = Poisson)
+    short_prompt: LogNormal = LogNormal(700, 1.0, 16, LONG_THRESHOLD_TOKENS - 1)
+    long_prompt: LogNormal = LogNormal(160_000, 0.6, LONG_THRESHOLD_TOKENS, 500_000)
+    output: LogNormal = LogNormal(150, 1.0, 1, 4096)
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1 or self.rate_rps <= 0 or self.burstiness_cv <= 0:
+            raise ValueError(f"HeavyTailSpec needs num_requests >= 1, rate and cv > 0: {self}")
+        if not 0.0 <= self.long_fraction <= 1.0:
+            raise ValueError(f"long_fraction must be in [0, 1], got {self.long_fraction}")
+
+
+def heavy_tail(spec: HeavyTailSpec, seed: int) -> Workload:
+    """Generate `spec` with `seed`: gamma inter-arrivals, then each request's class, prompt
+    and output length; the same seed gives the same workload."""
+    rng = np.random.default_rng(seed)
+    n = spec.num_requests
+    arrival = _arrivals(rng, n, spec.rate_rps, spec.burstiness_cv)
+    is_long = rng.random(n) < spec.long_fraction
+    prompt = spec.short_prompt.draw(rng, n)
+    prompt[is_long] = spec.long_prompt.draw(rng, int(is_long.sum()))
+    return Workload(arrival, prompt, spec.output.draw(rng, n))

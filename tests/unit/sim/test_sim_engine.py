@@ -161,3 +161,38 @@ def test_one_token_request_finishes_at_prefill_done() -> None:
     run = _run(script, [(0.0, 100, 1)])
 
     assert run.records.finished_s[0] == run.records.first_token_s[0] == COST.prefill_s(100)
+
+
+def test_decode_beside_long_chunks_counts_one_slow_gap_per_chunk() -> None:
+    def script(e: ev.Event, now: float) -> list[act.Action]:
+        if isinstance(e, ev.RequestArrived) and e.spec.request_id == "0":
+            return [_prefill("0", ("i00000",), 8192, 1)]
+        if isinstance(e, ev.RequestArrived):  # the long prefills beside the short's decode
+            return [_prefill("1", ("i00000",), 8192, 3)]
+        return []
+
+    first_token = COST.prefill_s(100)
+    assert COST.prefill_s(8192) > 0.1 > COST.decode_s(1, 101)  # chunks are slow gaps, decodes not
+    run = _run(script, [(0.0, 100, 6), (first_token + 0.001, 3 * 8192, 1)])
+
+    # The short's 5 gaps: three ride on the long's chunks, two are plain decode iterations.
+    assert run.records.tbt_gaps_over_slo is not None
+    assert run.records.tbt_gaps_over_slo.tolist() == [3, 0]
+    assert run.records.tbt_slo_s == 0.1
+
+
+def test_slow_kv_handoff_counts_as_one_slow_gap() -> None:
+    def script(e: ev.Event, now: float) -> list[act.Action]:
+        if isinstance(e, ev.RequestArrived):
+            return [_prefill("0", ("i00000",), 8192, 4, in_place=False)]
+        if isinstance(e, ev.PrefillDone):
+            return [act.TransferKV("0", "i00000", "i00008", "test")]
+        if isinstance(e, ev.KVTransferDone):
+            return [act.StartDecode("0", "i00008", "test")]
+        return []
+
+    assert COST.kv_transfer_s(32769, cross_node=True) > 0.1  # to another node: a slow handoff
+    run = _run(script, [(0.0, 32768, 3)], gpus=9)
+
+    assert run.records.tbt_gaps_over_slo is not None
+    assert run.records.tbt_gaps_over_slo.tolist() == [1]

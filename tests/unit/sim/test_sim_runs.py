@@ -241,3 +241,43 @@ def test_cli_short_decode_instances_sets_the_pecsched_roles(
     assert one_decoder["config"]["short_decode_instances"] == 1
     assert one_decoder["results"][0]["gpu_idle_rate"] > paper_share["results"][0]["gpu_idle_rate"]
     assert bad == 2 and "num_short_decode_instances" in capsys.readouterr().err
+
+
+def test_cli_seeds_runs_each_policy_per_seed_with_the_new_metrics(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    rng = np.random.default_rng(1)
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(120):
+        prompt = int(rng.integers(5000, 8000)) if i % 20 == 0 else int(rng.integers(50, 3000))
+        rows.append(f"2023-11-16 18:{i // 60:02d}:{i % 60:02d}.0,{prompt},{rng.integers(2, 60)}")
+    trace.write_text("\n".join(rows) + "\n")
+    base = ["sim", "--trace", str(trace), "--long-rescale", "20000:60000", "--time-scale", "0.2"]
+    base += ["--gpus", "4", "--gpu", "a100", "--model", "llama-3.2-1b", "--policy"]
+    many, one = tmp_path / "many.json", tmp_path / "one.json"
+
+    code = pecsched_main([*base, "fifo,pecsched", "--seeds", "1,2,3", "--json", str(many)])
+    single = pecsched_main([*base, "pecsched", "--seed", "2", "--json", str(one)])
+
+    assert code == single == 0
+    data = json.loads(many.read_text())
+    assert data["config"]["seeds"] == [1, 2, 3]
+    assert data["config"]["slo_ttft_s"] == 1.0 and data["config"]["slo_tbt_s"] == 0.1
+    runs = [(r["policy"], r["seed"]) for r in data["results"]]
+    assert runs == [(p, s) for p in ("fifo", "pecsched") for s in (1, 2, 3)]
+    for r in data["results"]:
+        assert 0.0 <= r["short"]["slo_attainment"] <= 1.0
+        assert 0.0 < r["short"]["throughput_makespan_rps"] <= r["short"]["throughput_rps"]
+    # The seed-2 run of a multi-seed call is the same run as a single --seed 2 call.
+    alone = json.loads(one.read_text())["results"][0]
+    assert alone["seed"] == 2
+    together = data["results"][4]
+    for key in ("short", "long", "preemptions_total", "gpu_idle_rate", "makespan_s"):
+        assert together[key] == alone[key]
+
+
+def test_cli_rejects_bad_seed_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["sim", "--gpus", "4", "--gpu", "a100", "--model", "llama-3.2-1b", "--policy", "fifo"]
+    for bad in (["--seeds", "1,x"], ["--seeds", "1,1"], ["--seed", "1", "--seeds", "2,3"]):
+        with pytest.raises(SystemExit):
+            pecsched_main([*base, *bad])
+    assert "--seeds" in capsys.readouterr().err

@@ -9,9 +9,12 @@ import pytest
 
 from sim.workloads import (
     AZURE_TRACES,
+    HeavyTailSpec,
+    LogNormal,
     SyntheticSpec,
     Workload,
     head,
+    heavy_tail,
     load_azure_traces,
     rescale_long,
     scale_time,
@@ -150,3 +153,38 @@ def test_bursty_arrivals_have_the_requested_variability() -> None:
     gaps = np.diff(w.arrival_s)
 
     assert float(gaps.std() / gaps.mean()) == pytest.approx(3.0, rel=0.15)
+
+
+def test_heavy_tail_is_seeded_and_has_the_stated_statistics() -> None:
+    spec = HeavyTailSpec(20_000, 5.0, long_fraction=0.3, burstiness_cv=1.0)
+
+    a, b, c = heavy_tail(spec, 7), heavy_tail(spec, 7), heavy_tail(spec, 8)
+
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in Workload.__slots__)
+    assert not np.array_equal(a.prompt_tokens, c.prompt_tokens)
+    assert a.rate_rps == pytest.approx(5.0, rel=0.05)
+    is_long = a.prompt_tokens >= 4096
+    assert float(is_long.mean()) == pytest.approx(0.3, abs=0.02)
+    long_prompts, short_prompts = a.prompt_tokens[is_long], a.prompt_tokens[~is_long]
+    assert float(np.median(long_prompts)) == pytest.approx(160_000, rel=0.05)
+    assert float((long_prompts >= 100_000).mean()) == pytest.approx(0.78, abs=0.03)
+    assert long_prompts.max() <= 500_000 and long_prompts.max() > 450_000  # the tail is there
+    assert float(np.median(short_prompts)) == pytest.approx(700, rel=0.05)
+    # The log of a log-normal is normal: its spread is the spec's sigma (truncation trims it).
+    assert float(np.log(short_prompts).std()) == pytest.approx(1.0, rel=0.1)
+    assert 1 <= a.output_tokens.min() and a.output_tokens.max() <= 4096
+
+
+@pytest.mark.parametrize("cv", [1.0, 4.0])
+def test_heavy_tail_arrivals_are_poisson_or_bursty(cv: float) -> None:
+    w = heavy_tail(HeavyTailSpec(20_000, 2.0, long_fraction=0.05, burstiness_cv=cv), seed=1)
+
+    gaps = np.diff(w.arrival_s)
+
+    assert float(gaps.mean()) == pytest.approx(0.5, rel=0.08)
+    assert float(gaps.std() / gaps.mean()) == pytest.approx(cv, rel=0.15)
+
+
+def test_lognormal_rejects_an_empty_range() -> None:
+    with pytest.raises(ValueError, match="LogNormal"):
+        LogNormal(100, 1.0, 200, 300)
