@@ -137,16 +137,14 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stopped = asyncio.ensure_future(runtime.stopped.wait())
-    await asyncio.wait((asyncio.ensure_future(stop.wait()), stopped), return_when="FIRST_COMPLETED")
+    await stop.wait()
     await api.stop()
     if metrics is not None:
         await metrics.stop()
-    if runtime.failure is None:
-        await runtime.stop()
+    await runtime.stop()
     telemetry.shutdown()
     engine.dispose()
-    return 1 if runtime.failure is not None else 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

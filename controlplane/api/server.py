@@ -1,6 +1,12 @@
-"""Building the gRPC server: Inference, Cluster, health and reflection, behind auth."""
+"""Building the gRPC server: Inference, Cluster, health and reflection, behind auth.
+
+Health follows the runtime: SERVING while it serves, NOT_SERVING while it rebuilds its state
+from the database after a failed tick (the database is away) and during shutdown.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,16 +51,31 @@ class ApiServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        self._health_updates: set[asyncio.Task[None]] = set()
+        runtime.serving_listeners.append(self._serving_changed)
 
     async def start(self) -> int:
-        """Bind, start serving and report SERVING; returns the bound port."""
+        """Bind, start serving and report the runtime's health; returns the bound port."""
         self.port = self.server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self.runtime.serving)
         return self.port
+
+    def _serving_changed(self, serving: bool) -> None:
+        task = asyncio.ensure_future(self._set_health(serving))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Report NOT_SERVING and stop accepting calls (in-flight ones get `grace_s`)."""

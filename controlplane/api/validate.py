@@ -3,14 +3,14 @@
 Checked here, before the request reaches the runtime: a prompt is present and non-empty (text
 is tokenized by the byte tokenizer, or refused when text prompts are off), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; the tenant is the caller's (client keys); the deadline lies in the future; ids and
-keys have sane lengths. Whether the cluster could ever hold the request is checked by the
+in range; the tenant is the caller's (client keys); the deadline lies in the future. Lengths,
+NUL characters and numeric ranges of every field were checked before (controlplane/api/limits.py).
+Whether the cluster could ever hold the request is checked by the
 policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the cluster.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
 
 from controlplane.api import convert
@@ -23,21 +23,13 @@ from controlplane.core.types import RequestSpec, classify
 from controlplane.store.records import UINT32_MAX, NewRequest
 from protos.pecsched.v1 import inference_pb2
 
-MAX_TENANT_CHARS = 128
-MAX_IDEMPOTENCY_KEY_CHARS = 256
+REQUEST_ID_RANDOM_BITS = 128
 
 
-class RequestIds:
-    """Request ids `req-<96 random bits of this process>-<counter>`: unique across restarts
-    without a random draw per request."""
-
-    def __init__(self) -> None:
-        self._prefix = f"req-{secrets.token_hex(12)}-"
-        self._counter = itertools.count(1)
-
-    def next_id(self) -> str:
-        """A new request id."""
-        return f"{self._prefix}{next(self._counter):x}"
+def new_request_id() -> str:
+    """A fresh request id, `req-` and 128 random bits in hex: ids are unique across restarts
+    and processes, and one id tells nothing about any other."""
+    return "req-" + secrets.token_hex(REQUEST_ID_RANDOM_BITS // 8)
 
 
 def new_request_from_proto(
@@ -58,20 +50,8 @@ def new_request_from_proto(
         )
     sampling = convert.sampling_from_proto(request.sampling)
     tenant = request.tenant or principal.tenant
-    if len(tenant) > MAX_TENANT_CHARS:
-        raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT,
-            f"tenant: at most {MAX_TENANT_CHARS} characters",
-            field="tenant",
-        )
     require_tenant(principal, tenant)
     key = request.idempotency_key or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT,
-            f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-            field="idempotency_key",
-        )
     deadline_s = None
     if request.HasField("deadline"):
         deadline_s = convert.timestamp_to_seconds(request.deadline)

@@ -67,6 +67,7 @@ class SubmitOutcome:
     view: RequestView | None  # None when refused
     created: bool  # False for an idempotent replay
     refusal: str = ""  # why refused (the cluster can never hold it)
+    key_reused: bool = False  # refused: its idempotency key names a request of other content
 
 
 @dataclass(slots=True)

@@ -139,6 +139,10 @@ class Metrics:
         self.tick = Histogram(
             "pecsched_tick_seconds", "One tick: policy + transaction", LATENCY_BUCKETS_S
         )
+        self.rebuilds = Counter(
+            "pecsched_rebuilds_total", "Failed ticks after which the state was rebuilt"
+        )
+        self.serving = Gauge("pecsched_serving", "1 while serving, 0 while rebuilding")
 
     def render(self) -> str:
         """The exposition text of every family."""

@@ -121,6 +121,10 @@ class Ticker:
         admitted: list[PendingSubmit] = []
         outcomes: list[SubmitOutcome | None] = []
         for pending in submits:
+            rid = pending.new.spec.request_id
+            if rid in self.state.logs:  # retried after a failed tick that did commit it
+                outcomes.append(SubmitOutcome(self.policy.request_view(rid), True))
+                continue
             verdict = self.policy.check_admission(pending.new.spec)
             outcomes.append(None if verdict.ok else SubmitOutcome(None, False, verdict.reason))
             if verdict.ok:
@@ -135,6 +139,8 @@ class Ticker:
             pending, result = next(by_id)
             outcomes[i] = SubmitOutcome(result.view, result.created)
             rid = result.view.request_id
+            if not result.created and not self._same_content(pending.new, result.view):
+                outcomes[i] = SubmitOutcome(None, False, "", key_reused=True)
             if not result.created or rid in fresh:
                 continue
             new = pending.new
@@ -156,6 +162,21 @@ class Ticker:
             timeline.append(RequestEvent(rid, _K.QUEUED, now, None, details))
         out.submits = [o for o in outcomes if o is not None]
         return arrivals
+
+    def _same_content(self, new: NewRequest, stored: RequestView) -> bool:
+        """Whether a replayed idempotency key asks for the stored request again: same prompt,
+        max_new_tokens, sampling and priority (the deadline may differ between retries)."""
+        spec = stored.spec
+        if (spec.max_new_tokens, spec.priority, spec.prompt_tokens) != (
+            new.spec.max_new_tokens,
+            new.spec.priority,
+            new.spec.prompt_tokens,
+        ):
+            return False
+        inputs = self.repo.get_request_inputs(stored.request_id)
+        return inputs.sampling == new.sampling and inputs.prompt_token_ids == tuple(
+            new.prompt_token_ids
+        )
 
     def _flush(self, intake: Intake, events: list[Event]) -> None:
         """Move the intake's events so far into `events` (keeps the happenings' order)."""

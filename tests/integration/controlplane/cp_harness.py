@@ -74,8 +74,7 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop the server and the runtime."""
         await self.api.stop(0.2)
-        if self.runtime.failure is None:
-            await self.runtime.stop()
+        await self.runtime.stop()
         self.telemetry.shutdown()
         self.repo.uow.engine.dispose()
 

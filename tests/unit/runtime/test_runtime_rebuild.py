@@ -1,4 +1,4 @@
-"""The runtime over the in-memory repository: group commit, recovery, fail-stop on DB errors."""
+"""The runtime over the in-memory repository: group commit, recovery, rebuild after DB errors."""
 
 from __future__ import annotations
 
@@ -19,16 +19,22 @@ from controlplane.telemetry import Telemetry
 
 
 class FaultyRepository(InMemoryRepository):
-    """The in-memory repository, made to fail `update_requests` on demand."""
+    """The in-memory repository, made to fail `update_requests` or `add_requests` on demand."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fail_updates = False
+        self.fail_adds = False
 
     def update_requests(self, views):  # type: ignore[no-untyped-def]
         if self.fail_updates:
             raise Unavailable("database unavailable: disk full")
         super().update_requests(views)
+
+    def add_requests(self, news):  # type: ignore[no-untyped-def]
+        if self.fail_adds:
+            raise Unavailable("database unavailable: disk full")
+        return super().add_requests(news)
 
 
 def _pending(i: int) -> PendingSubmit:
@@ -61,19 +67,46 @@ async def test_submits_commit_together_and_recover_after_restart():
     await again.stop()
 
 
-async def test_a_failed_transaction_after_observe_stops_the_runtime():
+async def test_a_failed_tick_rolls_back_and_the_runtime_rebuilds_once_the_database_is_back():
     # Prepare
     repo = FaultyRepository()
     runtime = _runtime(repo)
     await runtime.start()
     await runtime.submit(_pending(0))
     repo.fail_updates = True
-    # Execute: the cancel makes the tick update a request, which fails
-    with pytest.raises(Unavailable):
-        await runtime.cancel("r0", "test")
-    await asyncio.wait_for(runtime.stopped.wait(), 5)
+    # Execute: the cancel makes the tick update a request, which fails; so does every rebuild
+    cancel = asyncio.ensure_future(runtime.cancel("r0", "test"))
+    while runtime.serving:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    waited = not cancel.done()
+    rolled_back = repo.get_request("r0").state
+    repo.fail_updates = False
+    view = await asyncio.wait_for(cancel, 10)
     # Assert
-    assert isinstance(runtime.failure, Unavailable)
-    assert repo.get_request("r0").state is RequestState.QUEUED  # rolled back
-    with pytest.raises(Exception, match="shutting down"):
-        await runtime.submit(_pending(1))
+    assert waited and rolled_back is RequestState.QUEUED
+    assert view.state is RequestState.CANCELLED
+    assert runtime.serving and sum(runtime.metrics.rebuilds.values.values()) == 1
+    later = await runtime.submit(_pending(1))
+    assert later.created
+    await runtime.stop()
+
+
+async def test_a_submit_whose_tick_fails_twice_gets_unavailable_and_the_runtime_serves_on():
+    # Prepare
+    repo = FaultyRepository()
+    runtime = _runtime(repo)
+    await runtime.start()
+    repo.fail_adds = True
+    # Execute
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(runtime.submit(_pending(0)), 10)
+    repo.fail_adds = False
+    while not runtime.serving:
+        await asyncio.sleep(0.01)
+    again = await runtime.submit(_pending(1))
+    # Assert
+    assert again.created and repo.get_request("r1").state is RequestState.QUEUED
+    with pytest.raises(Exception, match="not found"):
+        repo.get_request("r0")
+    await runtime.stop()
