@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from sqlalchemy import Engine
 
 from controlplane.api.auth import Authenticator
 from controlplane.api.server import ApiServer
@@ -88,10 +89,12 @@ def migrated_db(tmp_path: Path) -> str:
     return url
 
 
-async def start_control_plane(config: Config, telemetry: Telemetry | None = None) -> ControlPlane:
-    """Build and start a control plane like the composition root does."""
+async def start_control_plane(
+    config: Config, telemetry: Telemetry | None = None, engine: Engine | None = None
+) -> ControlPlane:
+    """Build and start a control plane like the composition root does (on `engine` if given)."""
     telemetry = telemetry or Telemetry.noop()
-    repo = SqlRepository(make_engine(config.db_url))
+    repo = SqlRepository(engine or make_engine(config.db_url))
     policy = make_policy(config.policy, config.scheduler, config.seed)
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     await runtime.start()
