@@ -12,6 +12,7 @@ policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the clus
 from __future__ import annotations
 
 import secrets
+from array import array
 
 from controlplane.api import convert
 from controlplane.api.auth import Principal, require_tenant
@@ -20,7 +21,7 @@ from controlplane.api.tokenizer import encode_text
 from controlplane.config import Config, TextTokenizer
 from controlplane.core.errors import InvalidArgumentError
 from controlplane.core.types import RequestSpec, classify
-from controlplane.store.records import UINT32_MAX, NewRequest
+from controlplane.store.records import NewRequest
 from protos.pecsched.v1 import inference_pb2
 
 REQUEST_ID_RANDOM_BITS = 128
@@ -77,7 +78,8 @@ def new_request_from_proto(
     return NewRequest(spec, request_class, prompt, sampling, key)
 
 
-def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[int]:
+def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> array[int]:
+    """The prompt's token ids, packed (held so until the runtime lets the request go)."""
     which = request.WhichOneof("prompt")
     if which == "text":
         if config.text_tokenizer is TextTokenizer.NONE:
@@ -87,11 +89,11 @@ def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[in
                 "send prompt.token_ids instead",
                 field="prompt.text",
             )
-        ids = encode_text(request.text)
+        ids = array("I", encode_text(request.text))
     elif which == "token_ids":
-        ids = list(request.token_ids.ids)
+        ids = array("I", request.token_ids.ids)
     else:
-        ids = []
+        ids = array("I")
     if not ids:
         raise ApiError(
             ApiErrorCode.PROMPT_EMPTY,
@@ -104,8 +106,10 @@ def _prompt_ids(request: inference_pb2.SubmitRequest, config: Config) -> list[in
             f"prompt: {len(ids)} tokens, at most {config.max_prompt_tokens} are accepted",
             field="prompt",
         )
-    if max(ids) > UINT32_MAX:  # pragma: no cover - uint32 on the wire
+    if config.vocab_size is not None and max(ids) >= config.vocab_size:
         raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT, "prompt.token_ids: out of range", field="prompt"
+            ApiErrorCode.INVALID_ARGUMENT,
+            f"prompt.token_ids: every id must be below the vocabulary size {config.vocab_size}",
+            field="prompt.token_ids",
         )
     return ids

@@ -16,6 +16,7 @@ class RuntimeErrorCode(IntEnum):
     NOT_ATTACHED = 6  # an agent message arrived without (or after losing) its registration
     REBUILDING = 7  # a submit failed twice while the runtime rebuilt its state; retry
     KEY_REUSED = 8  # an idempotency key already names a request with other content
+    PROMPT_BUDGET = 9  # the prompts held for unfinished requests would exceed their byte budget
 
 
 class RuntimeServiceError(Exception):

@@ -93,6 +93,8 @@ class Runtime:
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
         self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
         self._pending_by_tenant: Counter[str] = Counter()
+        self._pending_bytes: Counter[str] = Counter()  # tenant -> prompt bytes of pending submits
+        self._tenant_prompt_bytes: dict[str, int] = {}  # tenant -> prompt bytes held (committed)
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
@@ -160,11 +162,35 @@ class Runtime:
                 f"(limit {self.settings.max_active_requests_per_tenant})",
                 retry_after_s=self.settings.retry_after_s,
             )
+        self._check_prompt_budget(tenant, 4 * pending.new.spec.prompt_tokens)
         future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
         self._submits.append((pending, future))
-        self._pending_by_tenant[tenant] += 1
+        self._count_pending(pending, +1)
         self._wake.set()
         return await future
+
+    def _check_prompt_budget(self, tenant: str, num_bytes: int) -> None:
+        """RESOURCE_EXHAUSTED when holding `num_bytes` more of prompt would exceed a budget."""
+        total = sum(self._tenant_prompt_bytes.values()) + sum(self._pending_bytes.values())
+        mine = self._tenant_prompt_bytes.get(tenant, 0) + self._pending_bytes[tenant]
+        budgets = (
+            (total, self.settings.prompt_budget_bytes, "the cluster"),
+            (mine, self.settings.prompt_budget_bytes_per_tenant, "this tenant"),
+        )
+        for held, budget, whose in budgets:
+            if held + num_bytes > budget:
+                raise RuntimeServiceError(
+                    RuntimeErrorCode.PROMPT_BUDGET,
+                    f"prompt: {whose} holds {held} bytes of queued prompts; "
+                    f"{num_bytes} more would exceed the budget of {budget}",
+                    field="prompt",
+                    retry_after_s=self.settings.retry_after_s,
+                )
+
+    def _count_pending(self, pending: PendingSubmit, sign: int) -> None:
+        tenant = pending.new.spec.tenant
+        self._pending_by_tenant[tenant] += sign
+        self._pending_bytes[tenant] += sign * 4 * pending.new.spec.prompt_tokens
 
     async def cancel(self, request_id: str, reason: str) -> RequestView:
         """Cancel an unfinished request (no-op for a finished one); returns its committed view.
@@ -322,7 +348,7 @@ class Runtime:
         batch = self._submits[: self.settings.max_submits_per_tick]
         del self._submits[: len(batch)]
         for pending, _ in batch:
-            self._pending_by_tenant[pending.new.spec.tenant] -= 1
+            self._count_pending(pending, -1)
         tick = TickInput(
             now_s=now,
             submits=[p for p, _ in batch],
@@ -352,6 +378,8 @@ class Runtime:
         self.published.publish_tokens(out.touched_logs)
         self._num_active = out.num_active
         self._tenant_active = out.tenant_active
+        self._tenant_prompt_bytes = out.tenant_prompt_bytes
+        self.metrics.prompt_bytes.set(sum(out.tenant_prompt_bytes.values()))
         for outcome, future in zip(out.submits, submit_futures, strict=True):
             result = "refused" if outcome.view is None else "created"
             if outcome.view is not None and not outcome.created:
@@ -460,7 +488,7 @@ class Runtime:
                 continue
             self._retried.add(future)
             again.append((pending, future))
-            self._pending_by_tenant[pending.new.spec.tenant] += 1
+            self._count_pending(pending, +1)
         self._submits[:0] = again
         self._happenings[:0] = [h for h in tick.happenings if isinstance(h, CancelAsk)]
         self._cancel_waiters[:0] = cancels
@@ -479,6 +507,7 @@ class Runtime:
         self._retryable_failures.clear()
         self._num_active = self.policy.num_active_requests()
         self._tenant_active = dict(self._state.tenant_active)
+        self._tenant_prompt_bytes = dict(self._state.tenant_prompt_bytes)
 
     def _set_serving(self, serving: bool) -> None:
         if serving != self.serving:

@@ -37,7 +37,7 @@ from controlplane.runtime.inputs import (
 )
 from controlplane.runtime.intake import Intake
 from controlplane.runtime.reports import AgentReport, TransferProgress, TransferStatus
-from controlplane.runtime.state import RequestInputs, RuntimeState
+from controlplane.runtime.state import RequestInputs, RuntimeState, packed_ids
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import NotFound
 from controlplane.store.records import DetailValue, NewRequest, RequestEvent, RequestEventKind
@@ -107,6 +107,7 @@ class Ticker:
             self._persist(tick, decision, intake, down, cancelled, out)
         out.num_active = self.policy.num_active_requests()
         out.tenant_active = dict(self.state.tenant_active)
+        out.tenant_prompt_bytes = dict(self.state.tenant_prompt_bytes)
         return out
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class Ticker:
             fresh[rid] = new
             spec = new.spec
             inputs = RequestInputs(
-                spec.tenant, tuple(new.prompt_token_ids), spec.max_new_tokens, new.sampling
+                spec.tenant, packed_ids(new.prompt_token_ids), spec.max_new_tokens, new.sampling
             )
             log = TokenLog([], spec.max_new_tokens)
             self.state.track(rid, inputs, log)

@@ -10,6 +10,8 @@ import sys
 from array import array
 from collections.abc import Sequence
 
+from sqlalchemy import String
+
 from controlplane.core.types import ClassStats, RequestClass, RequestState
 from controlplane.store.records import ListOrder
 from controlplane.store.tables import metadata
@@ -18,7 +20,9 @@ MAX_PAGE_SIZE = 1000
 # Order names a page token may carry (a list or dict from a forged token is simply not one).
 _LIST_ORDERS = tuple(order.value for order in ListOrder)
 _INT64_SPAN = 2**64
-_REQUEST_ID_CHARS = metadata.tables["requests"].c.id.type.length
+_ID_TYPE = metadata.tables["requests"].c.id.type
+assert isinstance(_ID_TYPE, String) and _ID_TYPE.length, "requests.id is a String(n)"
+_REQUEST_ID_CHARS = _ID_TYPE.length
 
 
 def pack_token_ids(token_ids: Sequence[int], field_name: str) -> bytes:
