@@ -85,7 +85,7 @@ async def serve(config: Config) -> int:
     """Build everything from `config` and serve until SIGTERM/SIGINT or a fatal error."""
     from controlplane.api.auth import Authenticator
     from controlplane.api.metrics_http import MetricsHttpServer
-    from controlplane.api.server import ApiServer
+    from controlplane.api.server import ApiServer, tls_credentials
     from controlplane.core.policies.registry import make_policy
     from controlplane.runtime.clock import SystemClock
     from controlplane.runtime.loop import Runtime
@@ -98,8 +98,10 @@ async def serve(config: Config) -> int:
     try:
         policy = make_policy(config.policy, config.scheduler, config.seed)
         engine = make_engine(config.db_url)
-    except (KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        tls = tls_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    except (KeyError, ValueError, OSError) as exc:
+        detail = exc if isinstance(exc, OSError) or not exc.args else exc.args[0]
+        print(f"error: {detail}", file=sys.stderr)
         return 2
     try:
         migrate.verify_schema(engine)
@@ -114,7 +116,7 @@ async def serve(config: Config) -> int:
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     recovered = await runtime.start()
     authenticator = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, authenticator, config.listen)
+    api = ApiServer(runtime, authenticator, config.listen, tls)
     port = await api.start()
     metrics = None
     if config.metrics_port is not None:

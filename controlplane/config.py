@@ -54,6 +54,16 @@ class Config:
     auth_enabled: bool = field(
         default=True, metadata={"help": "require API keys (false only for local development)"}
     )
+    tls_cert_file: str | None = field(
+        default=None, metadata={"help": "PEM server certificate (chain); serves TLS when set"}
+    )
+    tls_key_file: str | None = field(
+        default=None, metadata={"help": "PEM private key of tls_cert_file"}
+    )
+    tls_client_ca_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle; when set, callers must present a certificate it signed"},
+    )
     heartbeat_interval_s: float = field(
         default=2.0, metadata={"help": "agent heartbeat period; 3 missed = agent lost"}
     )
@@ -131,6 +141,10 @@ class Config:
             raise ValueError(f"listen: must be HOST:PORT, got {self.listen!r}")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ValueError(f"vocab_size: must be > 0, got {self.vocab_size}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file, tls_key_file: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file")
         if not self.db_url:
             raise ValueError("db_url: must not be empty")
 

@@ -28,9 +28,16 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # long prompts travel as StartPrefill toke
 class ApiServer:
     """The control plane's gRPC server; `start()` binds and returns the port."""
 
-    def __init__(self, runtime: Runtime, authenticator: Authenticator, listen: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        authenticator: Authenticator,
+        listen: str,
+        tls: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.runtime = runtime
         self.listen = listen
+        self.tls = tls  # None: plaintext (TLS terminated in front, or local use)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -56,7 +63,10 @@ class ApiServer:
 
     async def start(self) -> int:
         """Bind, start serving and report the runtime's health; returns the bound port."""
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(self.listen)
+        else:
+            self.port = self.server.add_secure_port(self.listen, self.tls)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
@@ -81,3 +91,25 @@ class ApiServer:
         """Report NOT_SERVING and stop accepting calls (in-flight ones get `grace_s`)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+
+
+def tls_credentials(
+    cert_file: str | None, key_file: str | None, client_ca_file: str | None
+) -> grpc.ServerCredentials | None:
+    """Server TLS credentials from PEM files (None without a certificate). With a client CA,
+    every caller must present a certificate it signed (mutual TLS, e.g. for agents).
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    if cert_file is None or key_file is None:
+        return None
+    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if client_ca_file is not None:
+        with open(client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

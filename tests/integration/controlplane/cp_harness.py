@@ -11,7 +11,7 @@ import grpc
 from sqlalchemy import Engine
 
 from controlplane.api.auth import Authenticator
-from controlplane.api.server import ApiServer
+from controlplane.api.server import ApiServer, tls_credentials
 from controlplane.config import Config
 from controlplane.core.config import SchedulerConfig
 from controlplane.core.policies.registry import make_policy
@@ -99,7 +99,8 @@ async def start_control_plane(
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     await runtime.start()
     auth = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, auth, config.listen)
+    tls = tls_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    api = ApiServer(runtime, auth, config.listen, tls)
     port = await api.start()
     return ControlPlane(config, repo, runtime, api, port, telemetry)
 
