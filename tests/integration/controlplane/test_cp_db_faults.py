@@ -9,11 +9,8 @@ process's connection holds the write lock longer than the busy timeout.
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -28,12 +25,10 @@ from cp_harness import (
 )
 from cp_sim_agent import SimAgent
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from integration.store.postgres import SERVER_URL, _unreachable
+from integration.store.postgres import SERVER_URL, unique_database
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
-from controlplane.store import migrate
 from controlplane.store.engine import make_engine
 from protos.pecsched.v1 import common_pb2, inference_pb2_grpc
 
@@ -137,32 +132,6 @@ async def run_with_faults(
         await agent.stop()
         await channel.close()
         await cp.stop()
-
-
-@contextmanager
-def unique_database() -> Iterator[str]:
-    """A new PostgreSQL database at the head revision (its own name, so only its sessions
-    are killed); dropped on exit."""
-    name = f"pecsched_fault_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = make_engine(make_url(SERVER_URL).update_query_dict({"connect_timeout": "3"}))
-    admin = admin.execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        _unreachable(str(exc.orig).strip().splitlines()[0])
-    url = make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        engine = make_engine(url)
-        migrate.upgrade(engine)
-        engine.dispose()
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _kill_sessions(admin_url: str, name: str) -> int:
