@@ -1,8 +1,9 @@
 """Composition root of the control plane: `python -m controlplane [flags]`.
 
 Builds the one frozen Config, the database engine (refusing a stale schema with the command
-that fixes it), the repository, the policy, telemetry, the runtime (which recovers unfinished
-requests) and the servers, then serves until SIGTERM/SIGINT. `pecsched controlplane` runs
+that fixes it), the repository, the policy, telemetry, the runtime and the servers; the port
+opens first (health NOT_SERVING, calls wait) while the runtime recovers unfinished requests,
+then it serves until SIGTERM/SIGINT. `pecsched controlplane` runs
 `main()` with the same flags.
 """
 
@@ -114,10 +115,10 @@ async def serve(config: Config) -> int:
     repo = SqlRepository(engine)
     telemetry = Telemetry.otlp(config.otlp_endpoint) if config.otlp_endpoint else Telemetry.noop()
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
-    recovered = await runtime.start()
     authenticator = Authenticator(repo if config.auth_enabled else None, None)
     api = ApiServer(runtime, authenticator, config.listen, tls)
-    port = await api.start()
+    port = await api.start()  # health NOT_SERVING until recovery ends; calls wait for it
+    recovered = await runtime.start()
     metrics = None
     if config.metrics_port is not None:
         metrics = MetricsHttpServer(

@@ -90,6 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     ) -> AsyncIterator[inference_pb2.TokenChunk]:
         """Stream committed tokens from `from_token_index` until the request ends."""
         rid = request.request_id
+        await self.runtime.until_serving()  # token logs exist once recovery has run
         await self._owned(rid)
         span.set_attribute(ATTR_REQUEST_ID, rid)
         index = request.from_token_index

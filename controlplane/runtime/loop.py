@@ -110,9 +110,12 @@ class Runtime:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.serving = True  # False while rebuilding from the database after a failed tick
-        self.metrics.serving.set(1)
+        # False until start() recovered, and while rebuilding after a failed tick: calls are
+        # accepted meanwhile and wait for the ticks to run.
+        self.serving = False
+        self.metrics.serving.set(0)
         self.serving_listeners: list[Callable[[bool], None]] = []  # called on each change
+        self._serving_event = asyncio.Event()
         self.stopped = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -122,7 +125,22 @@ class Runtime:
         logs, views = await self._in_tick_thread(recover, self._ticker, self.clock.now_s())
         self._install(self._ticker, logs, views)
         self._task = asyncio.create_task(self._run(), name="pecsched-runtime")
+        self._set_serving(True)
         return len(logs)
+
+    async def until_serving(self) -> None:
+        """Return once the runtime serves (started, and not rebuilding).
+
+        Raises:
+            RuntimeServiceError: SHUTTING_DOWN when it stops first.
+        """
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._serving_event, self.stopped)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._check_open()
 
     async def stop(self) -> None:
         """Stop ticking (pending submits fail with SHUTTING_DOWN) and close agent streams."""
@@ -513,6 +531,10 @@ class Runtime:
         if serving != self.serving:
             self.serving = serving
             self.metrics.serving.set(int(serving))
+            if serving:
+                self._serving_event.set()
+            else:
+                self._serving_event.clear()
             for listener in self.serving_listeners:
                 listener(serving)
 

@@ -29,8 +29,16 @@ from integration.store.postgres import SERVER_URL, unique_database
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from controlplane.api.auth import Authenticator
+from controlplane.api.server import ApiServer
+from controlplane.core.policies.registry import make_policy
+from controlplane.runtime.clock import SystemClock
+from controlplane.runtime.loop import Runtime
 from controlplane.store.engine import make_engine
+from controlplane.store.sql_repository import SqlRepository
+from controlplane.telemetry import Telemetry
 from protos.pecsched.v1 import common_pb2, inference_pb2_grpc
+from protos.pecsched.v1.inference_pb2 import GetRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,3 +221,39 @@ async def test_a_locked_sqlite_database_mid_flood_loses_and_duplicates_nothing(t
 
     # Execute / Assert
     await run_with_faults(cp, inject, rows)
+
+
+async def test_the_port_opens_before_recovery_and_calls_wait_for_it(tmp_path):
+    # Prepare: an unfinished request in the database, a server whose runtime has not started
+    first = await start_control_plane(make_config(migrated_db(tmp_path)))
+    old = await inference_pb2_grpc.InferenceStub(grpc.aio.insecure_channel(first.target)).Submit(
+        submit_request([1, 2], 3)
+    )
+    await first.stop()
+    config = make_config(first.config.db_url)
+    repo = SqlRepository(make_engine(config.db_url))
+    runtime = Runtime(config, make_policy("fifo"), repo, Telemetry.noop(), SystemClock())
+    api = ApiServer(runtime, Authenticator(None, None), config.listen)
+    port = await api.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        # Execute
+        before = (await health.Check(health_pb2.HealthCheckRequest())).status
+        submit = asyncio.ensure_future(stub.Submit(submit_request([3, 4], 3)))
+        await asyncio.sleep(0.3)
+        waited = not submit.done()
+        recovered = await runtime.start()
+        reply = await asyncio.wait_for(submit, 10)
+        after = (await health.Check(health_pb2.HealthCheckRequest())).status
+        # Assert
+        assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert after == health_pb2.HealthCheckResponse.SERVING
+        assert waited and reply.request_id and recovered == 1
+        assert (await stub.Get(GetRequest(request_id=old.request_id))).request_id
+    finally:
+        await channel.close()
+        await api.stop(0.2)
+        await runtime.stop()
+        repo.uow.engine.dispose()
