@@ -14,6 +14,9 @@ does (controlplane/runtime/recovery.py), retrying with back-off while the databa
 reconnect and register again, their work re-queued). The failed tick's submits and cancels
 wait and go into the first tick after the rebuild (a submit whose row did commit is found
 there and acknowledged once); a submit whose second attempt fails as well gets UNAVAILABLE.
+
+(Past 500 lines: one class, the event-loop half of the runtime, whose state the rebuild
+replaces as a whole; the tick half is ticker.py, the submit bounds admission.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,6 +33,7 @@ from controlplane.config import Config
 from controlplane.core.policies.registry import make_policy
 from controlplane.core.policy import Policy
 from controlplane.core.types import ClusterView, RequestView
+from controlplane.runtime.admission import Admission
 from controlplane.runtime.agents import AgentRegistry, AgentSession, Registration
 from controlplane.runtime.clock import Clock
 from controlplane.runtime.commands import AgentCommand
@@ -92,9 +95,7 @@ class Runtime:
         self._tick_pool = ThreadPoolExecutor(1, thread_name_prefix="pecsched-tick")
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
         self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
-        self._pending_by_tenant: Counter[str] = Counter()
-        self._pending_bytes: Counter[str] = Counter()  # tenant -> prompt bytes of pending submits
-        self._tenant_prompt_bytes: dict[str, int] = {}  # tenant -> prompt bytes held (committed)
+        self.admission = Admission(settings)
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
@@ -103,8 +104,6 @@ class Runtime:
             str, int
         ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
         self.published = Published(self.metrics)  # committed state the readers see
-        self._num_active = 0
-        self._tenant_active: dict[str, int] = {}
         self._snapshot: ClusterView | None = None
         self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
         self._wake = asyncio.Event()
@@ -161,54 +160,17 @@ class Runtime:
         """Persist and queue a request; returns after the commit.
 
         Raises:
-            RuntimeServiceError: QUEUE_FULL / TENANT_LIMIT (with retry_after_s), SHUTTING_DOWN.
+            RuntimeServiceError: QUEUE_FULL / TENANT_LIMIT / PROMPT_BUDGET (with
+                retry_after_s; see Admission), SHUTTING_DOWN.
             StoreError: the database failed (the request was not accepted).
         """
         self._check_open()
-        tenant = pending.new.spec.tenant
-        if self._num_active + len(self._submits) >= self.settings.max_active_requests:
-            raise RuntimeServiceError(
-                RuntimeErrorCode.QUEUE_FULL,
-                f"the cluster holds {self.settings.max_active_requests} unfinished requests",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        tenant_load = self._tenant_active.get(tenant, 0) + self._pending_by_tenant[tenant]
-        if tenant_load >= self.settings.max_active_requests_per_tenant:
-            raise RuntimeServiceError(
-                RuntimeErrorCode.TENANT_LIMIT,
-                f"tenant {tenant!r} has {tenant_load} unfinished requests "
-                f"(limit {self.settings.max_active_requests_per_tenant})",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        self._check_prompt_budget(tenant, 4 * pending.new.spec.prompt_tokens)
+        self.admission.check(pending.new.spec)
         future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
         self._submits.append((pending, future))
-        self._count_pending(pending, +1)
+        self.admission.count_pending(pending.new.spec, +1)
         self._wake.set()
         return await future
-
-    def _check_prompt_budget(self, tenant: str, num_bytes: int) -> None:
-        """RESOURCE_EXHAUSTED when holding `num_bytes` more of prompt would exceed a budget."""
-        total = sum(self._tenant_prompt_bytes.values()) + sum(self._pending_bytes.values())
-        mine = self._tenant_prompt_bytes.get(tenant, 0) + self._pending_bytes[tenant]
-        budgets = (
-            (total, self.settings.prompt_budget_bytes, "the cluster"),
-            (mine, self.settings.prompt_budget_bytes_per_tenant, "this tenant"),
-        )
-        for held, budget, whose in budgets:
-            if held + num_bytes > budget:
-                raise RuntimeServiceError(
-                    RuntimeErrorCode.PROMPT_BUDGET,
-                    f"prompt: {whose} holds {held} bytes of queued prompts; "
-                    f"{num_bytes} more would exceed the budget of {budget}",
-                    field="prompt",
-                    retry_after_s=self.settings.retry_after_s,
-                )
-
-    def _count_pending(self, pending: PendingSubmit, sign: int) -> None:
-        tenant = pending.new.spec.tenant
-        self._pending_by_tenant[tenant] += sign
-        self._pending_bytes[tenant] += sign * 4 * pending.new.spec.prompt_tokens
 
     async def cancel(self, request_id: str, reason: str) -> RequestView:
         """Cancel an unfinished request (no-op for a finished one); returns its committed view.
@@ -366,7 +328,7 @@ class Runtime:
         batch = self._submits[: self.settings.max_submits_per_tick]
         del self._submits[: len(batch)]
         for pending, _ in batch:
-            self._count_pending(pending, -1)
+            self.admission.count_pending(pending.new.spec, -1)
         tick = TickInput(
             now_s=now,
             submits=[p for p, _ in batch],
@@ -394,9 +356,7 @@ class Runtime:
             if view.state.is_terminal or grew:  # progress: no longer failing in a row
                 self._retryable_failures.pop(view.request_id, None)
         self.published.publish_tokens(out.touched_logs)
-        self._num_active = out.num_active
-        self._tenant_active = out.tenant_active
-        self._tenant_prompt_bytes = out.tenant_prompt_bytes
+        self.admission.committed(out.num_active, out.tenant_active, out.tenant_prompt_bytes)
         self.metrics.prompt_bytes.set(sum(out.tenant_prompt_bytes.values()))
         for outcome, future in zip(out.submits, submit_futures, strict=True):
             result = "refused" if outcome.view is None else "created"
@@ -506,7 +466,7 @@ class Runtime:
                 continue
             self._retried.add(future)
             again.append((pending, future))
-            self._count_pending(pending, +1)
+            self.admission.count_pending(pending.new.spec, +1)
         self._submits[:0] = again
         self._happenings[:0] = [h for h in tick.happenings if isinstance(h, CancelAsk)]
         self._cancel_waiters[:0] = cancels
@@ -523,9 +483,11 @@ class Runtime:
         for log in old_logs.values():
             log.retire()
         self._retryable_failures.clear()
-        self._num_active = self.policy.num_active_requests()
-        self._tenant_active = dict(self._state.tenant_active)
-        self._tenant_prompt_bytes = dict(self._state.tenant_prompt_bytes)
+        self.admission.committed(
+            self.policy.num_active_requests(),
+            dict(self._state.tenant_active),
+            dict(self._state.tenant_prompt_bytes),
+        )
 
     def _set_serving(self, serving: bool) -> None:
         if serving != self.serving:
