@@ -233,11 +233,22 @@ def check_message(message: Message, prefix: str = "") -> None:
         if field.is_repeated:
             _check_repeated(field, value, path)
         else:
-            _check_one(field, value, path, LIMITS.get(field.full_name))
+            _check_one(field, value, path, _limit_of(field))
+
+
+_BY_FIELD: dict[FieldDescriptor, Limit | None] = {}  # LIMITS by descriptor, filled on use
+
+
+def _limit_of(field: FieldDescriptor) -> Limit | None:
+    try:
+        return _BY_FIELD[field]
+    except KeyError:
+        limit = _BY_FIELD[field] = LIMITS.get(field.full_name)
+        return limit
 
 
 def _check_repeated(field: FieldDescriptor, values: Any, path: str) -> None:
-    limit = LIMITS.get(field.full_name)
+    limit = _limit_of(field)
     if isinstance(limit, ByConfig):
         return
     if isinstance(limit, Items) and len(values) > limit.max_items:

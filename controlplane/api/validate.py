@@ -3,10 +3,12 @@
 Checked here, before the request reaches the runtime: a prompt is present and non-empty (text
 is tokenized by the byte tokenizer, or refused when text prompts are off), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; the tenant is the caller's (client keys); the deadline lies in the future. Lengths,
-NUL characters and numeric ranges of every field were checked before (controlplane/api/limits.py).
-Whether the cluster could ever hold the request is checked by the
-policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the cluster.
+in range; token ids below `vocab_size` when it is set; the tenant is the caller's (client
+keys); the deadline lies in the future. Lengths, NUL characters and numeric ranges of every
+field were checked before (controlplane/api/limits.py). Whether the cluster could ever hold the
+request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the policy
+knows the cluster; whether a reused idempotency key asks for the same request, inside the tick
+too (controlplane/runtime/ticker.py).
 """
 
 from __future__ import annotations
