@@ -91,7 +91,7 @@ class Runtime:
         self._ticker = Ticker(
             policy, repo, self._state, telemetry, transfer_timeout_s=settings.kv_transfer_timeout_s
         )
-        self._retried: set[asyncio.Future[SubmitOutcome]] = set()  # submits of a failed tick
+        self._retried: set[asyncio.Future[Any]] = set()  # submits/cancels of a failed tick
         self._tick_pool = ThreadPoolExecutor(1, thread_name_prefix="pecsched-tick")
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
         self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
@@ -372,6 +372,7 @@ class Runtime:
             if not future.done():
                 future.set_result(outcome)
         for rid, cancel_future in cancels:
+            self._retried.discard(cancel_future)
             if not cancel_future.done():
                 cancel_future.set_result(out.cancels.get(rid))
         for command in out.commands:
@@ -448,7 +449,8 @@ class Runtime:
         submit_futures: list[asyncio.Future[SubmitOutcome]],
         cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
     ) -> None:
-        """Put a failed tick's submits and cancels back in front of the queue (submits once)."""
+        """Put a failed tick's submits and cancels back in front of the queue, once: one that
+        fails a second time fails (a poison input must not make the runtime rebuild forever)."""
         error: Exception = (
             exc
             if isinstance(exc, StoreError)
@@ -458,18 +460,27 @@ class Runtime:
         )
         again: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
         for pending, future in zip(tick.submits, submit_futures, strict=True):
-            if future.done():
-                continue
-            if future in self._retried:
-                self._retried.discard(future)
-                future.set_exception(error)
-                continue
-            self._retried.add(future)
-            again.append((pending, future))
-            self.admission.count_pending(pending.new.spec, +1)
+            if self._retry_once(future, error):
+                again.append((pending, future))
+                self.admission.count_pending(pending.new.spec, +1)
         self._submits[:0] = again
-        self._happenings[:0] = [h for h in tick.happenings if isinstance(h, CancelAsk)]
+        cancels = [(rid, future) for rid, future in cancels if self._retry_once(future, error)]
+        ids = {rid for rid, _ in cancels}
+        self._happenings[:0] = [
+            h for h in tick.happenings if isinstance(h, CancelAsk) and h.request_id in ids
+        ]
         self._cancel_waiters[:0] = cancels
+
+    def _retry_once(self, future: asyncio.Future[Any], error: Exception) -> bool:
+        """Whether to retry a waiter of a failed tick (False: done, or failed with `error`)."""
+        if future.done():
+            return False
+        if future in self._retried:
+            self._retried.discard(future)
+            future.set_exception(error)
+            return False
+        self._retried.add(future)
+        return True
 
     def _install(self, ticker: Ticker, logs: dict[str, TokenLog], views: list[RequestView]) -> None:
         """Make a recovered ticker current: readers follow the recovered token logs."""

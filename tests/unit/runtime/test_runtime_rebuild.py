@@ -24,10 +24,11 @@ class FaultyRepository(InMemoryRepository):
     def __init__(self) -> None:
         super().__init__()
         self.fail_updates = False
+        self.fail_changes = False  # only updates that change a request (recovery's are empty)
         self.fail_adds = False
 
     def update_requests(self, views):  # type: ignore[no-untyped-def]
-        if self.fail_updates:
+        if self.fail_updates or (self.fail_changes and views):
             raise Unavailable("database unavailable: disk full")
         super().update_requests(views)
 
@@ -109,4 +110,25 @@ async def test_a_submit_whose_tick_fails_twice_gets_unavailable_and_the_runtime_
     assert again.created and repo.get_request("r1").state is RequestState.QUEUED
     with pytest.raises(Exception, match="not found"):
         repo.get_request("r0")
+    await runtime.stop()
+
+
+async def test_a_cancel_whose_tick_fails_after_every_rebuild_fails_instead_of_looping():
+    # Prepare
+    repo = FaultyRepository()
+    runtime = _runtime(repo)
+    await runtime.start()
+    await runtime.submit(_pending(0))
+    repo.fail_changes = True
+    # Execute
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(runtime.cancel("r0", "test"), 10)
+    repo.fail_changes = False
+    while not runtime.serving:
+        await asyncio.sleep(0.01)
+    # Assert
+    assert sum(runtime.metrics.rebuilds.values.values()) == 2
+    assert repo.get_request("r0").state is RequestState.QUEUED
+    view = await runtime.cancel("r0", "test")
+    assert view.state is RequestState.CANCELLED
     await runtime.stop()
