@@ -1,8 +1,9 @@
 """Composition root of the control plane: `python -m controlplane [flags]`.
 
 Builds the one frozen Config, the database engine (refusing a stale schema with the command
-that fixes it), the repository, the policy, telemetry, the runtime (which recovers unfinished
-requests) and the servers, then serves until SIGTERM/SIGINT. `pecsched controlplane` runs
+that fixes it), the repository, the policy, telemetry, the runtime and the servers; the port
+opens first (health NOT_SERVING, calls wait) while the runtime recovers unfinished requests,
+then it serves until SIGTERM/SIGINT. `pecsched controlplane` runs
 `main()` with the same flags.
 """
 
@@ -87,7 +88,7 @@ async def serve(config: Config) -> int:
     """Build everything from `config` and serve until SIGTERM/SIGINT or a fatal error."""
     from controlplane.api.auth import Authenticator
     from controlplane.api.metrics_http import MetricsHttpServer
-    from controlplane.api.server import ApiServer
+    from controlplane.api.server import ApiServer, tls_credentials
     from controlplane.core.policies.registry import make_policy
     from controlplane.runtime.clock import SystemClock
     from controlplane.runtime.loop import Runtime
@@ -102,8 +103,10 @@ async def serve(config: Config) -> int:
         policy = make_policy(config.policy, config.scheduler, config.seed)
         text_codec = load_text_codec(config)
         engine = make_engine(config.db_url)
-    except (KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        tls = tls_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    except (KeyError, ValueError, OSError) as exc:
+        detail = exc if isinstance(exc, OSError) or not exc.args else exc.args[0]
+        print(f"error: {detail}", file=sys.stderr)
         return 2
     try:
         migrate.verify_schema(engine)
@@ -116,10 +119,10 @@ async def serve(config: Config) -> int:
     repo = SqlRepository(engine)
     telemetry = Telemetry.otlp(config.otlp_endpoint) if config.otlp_endpoint else Telemetry.noop()
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
-    recovered = await runtime.start()
     authenticator = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, authenticator, config.listen, text_codec)
-    port = await api.start()
+    api = ApiServer(runtime, authenticator, config.listen, text_codec, tls)
+    port = await api.start()  # health NOT_SERVING until recovery ends; calls wait for it
+    recovered = await runtime.start()
     metrics = None
     if config.metrics_port is not None:
         metrics = MetricsHttpServer(
@@ -142,16 +145,14 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stopped = asyncio.ensure_future(runtime.stopped.wait())
-    await asyncio.wait((asyncio.ensure_future(stop.wait()), stopped), return_when="FIRST_COMPLETED")
+    await stop.wait()
     await api.stop()
     if metrics is not None:
         await metrics.stop()
-    if runtime.failure is None:
-        await runtime.stop()
+    await runtime.stop()
     telemetry.shutdown()
     engine.dispose()
-    return 1 if runtime.failure is not None else 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

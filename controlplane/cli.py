@@ -50,6 +50,12 @@ def _add_keys_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     create.add_argument("--tenant", required=True, help="tenant the key's requests belong to")
     _add_db_argument(create)
     create.set_defaults(handler=_keys_create)
+    revoke = actions.add_parser(
+        "revoke", help="revoke an API key (servers refuse it within their 30 s key cache)"
+    )
+    revoke.add_argument("key_id", help="the key id printed by `keys create` (pecsched_<id>_...)")
+    _add_db_argument(revoke)
+    revoke.set_defaults(handler=_keys_revoke)
 
 
 def _add_controlplane_command(
@@ -147,4 +153,23 @@ def _keys_create(args: argparse.Namespace) -> int:
     )
     print("store this key now; it cannot be shown again:", file=sys.stderr)
     print(key)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from controlplane.store import migrate
+    from controlplane.store.engine import make_engine
+    from controlplane.store.errors import StoreError
+    from controlplane.store.sql_repository import SqlRepository
+
+    engine = make_engine(args.db)
+    try:
+        migrate.verify_schema(engine)
+        SqlRepository(engine).revoke_api_key(args.key_id, time.time())
+    except StoreError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"revoked key {args.key_id}")
     return 0

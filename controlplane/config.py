@@ -54,6 +54,16 @@ class Config:
     auth_enabled: bool = field(
         default=True, metadata={"help": "require API keys (false only for local development)"}
     )
+    tls_cert_file: str | None = field(
+        default=None, metadata={"help": "PEM server certificate (chain); serves TLS when set"}
+    )
+    tls_key_file: str | None = field(
+        default=None, metadata={"help": "PEM private key of tls_cert_file"}
+    )
+    tls_client_ca_file: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle; when set, callers must present a certificate it signed"},
+    )
     heartbeat_interval_s: float = field(
         default=2.0, metadata={"help": "agent heartbeat period; 3 missed = agent lost"}
     )
@@ -77,6 +87,17 @@ class Config:
     )
     max_active_requests_per_tenant: int = field(
         default=20_000, metadata={"help": "unfinished requests of one tenant at most"}
+    )
+    prompt_budget_bytes: int = field(
+        default=4 * 2**30,
+        metadata={"help": "bytes of prompts held for unfinished requests at most (4 a token)"},
+    )
+    prompt_budget_bytes_per_tenant: int = field(
+        default=2**30, metadata={"help": "bytes of prompts held for one tenant at most"}
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "prompt token ids must be below this (the model's vocabulary size)"},
     )
     retry_after_s: float = field(
         default=1.0, metadata={"help": "back-off hint sent with RESOURCE_EXHAUSTED"}
@@ -114,6 +135,8 @@ class Config:
             "max_active_requests": self.max_active_requests,
             "max_active_requests_per_tenant": self.max_active_requests_per_tenant,
             "retry_after_s": self.retry_after_s,
+            "prompt_budget_bytes": self.prompt_budget_bytes,
+            "prompt_budget_bytes_per_tenant": self.prompt_budget_bytes_per_tenant,
             "kv_transfer_timeout_s": self.kv_transfer_timeout_s,
         }
         for name, value in positive.items():
@@ -123,6 +146,12 @@ class Config:
             raise ValueError(f"metrics_port: must be in [0, 65535], got {self.metrics_port}")
         if not self.listen or ":" not in self.listen:
             raise ValueError(f"listen: must be HOST:PORT, got {self.listen!r}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"vocab_size: must be > 0, got {self.vocab_size}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file, tls_key_file: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file")
         if not self.db_url:
             raise ValueError("db_url: must not be empty")
 

@@ -5,7 +5,9 @@ Missing, malformed, unknown or revoked keys get UNAUTHENTICATED. Client keys act
 own tenant; admin keys act for every tenant and alone may Watch the cluster and Attach agents
 (`require_admin` / `require_tenant` raise PERMISSION_DENIED). Health checks and reflection
 need no key. With authentication disabled (`--no-auth`, local development only) every caller
-is an admin of tenant "default". Verified keys are cached for `cache_ttl_s` (revocation takes
+is an admin of tenant "default". The interceptor also makes request deserialization lenient
+(`limits.lenient`): malformed bytes reach the handler as `Undecodable`, which the recipe refuses
+with INVALID_ARGUMENT. Verified keys are cached for `cache_ttl_s` (revocation takes
 effect within that time).
 """
 
@@ -22,6 +24,8 @@ from typing import Any
 import grpc
 
 from controlplane.api.errors import ApiError, ApiErrorCode, abort_with
+from controlplane.api.limits import lenient
+from controlplane.store.errors import StoreError
 from controlplane.store.records import ApiKeyRole
 from controlplane.store.repository import Repository
 
@@ -56,12 +60,18 @@ def require_admin(principal: Principal, what: str) -> None:
 
 
 def require_tenant(principal: Principal, tenant: str) -> None:
-    """PERMISSION_DENIED when a client key touches another tenant's requests."""
-    if not principal.is_admin and tenant != principal.tenant:
+    """PERMISSION_DENIED when a client key acts for another tenant (the message names none)."""
+    if not may_see(principal, tenant):
         raise ApiError(
             ApiErrorCode.PERMISSION_DENIED,
-            f"this API key belongs to tenant {principal.tenant!r}, not {tenant!r}",
+            "this API key may act only for its own tenant",
+            field="tenant",
         )
+
+
+def may_see(principal: Principal, tenant: str) -> bool:
+    """Whether the caller may see and act on requests of `tenant`."""
+    return principal.is_admin or tenant == principal.tenant
 
 
 class Authenticator:
@@ -133,6 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method.startswith(_PROTECTED_PREFIXES):
             return handler
         auth = self._auth
+        deserialize = lenient(handler.request_deserializer, method.rsplit("/", 1)[-1] + " request")
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -141,7 +152,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, deserialize, handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
@@ -152,7 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, deserialize, handler.response_serializer
             )
         inner_ss = handler.stream_stream
 
@@ -162,7 +173,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 yield item
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            stream_stream, deserialize, handler.response_serializer
         )
 
 
@@ -174,6 +185,6 @@ async def _enter(auth: Authenticator, context: Any) -> None:
     """
     try:
         principal = await auth.authenticate(context.invocation_metadata())
-    except ApiError as exc:
+    except (ApiError, StoreError) as exc:  # StoreError: the key table is unreachable
         await abort_with(context, exc)
     _current.set(principal)

@@ -92,17 +92,22 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServicer, Traced):
                     break
                 seq += 1
                 yield convert.command_to_proto(command, seq)
+            refused = reader.result() if reader.done() else None
+            if refused is not None:  # the stream ends with the status naming the bad field
+                raise refused
         finally:
             reader.cancel()
             runtime.detach(session, "stream closed")
             _log.info("agent %s detached: %s", session.node_id, session.closed_reason)
 
-    async def _read(self, request_iterator: Any, session: AgentSession) -> None:
+    async def _read(self, request_iterator: Any, session: AgentSession) -> ApiError | None:
+        """Apply the agent's messages until the stream ends; returns the error of a message
+        refused by the field limits (the agent is detached)."""
         runtime = self.runtime
         try:
             async for message in request_iterator:
                 if not session.is_live:
-                    return
+                    return None
                 runtime.heard_from(session)
                 if not session.accept_seq(message.seq):
                     continue
@@ -122,10 +127,14 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServicer, Traced):
                 elif body == "register":
                     _log.warning("agent %s registered twice on one stream", session.node_id)
                     runtime.detach(session, "protocol violation: Register sent twice")
-                    return
+                    return None
         except asyncio.CancelledError:
             raise
+        except ApiError as exc:
+            _log.warning("agent %s sent a message out of limits: %s", session.node_id, exc)
+            return exc
         except Exception as exc:  # a broken stream is an agent loss, not a server error
             _log.info("agent %s stream ended: %r", session.node_id, exc)
         finally:
             runtime.detach(session, "stream closed")
+        return None

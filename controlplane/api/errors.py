@@ -95,6 +95,15 @@ _RUNTIME: dict[RuntimeErrorCode, CatalogEntry] = {
     RuntimeErrorCode.PROMPT_TOO_LONG: CatalogEntry("PROMPT_TOO_LONG", _SC.INVALID_ARGUMENT, None),
     RuntimeErrorCode.AGENT_REJECTED: CatalogEntry("AGENT_REJECTED", _SC.FAILED_PRECONDITION, None),
     RuntimeErrorCode.NOT_ATTACHED: CatalogEntry("NOT_ATTACHED", _SC.FAILED_PRECONDITION, None),
+    RuntimeErrorCode.PROMPT_BUDGET: CatalogEntry("PROMPT_BUDGET", _SC.RESOURCE_EXHAUSTED, None),
+    RuntimeErrorCode.KEY_REUSED: CatalogEntry(
+        "IDEMPOTENCY_KEY_REUSED",
+        _SC.ALREADY_EXISTS,
+        "idempotency_key: already used for a request with other content; use a new key",
+    ),
+    RuntimeErrorCode.REBUILDING: CatalogEntry(
+        "REBUILDING", _SC.UNAVAILABLE, "the control plane is recovering its state; retry shortly"
+    ),
 }
 
 _STORE: dict[StoreErrorCode, CatalogEntry] = {

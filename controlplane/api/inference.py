@@ -1,7 +1,8 @@
 """`pecsched.v1.Inference` servicer: Submit, Generate, Get, Cancel, List, Watch.
 
 Each method follows the recipe of controlplane/api/recipe.py. Tenancy: client keys see and
-cancel only their tenant's requests (PERMISSION_DENIED otherwise); Watch needs an admin key.
+cancel only their tenant's requests; another tenant's request is NOT_FOUND, exactly like a
+missing one (no message names an id's owner); Watch needs an admin key.
 Generate serves the committed tokens of a request from `from_token_index` on: from the
 runtime's live log while the request runs, from the store once it is finished; the last chunk
 carries the final state.
@@ -15,15 +16,16 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from controlplane.api import convert
-from controlplane.api.auth import current_principal, require_admin, require_tenant
+from controlplane.api.auth import current_principal, may_see, require_admin, require_tenant
 from controlplane.api.errors import ApiError, ApiErrorCode
 from controlplane.api.recipe import Traced, rpc
-from controlplane.api.validate import RequestIds, new_request_from_proto
+from controlplane.api.validate import new_request_from_proto, new_request_id
 from controlplane.config import Config
 from controlplane.core.types import RequestView
 from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
 from controlplane.runtime.inputs import PendingSubmit
 from controlplane.runtime.loop import Runtime
+from controlplane.runtime.tokens import TokenLog
 from controlplane.store import codec
 from controlplane.store.errors import NotFound
 from controlplane.store.records import ListOrder, RequestFilter
@@ -58,7 +60,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         self.config = config
         self.telemetry = telemetry
         self.text_codec = text_codec  # tokenizes text/chat prompts, decodes output; None: ids only
-        self._ids = RequestIds()
 
     @rpc(SPAN_SUBMIT)
     async def Submit(  # noqa: N802 - gRPC method name
@@ -72,7 +73,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
             principal,
             self.config,
             self.runtime.clock.now_s(),
-            self._ids.next_id(),
+            new_request_id(),
             self.text_codec,
         )
         # Tokenizing a long text or chat prompt takes seconds: in a thread (the tokenizer
@@ -82,6 +83,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         span.set_attribute(ATTR_TENANT, new.spec.tenant)
         span.set_attribute(ATTR_PROMPT_TOKENS, new.spec.prompt_tokens)
         outcome = await self.runtime.submit(PendingSubmit(new, span.context))
+        if outcome.key_reused:
+            raise RuntimeServiceError(
+                RuntimeErrorCode.KEY_REUSED, "idempotency key reused", field="idempotency_key"
+            )
         if outcome.view is None:
             raise RuntimeServiceError(
                 RuntimeErrorCode.PROMPT_TOO_LONG, f"prompt: {outcome.refusal}", field="prompt"
@@ -103,22 +108,34 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
     ) -> AsyncIterator[inference_pb2.TokenChunk]:
         """Stream committed tokens from `from_token_index` until the request ends."""
         rid = request.request_id
+        await self.runtime.until_serving()  # token logs exist once recovery has run
         await self._owned(rid)
         span.set_attribute(ATTR_REQUEST_ID, rid)
         index = request.from_token_index
-        log = self.runtime.token_log(rid)
-        if log is None:
-            view = await self.runtime.get(rid)
+        while True:  # one pass per token log: a rebuilt runtime replaces the logs
             log = self.runtime.token_log(rid)
-            if log is None:  # finished (terminal views are final in the store)
-                output = await self.runtime.read_tokens(rid, 0)
-                decoder = self._decoder(output[:index])
-                tokens = output[index:]
-                text = decoder.feed(tokens, final=True) if decoder else ""
-                final = view.state if view.state.is_terminal else None
-                yield convert.token_chunk_to_proto(rid, index, tokens, text, final, view.error)
+            if log is None:
+                view = await self.runtime.get(rid)
+                log = self.runtime.token_log(rid)
+                if log is None:  # finished (terminal views are final in the store)
+                    output = await self.runtime.read_tokens(rid, 0)
+                    decoder = self._decoder(output[:index])
+                    tokens = output[index:]
+                    text = decoder.feed(tokens, final=True) if decoder else ""
+                    final = view.state if view.state.is_terminal else None
+                    yield convert.token_chunk_to_proto(rid, index, tokens, text, final, view.error)
+                    return
+            decoder = self._decoder(log.ids[:index])  # what was streamed fixes its state
+            async for chunk in self._follow(rid, log, index, decoder):
+                index = chunk.start_index + len(chunk.token_ids)
+                yield chunk
+            if log.final_state is not None:
                 return
-        decoder = self._decoder(log.ids[:index])
+
+    async def _follow(
+        self, rid: str, log: TokenLog, index: int, decoder: StreamDecoder | None
+    ) -> AsyncIterator[inference_pb2.TokenChunk]:
+        """Chunks of `log`'s committed tokens from `index` until it is final or retired."""
         stopped = asyncio.ensure_future(self.runtime.stopped.wait())
         try:
             while True:
@@ -132,6 +149,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
                     index = max(index, end)
                     if final is not None:
                         return
+                if log.retired:
+                    return
                 waiter = asyncio.ensure_future(changed.wait())
                 await asyncio.wait((waiter, stopped), return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
@@ -208,7 +227,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         return self.text_codec.stream_decoder(streamed_ids) if self.text_codec else None
 
     async def _owned(self, request_id: str) -> RequestView:
-        """The request's view if the caller may see it (NOT_FOUND / PERMISSION_DENIED)."""
+        """The request's view if the caller may see it (NOT_FOUND otherwise, also for another
+        tenant's request)."""
         if not request_id:
             raise ApiError(
                 ApiErrorCode.INVALID_ARGUMENT, "request_id: must not be empty", field="request_id"
@@ -216,6 +236,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
         try:
             view = await self.runtime.get(request_id)
         except NotFound as exc:
-            raise ApiError(ApiErrorCode.NOT_FOUND, f"no request {request_id!r}") from exc
-        require_tenant(current_principal(), view.spec.tenant)
+            raise ApiError(ApiErrorCode.NOT_FOUND, "no such request", field="request_id") from exc
+        if not may_see(current_principal(), view.spec.tenant):
+            raise ApiError(ApiErrorCode.NOT_FOUND, "no such request", field="request_id")
         return view

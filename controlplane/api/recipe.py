@@ -2,7 +2,8 @@
 
 `@rpc(span_name)` opens a span (a child of the caller's W3C `traceparent` metadata when
 present) and hands it to the method, which converts the request, calls the runtime or the
-repository and converts the answer. Any exception leaves through the error catalog
+repository and converts the answer. Before the method runs, the request (each message of a
+client stream) is checked against the field limits of controlplane/api/limits.py. Any exception leaves through the error catalog
 (`errors.abort_with`); the span records it. Works for unary methods and for async-generator
 (streaming) methods alike; a stream the client abandons ends its span too.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 
 from controlplane.api.errors import abort_with, resolve
+from controlplane.api.limits import check_request, checked_stream
 from controlplane.telemetry import (
     ATTR_ERROR_CODE,
     ATTR_RPC_METHOD,
@@ -71,6 +73,10 @@ def rpc(span_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             async def stream(self: Traced, request: Any, context: Any) -> AsyncIterator[Any]:
                 span = _open(self, span_name, method, context)
                 try:
+                    if hasattr(request, "__aiter__"):  # a client stream: checked per message
+                        request = checked_stream(request)
+                    else:
+                        check_request(request)
                     async for item in fn(self, request, context, span):
                         yield item
                 except Exception as exc:
@@ -88,6 +94,7 @@ def rpc(span_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         async def unary(self: Traced, request: Any, context: Any) -> Any:
             span = _open(self, span_name, method, context)
             try:
+                check_request(request)
                 result = await fn(self, request, context, span)
             except Exception as exc:
                 await _fail(span, context, exc)

@@ -4,15 +4,18 @@ Checked here, before the request reaches the runtime: a prompt is present and no
 and chat are tokenized by the served model's text codec, controlplane/text/, or refused when
 there is none), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; the tenant is the caller's (client keys); the deadline lies in the future; ids and
-keys have sane lengths. Whether the cluster could ever hold the request is checked by the
-policy inside the tick (PROMPT_TOO_LONG), because only the policy knows the cluster.
+in range; token ids below `vocab_size` when it is set; the tenant is the caller's (client
+keys); the deadline lies in the future. Lengths, NUL characters and numeric ranges of every
+field were checked before (controlplane/api/limits.py). Whether the cluster could ever hold the
+request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the policy
+knows the cluster; whether a reused idempotency key asks for the same request, inside the tick
+too (controlplane/runtime/ticker.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
+from array import array
 
 from controlplane.api import convert
 from controlplane.api.auth import Principal, require_tenant
@@ -20,26 +23,18 @@ from controlplane.api.errors import ApiError, ApiErrorCode
 from controlplane.config import Config
 from controlplane.core.errors import InvalidArgumentError
 from controlplane.core.types import RequestSpec, classify
-from controlplane.store.records import UINT32_MAX, NewRequest
+from controlplane.store.records import NewRequest
 from controlplane.text.chat import ChatTemplateError, ChatTurn, ChatUnsupportedError
 from controlplane.text.codec import TextCodec
 from protos.pecsched.v1 import inference_pb2
 
-MAX_TENANT_CHARS = 128
-MAX_IDEMPOTENCY_KEY_CHARS = 256
+REQUEST_ID_RANDOM_BITS = 128
 
 
-class RequestIds:
-    """Request ids `req-<96 random bits of this process>-<counter>`: unique across restarts
-    without a random draw per request."""
-
-    def __init__(self) -> None:
-        self._prefix = f"req-{secrets.token_hex(12)}-"
-        self._counter = itertools.count(1)
-
-    def next_id(self) -> str:
-        """A new request id."""
-        return f"{self._prefix}{next(self._counter):x}"
+def new_request_id() -> str:
+    """A fresh request id, `req-` and 128 random bits in hex: ids are unique across restarts
+    and processes, and one id tells nothing about any other."""
+    return "req-" + secrets.token_hex(REQUEST_ID_RANDOM_BITS // 8)
 
 
 def new_request_from_proto(
@@ -62,20 +57,8 @@ def new_request_from_proto(
         )
     sampling = convert.sampling_from_proto(request.sampling)
     tenant = request.tenant or principal.tenant
-    if len(tenant) > MAX_TENANT_CHARS:
-        raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT,
-            f"tenant: at most {MAX_TENANT_CHARS} characters",
-            field="tenant",
-        )
     require_tenant(principal, tenant)
     key = request.idempotency_key or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT,
-            f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters",
-            field="idempotency_key",
-        )
     deadline_s = None
     if request.HasField("deadline"):
         deadline_s = convert.timestamp_to_seconds(request.deadline)
@@ -103,7 +86,8 @@ def new_request_from_proto(
 
 def _prompt_ids(
     request: inference_pb2.SubmitRequest, config: Config, text_codec: TextCodec | None
-) -> list[int]:
+) -> array[int]:
+    """The prompt's token ids, packed (held so until the runtime lets the request go)."""
     which = request.WhichOneof("prompt")
     if which in ("text", "chat") and text_codec is None:
         raise ApiError(
@@ -114,14 +98,14 @@ def _prompt_ids(
         )
     if which == "text":
         assert text_codec is not None
-        ids = text_codec.encode(request.text)
+        ids = array("I", text_codec.encode(request.text))
     elif which == "chat":
         assert text_codec is not None
-        ids = _chat_ids(request.chat, text_codec)
+        ids = array("I", _chat_ids(request.chat, text_codec))
     elif which == "token_ids":
-        ids = list(request.token_ids.ids)
+        ids = array("I", request.token_ids.ids)
     else:
-        ids = []
+        ids = array("I")
     if not ids:
         raise ApiError(
             ApiErrorCode.PROMPT_EMPTY,
@@ -134,9 +118,11 @@ def _prompt_ids(
             f"prompt: {len(ids)} tokens, at most {config.max_prompt_tokens} are accepted",
             field="prompt",
         )
-    if max(ids) > UINT32_MAX:  # pragma: no cover - uint32 on the wire
+    if config.vocab_size is not None and max(ids) >= config.vocab_size:
         raise ApiError(
-            ApiErrorCode.INVALID_ARGUMENT, "prompt.token_ids: out of range", field="prompt"
+            ApiErrorCode.INVALID_ARGUMENT,
+            f"prompt.token_ids: every id must be below the vocabulary size {config.vocab_size}",
+            field="prompt.token_ids",
         )
     return ids
 

@@ -7,6 +7,7 @@ becomes one command per node, each naming every instance of the action.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.core.types import SpKind
@@ -19,7 +20,7 @@ class PrefillOrder:
     """Prefill a prompt on an SP group (StartPrefill)."""
 
     request_id: str  # which request
-    prompt_token_ids: tuple[int, ...]  # the prompt
+    prompt_token_ids: Sequence[int]  # the prompt (packed uint32 in the runtime)
     instance_ids: tuple[str, ...]  # SP group in rank order; [0] samples the first token
     sp_kind: SpKind  # SP attention algorithm
     chunk_tokens: int  # tokens per chunk; pause points between chunks

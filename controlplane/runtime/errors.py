@@ -14,6 +14,9 @@ class RuntimeErrorCode(IntEnum):
     PROMPT_TOO_LONG = 4  # the cluster can never hold the request (admission check)
     AGENT_REJECTED = 5  # an agent's registration was refused (conflict, wrong model)
     NOT_ATTACHED = 6  # an agent message arrived without (or after losing) its registration
+    REBUILDING = 7  # a submit failed twice while the runtime rebuilt its state; retry
+    KEY_REUSED = 8  # an idempotency key already names a request with other content
+    PROMPT_BUDGET = 9  # the prompts held for unfinished requests would exceed their byte budget
 
 
 class RuntimeServiceError(Exception):

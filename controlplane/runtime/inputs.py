@@ -67,6 +67,7 @@ class SubmitOutcome:
     view: RequestView | None  # None when refused
     created: bool  # False for an idempotent replay
     refusal: str = ""  # why refused (the cluster can never hold it)
+    key_reused: bool = False  # refused: its idempotency key names a request of other content
 
 
 @dataclass(slots=True)
@@ -82,5 +83,6 @@ class TickOutput:
     snapshot: ClusterView | None = None  # cluster view when asked for
     num_active: int = 0  # unfinished requests after the tick
     tenant_active: dict[str, int] = field(default_factory=dict)  # unfinished by tenant
+    tenant_prompt_bytes: dict[str, int] = field(default_factory=dict)  # held prompts by tenant
     decision_s: float = 0.0  # policy.schedule() wall time
     num_actions: int = 0  # actions decided

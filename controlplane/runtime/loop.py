@@ -6,6 +6,17 @@ transaction); after the commit the loop acknowledges submits, publishes tokens t
 streams and sends commands to agents. While a tick runs, new submits pile up and go into the
 next tick's transaction together (group commit). Reads (Get of finished requests, List,
 tokens of finished requests) run on a small reader pool and never wait for a tick.
+
+A failed tick never stops the process. Its transaction rolled back, but the policy had already
+observed it, so the runtime rebuilds policy and state from the database exactly as a restart
+does (controlplane/runtime/recovery.py), retrying with back-off while the database is away
+(`serving` is False meanwhile, and health says NOT_SERVING). Agents are detached (they
+reconnect and register again, their work re-queued). The failed tick's submits and cancels
+wait and go into the first tick after the rebuild (a submit whose row did commit is found
+there and acknowledged once); a submit whose second attempt fails as well gets UNAVAILABLE.
+
+(Past 500 lines: one class, the event-loop half of the runtime, whose state the rebuild
+replaces as a whole; the tick half is ticker.py, the submit bounds admission.py.)
 """
 
 from __future__ import annotations
@@ -13,15 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from controlplane.config import Config
+from controlplane.core.policies.registry import make_policy
 from controlplane.core.policy import Policy
 from controlplane.core.types import ClusterView, RequestView
+from controlplane.runtime.admission import Admission
 from controlplane.runtime.agents import AgentRegistry, AgentSession, Registration
 from controlplane.runtime.clock import Clock
 from controlplane.runtime.commands import AgentCommand
@@ -52,6 +64,8 @@ _T = TypeVar("_T")
 SNAPSHOT_PERIOD_S = 1.0  # cluster snapshot (metrics gauges) refresh period
 RETRY_BASE_S = 0.05  # back-off of the 2nd retryable failure in a row of one request
 RETRY_MAX_S = 5.0  # longest back-off
+REBUILD_BASE_S = 0.05  # first wait before retrying a rebuild from the database
+REBUILD_MAX_S = 2.0  # longest wait between rebuild attempts
 
 
 class Runtime:
@@ -77,10 +91,11 @@ class Runtime:
         self._ticker = Ticker(
             policy, repo, self._state, telemetry, transfer_timeout_s=settings.kv_transfer_timeout_s
         )
+        self._retried: set[asyncio.Future[Any]] = set()  # submits/cancels of a failed tick
         self._tick_pool = ThreadPoolExecutor(1, thread_name_prefix="pecsched-tick")
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
         self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
-        self._pending_by_tenant: Counter[str] = Counter()
+        self.admission = Admission(settings)
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
@@ -89,30 +104,42 @@ class Runtime:
             str, int
         ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
         self.published = Published(self.metrics)  # committed state the readers see
-        self._num_active = 0
-        self._tenant_active: dict[str, int] = {}
         self._snapshot: ClusterView | None = None
         self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.failure: BaseException | None = None  # set when the runtime stopped on an error
+        # False until start() recovered, and while rebuilding after a failed tick: calls are
+        # accepted meanwhile and wait for the ticks to run.
+        self.serving = False
+        self.metrics.serving.set(0)
+        self.serving_listeners: list[Callable[[bool], None]] = []  # called on each change
+        self._serving_event = asyncio.Event()
         self.stopped = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> int:
         """Recover unfinished requests from the database and start ticking; returns how many."""
-        now = self.clock.now_s()
-        logs, views = await self._in_tick_thread(recover, self._ticker, now)
-        self.published.logs.update(logs)
-        for view in views:
-            if not view.state.is_terminal:
-                self.published.views[view.request_id] = view
-        self._num_active = self.policy.num_active_requests()
-        self._tenant_active = dict(self._state.tenant_active)
+        logs, views = await self._in_tick_thread(recover, self._ticker, self.clock.now_s())
+        self._install(self._ticker, logs, views)
         self._task = asyncio.create_task(self._run(), name="pecsched-runtime")
+        self._set_serving(True)
         return len(logs)
+
+    async def until_serving(self) -> None:
+        """Return once the runtime serves (started, and not rebuilding).
+
+        Raises:
+            RuntimeServiceError: SHUTTING_DOWN when it stops first.
+        """
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._serving_event, self.stopped)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._check_open()
 
     async def stop(self) -> None:
         """Stop ticking (pending submits fail with SHUTTING_DOWN) and close agent streams."""
@@ -133,28 +160,15 @@ class Runtime:
         """Persist and queue a request; returns after the commit.
 
         Raises:
-            RuntimeServiceError: QUEUE_FULL / TENANT_LIMIT (with retry_after_s), SHUTTING_DOWN.
+            RuntimeServiceError: QUEUE_FULL / TENANT_LIMIT / PROMPT_BUDGET (with
+                retry_after_s; see Admission), SHUTTING_DOWN.
             StoreError: the database failed (the request was not accepted).
         """
         self._check_open()
-        tenant = pending.new.spec.tenant
-        if self._num_active + len(self._submits) >= self.settings.max_active_requests:
-            raise RuntimeServiceError(
-                RuntimeErrorCode.QUEUE_FULL,
-                f"the cluster holds {self.settings.max_active_requests} unfinished requests",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        tenant_load = self._tenant_active.get(tenant, 0) + self._pending_by_tenant[tenant]
-        if tenant_load >= self.settings.max_active_requests_per_tenant:
-            raise RuntimeServiceError(
-                RuntimeErrorCode.TENANT_LIMIT,
-                f"tenant {tenant!r} has {tenant_load} unfinished requests "
-                f"(limit {self.settings.max_active_requests_per_tenant})",
-                retry_after_s=self.settings.retry_after_s,
-            )
+        self.admission.check(pending.new.spec)
         future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
         self._submits.append((pending, future))
-        self._pending_by_tenant[tenant] += 1
+        self.admission.count_pending(pending.new.spec, +1)
         self._wake.set()
         return await future
 
@@ -297,8 +311,8 @@ class Runtime:
             try:
                 out = await self._in_tick_thread(self._ticker.run, tick)
             except Exception as exc:  # the policy and the database may now disagree
-                self._abort(exc, submit_futures, cancels)
-                return
+                await self._rebuild(exc, tick, submit_futures, cancels)
+                continue
             self.metrics.tick.observe(time.perf_counter() - started)
             self._apply(out, submit_futures, cancels, now)
             if self._submits or self._happenings:
@@ -314,7 +328,7 @@ class Runtime:
         batch = self._submits[: self.settings.max_submits_per_tick]
         del self._submits[: len(batch)]
         for pending, _ in batch:
-            self._pending_by_tenant[pending.new.spec.tenant] -= 1
+            self.admission.count_pending(pending.new.spec, -1)
         tick = TickInput(
             now_s=now,
             submits=[p for p, _ in batch],
@@ -342,8 +356,8 @@ class Runtime:
             if view.state.is_terminal or grew:  # progress: no longer failing in a row
                 self._retryable_failures.pop(view.request_id, None)
         self.published.publish_tokens(out.touched_logs)
-        self._num_active = out.num_active
-        self._tenant_active = out.tenant_active
+        self.admission.committed(out.num_active, out.tenant_active, out.tenant_prompt_bytes)
+        self.metrics.prompt_bytes.set(sum(out.tenant_prompt_bytes.values()))
         for outcome, future in zip(out.submits, submit_futures, strict=True):
             result = "refused" if outcome.view is None else "created"
             if outcome.view is not None and not outcome.created:
@@ -354,9 +368,11 @@ class Runtime:
                 self.metrics.tokens.inc(
                     view.spec.prompt_tokens, request_class=view.request_class.value, kind="prompt"
                 )
+            self._retried.discard(future)
             if not future.done():
                 future.set_result(outcome)
         for rid, cancel_future in cancels:
+            self._retried.discard(cancel_future)
             if not cancel_future.done():
                 cancel_future.set_result(out.cancels.get(rid))
         for command in out.commands:
@@ -383,32 +399,122 @@ class Runtime:
         session.send(_with_trace(command, span.context))
         span.end()
 
-    def _abort(
+    async def _rebuild(
         self,
         exc: Exception,
+        tick: TickInput,
         submit_futures: list[asyncio.Future[SubmitOutcome]],
         cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
     ) -> None:
-        _log.critical("tick failed; the control plane stops (restart recovers): %r", exc)
-        self.failure = exc
-        self._stopping = True
+        """Rebuild policy and state from the database after a failed tick (module docstring)."""
+        _log.error("tick failed and rolled back; rebuilding from the database: %r", exc)
+        self.metrics.rebuilds.inc()
+        self._set_serving(False)
+        self._requeue(exc, tick, submit_futures, cancels)
+        for session in self.agents.sessions():
+            self.agents.lose(session, "control plane rebuilding its state")
+        self._happenings = [h for h in self._happenings if isinstance(h, CancelAsk)]
+        self._heartbeats.clear()
+        self._touched_at.clear()
+        delay_s = REBUILD_BASE_S
+        while not self._stopping:
+            policy = make_policy(self.policy.name, self.policy.config, self.settings.seed)
+            ticker = Ticker(
+                policy,
+                self.repo,
+                RuntimeState(),
+                self.telemetry,
+                transfer_timeout_s=self.settings.kv_transfer_timeout_s,
+            )
+            try:
+                logs, views = await self._in_tick_thread(recover, ticker, self.clock.now_s())
+            except Exception as retry_exc:
+                _log.warning("rebuild failed (%r); retrying in %.2f s", retry_exc, delay_s)
+                try:
+                    await asyncio.wait_for(self._wake_on_stop(), delay_s)
+                except TimeoutError:
+                    pass
+                delay_s = min(2 * delay_s, REBUILD_MAX_S)
+                continue
+            self._install(ticker, logs, views)
+            _log.warning("rebuilt from the database: %d unfinished requests", len(logs))
+            self._set_serving(True)
+            self._wake.set()
+            return
+
+    def _requeue(
+        self,
+        exc: Exception,
+        tick: TickInput,
+        submit_futures: list[asyncio.Future[SubmitOutcome]],
+        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
+    ) -> None:
+        """Put a failed tick's submits and cancels back in front of the queue, once: one that
+        fails a second time fails (a poison input must not make the runtime rebuild forever)."""
         error: Exception = (
             exc
             if isinstance(exc, StoreError)
             else RuntimeServiceError(
-                RuntimeErrorCode.SHUTTING_DOWN, "the control plane stopped after an internal error"
+                RuntimeErrorCode.REBUILDING, "the control plane could not commit the request"
             )
         )
-        for future in submit_futures:
-            if not future.done():
-                future.set_exception(error)
-        for _, cancel_future in cancels:
-            if not cancel_future.done():
-                cancel_future.set_exception(error)
-        self._fail_waiters(error)
-        for session in self.agents.sessions():
-            self.agents.lose(session, "control plane stopped")
-        self.stopped.set()
+        again: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
+        for pending, future in zip(tick.submits, submit_futures, strict=True):
+            if self._retry_once(future, error):
+                again.append((pending, future))
+                self.admission.count_pending(pending.new.spec, +1)
+        self._submits[:0] = again
+        cancels = [(rid, future) for rid, future in cancels if self._retry_once(future, error)]
+        ids = {rid for rid, _ in cancels}
+        self._happenings[:0] = [
+            h for h in tick.happenings if isinstance(h, CancelAsk) and h.request_id in ids
+        ]
+        self._cancel_waiters[:0] = cancels
+
+    def _retry_once(self, future: asyncio.Future[Any], error: Exception) -> bool:
+        """Whether to retry a waiter of a failed tick (False: done, or failed with `error`)."""
+        if future.done():
+            return False
+        if future in self._retried:
+            self._retried.discard(future)
+            future.set_exception(error)
+            return False
+        self._retried.add(future)
+        return True
+
+    def _install(self, ticker: Ticker, logs: dict[str, TokenLog], views: list[RequestView]) -> None:
+        """Make a recovered ticker current: readers follow the recovered token logs."""
+        old_logs = self.published.logs
+        self._ticker, self._state, self.policy = ticker, ticker.state, ticker.policy
+        self.published.logs = dict(logs)
+        self.published.views.clear()
+        for view in views:
+            if not view.state.is_terminal:
+                self.published.views[view.request_id] = view
+        for log in old_logs.values():
+            log.retire()
+        self._retryable_failures.clear()
+        self.admission.committed(
+            self.policy.num_active_requests(),
+            dict(self._state.tenant_active),
+            dict(self._state.tenant_prompt_bytes),
+        )
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            self.serving = serving
+            self.metrics.serving.set(int(serving))
+            if serving:
+                self._serving_event.set()
+            else:
+                self._serving_event.clear()
+            for listener in self.serving_listeners:
+                listener(serving)
+
+    async def _wake_on_stop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._wake.wait()
 
     def _fail_waiters(self, error: Exception) -> None:
         for _, future in self._submits:

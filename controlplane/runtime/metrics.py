@@ -139,6 +139,13 @@ class Metrics:
         self.tick = Histogram(
             "pecsched_tick_seconds", "One tick: policy + transaction", LATENCY_BUCKETS_S
         )
+        self.rebuilds = Counter(
+            "pecsched_rebuilds_total", "Failed ticks after which the state was rebuilt"
+        )
+        self.serving = Gauge("pecsched_serving", "1 while serving, 0 while rebuilding")
+        self.prompt_bytes = Gauge(
+            "pecsched_prompt_bytes", "Bytes of prompts held for unfinished requests (4 a token)"
+        )
 
     def render(self) -> str:
         """The exposition text of every family."""

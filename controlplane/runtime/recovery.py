@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from controlplane.core.events import Event, RequestArrived
 from controlplane.core.types import RequestState, RequestView
-from controlplane.runtime.state import Carryover, RequestInputs
+from controlplane.runtime.state import Carryover, RequestInputs, packed_ids
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.records import DetailValue, NodeState, RequestEvent, RequestEventKind
@@ -55,7 +55,10 @@ def recover(ticker: Ticker, now_s: float) -> tuple[dict[str, TokenLog], list[Req
             st.track(
                 rid,
                 RequestInputs(
-                    spec.tenant, inputs.prompt_token_ids, spec.max_new_tokens, inputs.sampling
+                    spec.tenant,
+                    packed_ids(inputs.prompt_token_ids),
+                    spec.max_new_tokens,
+                    inputs.sampling,
                 ),
                 log,
             )

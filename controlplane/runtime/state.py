@@ -7,8 +7,9 @@ Owned by the tick thread (controlplane/runtime/ticker.py); the event loop reads 
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from controlplane.core.types import RequestState, RequestView
@@ -17,14 +18,25 @@ from controlplane.store.records import SamplingParams
 from controlplane.telemetry import TraceContext
 
 
+def packed_ids(token_ids: Sequence[int]) -> array[int]:
+    """Token ids packed 4 bytes each: how the runtime holds prompts (a tuple of Python ints
+    costs about 36 bytes a token)."""
+    return array("I", token_ids)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestInputs:
     """What the data plane needs to (re)run a request."""
 
     tenant: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: array[int]  # packed uint32 (see `packed_ids`)
     max_new_tokens: int
     sampling: SamplingParams
+
+    @property
+    def prompt_bytes(self) -> int:
+        """Memory the prompt takes here."""
+        return len(self.prompt_token_ids) * self.prompt_token_ids.itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,7 @@ class RuntimeState:
         self.transfers: dict[str, TransferInfo] = {}  # transfer id -> transfer in flight
         self.last_transfer: dict[str, str] = {}  # request -> id of its finished transfer
         self.tenant_active: Counter[str] = Counter()  # tenant -> unfinished requests
+        self.tenant_prompt_bytes: Counter[str] = Counter()  # tenant -> bytes of held prompts
         self.instance_node: dict[str, str] = {}  # instance up -> its node
         self.rendezvous: dict[str, str] = {}  # node -> its rendezvous store address
 
@@ -72,6 +85,7 @@ class RuntimeState:
         self.state_of[request_id] = RequestState.QUEUED
         self.requeues_of[request_id] = 0
         self.tenant_active[inputs.tenant] += 1
+        self.tenant_prompt_bytes[inputs.tenant] += inputs.prompt_bytes
 
     def settle(self, view: RequestView) -> None:
         """Record a persisted view; forget the request once it is terminal.
@@ -91,8 +105,10 @@ class RuntimeState:
         inputs = self.inputs.pop(rid, None)
         if inputs is not None:
             self.tenant_active[inputs.tenant] -= 1
+            self.tenant_prompt_bytes[inputs.tenant] -= inputs.prompt_bytes
             if self.tenant_active[inputs.tenant] <= 0:
                 del self.tenant_active[inputs.tenant]
+                del self.tenant_prompt_bytes[inputs.tenant]
         self.logs.pop(rid, None)
         self.carry.pop(rid, None)
         self.traces.pop(rid, None)

@@ -37,7 +37,7 @@ from controlplane.runtime.inputs import (
 )
 from controlplane.runtime.intake import Intake
 from controlplane.runtime.reports import AgentReport, TransferProgress, TransferStatus
-from controlplane.runtime.state import RequestInputs, RuntimeState
+from controlplane.runtime.state import RequestInputs, RuntimeState, packed_ids
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import NotFound
 from controlplane.store.records import DetailValue, NewRequest, RequestEvent, RequestEventKind
@@ -107,6 +107,7 @@ class Ticker:
             self._persist(tick, decision, intake, down, cancelled, out)
         out.num_active = self.policy.num_active_requests()
         out.tenant_active = dict(self.state.tenant_active)
+        out.tenant_prompt_bytes = dict(self.state.tenant_prompt_bytes)
         return out
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -121,6 +122,10 @@ class Ticker:
         admitted: list[PendingSubmit] = []
         outcomes: list[SubmitOutcome | None] = []
         for pending in submits:
+            rid = pending.new.spec.request_id
+            if rid in self.state.logs:  # retried after a failed tick that did commit it
+                outcomes.append(SubmitOutcome(self.policy.request_view(rid), True))
+                continue
             verdict = self.policy.check_admission(pending.new.spec)
             outcomes.append(None if verdict.ok else SubmitOutcome(None, False, verdict.reason))
             if verdict.ok:
@@ -135,13 +140,15 @@ class Ticker:
             pending, result = next(by_id)
             outcomes[i] = SubmitOutcome(result.view, result.created)
             rid = result.view.request_id
+            if not result.created and not self._same_content(pending.new, result.view):
+                outcomes[i] = SubmitOutcome(None, False, "", key_reused=True)
             if not result.created or rid in fresh:
                 continue
             new = pending.new
             fresh[rid] = new
             spec = new.spec
             inputs = RequestInputs(
-                spec.tenant, tuple(new.prompt_token_ids), spec.max_new_tokens, new.sampling
+                spec.tenant, packed_ids(new.prompt_token_ids), spec.max_new_tokens, new.sampling
             )
             log = TokenLog([], spec.max_new_tokens)
             self.state.track(rid, inputs, log)
@@ -156,6 +163,21 @@ class Ticker:
             timeline.append(RequestEvent(rid, _K.QUEUED, now, None, details))
         out.submits = [o for o in outcomes if o is not None]
         return arrivals
+
+    def _same_content(self, new: NewRequest, stored: RequestView) -> bool:
+        """Whether a replayed idempotency key asks for the stored request again: same prompt,
+        max_new_tokens, sampling and priority (the deadline may differ between retries)."""
+        spec = stored.spec
+        if (spec.max_new_tokens, spec.priority, spec.prompt_tokens) != (
+            new.spec.max_new_tokens,
+            new.spec.priority,
+            new.spec.prompt_tokens,
+        ):
+            return False
+        inputs = self.repo.get_request_inputs(stored.request_id)
+        return inputs.sampling == new.sampling and inputs.prompt_token_ids == tuple(
+            new.prompt_token_ids
+        )
 
     def _flush(self, intake: Intake, events: list[Event]) -> None:
         """Move the intake's events so far into `events` (keeps the happenings' order)."""

@@ -10,13 +10,19 @@ import sys
 from array import array
 from collections.abc import Sequence
 
+from sqlalchemy import String
+
 from controlplane.core.types import ClassStats, RequestClass, RequestState
 from controlplane.store.records import ListOrder
+from controlplane.store.tables import metadata
 
 MAX_PAGE_SIZE = 1000
 # Order names a page token may carry (a list or dict from a forged token is simply not one).
 _LIST_ORDERS = tuple(order.value for order in ListOrder)
 _INT64_SPAN = 2**64
+_ID_TYPE = metadata.tables["requests"].c.id.type
+assert isinstance(_ID_TYPE, String) and _ID_TYPE.length, "requests.id is a String(n)"
+_REQUEST_ID_CHARS = _ID_TYPE.length
 
 
 def pack_token_ids(token_ids: Sequence[int], field_name: str) -> bytes:
@@ -104,22 +110,27 @@ def decode_page_token(token: str, order: ListOrder) -> tuple[float, str]:
         ValueError: naming `page_token`, for anything `encode_page_token` did not produce, or a
             token of a listing in the other order.
     """
+    malformed = "page_token: malformed; pass next_page_token unchanged"
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         token_order, arrival_s, request_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise ValueError("page_token: malformed; pass next_page_token unchanged") from exc
+        if isinstance(arrival_s, bool) or not isinstance(arrival_s, int | float):
+            raise TypeError("arrival_s is not a number")
+        arrival_s = float(arrival_s)  # OverflowError for a huge integer
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ValueError(malformed) from exc
     if (
-        token_order not in _LIST_ORDERS
-        or isinstance(arrival_s, bool)
-        or not isinstance(arrival_s, int | float)
+        not isinstance(token_order, str)
+        or token_order not in _LIST_ORDERS
         or not math.isfinite(arrival_s)
         or not isinstance(request_id, str)
+        or len(request_id) > _REQUEST_ID_CHARS
+        or "\x00" in request_id
     ):
-        raise ValueError("page_token: malformed; pass next_page_token unchanged")
+        raise ValueError(malformed)
     if token_order != order.value:
         raise ValueError(f"page_token: from a listing in {token_order} order, not {order.value}")
-    return float(arrival_s), request_id
+    return arrival_s, request_id
 
 
 def build_class_stats(

@@ -25,13 +25,20 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_BEGIN_OPTION = "pecsched_sqlite_begin"
 
 
-def make_engine(url: str | URL = DEFAULT_DB_URL, *, echo: bool = False) -> Engine:
+def make_engine(
+    url: str | URL = DEFAULT_DB_URL,
+    *,
+    echo: bool = False,
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+) -> Engine:
     """An Engine for `url` with the settings of its dialect applied.
 
     Args:
         url: `sqlite:///path.db`, `sqlite://` (in memory, one shared connection) or
             `postgresql+psycopg://user[:password]@host[:port]/database[?options=...]`.
         echo: log every statement (debugging).
+        sqlite_busy_timeout_ms: how long a SQLite statement waits for another process's lock
+            before it fails (and the runtime rebuilds once the lock is gone).
 
     Returns:
         The Engine; it opens no connection until first used.
@@ -42,7 +49,7 @@ def make_engine(url: str | URL = DEFAULT_DB_URL, *, echo: bool = False) -> Engin
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        return _sqlite_engine(parsed, echo=echo)
+        return _sqlite_engine(parsed, echo=echo, busy_timeout_ms=sqlite_busy_timeout_ms)
     if backend == "postgresql":
         if parsed.get_driver_name() != "psycopg":
             raise ValueError(f"db url: use the psycopg driver, postgresql+psycopg://...; got {url}")
@@ -52,11 +59,11 @@ def make_engine(url: str | URL = DEFAULT_DB_URL, *, echo: bool = False) -> Engin
     )
 
 
-def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
+def _sqlite_engine(url: URL, *, echo: bool, busy_timeout_ms: int) -> Engine:
     """SQLite with WAL, FULL sync, foreign keys, busy timeout and explicit BEGIN."""
     in_memory = url.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {
-        "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        "connect_args": {"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
     }
     if in_memory:
         # Every connection to ":memory:" would be a different, empty database: share one.
@@ -72,7 +79,7 @@ def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

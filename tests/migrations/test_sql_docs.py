@@ -95,7 +95,13 @@ def test_sql_block_runs(populated: tuple[str, Engine], index: int) -> None:
         transaction = connection.begin()
         if dialect == "postgresql":
             schema = connection.execute(text("SELECT current_schema()")).scalar()
-            statements = [s.replace("SCHEMA public", f'SCHEMA "{schema}"') for s in statements]
+            database = connection.execute(text("SELECT current_database()")).scalar()
+            statements = [
+                s.replace("SCHEMA public", f'SCHEMA "{schema}"').replace(
+                    "DATABASE pecsched", f'DATABASE "{database}"'
+                )
+                for s in statements
+            ]
         executed = [connection.execute(text(s)) for s in statements]
         results = [r.all() if r.returns_rows else [] for r in executed]
         transaction.rollback()  # roles created by the examples are not kept

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from sqlalchemy import Engine
 
 from controlplane.api.auth import Authenticator
-from controlplane.api.server import ApiServer
+from controlplane.api.server import ApiServer, tls_credentials
 from controlplane.config import Config
 from controlplane.core.config import SchedulerConfig
 from controlplane.core.policies.registry import make_policy
@@ -75,8 +76,7 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop the server and the runtime."""
         await self.api.stop(0.2)
-        if self.runtime.failure is None:
-            await self.runtime.stop()
+        await self.runtime.stop()
         self.telemetry.shutdown()
         self.repo.uow.engine.dispose()
 
@@ -90,15 +90,18 @@ def migrated_db(tmp_path: Path) -> str:
     return url
 
 
-async def start_control_plane(config: Config, telemetry: Telemetry | None = None) -> ControlPlane:
-    """Build and start a control plane like the composition root does."""
+async def start_control_plane(
+    config: Config, telemetry: Telemetry | None = None, engine: Engine | None = None
+) -> ControlPlane:
+    """Build and start a control plane like the composition root does (on `engine` if given)."""
     telemetry = telemetry or Telemetry.noop()
-    repo = SqlRepository(make_engine(config.db_url))
+    repo = SqlRepository(engine or make_engine(config.db_url))
     policy = make_policy(config.policy, config.scheduler, config.seed)
     runtime = Runtime(config, policy, repo, telemetry, SystemClock())
     await runtime.start()
     auth = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, auth, config.listen, load_text_codec(config))
+    tls = tls_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    api = ApiServer(runtime, auth, config.listen, load_text_codec(config), tls)
     port = await api.start()
     return ControlPlane(config, repo, runtime, api, port, telemetry)
 

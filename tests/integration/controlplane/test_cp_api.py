@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,29 +17,14 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent
-from integration.store.postgres import fresh_schema_url
 
 from controlplane.api.convert import seconds_to_timestamp
 from controlplane.config import TextTokenizer
-from controlplane.store import codec, migrate
-from controlplane.store.engine import make_engine
+from controlplane.store import codec
 from controlplane.store.records import ListOrder
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database at the head revision: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield migrated_db(tmp_path)
-        return
-    with fresh_schema_url() as url:
-        engine = make_engine(url)
-        migrate.upgrade(engine)
-        engine.dispose()
-        yield url
 
 
 async def test_list_pages_newest_first_and_filters(db_url):

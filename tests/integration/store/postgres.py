@@ -1,4 +1,5 @@
-"""PostgreSQL for tests: a fresh schema per test run at 127.0.0.1:5432/test, dropped after.
+"""PostgreSQL for tests: a fresh schema per test run at 127.0.0.1:5432/test, dropped after, or
+a whole database of its own (when a test kills sessions or changes database-wide settings).
 
 Unreachable server: the test is skipped, except under CI=true where it fails (CI must run it).
 `PECSCHED_TEST_POSTGRES_URL` overrides the server URL (default user postgres, trust auth).
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from controlplane.store import migrate
 from controlplane.store.engine import make_engine
 
 SERVER_URL = os.environ.get(
@@ -56,3 +58,29 @@ def truncate_all(engine: Engine) -> None:
         connection.execute(
             text("TRUNCATE requests, request_tokens, request_events, nodes, instances, api_keys")
         )
+
+
+@contextmanager
+def unique_database() -> Iterator[str]:
+    """A new database at the head revision, named for this process and test; dropped on exit
+    (its own name lets a test kill its sessions or change its settings, and only its)."""
+    name = f"pecsched_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = make_engine(make_url(SERVER_URL).update_query_dict({"connect_timeout": "3"}))
+    admin = admin.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        _unreachable(str(exc.orig).strip().splitlines()[0])
+    url = make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -1,4 +1,4 @@
-"""`pecsched db upgrade|current` and `pecsched keys create`, run in process."""
+"""`pecsched db upgrade|current` and `pecsched keys create|revoke`, run in process."""
 
 from __future__ import annotations
 
@@ -71,3 +71,23 @@ def test_upgrade_of_an_unreachable_server_is_a_clean_error(
 
     assert code == 1
     assert "error: database unavailable" in capsys.readouterr().err
+
+
+def test_keys_revoke_makes_a_key_unusable_and_names_an_unknown_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert main(["db", "upgrade", "--db", url]) == 0
+    assert main(["keys", "create", "--role", "client", "--tenant", "t", "--db", url]) == 0
+    key = capsys.readouterr().out.strip()
+    key_id = key.split("_")[1]
+    # Execute
+    revoked = main(["keys", "revoke", key_id, "--db", url])
+    unknown = main(["keys", "revoke", "0" * len(key_id), "--db", url])
+    # Assert
+    engine = make_engine(url)
+    record = SqlRepository(engine).verify_api_key(key)
+    engine.dispose()
+    assert (revoked, unknown, record) == (0, 1, None)
+    assert "not found" in capsys.readouterr().err
