@@ -119,6 +119,8 @@ LIMITS: dict[str, Limit] = {
     # ---- clients: pecsched.v1.Inference ----
     _V1 + "SubmitRequest.text": ByConfig("validate.prompt_ids (max_prompt_tokens)"),
     _V1 + "TokenIds.ids": ByConfig("validate.prompt_ids (max_prompt_tokens, vocabulary)"),
+    _V1 + "ChatMessage.role": _LABEL,  # a chat template's role name
+    _V1 + "ChatMessage.content": ByConfig("validate.prompt_ids (max_prompt_tokens)"),
     _V1 + "SubmitRequest.max_new_tokens": range_of("requests.max_new_tokens", low=0),
     _V1 + "SubmitRequest.priority": _INT32,
     _V1 + "SubmitRequest.tenant": chars_of("requests.tenant"),
