@@ -37,6 +37,7 @@ from controlplane.runtime.loop import Runtime
 from controlplane.store.engine import make_engine
 from controlplane.store.sql_repository import SqlRepository
 from controlplane.telemetry import Telemetry
+from controlplane.text.codec import load_text_codec
 from protos.pecsched.v1 import common_pb2, inference_pb2_grpc
 from protos.pecsched.v1.inference_pb2 import GetRequest
 
@@ -233,7 +234,7 @@ async def test_the_port_opens_before_recovery_and_calls_wait_for_it(tmp_path):
     config = make_config(first.config.db_url)
     repo = SqlRepository(make_engine(config.db_url))
     runtime = Runtime(config, make_policy("fifo"), repo, Telemetry.noop(), SystemClock())
-    api = ApiServer(runtime, Authenticator(None, None), config.listen)
+    api = ApiServer(runtime, Authenticator(None, None), config.listen, load_text_codec(config))
     port = await api.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = inference_pb2_grpc.InferenceStub(channel)
