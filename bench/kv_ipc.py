@@ -11,9 +11,8 @@ from building the offer to reading the receiver's commit: the whole protocol (st
 trips, event wait, copy, commit). One warm-up transfer first (it maps the sender's pool).
 Baseline, same run: the same per-layer K/V copies between two tensors inside this process
 (`copy_` on one stream, synchronized), the GPU's own copy speed for this layout. Diagnosis
-columns: the same copies from the sender's mapped pool with `copy_` (a cudaMemcpy) and with
-the transfer's own `copy_rows` (an SM kernel). GB/s count KV bytes once (the copy reads and
-writes each byte: twice that crosses memory). Medians.
+column: the same copies from the sender's mapped pool, outside the protocol. GB/s count KV
+bytes once (the copy reads and writes each byte: twice that crosses memory). Medians.
 """
 
 from __future__ import annotations
@@ -108,8 +107,8 @@ def _receive(store: Any, key: str, registry: Any, pool: Any) -> Any:
     return receiver
 
 
-def _copy_s(src: Any, dst: Any, num_tokens: int, repeats: int, copy: Any = None) -> float:
-    """Median time of the same per-layer K/V copies (`copy_`, or `copy(dst, src)`)."""
+def _copy_s(src: Any, dst: Any, num_tokens: int, repeats: int) -> float:
+    """Median time of the same per-layer K/V copies (`copy_`), synchronized."""
     import torch
 
     times = []
@@ -118,11 +117,7 @@ def _copy_s(src: Any, dst: Any, num_tokens: int, repeats: int, copy: Any = None)
         start = time.perf_counter()
         for layer in range(src.shape[0]):
             for kv in (0, 1):
-                d, s = dst[layer, kv, :num_tokens], src[layer, kv, :num_tokens]
-                if copy is None:
-                    d.copy_(s)
-                else:
-                    copy(d, s)
+                dst[layer, kv, :num_tokens].copy_(src[layer, kv, :num_tokens])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -143,7 +138,7 @@ def main() -> int:
     import torch
 
     from dataplane.parallel.groups import connect_store
-    from dataplane.parallel.kv_ipc import IpcRegistry, copy_rows
+    from dataplane.parallel.kv_ipc import IpcRegistry
 
     store = connect_store("127.0.0.1", 0, TIMEOUT_S, is_master=True)
     ctx = mp.get_context("spawn")
@@ -167,10 +162,9 @@ def main() -> int:
         src = _pool(args.model, num_tokens)
         copy_s = _copy_s(src, pool, num_tokens, args.repeats)
         del src
-        # Diagnosis: the two copies from the sender's mapped pool, without the protocol
+        # Diagnosis: the same copies from the sender's mapped pool, without the protocol
         peer = registry.opened()[0].view(pool.dtype).view(pool.shape)
-        memcpy_ipc_s = _copy_s(peer, pool, num_tokens, args.repeats)
-        sm_ipc_s = _copy_s(peer, pool, num_tokens, args.repeats, copy_rows)
+        ipc_copy_s = _copy_s(peer, pool, num_tokens, args.repeats)
         ipc_s = statistics.median(times)
         rows.append(
             {
@@ -181,8 +175,7 @@ def main() -> int:
                 "copy_s": copy_s,
                 "copy_gb_s": num_bytes / copy_s / 1e9,
                 "ratio": copy_s / ipc_s,
-                "memcpy_from_ipc_gb_s": num_bytes / memcpy_ipc_s / 1e9,
-                "sm_copy_from_ipc_gb_s": num_bytes / sm_ipc_s / 1e9,
+                "copy_from_ipc_gb_s": num_bytes / ipc_copy_s / 1e9,
             }
         )
     jobs.put(None)
@@ -191,14 +184,14 @@ def main() -> int:
     print(f"{args.model} KV, {torch.cuda.get_device_name(0)}, medians of {args.repeats}")
     print(
         "| KV tokens | GiB | IPC transfer s | IPC GB/s | device copy s | copy GB/s | IPC / copy "
-        "| memcpy from IPC GB/s | SM copy from IPC GB/s |"
+        "| copy from mapped pool GB/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['kv_tokens']:,} | {r['gib']:.3f} | {r['ipc_s']:.4f} | {r['ipc_gb_s']:.0f} | "
             f"{r['copy_s']:.4f} | {r['copy_gb_s']:.0f} | {r['ratio']:.0%} | "
-            f"{r['memcpy_from_ipc_gb_s']:.0f} | {r['sm_copy_from_ipc_gb_s']:.0f} |"
+            f"{r['copy_from_ipc_gb_s']:.0f} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
