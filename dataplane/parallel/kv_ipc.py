@@ -87,6 +87,10 @@ class IpcRegistry:
             self._opened[handle] = base
         return base
 
+    def opened(self) -> tuple[torch.Tensor, ...]:
+        """The peers' storages mapped so far (uint8 views), oldest first."""
+        return tuple(self._opened.values())
+
 
 def _encode(value: Any) -> Any:
     return {"hex": value.hex()} if isinstance(value, bytes) else value
