@@ -153,6 +153,15 @@ class SchedulerConfig:
             "it started or last resumed (0: at any chunk boundary)"
         },
     )
+    short_preempt_delay_s: float = field(
+        default=0.1,
+        metadata={
+            "help": "pecsched: a short request pauses a long prefill only after waiting this "
+            "long for an instance that needs no pause (0: at once). Measured (Mistral-7B, "
+            "32 x A100, merged Azure trace, load 0.75): 0 -> 0.1 s: preemptions 7.9K -> 3.2K, "
+            "long JCT 1.060 -> 1.045 x FIFO, short p99 queueing 0.22 -> 0.27 s"
+        },
+    )
     max_preemptions_per_long: int | None = field(
         default=None,
         metadata={
@@ -241,6 +250,11 @@ class SchedulerConfig:
             raise InvalidArgumentError(
                 "refused_instance_backoff_s",
                 f"must be finite and >= 0, got {self.refused_instance_backoff_s}",
+            )
+        if not (math.isfinite(self.short_preempt_delay_s) and self.short_preempt_delay_s >= 0.0):
+            raise InvalidArgumentError(
+                "short_preempt_delay_s",
+                f"must be finite and >= 0, got {self.short_preempt_delay_s}",
             )
         if not (math.isfinite(self.short_tbt_slo_s) and self.short_tbt_slo_s > 0.0):
             raise InvalidArgumentError(

@@ -21,10 +21,11 @@ Each schedule():
    decoding a long request (Colocate with a per-iteration prefill budget, or a stalling
    StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
    colocation on decoders); an instance whose long prefill is already paused; else, with
-   `preemption`, pause a running long prefill and take one of its instances: among the first
-   running longs in order (smallest SP group, least paused so far, newest; never one on its
-   last chunk), the one whose chunk in flight should end first (its last chunk's length,
-   observed), so the short waits least. With `disaggregation` a short prefilled on a general
+   `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
+   instance may free up first), pause a running long prefill and take one of its instances:
+   among the first running longs in order (smallest SP group, least paused so far, newest;
+   never one on its last chunk), the one whose chunk in flight should end first (its last
+   chunk's length, observed), so the short waits least. With `disaggregation` a short prefilled on a general
    instance decodes on the most loaded short-decode instance with room after a KV transfer
    (bin packing lets spare members empty out); else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
@@ -204,6 +205,11 @@ class PecSchedPolicy(BasePolicy):
             aged_s = oldest.spec.arrival_s + aging_s
             if aged_s > now_s:
                 wake_s = min(wake_s, aged_s)
+        short = self._head(_SHORT)
+        if short is not None and self._config.preemption:
+            preempt_s = short.spec.arrival_s + self._config.short_preempt_delay_s
+            if preempt_s > now_s:
+                wake_s = min(wake_s, preempt_s)
         return wake_s
 
     def _place_shorts(self, now_s: float, out: list[Action]) -> None:
@@ -216,10 +222,16 @@ class PecSchedPolicy(BasePolicy):
                 continue
             if self._place_short(req, now_s, out, rest, decode_in_place=in_place):
                 continue
-            if self._config.preemption and self._preempt_for(req, now_s, out, in_place):
+            if self._may_preempt_for(req, now_s) and self._preempt_for(req, now_s, out, in_place):
                 continue
             if not self._reject_if_never_fits(req, out):
                 return
+
+    def _may_preempt_for(self, req: RequestRecord, now_s: float) -> bool:
+        """With `preemption`, once `req` has waited `short_preempt_delay_s` (a decoder's
+        colocated prefill or an open instance may free up first)."""
+        cfg = self._config
+        return cfg.preemption and now_s - req.spec.arrival_s >= cfg.short_preempt_delay_s
 
     def _colocate_on_decoder(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         """With colocation and disaggregation, prefill `req` inside the decode iterations of a

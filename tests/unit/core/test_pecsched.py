@@ -49,6 +49,7 @@ def test_short_pauses_long_sp_prefill_at_chunk_boundary_and_it_resumes_without_l
         chunk_tokens=10_000,
         chunk_budget_token_pairs=None,
         short_decode_colocation=False,
+        short_preempt_delay_s=0.0,
     )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=150_000, max_new_tokens=5))

@@ -133,7 +133,11 @@ def _victim(chunk_done_s: dict[str, tuple[float, float]]) -> str:
     arrives at 2.6 s. Returns the long paused for it."""
     instances = [make_instance("g0"), make_instance("g1"), make_instance("d0", role=SD)]
     policy = make_policy(
-        "pecsched", instances=instances, chunk_tokens=10_000, short_decode_colocation=False
+        "pecsched",
+        instances=instances,
+        chunk_tokens=10_000,
+        short_decode_colocation=False,
+        short_preempt_delay_s=0.0,
     )
     for name in ("a", "b"):
         policy.observe([RequestArrived(make_request(name, prompt_tokens=100_000), 0.0)])
@@ -164,6 +168,7 @@ def _preemptions_under_short_stream(bound: int | None) -> int:
         chunk_budget_token_pairs=None,
         max_pause_s=1e6,
         max_preemptions_per_long=bound,
+        short_preempt_delay_s=0.0,
     )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=80_000, max_new_tokens=2))
@@ -192,7 +197,9 @@ def _short_while_a_long_waits(**config: Any) -> tuple[Policy, FakeDataPlane, act
     """g0 prefills long1, long2 waits, d0 decodes nothing; a short arrives. Returns the
     policy, the data plane and the decision taken for the short."""
     instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000, **config)
+    policy = make_policy(
+        "pecsched", instances=instances, chunk_tokens=10_000, short_preempt_delay_s=0.0, **config
+    )
     dp = FakeDataPlane(policy, tokens_per_step=1)
     dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
     dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2))
@@ -220,3 +227,30 @@ def test_short_prefill_colocates_on_a_decoder_before_preempting_a_long() -> None
 
 def actions_of_kind(dp: FakeDataPlane, kind: type) -> list[str]:
     return [line for line in dp.log if f" {kind.__name__}(" in line]
+
+
+def test_a_short_preempts_only_after_its_preemption_delay() -> None:
+    # Prepare: g0 prefills a long; the decoder takes no colocated prefill
+    instances = [make_instance("g0"), make_instance("d0", role=SD)]
+    policy = make_policy(
+        "pecsched",
+        instances=instances,
+        chunk_tokens=10_000,
+        short_decode_colocation=False,
+        short_preempt_delay_s=2.0,
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("long", prompt_tokens=100_000, max_new_tokens=2))
+    dp.step()
+    arrival_s = dp.now_s
+    dp.submit(make_request("short", prompt_tokens=100, max_new_tokens=2, arrival_s=arrival_s))
+
+    # Execute
+    paused_at = []
+    for _ in range(4):
+        now_s = dp.now_s
+        if any(isinstance(a, act.Pause) for a in dp.step().actions):
+            paused_at.append(now_s - arrival_s)
+
+    # Assert: the long is paused once, when the short has waited 2 s
+    assert paused_at == [2.0]
