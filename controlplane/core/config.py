@@ -99,10 +99,11 @@ class SchedulerConfig:
     short_decode_elastic: bool = field(
         default=True,
         metadata={
-            "help": "pecsched: the SHORT_DECODE pool starts at its configured size, gives "
-            "idle instances back to GENERAL while two or more sit empty, and takes empty "
-            "GENERAL instances back (up to the configured size) while shorts wait for a "
-            "decode place; False keeps the pool fixed as in the paper"
+            "help": "pecsched: the SHORT_DECODE pool starts at its configured size, then "
+            "keeps the instances the shorts in flight need at the decode batch that meets "
+            "short_tbt_slo_s (at least one): empty members beyond that go back to GENERAL, "
+            "empty GENERAL instances join while fewer are there or a transfer waits for a "
+            "place; False keeps the pool fixed as in the paper"
         },
     )
     short_decode_colocation: bool = field(

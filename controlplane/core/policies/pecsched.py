@@ -25,9 +25,9 @@ Each schedule():
    instance may free up first), pause a running long prefill and take one of its instances:
    among the first running longs in order (smallest SP group, least paused so far, newest;
    never one on its last chunk), the one whose chunk in flight should end first (its last
-   chunk's length, observed), so the short waits least. With `disaggregation` a short prefilled on a general
-   instance decodes on the most loaded short-decode instance with room after a KV transfer
-   (bin packing lets spare members empty out); else where it prefilled.
+   chunk's length, observed), so the short waits least. With `disaggregation` a short
+   prefilled on a general instance decodes on the most loaded short-decode instance with room
+   after a KV transfer (bin packing lets spare members empty out); else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
 5. Long requests, first-come-first-served: the smallest SP group of open general instances
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
