@@ -116,6 +116,15 @@ class SchedulerConfig:
             "decode's instance or a preemption)"
         },
     )
+    lend_decoder_to_longs: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched, with colocation and disaggregation: a long request no general "
+            "SP group can take may prefill inside a short-decode instance's iterations (a "
+            "small budget a step) and decode there, while that instance's batch is below half "
+            "the TBT target's and half its KV stays free"
+        },
+    )
     short_tbt_slo_s: float = field(
         default=0.1,
         metadata={

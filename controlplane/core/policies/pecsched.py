@@ -34,7 +34,11 @@ Each schedule():
    widened with `widen_sp_when_idle` to the long's share of the open general instances (the
    queued longs share them; one plus one per running short prefill stay open for shorts), up
    to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`), decoding in place on the
-   same group. Shorts take widened groups back by preemption at chunk boundaries.
+   same group. Shorts take widened groups back by preemption at chunk boundaries. A long no
+   group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
+   prefills inside that decoder's iterations at a small budget a step and decodes there,
+   only while the decoder's batch is below half the TBT target's (never paused; the decoder
+   keeps its role, so shorts keep decoding there).
 
 The ablations are this class with one switch of `SchedulerConfig` flipped (see registry.py).
 """
@@ -140,9 +144,53 @@ class PecSchedPolicy(BasePolicy):
 
     def _place_longs(self, now_s: float, out: list[Action]) -> None:
         while (req := self._head(_LONG)) is not None:
-            if not self._place_long(req, now_s, out, _GENERAL):
-                if not self._reject_if_never_fits(req, out):
-                    return
+            if self._place_long(req, now_s, out, _GENERAL):
+                continue
+            if self._lend_decoder_to_long(req, now_s, out):
+                continue
+            if not self._reject_if_never_fits(req, out):
+                return
+
+    def _lend_decoder_to_long(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
+        """Prefill a long request no general group can take inside a short-decode instance's
+        iterations, a small budget a step (chunk_budget_token_pairs / prompt / 16 tokens, so
+        a step costs about one short colocation's), then decode it there: decoder slack left
+        by the TBT target goes to long work. Only on a decoder with no long request on it,
+        a batch below half the TBT target's, no prefill in flight, and half its KV still free
+        once the long holds its own (shorts keep room); such a long is never paused."""
+        cfg, st = self._config, self._state
+        if not (
+            cfg.lend_decoder_to_longs
+            and cfg.disaggregation
+            and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
+        ):
+            return False
+        limit = self._decode_batch.batch_limit()
+        need = req.spec.total_tokens
+        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
+            free = st.ledger.free_tokens(inst.instance_id)
+            if (
+                inst.prefill_id is None
+                and inst.num_long_decoding == 0
+                and 2 * len(inst.decoding) < limit
+                and free - need >= inst.spec.kv_capacity_tokens // 2
+                and not (req.refusals and st.refused(req, inst.instance_id, now_s))
+            ):
+                budget_pairs = cfg.chunk_budget_token_pairs or cfg.chunk_tokens**2
+                budget = max(16, budget_pairs // max(1, req.spec.prompt_tokens) // 16)
+                reason = f"lent short-decode instance {inst.instance_id} ({budget} tokens a step)"
+                action = st.start_prefill(
+                    req,
+                    [inst],
+                    decode_in_place=True,
+                    now_s=now_s,
+                    reason=reason,
+                    colocate=True,
+                    colocate_budget_tokens=budget,
+                )
+                out.append(action)
+                return True
+        return False
 
     def _balance_short_decode(self, now_s: float, out: list[Action]) -> None:
         """Demand-sized short-decode pool: `_decoders_needed()` instances, never fewer than one
@@ -342,6 +390,7 @@ class PecSchedPolicy(BasePolicy):
                 or victim.num_preemptions != entry[4]
                 or not st.preemptible(victim)
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
+                or st.instances[victim.prefill_ids[0]].role is _DECODE  # colocated on a decoder
             ):
                 continue  # stale for good
             kept.append(entry)

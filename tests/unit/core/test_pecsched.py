@@ -260,14 +260,15 @@ def test_long_gets_smallest_sp_group_or_more_for_a_prefill_target() -> None:
 
 
 def test_aged_long_goes_before_shorts() -> None:
-    # Prepare: one general instance kept busy by a stream of shorts; a long waits (no
-    # colocation on the decoder, which would take the shorts and leave g0 to the long)
+    # Prepare: one general instance kept busy by a stream of shorts; a long waits (the
+    # decoder neither takes the shorts nor is lent to the long)
     policy = make_policy(
         "pecsched",
         instances=cluster(1),
         long_aging_s=5.0,
         preemption=False,
         short_decode_colocation=False,
+        lend_decoder_to_longs=False,
     )
     dp = FakeDataPlane(policy)
     starts: list[str] = []

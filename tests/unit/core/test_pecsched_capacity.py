@@ -1,6 +1,6 @@
 """PecSched's capacity rules: the short-decode pool sized by demand and the TBT target (never
-lent below it), SP groups widened over idle instances, the victim nearest a chunk boundary,
-the anti-thrash bound on preemptions per long request."""
+lent below it, only its slack lent to longs), SP groups widened over idle instances, the victim
+nearest a chunk boundary, the preemption delay and the anti-thrash bound."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ def num_decoders(policy: Policy, now_s: float) -> int:
     return sum(i.role is SD for i in policy.cluster_view(now_s).instances)
 
 
-def test_last_decoder_is_never_lent_while_longs_wait() -> None:
-    # Prepare: g0 and d0; long1 prefills on g0 and long2 waits behind it
+def _second_long_and_a_short(**config: Any) -> tuple[Policy, FakeDataPlane]:
+    """g0 and d0; long1 prefills on g0, long2 arrives a step later, a short two steps after
+    that, and four more steps run."""
     instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
+    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000, **config)
     dp = FakeDataPlane(policy, tokens_per_step=1)
     dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
     dp.step()
@@ -33,17 +34,27 @@ def test_last_decoder_is_never_lent_while_longs_wait() -> None:
     for _ in range(2):
         dp.step()
         check_invariants(policy, dp.now_s)
-
-    # Execute: a short arrives while long2 still waits
     dp.submit(make_request("short", prompt_tokens=100, max_new_tokens=3, arrival_s=dp.now_s))
     for _ in range(4):
         dp.step()
         check_invariants(policy, dp.now_s)
+    return policy, dp
 
-    # Assert: d0 kept its role, long2 waited for g0, the short decoded on d0
-    assert num_decoders(policy, dp.now_s) == 1
-    assert policy.request_view("long2").state is RequestState.QUEUED
-    assert policy.request_view("short").decode_instance_ids == ("d0",)
+
+def test_a_waiting_long_gets_only_the_decoders_slack_never_its_role() -> None:
+    # Execute
+    lent, lent_dp = _second_long_and_a_short()
+    kept, kept_dp = _second_long_and_a_short(lend_decoder_to_longs=False)
+
+    # Assert: d0 stays a decoder either way and the short decodes there; with lending long2
+    # prefills inside d0's iterations (a small budget a step) and is never paused
+    for policy, dp in ((lent, lent_dp), (kept, kept_dp)):
+        assert num_decoders(policy, dp.now_s) == 1
+        assert policy.request_view("short").decode_instance_ids == ("d0",)
+    (coloc,) = [line for line in lent_dp.log if "Colocate(request_id='long2'" in line]
+    assert "host_instance_id='d0'" in coloc and "iteration_prefill_budget_tokens=320" in coloc
+    assert lent.request_view("long2").num_preemptions == 0
+    assert kept.request_view("long2").state is RequestState.QUEUED
 
 
 def _decoders_for_burst(**config: Any) -> tuple[int, int]:
@@ -198,7 +209,12 @@ def _short_while_a_long_waits(**config: Any) -> tuple[Policy, FakeDataPlane, act
     policy, the data plane and the decision taken for the short."""
     instances = [make_instance("g0"), make_instance("d0", role=SD)]
     policy = make_policy(
-        "pecsched", instances=instances, chunk_tokens=10_000, short_preempt_delay_s=0.0, **config
+        "pecsched",
+        instances=instances,
+        chunk_tokens=10_000,
+        short_preempt_delay_s=0.0,
+        lend_decoder_to_longs=False,
+        **config,
     )
     dp = FakeDataPlane(policy, tokens_per_step=1)
     dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
