@@ -75,6 +75,7 @@ _SHORT, _LONG = RequestClass.SHORT, RequestClass.LONG
 _DECODE_BOUND = (RequestState.PREFILLING, RequestState.TRANSFERRING_KV, RequestState.DECODING)
 _MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
 _DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
+_WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
 
 class PecSchedPolicy(BasePolicy):
@@ -230,14 +231,15 @@ class PecSchedPolicy(BasePolicy):
     def _wanted_degree(self, req: RequestRecord) -> int:
         """With `widen_sp_when_idle`, a long prefill also takes its share of the open general
         instances (shared among the queued longs), leaving one plus one per running short
-        prefill open for arriving shorts."""
+        prefill open for arriving shorts (both counts capped at `_WIDEN_SCAN`, so a placement
+        stays O(log n) at any cluster size)."""
         wanted = super()._wanted_degree(req)
         cfg, st = self._config, self._state
         if not cfg.widen_sp_when_idle or req.request_class is not _LONG:
             return wanted
-        reserve = 1 + st.counts[(_SHORT, RequestState.PREFILLING)]
+        reserve = min(_WIDEN_SCAN, 1 + st.counts[(_SHORT, RequestState.PREFILLING)])
         queued = max(1, st.counts[(_LONG, RequestState.QUEUED)])
-        limit = cfg.max_sp_degree * queued + reserve
+        limit = min(cfg.max_sp_degree * queued, _WIDEN_SCAN) + reserve
         share = (len(st.pool.top(_GENERAL, Slot.OPEN, limit)) - reserve) // queued
         return max(wanted, min(cfg.max_sp_degree, share))
 
