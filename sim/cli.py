@@ -102,6 +102,14 @@ def register(subparsers: Any) -> None:
         help="SLO attainment: a short's per-request p99 time between tokens within S (default 0.1)",
     )
     p.add_argument(
+        "--short-tbt-slo-s",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help="pecsched: short decodes' time-between-tokens target; the short-decode pool "
+        "keeps the instances that meet it (default 0.1)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         metavar="N",
@@ -227,6 +235,7 @@ def _run(args: argparse.Namespace) -> int:
     config = SchedulerConfig(
         num_long_reserved_instances=args.long_reserved_instances,
         num_short_decode_instances=args.short_decode_instances,
+        short_tbt_slo_s=args.short_tbt_slo_s,
     )
 
     n_long = int((workload.prompt_tokens >= config.short_threshold_tokens).sum())

@@ -85,6 +85,10 @@ class BasePolicy:
         """When a time-based rule may next change the plan (inf: never without events)."""
         return math.inf
 
+    def _decode_batch_limit(self) -> int:
+        """Most shorts a short-decode instance takes for decoding (the configured batch)."""
+        return self._config.max_decode_batch
+
     # ---- Policy protocol -------------------------------------------------------------------
 
     def observe(self, events: Sequence[Event]) -> None:
@@ -259,7 +263,8 @@ class BasePolicy:
         return st.begin_transfer(req, dst, "short-decode instance with room")
 
     def _transfer_target(self, req: RequestRecord, now_s: float) -> InstanceRecord | None:
-        """Short-decode instance for `req`'s KV, or None when none has room.
+        """Short-decode instance for `req`'s KV, or None when none has room (free KV, and a
+        decode batch below `_decode_batch_limit()`).
 
         Elastic pool: the most loaded one with room among the `_PACK_SCAN` most loaded (bin
         packing, so spare members empty out and can be given back), else the one with the
@@ -267,15 +272,20 @@ class BasePolicy:
         """
         st = self._state
         need = req.spec.total_tokens
+        batch = self._decode_batch_limit()
         if self._config.short_decode_elastic:
             for inst in st.pool.top(_ROLE.SHORT_DECODE, Slot.OPEN, _PACK_SCAN, most_loaded=True):
-                if st.ledger.can_allocate(inst.instance_id, need) and not (
-                    req.refusals and st.refused(req, inst.instance_id, now_s)
+                if (
+                    len(inst.decoding) < batch
+                    and st.ledger.can_allocate(inst.instance_id, need)
+                    and not (req.refusals and st.refused(req, inst.instance_id, now_s))
                 ):
                     return inst
         dst = self._best_for(req, _ROLE.SHORT_DECODE, Slot.OPEN, now_s)
-        if dst is None or not self._state.ledger.can_allocate(
-            dst.instance_id, req.spec.total_tokens
+        if (
+            dst is None
+            or len(dst.decoding) >= batch
+            or not self._state.ledger.can_allocate(dst.instance_id, req.spec.total_tokens)
         ):
             return None
         return dst

@@ -108,18 +108,46 @@ class SchedulerConfig:
     short_decode_elastic: bool = field(
         default=True,
         metadata={
-            "help": "pecsched: the SHORT_DECODE pool starts at its configured size, gives "
-            "idle instances back to GENERAL while two or more sit empty, and takes empty "
-            "GENERAL instances back (up to the configured size) while shorts wait for a "
-            "decode place; False keeps the pool fixed as in the paper"
+            "help": "pecsched: the SHORT_DECODE pool starts at its configured size, then "
+            "keeps the instances the shorts in flight need at the decode batch that meets "
+            "short_tbt_slo_s (at least one): empty members beyond that go back to GENERAL, "
+            "empty GENERAL instances join while fewer are there or a transfer waits for a "
+            "place; False keeps the pool fixed as in the paper"
         },
     )
-    lend_last_short_decoder: bool = field(
+    short_decode_colocation: bool = field(
         default=True,
         metadata={
-            "help": "pecsched, elastic pool: while long requests wait, the last SHORT_DECODE "
-            "instance, once empty, serves as GENERAL (shorts decode where they prefill "
-            "meanwhile: lower long JCT, higher short TBT) until no long waits"
+            "help": "pecsched, with colocation (long_decode_sharing=colocate) and "
+            "disaggregation: a short prefill may run inside a short-decode instance's "
+            "iterations (colocation_budget_tokens a step) while its batch is below the TBT "
+            "target's, and decode there (tried after open general instances, before a long "
+            "decode's instance or a preemption)"
+        },
+    )
+    lend_decoder_to_longs: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched, with colocation and disaggregation: a long request no general "
+            "SP group can take may prefill inside a short-decode instance's iterations (a "
+            "small budget a step) and decode there, while that instance's batch is below half "
+            "the TBT target's and half its KV stays free"
+        },
+    )
+    short_tbt_slo_s: float = field(
+        default=0.1,
+        metadata={
+            "help": "pecsched: time-between-tokens target of short decodes; the elastic "
+            "short-decode pool keeps enough instances that each runs a decode batch whose "
+            "observed TBT stays within it, and a decoder takes no more shorts than that batch"
+        },
+    )
+    widen_sp_when_idle: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched: a long prefill also takes open general instances no other "
+            "request waits for (up to max_sp_degree, sharing them with the queued longs), so "
+            "it finishes sooner; shorts take them back by preemption at chunk boundaries"
         },
     )
     max_pause_s: float = field(
@@ -142,6 +170,23 @@ class SchedulerConfig:
         metadata={
             "help": "a long prefill may be paused only after running this many chunks since "
             "it started or last resumed (0: at any chunk boundary)"
+        },
+    )
+    short_preempt_delay_s: float = field(
+        default=0.1,
+        metadata={
+            "help": "pecsched: a short request pauses a long prefill only after waiting this "
+            "long for an instance that needs no pause (0: at once). Measured (Mistral-7B, "
+            "32 x A100, merged Azure trace, load 0.75): 0 -> 0.1 s: preemptions 7.9K -> 3.2K, "
+            "long JCT 1.060 -> 1.045 x FIFO, short p99 queueing 0.22 -> 0.27 s"
+        },
+    )
+    max_preemptions_per_long: int | None = field(
+        default=None,
+        metadata={
+            "help": "anti-thrash bound: a long prefill paused this many times is protected "
+            "as if it had reached max_pause_s (its group held for it, paused again only on "
+            "the protected duty cycle); None: no bound"
         },
     )
     long_aging_s: float | None = field(
@@ -277,6 +322,7 @@ class SchedulerConfig:
             ("min_chunks_between_pauses", self.min_chunks_between_pauses),
             ("num_short_decode_instances", self.num_short_decode_instances),
             ("num_long_reserved_instances", self.num_long_reserved_instances),
+            ("max_preemptions_per_long", self.max_preemptions_per_long),
         ):
             if count is not None and count < 0:
                 raise InvalidArgumentError(name, f"must be >= 0, got {count}")
@@ -302,6 +348,15 @@ class SchedulerConfig:
             raise InvalidArgumentError(
                 "refused_instance_backoff_s",
                 f"must be finite and >= 0, got {self.refused_instance_backoff_s}",
+            )
+        if not (math.isfinite(self.short_preempt_delay_s) and self.short_preempt_delay_s >= 0.0):
+            raise InvalidArgumentError(
+                "short_preempt_delay_s",
+                f"must be finite and >= 0, got {self.short_preempt_delay_s}",
+            )
+        if not (math.isfinite(self.short_tbt_slo_s) and self.short_tbt_slo_s > 0.0):
+            raise InvalidArgumentError(
+                "short_tbt_slo_s", f"must be finite and > 0, got {self.short_tbt_slo_s}"
             )
         if self.long_aging_s is not None and not (
             math.isfinite(self.long_aging_s) and self.long_aging_s >= 0.0

@@ -129,11 +129,13 @@ class ClusterState:
         now_s: float,
         reason: str,
         colocate: bool = False,
+        colocate_budget_tokens: int | None = None,
     ) -> Action:
         """Start `req`'s prefill on `group` (rank order), reserving its KV there.
 
         KV reserved: prompt + max_new_tokens when it decodes in place, else the prompt only.
-        `colocate` makes it a budgeted Colocate on group[0] (a host decoding a long request).
+        `colocate` makes it a budgeted Colocate on group[0] (a host decoding a long request):
+        `colocate_budget_tokens` prompt tokens a step, else `colocation_budget_tokens`.
         """
         spec = req.spec
         need = spec.total_tokens if decode_in_place else spec.prompt_tokens
@@ -162,7 +164,7 @@ class ClusterState:
             return Colocate(
                 req.request_id,
                 ids[0],
-                self.config.colocation_budget_tokens,
+                colocate_budget_tokens or self.config.colocation_budget_tokens,
                 chunk,
                 req.chunks_total,
                 decode_in_place,

@@ -1,11 +1,14 @@
 """`pecsched` and its ablations: shorts first, colocation, preemption at chunk boundaries.
 
 Each schedule():
-0. Elastic short-decode pool (`short_decode_elastic`, with `disaggregation`): SHORT_DECODE
-   instances that sit empty go back to GENERAL (one stays); while shorts wait for a decode
-   place, empty GENERAL instances rejoin, up to the pool's peak (configured) size. Measured
-   on the Azure trace (32 x A100, Mistral-7B): long JCT 632 -> 448 s, short p99 unchanged.
-1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` is
+0. Short-decode pool sized by demand (`short_decode_elastic`, with `disaggregation`): it
+   keeps `_decoders_needed()` instances = the shorts now prefilling, transferring KV or
+   decoding, divided by the batch one instance decodes within `short_tbt_slo_s` (learned from
+   finished decodes, `DecodeBatchEstimator`), and never fewer than one: empty members beyond
+   that go back to GENERAL, empty GENERAL instances join while fewer are there or a transfer
+   waits for a place. A decoder takes no more shorts than that batch.
+1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` (or,
+   with the anti-thrash bound `max_preemptions_per_long`, that was paused that many times) is
    protected: its group takes no new short work until it resumes, and it is paused again
    only for one short prefill after every `protected_duty_cycle_chunks` chunks it runs
    (None: never), its group held for it meanwhile.
@@ -13,17 +16,29 @@ Each schedule():
    before any short; when it does not fit, it holds open instances as they appear (shorts
    cannot take them) until the held ones can take it. Shorts keep every other instance.
 3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
-   an open general instance (most free KV); an instance decoding a long request (Colocate with
-   a per-iteration prefill budget, or a stalling StartPrefill when `long_decode_sharing` is
-   STALL: the /CoL ablation); an instance whose long prefill is already paused; else, with
-   `preemption`, pause a running long prefill (smallest SP group first, so the fewest
-   instances wait for shorts; then least paused so far, newest; never one on its last
-   chunk) and take one of its instances. With `disaggregation` the short decodes on the
-   least-loaded SHORT_DECODE instance after a KV transfer; else where it prefilled.
+   an open general instance (most free KV); colocated on a short-decode instance whose batch
+   is below the TBT target's, decoding there (`short_decode_colocation`); an instance
+   decoding a long request (Colocate with a per-iteration prefill budget, or a stalling
+   StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
+   colocation on decoders); an instance whose long prefill is already paused; else, with
+   `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
+   instance may free up first), pause a running long prefill and take one of its instances:
+   among the first running longs in order (smallest SP group, least paused so far, newest;
+   never one on its last chunk), the one whose chunk in flight should end first (its last
+   chunk's length, observed), so the short waits least. With `disaggregation` a short
+   prefilled on a general instance decodes on the most loaded short-decode instance with room
+   after a KV transfer (bin packing lets spare members empty out); else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
 5. Long requests, first-come-first-served: the smallest SP group of open general instances
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
-   prefilled in `chunk_tokens` chunks, decoding in place on the same group.
+   widened with `widen_sp_when_idle` to the long's share of the open general instances (the
+   queued longs share them; one plus one per running short prefill stay open for shorts), up
+   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`), decoding in place on the
+   same group. Shorts take widened groups back by preemption at chunk boundaries. A long no
+   group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
+   prefills inside that decoder's iterations at a small budget a step and decodes there,
+   only while the decoder's batch is below half the TBT target's (never paused; the decoder
+   keeps its role, so shorts keep decoding there).
 
 The ablations are this class with one switch of `SchedulerConfig` flipped (see registry.py).
 """
@@ -32,10 +47,21 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
+from controlplane.core.decode_slo import DecodeBatchEstimator
+from controlplane.core.events import (
+    Event,
+    KVTransferDone,
+    PrefillChunkDone,
+    PrefillDone,
+    RequestCancelled,
+    RequestFailed,
+    RequestFinished,
+)
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import all_general, short_decode_plan
 from controlplane.core.state import VictimEntry
@@ -44,7 +70,12 @@ from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
 _GENERAL = InstanceRole.GENERAL
 _DECODE = InstanceRole.SHORT_DECODE
+_SHORT, _LONG = RequestClass.SHORT, RequestClass.LONG
+# states of a short that holds, or will soon need, a place on a short-decode instance
+_DECODE_BOUND = (RequestState.PREFILLING, RequestState.TRANSFERRING_KV, RequestState.DECODING)
 _MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
+_DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
+_WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
 
 class PecSchedPolicy(BasePolicy):
@@ -60,14 +91,50 @@ class PecSchedPolicy(BasePolicy):
         slots.append(Slot.PAUSED_HOST)
         self._short_slots = tuple(slots)
         self._decode_pool_peak = 0  # most SHORT_DECODE instances seen at once
-        # elastic pool: a long request still waited at the end of the last plan, so the last
-        # short-decode instance is lent to GENERAL once empty (new shorts decode in place)
-        self._lend_last_decoder = False
+        self._decode_batch = DecodeBatchEstimator(config.short_tbt_slo_s, config.max_decode_batch)
+        # long prefills: request -> (when its chunk in flight started, last chunk's seconds;
+        # NaN until one chunk ran start to end), to pause the one nearest a chunk boundary
+        self._chunk_marks: dict[str, tuple[float, float]] = {}
+
+    def observe(self, events: Sequence[Event]) -> None:
+        """Apply events, then learn from them: long prefills' chunk clocks (`_chunk_marks`)
+        and the TBT of shorts decoding on short-decode instances (`_decode_batch`)."""
+        super().observe(events)
+        for event in events:
+            if isinstance(event, PrefillChunkDone):
+                mark = self._chunk_marks.get(event.request_id)
+                last_s = math.nan if mark is None else event.at_s - mark[0]
+                self._chunk_marks[event.request_id] = (event.at_s, last_s)
+            elif isinstance(event, RequestCancelled | RequestFailed):
+                self._chunk_marks.pop(event.request_id, None)
+                self._decode_batch.forget(event.request_id)
+            elif isinstance(event, KVTransferDone | PrefillDone | RequestFinished):
+                self._chunk_marks.pop(event.request_id, None)
+                self._learn_decode(event)
+
+    def _learn_decode(self, event: KVTransferDone | PrefillDone | RequestFinished) -> None:
+        """A short's decode on a short-decode instance starts (KV arrived, or colocated prefill
+        done) or ends (finished): feed the TBT estimator."""
+        st = self._state
+        req = st.requests.get(event.request_id)
+        if req is None or req.request_class is not _SHORT or not req.decode_ids:
+            return  # (a failed transfer has no decode place either)
+        inst = st.instances.get(req.decode_ids[0])
+        if inst is None or inst.role is not _DECODE:
+            return
+        if isinstance(event, RequestFinished):  # it has left the batch already
+            batch = len(inst.decoding) + 1
+            self._decode_batch.decode_ended(req.request_id, event.at_s, req.output_tokens, batch)
+        else:
+            self._decode_batch.decode_started(req.request_id, event.at_s, len(inst.decoding))
+
+    def _decode_batch_limit(self) -> int:
+        """Shorts one short-decode instance takes: the learned batch within the TBT target."""
+        return self._decode_batch.batch_limit()
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
         cfg = self._config
-        elastic = cfg.disaggregation and cfg.short_decode_elastic
-        if elastic:
+        if cfg.disaggregation and cfg.short_decode_elastic:
             self._balance_short_decode(now_s, out)
         self._protect_starving(now_s)
         aged_waits = self._serve_aged_longs(now_s, out)
@@ -75,61 +142,106 @@ class PecSchedPolicy(BasePolicy):
         self._resume_paused(now_s, out)
         if not aged_waits:  # first come, first served among longs: none overtakes an aged one
             self._place_longs(now_s, out)
-        if elastic and cfg.lend_last_short_decoder:
-            self._lend_last_decoder = self._head(RequestClass.LONG) is not None
-            if self._lend_or_reclaim_last_decoder() and not aged_waits:
-                self._place_longs(now_s, out)
 
     def _place_longs(self, now_s: float, out: list[Action]) -> None:
-        while (req := self._head(RequestClass.LONG)) is not None:
-            if not self._place_long(req, now_s, out, _GENERAL):
-                if not self._reject_if_never_fits(req, out):
-                    return
+        while (req := self._head(_LONG)) is not None:
+            if self._place_long(req, now_s, out, _GENERAL):
+                continue
+            if self._lend_decoder_to_long(req, now_s, out):
+                continue
+            if not self._reject_if_never_fits(req, out):
+                return
+
+    def _lend_decoder_to_long(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
+        """Prefill a long request no general group can take inside a short-decode instance's
+        iterations, a small budget a step (chunk_budget_token_pairs / prompt / 16 tokens, so
+        a step costs about one short colocation's), then decode it there: decoder slack left
+        by the TBT target goes to long work. Only on a decoder with no long request on it,
+        a batch below half the TBT target's, no prefill in flight, and half its KV still free
+        once the long holds its own (shorts keep room); such a long is never paused."""
+        cfg, st = self._config, self._state
+        if not (
+            cfg.lend_decoder_to_longs
+            and cfg.disaggregation
+            and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
+        ):
+            return False
+        limit = self._decode_batch.batch_limit()
+        need = req.spec.total_tokens
+        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
+            free = st.ledger.free_tokens(inst.instance_id)
+            if (
+                inst.prefill_id is None
+                and inst.num_long_decoding == 0
+                and 2 * len(inst.decoding) < limit
+                and free - need >= inst.spec.kv_capacity_tokens // 2
+                and not (req.refusals and st.refused(req, inst.instance_id, now_s))
+            ):
+                budget_pairs = cfg.chunk_budget_token_pairs or cfg.chunk_tokens**2
+                budget = max(16, budget_pairs // max(1, req.spec.prompt_tokens) // 16)
+                reason = f"lent short-decode instance {inst.instance_id} ({budget} tokens a step)"
+                action = st.start_prefill(
+                    req,
+                    [inst],
+                    decode_in_place=True,
+                    now_s=now_s,
+                    reason=reason,
+                    colocate=True,
+                    colocate_budget_tokens=budget,
+                )
+                out.append(action)
+                return True
+        return False
 
     def _balance_short_decode(self, now_s: float, out: list[Action]) -> None:
-        """Elastic short-decode pool: shrink while two or more members sit empty; while shorts
-        wait for a decode place, grow with empty GENERAL instances up to the pool's peak size
-        (its configured size once every instance is up). While long requests wait, the last
-        member is lent to GENERAL once empty (shorts decode where they prefill meanwhile);
-        it comes back as soon as no long waits and a GENERAL instance sits empty."""
+        """Demand-sized short-decode pool: `_decoders_needed()` instances, never fewer than one
+        (a pool configured empty stays empty; with no GENERAL instance left, an empty member
+        turns GENERAL). Empty members beyond that go back to GENERAL (none while a transfer
+        waits); empty GENERAL instances join while fewer are there or a transfer waits for a
+        place (never the last GENERAL one)."""
         st = self._state
-        self._decode_pool_peak = max(self._decode_pool_peak, st.census.count(_DECODE))
-        while st.census.count(_DECODE) > 1:
-            best = st.pool.best(_DECODE, Slot.OPEN)
-            if best is None or not self._is_empty(best):
-                break  # cheap check first: no empty member, nothing to give back
-            emptiest = st.pool.top(_DECODE, Slot.OPEN, 2)
-            if len(emptiest) < 2 or not all(self._is_empty(i) for i in emptiest):
+        count = st.census.count(_DECODE)
+        self._decode_pool_peak = max(self._decode_pool_peak, count)
+        if self._decode_pool_peak == 0:
+            return
+        needed = self._decoders_needed()
+        if st.census.count(_GENERAL) == 0:
+            needed = 0  # a decoder alone can prefill nothing: one turns GENERAL once empty
+        while count > needed and not st.transfer_wait:
+            emptiest = st.pool.best(_DECODE, Slot.OPEN)
+            if emptiest is None or not self._is_empty(emptiest):
                 break
-            st.change_role(emptiest[1], _GENERAL)
-        while st.transfer_wait and st.census.count(_DECODE) < self._decode_pool_peak:
+            st.change_role(emptiest, _GENERAL)
+            count -= 1
+        while (count < needed or st.transfer_wait) and st.census.count(_GENERAL) > 1:
             candidate = st.pool.best(_GENERAL, Slot.OPEN)
             if candidate is None or not self._is_empty(candidate):
                 break
             st.change_role(candidate, _DECODE)
+            count += 1
             self._place_transfers(now_s, out)
 
-    def _lend_or_reclaim_last_decoder(self) -> bool:
-        """Lend the last, empty short-decode instance to GENERAL while longs wait; take an
-        empty GENERAL one back when none waits, never the last GENERAL one. True when it lent
-        one."""
-        st = self._state
-        count = st.census.count(_DECODE)
-        if count == 1 and self._lend_last_decoder and not st.transfer_wait:
-            last = st.pool.best(_DECODE, Slot.OPEN)
-            if last is not None and self._is_empty(last):
-                st.change_role(last, _GENERAL)
-                return True
-        elif (
-            count == 0
-            and not self._lend_last_decoder
-            and self._decode_pool_peak > 0
-            and st.census.count(_GENERAL) > 1  # a decoder alone could prefill nothing
-        ):
-            candidate = st.pool.best(_GENERAL, Slot.OPEN)
-            if candidate is not None and self._is_empty(candidate):
-                st.change_role(candidate, _DECODE)
-        return False
+    def _decoders_needed(self) -> int:
+        """Short-decode instances the shorts now prefilling, transferring or decoding need at
+        the batch that meets the TBT target (at least one)."""
+        counts = self._state.counts
+        bound = sum(counts[(_SHORT, s)] for s in _DECODE_BOUND)
+        return max(1, -(-bound // self._decode_batch.batch_limit()))
+
+    def _wanted_degree(self, req: RequestRecord) -> int:
+        """With `widen_sp_when_idle`, a long prefill also takes its share of the open general
+        instances (shared among the queued longs), leaving one plus one per running short
+        prefill open for arriving shorts (both counts capped at `_WIDEN_SCAN`, so a placement
+        stays O(log n) at any cluster size)."""
+        wanted = super()._wanted_degree(req)
+        cfg, st = self._config, self._state
+        if not cfg.widen_sp_when_idle or req.request_class is not _LONG:
+            return wanted
+        reserve = min(_WIDEN_SCAN, 1 + st.counts[(_SHORT, RequestState.PREFILLING)])
+        queued = max(1, st.counts[(_LONG, RequestState.QUEUED)])
+        limit = min(cfg.max_sp_degree * queued, _WIDEN_SCAN) + reserve
+        share = (len(st.pool.top(_GENERAL, Slot.OPEN, limit)) - reserve) // queued
+        return max(wanted, min(cfg.max_sp_degree, share))
 
     def _is_empty(self, inst: InstanceRecord) -> bool:
         st = self._state
@@ -138,22 +250,67 @@ class PecSchedPolicy(BasePolicy):
     def _next_timer_s(self, now_s: float) -> float:
         st, aging_s = self._state, self._config.long_aging_s
         wake_s = st.pause_deadlines[0][0] if st.pause_deadlines else math.inf
-        oldest = self._head(RequestClass.LONG)
+        oldest = self._head(_LONG)
         if aging_s is not None and oldest is not None:
             aged_s = oldest.spec.arrival_s + aging_s
             if aged_s > now_s:
                 wake_s = min(wake_s, aged_s)
+        short = self._head(_SHORT)
+        if short is not None and self._config.preemption:
+            preempt_s = short.spec.arrival_s + self._config.short_preempt_delay_s
+            if preempt_s > now_s:
+                wake_s = min(wake_s, preempt_s)
         return wake_s
 
     def _place_shorts(self, now_s: float, out: list[Action]) -> None:
-        while (req := self._head(RequestClass.SHORT)) is not None:
+        first, rest = self._short_slots[:1], self._short_slots[1:]
+        while (req := self._head(_SHORT)) is not None:
             in_place = self._short_decodes_in_place(req)
-            if self._place_short(req, now_s, out, self._short_slots, decode_in_place=in_place):
+            if self._place_short(req, now_s, out, first, decode_in_place=in_place):
                 continue
-            if self._config.preemption and self._preempt_for(req, now_s, out, in_place):
+            if self._colocate_on_decoder(req, now_s, out):
+                continue
+            if self._place_short(req, now_s, out, rest, decode_in_place=in_place):
+                continue
+            if self._may_preempt_for(req, now_s) and self._preempt_for(req, now_s, out, in_place):
                 continue
             if not self._reject_if_never_fits(req, out):
                 return
+
+    def _may_preempt_for(self, req: RequestRecord, now_s: float) -> bool:
+        """With `preemption`, once `req` has waited `short_preempt_delay_s` (a decoder's
+        colocated prefill or an open instance may free up first)."""
+        cfg = self._config
+        return cfg.preemption and now_s - req.spec.arrival_s >= cfg.short_preempt_delay_s
+
+    def _colocate_on_decoder(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
+        """With colocation and disaggregation, prefill `req` inside the decode iterations of a
+        short-decode instance whose batch is below the TBT target's (`colocation_budget_tokens`
+        a step), then decode it there: decoder slack serves short prefills before any long
+        request is slowed. One colocated prefill per decoder at a time."""
+        cfg, st = self._config, self._state
+        if not (
+            cfg.short_decode_colocation
+            and cfg.disaggregation
+            and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
+        ):
+            return False
+        limit = self._decode_batch.batch_limit()
+        need = req.spec.total_tokens
+        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
+            if (
+                inst.prefill_id is None
+                and len(inst.decoding) < limit
+                and st.ledger.can_allocate(inst.instance_id, need)
+                and not (req.refusals and st.refused(req, inst.instance_id, now_s))
+            ):
+                reason = f"colocated on short-decode instance {inst.instance_id}"
+                action = st.start_prefill(
+                    req, [inst], decode_in_place=True, now_s=now_s, reason=reason, colocate=True
+                )
+                out.append(action)
+                return True
+        return False
 
     def _serve_aged_longs(self, now_s: float, out: list[Action]) -> bool:
         """Start long requests queued for `long_aging_s` or more, before any short.
@@ -163,7 +320,7 @@ class PecSchedPolicy(BasePolicy):
         Returns True when an aged long still waits.
         """
         st, cfg = self._state, self._config
-        while (req := self._head(RequestClass.LONG)) is not None:
+        while (req := self._head(_LONG)) is not None:
             if cfg.long_aging_s is None or now_s - req.spec.arrival_s < cfg.long_aging_s:
                 return False
             held = [st.instances[i] for i in req.held_ids if i in st.instances]
@@ -193,8 +350,6 @@ class PecSchedPolicy(BasePolicy):
     def _short_decodes_in_place(self, req: RequestRecord) -> bool:
         if not self._config.disaggregation:
             return True
-        if self._lend_last_decoder and self._state.census.count(_DECODE) <= 1:
-            return True  # the last decoder drains, to be lent to GENERAL
         decoders = self._state.census.capacities(InstanceRole.SHORT_DECODE)
         return not decoders or decoders[-1] < req.spec.total_tokens
 
@@ -209,6 +364,9 @@ class PecSchedPolicy(BasePolicy):
             return False
         victim, host = found
         out.append(st.pause(victim, now_s, f"make room for short request {req.request_id}"))
+        bound = self._config.max_preemptions_per_long
+        if bound is not None and victim.num_preemptions >= bound:
+            st.protect(victim)  # anti-thrash: only the protected duty cycle pauses it again
         reason = f"preempted long request {victim.request_id} on {host.instance_id}"
         out.append(
             st.start_prefill(req, [host], decode_in_place=in_place, now_s=now_s, reason=reason)
@@ -218,11 +376,14 @@ class PecSchedPolicy(BasePolicy):
     def _find_victim(
         self, req: RequestRecord, need_tokens: int, now_s: float
     ) -> tuple[RequestRecord, InstanceRecord] | None:
+        """Among the first `_MAX_VICTIMS_TRIED` running long prefills of `running_longs`
+        (smallest SP group, least paused, newest first) that may be paused and have an
+        instance with room for `req`, the one whose chunk in flight should end first."""
         st = self._state
         heap = st.running_longs
-        skipped: list[VictimEntry] = []
-        found = None
-        while heap and len(skipped) < _MAX_VICTIMS_TRIED:
+        kept: list[VictimEntry] = []
+        found: tuple[float, int, RequestRecord, InstanceRecord] | None = None
+        while heap and len(kept) < _MAX_VICTIMS_TRIED:
             entry = heapq.heappop(heap)
             victim = st.requests.get(entry[3])
             if (
@@ -231,11 +392,12 @@ class PecSchedPolicy(BasePolicy):
                 or victim.num_preemptions != entry[4]
                 or not st.preemptible(victim)
                 or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
+                or st.instances[victim.prefill_ids[0]].role is _DECODE  # colocated on a decoder
             ):
                 continue  # stale for good
+            kept.append(entry)
             if not st.pause_due(victim):
-                skipped.append(entry)  # not before its duty cycle's chunks ran
-                continue
+                continue  # not before its duty cycle's chunks ran
             hosts = [
                 st.instances[i]
                 for i in victim.prefill_ids
@@ -246,13 +408,23 @@ class PecSchedPolicy(BasePolicy):
                 key=lambda inst: (st.ledger.free_tokens(inst.instance_id), inst.instance_id),
                 default=None,
             )
-            if host is not None and st.ledger.can_allocate(host.instance_id, need_tokens):
-                found = (victim, host)
-                break
-            skipped.append(entry)
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+            if host is None or not st.ledger.can_allocate(host.instance_id, need_tokens):
+                continue
+            boundary = (self._chunk_end_s(victim), len(kept), victim, host)
+            if found is None or boundary[:2] < found[:2]:
+                found = boundary
+        for entry in kept:
+            if found is None or entry[3] != found[2].request_id:
+                heapq.heappush(heap, entry)
+        return None if found is None else (found[2], found[3])
+
+    def _chunk_end_s(self, req: RequestRecord) -> float:
+        """When `req`'s chunk in flight should end, from its last chunk's length (inf when
+        no chunk ran start to end since it started)."""
+        mark = self._chunk_marks.get(req.request_id)
+        if mark is None or math.isnan(mark[1]):
+            return math.inf
+        return mark[0] + mark[1]
 
     def _protect_starving(self, now_s: float) -> None:
         st = self._state
@@ -280,3 +452,6 @@ class PecSchedPolicy(BasePolicy):
             if req.state is RequestState.PAUSED and st.group_is_free(req):
                 why = "starvation bound reached" if req.is_protected else "group free again"
                 out.append(st.resume(req, now_s, why))
+                mark = self._chunk_marks.get(req.request_id)
+                if mark is not None:
+                    self._chunk_marks[req.request_id] = (now_s, mark[1])

@@ -4,15 +4,12 @@ shrinks, and the duty cycle of protected long prefills."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from builders import arrive, make_instance, make_policy, make_request
 from fake_dataplane import FakeDataPlane, check_invariants
 
 from controlplane.core import actions as act
 from controlplane.core.accounting import KvLedger
 from controlplane.core.events import InstanceDown, PrefillDone, RequestFailed, RequestFinished
-from controlplane.core.policy import Policy
 from controlplane.core.pool import InstancePool
 from controlplane.core.records import InstanceRecord, Slot
 from controlplane.core.types import InstanceRole, RequestState, RequestView
@@ -146,40 +143,13 @@ def test_decode_pool_offers_the_most_loaded_first_for_packing() -> None:
     assert [i.instance_id for i in spread] == ["d0", "d2", "d1"]
 
 
-def _second_long_behind_a_first(**config: Any) -> tuple[Policy, FakeDataPlane]:
-    """g0 (general) and d0 (short-decode); long1 prefills on g0, long2 arrives a step later and
-    two more steps run. Returns the policy and the data plane."""
+def test_a_decoder_turns_general_when_no_general_instance_is_left() -> None:
+    # Prepare: g0 (general, prefilling a long) and d0 (short-decode); g0 dies
     instances = [make_instance("g0"), make_instance("d0", role=SD)]
-    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000, **config)
+    policy = make_policy("pecsched", instances=instances, chunk_tokens=10_000)
     dp = FakeDataPlane(policy, tokens_per_step=1)
-    dp.submit(make_request("long1", prompt_tokens=50_000, max_new_tokens=2))
+    dp.submit(make_request("long", prompt_tokens=50_000, max_new_tokens=2))
     dp.step()
-    dp.submit(make_request("long2", prompt_tokens=50_000, max_new_tokens=2, arrival_s=dp.now_s))
-    for _ in range(2):
-        dp.step()
-        check_invariants(policy, dp.now_s)
-    return policy, dp
-
-
-def test_last_decoder_is_lent_to_a_waiting_long_and_reclaimed_after() -> None:
-    # Prepare / Execute: a second long arrives while the first one prefills on g0
-    policy, dp = _second_long_behind_a_first()
-    long2 = policy.request_view("long2")
-    lent = policy.request_view("long1").state is RequestState.PREFILLING
-    for _ in range(20):
-        dp.step()
-    roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
-
-    # Assert: long2 ran on d0 while long1 still prefilled; afterwards one decoder again
-    assert long2.prefill_instance_ids == ("d0",) and lent
-    assert policy.num_active_requests() == 0
-    assert sorted(roles.values()).count(SD) == 1
-
-
-def test_the_last_general_instance_is_never_reclaimed_as_a_decoder() -> None:
-    # Prepare: d0 is lent to GENERAL while a long waits; then g0 dies with the long on it
-    policy, dp = _second_long_behind_a_first()
-    assert policy.request_view("long2").prefill_instance_ids == ("d0",)
     dp.inject(InstanceDown("g0", dp.now_s))
 
     # Execute: everything finishes on d0, then a short arrives
@@ -191,7 +161,7 @@ def test_the_last_general_instance_is_never_reclaimed_as_a_decoder() -> None:
         dp.step()
     roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
 
-    # Assert: d0 stayed GENERAL (a decoder alone could prefill nothing) and served the short
+    # Assert: d0 turned GENERAL (a decoder alone could prefill nothing) and served both
     assert roles == {"d0": InstanceRole.GENERAL}
     assert policy.request_view("short").prefill_instance_ids == ("d0",)
     assert policy.num_active_requests() == 0
@@ -242,16 +212,6 @@ def test_protected_long_lends_its_group_once_per_duty_cycle() -> None:
     assert duty_wait_s <= 3.0 + 1.0 < never_wait_s
     assert duty.num_preemptions > never.num_preemptions
     assert duty.paused_total_s <= 2.0 + 1.0 + 16 / 3 + 1.0
-
-
-def test_last_decoder_is_kept_when_lending_is_off() -> None:
-    # Prepare / Execute: as above, with lending off
-    policy, dp = _second_long_behind_a_first(lend_last_short_decoder=False)
-
-    # Assert: long2 waits for g0; d0 stays a short-decode instance
-    assert policy.request_view("long2").state is RequestState.QUEUED
-    roles = {i.spec.instance_id: i.role for i in policy.cluster_view(dp.now_s).instances}
-    assert roles["d0"] is SD
 
 
 def _long_pauses_under_short_stream(min_chunks: int) -> RequestView:

@@ -64,7 +64,11 @@ def test_cancel_frees_everything_in_every_state(steps: int, expected_state: S) -
 
 def test_cancel_paused_long_frees_its_group() -> None:
     # Prepare
-    policy = make_policy("pecsched", instances=make_instances(2, kv_capacity_tokens=100_000))
+    policy = make_policy(
+        "pecsched",
+        instances=make_instances(2, kv_capacity_tokens=100_000),
+        short_preempt_delay_s=0.0,
+    )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=150_000, max_new_tokens=2))
     dp.step()
