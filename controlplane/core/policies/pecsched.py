@@ -90,6 +90,7 @@ class PecSchedPolicy(BasePolicy):
             slots.append(Slot.LONG_DECODE)
         slots.append(Slot.PAUSED_HOST)
         self._short_slots = tuple(slots)
+        self._aged_holder: str | None = None  # the aged long holding instances, if any
         self._decode_pool_peak = 0  # most SHORT_DECODE instances seen at once
         self._decode_batch = DecodeBatchEstimator(config.short_tbt_slo_s, config.max_decode_batch)
         # long prefills: request -> (when its chunk in flight started, last chunk's seconds;
@@ -323,6 +324,7 @@ class PecSchedPolicy(BasePolicy):
         while (req := self._head(_LONG)) is not None:
             if cfg.long_aging_s is None or now_s - req.spec.arrival_s < cfg.long_aging_s:
                 return False
+            self._hand_aged_holds_to(req)
             held = [st.instances[i] for i in req.held_ids if i in st.instances]
             free_tokens = sum(st.ledger.free_tokens(i.instance_id) for i in held)
             wanted = self._wanted_degree(req)
@@ -346,6 +348,15 @@ class PecSchedPolicy(BasePolicy):
                 st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason)
             )
         return False
+
+    def _hand_aged_holds_to(self, head: RequestRecord) -> None:
+        """Only the head of the long queue holds instances for an aged start: when another long
+        became the head (a higher priority arrived), the former head's holds are released, so
+        two aged longs never each hold part of what both need (a deadlock)."""
+        holder = self._state.requests.get(self._aged_holder) if self._aged_holder else None
+        if holder is not None and holder is not head and holder.state is RequestState.QUEUED:
+            self._state.release_holds(holder)
+        self._aged_holder = head.request_id
 
     def _short_decodes_in_place(self, req: RequestRecord) -> bool:
         if not self._config.disaggregation:

@@ -270,3 +270,34 @@ def test_a_short_preempts_only_after_its_preemption_delay() -> None:
 
     # Assert: the long is paused once, when the short has waited 2 s
     assert paused_at == [2.0]
+
+
+def test_a_later_higher_priority_aged_long_takes_the_holds_of_the_former_head() -> None:
+    # Prepare: two longs run on g0 (short) and g1 (long); `first` ages and holds g0 when it
+    # frees; `urgent` (priority 2) then heads the long queue, ages and would hold g1. Each
+    # needs both instances: with the holds split, neither could ever start.
+    instances = [make_instance(f"g{k}", kv_capacity_tokens=30_000) for k in range(2)]
+    policy = make_policy(
+        "pecsched-no-disagg", instances=instances, chunk_tokens=1_000, long_aging_s=3.0
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("quick", prompt_tokens=5_000, max_new_tokens=1))
+    dp.submit(make_request("slow", prompt_tokens=25_000, max_new_tokens=20))
+    arrivals = {1: ("first", 0), 8: ("urgent", 2)}
+
+    # Execute
+    for step in range(400):
+        if step in arrivals:
+            rid, priority = arrivals[step]
+            spec = make_request(rid, prompt_tokens=50_000, priority=priority, arrival_s=dp.now_s)
+            dp.submit(spec)
+        dp.step()
+        if policy.num_active_requests() == 0:
+            break
+
+    # Assert: every request finished, the urgent long before the first
+    done = {v.request_id: v for v in policy.take_completed()}
+    assert {rid: v.state for rid, v in done.items()} == dict.fromkeys(
+        ("quick", "slow", "first", "urgent"), RequestState.FINISHED
+    )
+    assert done["urgent"].finished_s < done["first"].finished_s
