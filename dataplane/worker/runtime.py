@@ -30,7 +30,7 @@ from dataplane.parallel.kv_transfer import KVReceiver, KVSender, TransferState
 from dataplane.parallel.topology import KVTransport, kv_transport
 from dataplane.worker import messages as m
 from dataplane.worker.sp_jobs import SpJobs
-from dataplane.worker.transfers import Transfer, TransferTable
+from dataplane.worker.transfers import Key, Transfer, TransferTable
 
 
 @dataclass(slots=True)
@@ -181,34 +181,49 @@ class WorkerRuntime:
         if key in self._transfers:
             raise EngineError(EngineErrorCode.INVALID_STATE, f"transfer {cmd.transfer_id!r} exists")
         manager = self._managers(cmd.store_address)
-        transport = kv_transport(self.engine.device.type, cmd.same_node)
-        if transport is KVTransport.CUDA_IPC and self._ipc is None:
-            raise EngineError(EngineErrorCode.INVALID_STATE, "CUDA IPC needs a CUDA worker")
-        rid, timeout_s = cmd.request_id, cmd.timeout_s
+        ipc = self._ipc_for(cmd.same_node)
         if isinstance(cmd, m.SendKv):
-            self._abort_sends(rid)  # the control plane gave up on them
-            state = self.engine.request_state(rid)
-            if state is RequestState.DECODING:
-                self.engine.pause(rid)  # KV must not change while it is sent
-            elif state not in (RequestState.HELD, RequestState.PAUSED):
-                raise EngineError(
-                    EngineErrorCode.INVALID_STATE,
-                    f"request {rid!r} is {state.name}: its prefill is not finished",
-                )
-            export = self.engine.export_kv(rid)
-            if self._ipc is not None and transport is KVTransport.CUDA_IPC:
-                sender = IpcKVSender(
-                    manager.store, cmd.transfer_id, export, self._ipc, timeout_s=timeout_s
-                )
-                self._transfers.add_ipc(key, True, timeout_s, sender)
-                return
+            self._start_send(cmd, key, manager, ipc)
+        else:
+            self._start_receive(cmd, key, manager, ipc)
 
-            def make_sender(group: Future[Group], remaining_s: float) -> KVSender:
-                return KVSender(group, 1, export, timeout_s=remaining_s)
+    def _ipc_for(self, same_node: bool) -> IpcRegistry | None:
+        """This worker's IPC registry when the pair's transport is CUDA IPC, else None."""
+        if kv_transport(self.engine.device.type, same_node) is not KVTransport.CUDA_IPC:
+            return None
+        if self._ipc is None:
+            raise EngineError(EngineErrorCode.INVALID_STATE, "CUDA IPC needs a CUDA worker")
+        return self._ipc
 
-            pair = (self.member_id, cmd.peer_member_id)
-            self._transfers.add_pair(key, True, timeout_s, pair, cmd.group_id, manager, make_sender)
+    def _start_send(
+        self, cmd: m.SendKv, key: Key, manager: GroupManager, ipc: IpcRegistry | None
+    ) -> None:
+        rid, timeout_s = cmd.request_id, cmd.timeout_s
+        self._abort_sends(rid)  # the control plane gave up on them
+        state = self.engine.request_state(rid)
+        if state is RequestState.DECODING:
+            self.engine.pause(rid)  # KV must not change while it is sent
+        elif state not in (RequestState.HELD, RequestState.PAUSED):
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE,
+                f"request {rid!r} is {state.name}: its prefill is not finished",
+            )
+        export = self.engine.export_kv(rid)
+        if ipc is not None:
+            sender = IpcKVSender(manager.store, cmd.transfer_id, export, ipc, timeout_s=timeout_s)
+            self._transfers.add_ipc(key, True, timeout_s, sender)
             return
+
+        def make_sender(group: Future[Group], remaining_s: float) -> KVSender:
+            return KVSender(group, 1, export, timeout_s=remaining_s)
+
+        pair = (self.member_id, cmd.peer_member_id)
+        self._transfers.add_pair(key, True, timeout_s, pair, cmd.group_id, manager, make_sender)
+
+    def _start_receive(
+        self, cmd: m.RecvKv, key: Key, manager: GroupManager, ipc: IpcRegistry | None
+    ) -> None:
+        rid, timeout_s = cmd.request_id, cmd.timeout_s
         # A newer receive supersedes older ones: the control plane gave up on those (a late
         # failure of one must not be reported against the request this one delivers).
         for old in self._transfers.keys_of(rid):
@@ -222,23 +237,16 @@ class WorkerRuntime:
             return self.engine.begin_import(meta)
 
         self._tracked.setdefault(rid, _Tracked(0, 0))
-        if self._ipc is not None and transport is KVTransport.CUDA_IPC:
+        finish, cancel = self._finish_import, self.engine.cancel
+        if ipc is not None:
             receiver = IpcKVReceiver(
-                manager.store,
-                cmd.transfer_id,
-                self._ipc,
-                begin,
-                self._finish_import,
-                self.engine.cancel,
-                timeout_s=timeout_s,
+                manager.store, cmd.transfer_id, ipc, begin, finish, cancel, timeout_s=timeout_s
             )
             self._transfers.add_ipc(key, False, timeout_s, receiver)
             return
 
         def make_receiver(group: Future[Group], remaining_s: float) -> KVReceiver:
-            return KVReceiver(
-                group, 0, begin, self._finish_import, self.engine.cancel, timeout_s=remaining_s
-            )
+            return KVReceiver(group, 0, begin, finish, cancel, timeout_s=remaining_s)
 
         pair = (cmd.peer_member_id, self.member_id)
         self._transfers.add_pair(key, False, timeout_s, pair, cmd.group_id, manager, make_receiver)
