@@ -31,7 +31,9 @@ SCHEDULER_TOML = """\
 [scheduler]
 short_threshold_tokens = 1024
 chunk_tokens = 128
-"""
+short_decode_colocation = false
+short_preempt_delay_s = 0.0
+"""  # shorts preempt at once and never prefill on the decoder: each technique shows on its own
 
 
 def prompt_ids(seed: int, num_tokens: int) -> list[int]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import pytest
 from cp_harness import (
     GENERAL,
     SHORT_DECODE,
+    TEST_SCHEDULER,
     generate_all,
     make_config,
     migrated_db,
@@ -25,7 +27,11 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_short_request_pauses_long_prefill_which_resumes_and_finishes(tmp_path):
     # Prepare: one general instance (prefills) and one short-decode instance
-    cp = await start_control_plane(make_config(migrated_db(tmp_path), policy="pecsched"))
+    # the short must pause the long: no prefill on the decoder, no preemption delay
+    scheduler = replace(TEST_SCHEDULER, short_decode_colocation=False, short_preempt_delay_s=0.0)
+    cp = await start_control_plane(
+        make_config(migrated_db(tmp_path), policy="pecsched", scheduler=scheduler)
+    )
     agent = SimAgent(
         cp.target, "node-a", [("g0", GENERAL, 8192), ("d0", SHORT_DECODE, 8192)], chunk_s=0.03
     )
