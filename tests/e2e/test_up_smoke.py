@@ -1,5 +1,5 @@
 """`pecsched up --demo-only` (what `make run` runs, shortened) and `pecsched sim` as real
-subprocesses of a copy of the repository: its tracked files only, no `../shared` beside it, run
+subprocesses of a copy of the repository: its tracked files only, no sibling folder beside it, run
 from another directory with PYTHONPATH pointing at the copy."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_the_copy_is_what_runs(repo_copy: Path, tmp_path: Path) -> None:
     paths = [Path(p) for p in out.split()]
     assert len(paths) == 3, out
     assert all(p.is_relative_to(repo_copy) and p.is_file() for p in paths), out
-    assert not (repo_copy.parent / "shared").exists()
+    assert [p.name for p in repo_copy.parent.iterdir()] == ["repo"]  # nothing beside it
 
 
 def test_sim_runs_from_a_copy(repo_copy: Path, tmp_path: Path) -> None:
