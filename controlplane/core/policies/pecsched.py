@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
@@ -161,22 +161,14 @@ class PecSchedPolicy(BasePolicy):
         a batch below half the TBT target's, no prefill in flight, and half its KV still free
         once the long holds its own (shorts keep room); such a long is never paused."""
         cfg, st = self._config, self._state
-        if not (
-            cfg.lend_decoder_to_longs
-            and cfg.disaggregation
-            and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
-        ):
-            return False
         limit = self._decode_batch.batch_limit()
         need = req.spec.total_tokens
-        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
+        for inst in self._decoders_open_to(req, now_s, cfg.lend_decoder_to_longs):
             free = st.ledger.free_tokens(inst.instance_id)
             if (
-                inst.prefill_id is None
-                and inst.num_long_decoding == 0
+                inst.num_long_decoding == 0
                 and 2 * len(inst.decoding) < limit
                 and free - need >= inst.spec.kv_capacity_tokens // 2
-                and not (req.refusals and st.refused(req, inst.instance_id, now_s))
             ):
                 budget_pairs = cfg.chunk_budget_token_pairs or cfg.chunk_tokens**2
                 budget = max(16, budget_pairs // max(1, req.spec.prompt_tokens) // 16)
@@ -289,22 +281,11 @@ class PecSchedPolicy(BasePolicy):
         short-decode instance whose batch is below the TBT target's (`colocation_budget_tokens`
         a step), then decode it there: decoder slack serves short prefills before any long
         request is slowed. One colocated prefill per decoder at a time."""
-        cfg, st = self._config, self._state
-        if not (
-            cfg.short_decode_colocation
-            and cfg.disaggregation
-            and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
-        ):
-            return False
+        st = self._state
         limit = self._decode_batch.batch_limit()
         need = req.spec.total_tokens
-        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
-            if (
-                inst.prefill_id is None
-                and len(inst.decoding) < limit
-                and st.ledger.can_allocate(inst.instance_id, need)
-                and not (req.refusals and st.refused(req, inst.instance_id, now_s))
-            ):
+        for inst in self._decoders_open_to(req, now_s, self._config.short_decode_colocation):
+            if len(inst.decoding) < limit and st.ledger.can_allocate(inst.instance_id, need):
                 reason = f"colocated on short-decode instance {inst.instance_id}"
                 action = st.start_prefill(
                     req, [inst], decode_in_place=True, now_s=now_s, reason=reason, colocate=True
@@ -312,6 +293,23 @@ class PecSchedPolicy(BasePolicy):
                 out.append(action)
                 return True
         return False
+
+    def _decoders_open_to(
+        self, req: RequestRecord, now_s: float, switch: bool
+    ) -> Iterator[InstanceRecord]:
+        """The first `_DECODERS_TRIED` open short-decode instances that may take `req` as a
+        colocated prefill: `switch` on, with disaggregation and colocation; no prefill in
+        flight there, and no recent refusal of `req`. Callers add their own capacity rules."""
+        cfg, st = self._config, self._state
+        if not (
+            switch and cfg.disaggregation and cfg.long_decode_sharing is LongDecodeSharing.COLOCATE
+        ):
+            return
+        for inst in st.pool.top(_DECODE, Slot.OPEN, _DECODERS_TRIED):
+            if inst.prefill_id is None and not (
+                req.refusals and st.refused(req, inst.instance_id, now_s)
+            ):
+                yield inst
 
     def _serve_aged_longs(self, now_s: float, out: list[Action]) -> bool:
         """Start long requests queued for `long_aging_s` or more, before any short.
