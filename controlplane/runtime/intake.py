@@ -25,12 +25,12 @@ from controlplane.core.events import (
 )
 from controlplane.runtime.reports import (
     AgentReport,
-    Broken,
+    Cancelled,
     ChunkDone,
-    Done,
-    Dropped,
+    Failed,
+    Finished,
+    Paused,
     PrefillFinished,
-    PrefillStopped,
     TokensOut,
     TransferProgress,
     TransferStatus,
@@ -84,18 +84,18 @@ class Intake:
                 self.events.append(PrefillDone(rid, at))
                 self._note(rid, _K.PREFILL_DONE, at, report.instance_id, {})
                 self._tokens(rid, st.gen_base.get(rid, len(log.ids)), (body.first_token_id,), at)
-            case PrefillStopped():
+            case Paused():
                 self.events.append(PrefillPaused(rid, body.chunks_done, at))
             case TokensOut():
                 self._tokens(rid, body.start_index, body.token_ids, at)
-            case Done():
+            case Finished():
                 self.events.append(RequestFinished(rid, at))
-            case Broken():
+            case Failed():
                 self.events.append(RequestFailed(rid, body.retryable, at, body.error))
                 if body.retryable:  # a final failure is recorded with the FAILED state
                     details = {"error": body.error, "retryable": True}
                     self._note(rid, _K.FAILED, at, report.instance_id or None, details)
-            case Dropped():
+            case Cancelled():
                 pass
         self.touched.add(rid)
         return True
@@ -104,7 +104,7 @@ class Intake:
         """The report comes from an instance of the request's placement (a refused command:
         from the node of one)."""
         placement = self._state.placement.get(report.request_id, frozenset())
-        if report.instance_id or not isinstance(report.body, Broken):
+        if report.instance_id or not isinstance(report.body, Failed):
             return report.instance_id in placement
         node_of = self._state.instance_node
         return any(node_of.get(iid) == report.node_id for iid in placement)

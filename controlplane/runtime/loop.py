@@ -50,7 +50,7 @@ from controlplane.runtime.inputs import (
 from controlplane.runtime.metrics import Metrics
 from controlplane.runtime.published import Published
 from controlplane.runtime.recovery import recover
-from controlplane.runtime.reports import AgentReport, Broken
+from controlplane.runtime.reports import AgentReport, Failed
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
@@ -271,7 +271,7 @@ class Runtime:
         """
         if not session.is_live:
             return
-        if isinstance(report.body, Broken) and report.body.retryable:
+        if isinstance(report.body, Failed) and report.body.retryable:
             rid = report.request_id
             count = self._retryable_failures.get(rid, 0) + 1
             self._retryable_failures[rid] = count

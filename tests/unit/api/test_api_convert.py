@@ -19,12 +19,12 @@ from controlplane.runtime.commands import (
     TransferOrder,
 )
 from controlplane.runtime.reports import (
-    Broken,
+    Cancelled,
     ChunkDone,
-    Done,
-    Dropped,
+    Failed,
+    Finished,
+    Paused,
     PrefillFinished,
-    PrefillStopped,
     TokensOut,
     TransferProgress,
     TransferStatus,
@@ -112,11 +112,11 @@ def test_prefill_command_fields():
             cluster_pb2.Event(prefill_done=cluster_pb2.PrefillDone(first_token_id=4)),
             PrefillFinished,
         ),
-        (cluster_pb2.Event(paused=cluster_pb2.Paused(chunks_done=1)), PrefillStopped),
+        (cluster_pb2.Event(paused=cluster_pb2.Paused(chunks_done=1)), Paused),
         (cluster_pb2.Event(tokens=cluster_pb2.Tokens(start_index=1, token_ids=[3])), TokensOut),
-        (cluster_pb2.Event(finished=cluster_pb2.Finished(output_tokens=2)), Done),
-        (cluster_pb2.Event(failed=cluster_pb2.Failed(error="x", retryable=True)), Broken),
-        (cluster_pb2.Event(cancelled=cluster_pb2.Cancelled()), Dropped),
+        (cluster_pb2.Event(finished=cluster_pb2.Finished(output_tokens=2)), Finished),
+        (cluster_pb2.Event(failed=cluster_pb2.Failed(error="x", retryable=True)), Failed),
+        (cluster_pb2.Event(cancelled=cluster_pb2.Cancelled()), Cancelled),
     ],
 )
 def test_every_event_kind_becomes_a_report(event, body):
