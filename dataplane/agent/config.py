@@ -67,7 +67,7 @@ class AgentConfig:
     model: str  # preset name or local HF directory
     roles: tuple[str, ...]  # one role per worker
     kv_budget: KvBudget | None  # per worker; None: 4096 tokens on CPU, free memory on CUDA
-    node_id: str  # this node's id; instance ids are f"{node_id}/{index}"
+    node_id: str  # this node's id (instance ids: `instance_id`)
     api_key: str | None  # sent as `authorization: Bearer <key>`
     seed: int = 0  # weight seed for presets (must match the other agents')
     dtype: str | None = None  # float32|bfloat16|float16; None: fp32 on CPU, bf16 on CUDA
@@ -99,7 +99,12 @@ class AgentConfig:
 
     def instance_id(self, index: int) -> str:
         """The id of worker `index`'s instance."""
-        return f"{self.node_id}/{index}"
+        return instance_id(self.node_id, index)
+
+
+def instance_id(node_id: str, index: int) -> str:
+    """The id of the instance of worker `index` of node `node_id`."""
+    return f"{node_id}/{index}"
 
 
 def default_node_id() -> str:

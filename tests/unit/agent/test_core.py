@@ -112,7 +112,7 @@ def test_reconnect_registers_resident_requests_and_drops_what_the_cp_lists() -> 
     registers = [w.register for w in ports.wire if w.HasField("register")]
     assert list(registers[1].resident_request_ids) == ["drop", "keep"]
     assert (1, m.Cancel("drop", silent=True)) in ports.worker
-    assert "drop" not in core.routes
+    assert "drop" not in core.table.routes
     assert [e.request_id for e in ports.events()] == ["keep"], "buffered event re-sent"
 
 
@@ -162,7 +162,7 @@ def test_transfer_events_transferring_from_source_done_from_destination_failed_o
     states = [e.kv_transfer.state for e in ports.events()]
     assert states == [2, 3]  # TRANSFERRING, DONE
     assert all(e.instance_id == "n1/0" for e in ports.events())
-    assert core.routes["r"].workers == {1}
+    assert core.table.routes["r"].workers == {1}
     command(core, start_decode=cluster_pb2.StartDecode(request_id="r", transfer_id="t"))
     assert ports.worker[-1] == (1, m.StartDecode("r"))
 
@@ -187,7 +187,7 @@ def test_request_placed_again_right_after_a_cancel_runs_and_old_reports_are_drop
     assert ports.worker[-1][0] == 0 and isinstance(ports.worker[-1][1], m.Prefill)
     events = ports.events()
     assert [e.WhichOneof("kind") for e in events] == ["cancelled", "prefill_done"], events
-    assert core.routes["r"].workers == {0} and not core.cancelling
+    assert core.table.routes["r"].workers == {0} and not core.table.cancelling
 
 
 def test_failed_receive_leaves_no_route_behind() -> None:
@@ -203,7 +203,7 @@ def test_failed_receive_leaves_no_route_behind() -> None:
     prefill(core, "r", ["n1/1"])
     # Assert
     assert [e.WhichOneof("kind") for e in ports.events()] == ["kv_transfer"]
-    assert isinstance(ports.worker[-1][1], m.Prefill) and core.routes["r"].workers == {1}
+    assert isinstance(ports.worker[-1][1], m.Prefill) and core.table.routes["r"].workers == {1}
 
 
 def test_worker_death_answers_its_pending_cancel() -> None:
@@ -216,7 +216,7 @@ def test_worker_death_answers_its_pending_cancel() -> None:
     core.handle(WorkerDied(0, 0, -9))
     # Assert
     assert [e.WhichOneof("kind") for e in ports.events()] == ["cancelled"]
-    assert not core.cancelling
+    assert not core.table.cancelling
 
 
 def test_worker_death_fails_its_requests_and_respawns() -> None:
@@ -228,7 +228,7 @@ def test_worker_death_fails_its_requests_and_respawns() -> None:
     core.handle(WorkerSaid(1, 0, m.Tokens("b", 0, (1,))))  # a late report of the dead process
     (failed,) = ports.events()
     assert failed.request_id == "b" and failed.failed.retryable and "died" in failed.failed.error
-    assert ports.respawned == [1] and "a" in core.routes
+    assert ports.respawned == [1] and "a" in core.table.routes
 
 
 def test_drain_hands_back_paused_work_refuses_new_and_finishes() -> None:
