@@ -81,8 +81,13 @@ class AttachLink:
             return True
 
     def close(self, flush_timeout_s: float = 2.0) -> None:
-        """Send what is queued (up to the timeout), end the stream and stop reconnecting."""
+        """Send what is queued (up to the timeout), end the stream and stop reconnecting.
+
+        Also safe before `start` (an agent whose workers never became ready): there is no
+        thread to wait for, and a later `start` returns at once."""
         self._stop.set()
+        if self._thread.ident is None:
+            return
         with self._lock:
             outbound, call = self._outbound, self._call
         if outbound is not None:
