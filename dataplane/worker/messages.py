@@ -41,7 +41,8 @@ class SpPrefill:
 
 @dataclass(frozen=True, slots=True)
 class Pause:
-    """Stop scheduling the request at the next chunk boundary; KV stays resident."""
+    """Stop the request's prefill at the next chunk boundary; KV stays resident. Dropped once
+    the prefill is done (only prefills pause)."""
 
     request_id: str
 

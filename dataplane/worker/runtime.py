@@ -156,6 +156,10 @@ class WorkerRuntime:
         )
 
     def _pause(self, request_id: str) -> None:
+        """Pause a prefill; a Pause that crossed the prefill's end is dropped (the control
+        plane moved the request on with PrefillDone and will never resume it)."""
+        if self.engine.request_state(request_id) is not RequestState.PREFILLING:
+            return
         self.engine.pause(request_id)
         tracked = self._tracked.get(request_id)
         self._reports.append(m.Paused(request_id, 0 if tracked is None else tracked.chunks_done))

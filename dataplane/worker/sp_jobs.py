@@ -6,7 +6,8 @@ the commands to all members in one order, and a job connects its group before th
 admitted, so collectives of different jobs never interleave differently on two members).
 Each `run_once` advances every live job by one collective step: a 2-flag `all_reduce_max`
 agreement (pause requested, cancel requested) so that all members stop at the same chunk
-boundary, then one prefill chunk or one decode token. A paused job issues no collectives;
+boundary, then one prefill chunk or one decode token. Only the prefill pauses: a Pause agreed
+on once the prompt is done is dropped. A paused job issues no collectives;
 its KV (rows of the engine's pool) stays resident. Resume re-enters the agreement, which
 waits for the members that have not seen Resume yet.
 
@@ -193,6 +194,11 @@ class SpJobs:
         job.group.all_reduce_max(flags)
         pause, cancel = (bool(x) for x in flags.tolist())
         req = job.request
+        if pause and req.is_prefill_done:
+            # A Pause that crossed the last chunk: only a prefill pauses (the control plane
+            # moved the request to decode on PrefillDone and will never resume it). Every
+            # member sees the same state here, so all of them go on decoding.
+            pause = job.pause_requested = False
         if cancel:
             self._drop(rid)
             self._reports.append(m.Cancelled(rid))
