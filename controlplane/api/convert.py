@@ -383,6 +383,7 @@ def _prefill_to_proto(order: PrefillOrder) -> cluster_pb2.StartPrefill:
         sampling=sampling_to_proto(order.sampling),
         decode_in_place=order.decode_in_place,
         generated_token_ids=order.generated_token_ids,
+        rendezvous_address=order.rendezvous_address,
     )
 
 

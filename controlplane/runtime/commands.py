@@ -29,6 +29,7 @@ class PrefillOrder:
     sampling: SamplingParams  # how to sample
     decode_in_place: bool  # decode on the group right after prefill
     generated_token_ids: tuple[int, ...]  # output so far (continuation after a re-queue)
+    rendezvous_address: str  # host:port where the group's members meet (`rendezvous_for`)
 
 
 @dataclass(frozen=True, slots=True)

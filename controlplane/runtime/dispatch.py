@@ -1,11 +1,14 @@
 """Turning the policy's actions into agent commands and timeline entries (tick thread).
 
 Addressing: an action goes to every node hosting one of its instances (an SP group spanning
-nodes gets one command per node, each naming the whole group). TransferKV goes to the source
-and the destination node. Reject needs no command: the request fails without running.
+nodes gets one command per node, each naming the whole group and the same rendezvous store,
+`rendezvous_for`). TransferKV goes to the source and the destination node, meeting at the
+source node's store. Reject needs no command: the request fails without running.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from controlplane.core.actions import (
     Action,
@@ -138,7 +141,21 @@ def _prefill(
         sampling=inputs.sampling,
         decode_in_place=decode_in_place,
         generated_token_ids=generated,
+        rendezvous_address=rendezvous_for(instance_ids, state.instance_node, state.rendezvous),
     )
+
+
+def rendezvous_for(
+    instance_ids: tuple[str, ...], instance_node: Mapping[str, str], rendezvous: Mapping[str, str]
+) -> str:
+    """Where an SP group's members meet: the rendezvous store of the node of the first member
+    (rank 0, which samples and reports) whose node registered one; "" when none did (a group
+    on one node then meets at that node's own store; the agents refuse one spanning nodes)."""
+    for instance_id in instance_ids:
+        address = rendezvous.get(instance_node.get(instance_id, ""), "")
+        if address:
+            return address
+    return ""
 
 
 def timeline_for(action: Action, view: RequestView | None, at_s: float) -> RequestEvent | None:

@@ -561,6 +561,7 @@ class StartPrefill(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     DECODE_IN_PLACE_FIELD_NUMBER: _builtins.int
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RENDEZVOUS_ADDRESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     sp_kind: _common_pb2.SpKind.ValueType
     chunk_tokens: _builtins.int
@@ -570,6 +571,11 @@ class StartPrefill(_message.Message):
     max_new_tokens: _builtins.int
     decode_in_place: _builtins.bool
     """Decode where prefilled (long requests, or no disaggregation) rather than waiting for TransferKv."""
+    rendezvous_address: _builtins.str
+    """Where the members of the SP group meet (host:port of a rendezvous store, normally the one
+    of the node hosting instance_ids[0]); the same in the command to every node of the group.
+    Required when instance_ids span several nodes; empty: the receiving node's own store.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -595,10 +601,11 @@ class StartPrefill(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         decode_in_place: _builtins.bool = ...,
         generated_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        rendezvous_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "decode_in_place", b"decode_in_place", "generated_token_ids", b"generated_token_ids", "group_id", b"group_id", "instance_ids", b"instance_ids", "max_new_tokens", b"max_new_tokens", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "sp_kind", b"sp_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "decode_in_place", b"decode_in_place", "generated_token_ids", b"generated_token_ids", "group_id", b"group_id", "instance_ids", b"instance_ids", "max_new_tokens", b"max_new_tokens", "prompt_token_ids", b"prompt_token_ids", "rendezvous_address", b"rendezvous_address", "request_id", b"request_id", "sampling", b"sampling", "sp_kind", b"sp_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,7 +74,9 @@ def test_request_view_to_proto_carries_times_and_instances():
 
 
 SAMPLING = SamplingParams(0.5, 0.9, 7, False)
-PREFILL = PrefillOrder("r", (1, 2), ("a", "b"), SpKind.RING, 32, "g", 8, SAMPLING, True, (5,))
+PREFILL = PrefillOrder(
+    "r", (1, 2), ("a", "b"), SpKind.RING, 32, "g", 8, SAMPLING, True, (5,), "n:1"
+)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,7 @@ def test_prefill_command_fields():
     assert list(p.prompt_token_ids) == [1, 2] and list(p.generated_token_ids) == [5]
     assert p.sp_kind == common_pb2.SP_KIND_RING and p.decode_in_place
     assert p.sampling.temperature == pytest.approx(0.5) and not p.sampling.stop_at_eos
+    assert (p.group_id, p.rendezvous_address) == ("g", "n:1")
 
 
 @pytest.mark.parametrize(
