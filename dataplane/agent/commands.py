@@ -18,7 +18,8 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
   `group_id`, or a fresh local one. Rank 0 (`instance_ids[0]`) reports the progress.
 * Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
   `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
-* Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`.
+* Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`. A Pause
+  that arrives after the prefill ended is dropped (unanswered): only prefills pause.
 * TransferKv: the transport follows the topology (`dataplane.worker.transfers`): between two
   GPU workers of this node the destination copies the KV through CUDA IPC; otherwise the pair
   sends over its persistent group (rendezvous through `rendezvous_address`, default this
