@@ -228,7 +228,10 @@ class CommandRouter:
             )
         self.sp_groups += 1
         group_id = cmd.group_id or f"sp/{cmd.request_id}/{node.node_id}/{self.sp_groups}"
-        self.table.routes[cmd.request_id] = Route(set(indices), offset, len(cmd.prompt_token_ids))
+        lead = node.index_of(cmd.instance_ids[0])  # None: rank 0 is on another node
+        followers = {index for index in indices if index != lead}
+        route = Route(set(indices), offset, len(cmd.prompt_token_ids), followers=followers)
+        self.table.routes[cmd.request_id] = route
         for index in indices:
             step.send(
                 index,
@@ -347,6 +350,9 @@ class CommandRouter:
         route = table.routes.get(rid)
         if route is None:
             return step
+        if index in route.followers and isinstance(report, _Progress):
+            self._follower_report(rid, index, report, route)
+            return step
         instance_id = self.node.instance_id(index)
         destination = ""
         if isinstance(report, m.TransferUpdate):
@@ -372,6 +378,17 @@ class CommandRouter:
         if event is not None:
             step.events.append(event)
         return step
+
+    def _follower_report(
+        self, request_id: str, index: int, report: _Progress, route: Route
+    ) -> None:
+        """Progress of an SP member other than rank 0 (which reports it, here or on another
+        node): it only tells what this member still holds."""
+        if isinstance(report, m.Paused):
+            route.paused = True
+        elif isinstance(report, m.Finished):
+            route.followers.discard(index)
+            self.table.release(request_id, index)  # the route goes once rank 0 is elsewhere
 
     def _transfer_report(self, index: int, report: m.TransferUpdate) -> bool:
         """Bookkeeping of a transfer report; True when it becomes an event."""
@@ -436,6 +453,9 @@ class CommandRouter:
             first = min(route.workers) if route.workers else 0
             step.events.append(failed_event(rid, self.node.instance_id(first), reason, True, now_s))
         return step
+
+
+_Progress = m.ChunkDone | m.PrefillDone | m.Paused | m.Tokens | m.Finished  # rank 0 reports it
 
 
 def request_id_of(command: cluster_pb2.Command) -> str:

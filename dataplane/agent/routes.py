@@ -15,6 +15,9 @@ class Route:
     offset_tokens: int  # output tokens generated before a re-queue
     prompt_tokens: int  # original prompt length
     paused: bool = False  # last report was Paused
+    # SP members here other than rank 0: their progress is rank 0's to report (here, or on
+    # another node when all members here are followers); their Finished only retires them
+    followers: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

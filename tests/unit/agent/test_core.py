@@ -313,3 +313,18 @@ def test_an_sp_group_of_workers_sharing_a_gpu_is_refused_not_left_to_hang() -> N
     assert not failed.failed.retryable and "shares GPU(s) cuda:0" in failed.failed.error
     started = [(i, c.request_id) for i, c in ports.worker if isinstance(c, m.SpPrefill)]
     assert started == [(1, "distinct"), (2, "distinct")]
+
+
+def test_only_rank_0_reports_an_sp_group_of_this_node_even_when_others_finish_first() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/1", "n1/0"])
+    # Execute: rank 1 (worker 0) finishes before rank 0's last tokens reach the agent
+    core.handle(WorkerSaid(0, 0, m.Finished("r", 2, "length")))
+    core.handle(WorkerSaid(1, 0, m.Tokens("r", 0, (5, 6))))
+    core.handle(WorkerSaid(1, 0, m.Finished("r", 2, "length")))
+    # Assert
+    kinds = [(e.instance_id, e.WhichOneof("kind")) for e in ports.events()]
+    assert kinds == [("n1/1", "tokens"), ("n1/1", "finished")]
+    assert not core.table.routes
