@@ -11,9 +11,10 @@ on once the prompt is done is dropped. A paused job issues no collectives;
 its KV (rows of the engine's pool) stays resident. Resume re-enters the agreement, which
 waits for the members that have not seen Resume yet.
 
-Only rank 0 reports progress (ChunkDone, Paused, PrefillDone, Tokens, Finished); every member
-reports Cancelled and Failed (the agent de-duplicates). A failed collective (peer died,
-timeout) frees this member's KV and reports Failed(retryable).
+Rank 0 reports the progress (ChunkDone, PrefillDone, Tokens); every member reports Paused,
+Finished, Cancelled and Failed, so that the agent of each node in the group knows what its own
+members hold (it sends progress on from rank 0 only, and de-duplicates the rest). A failed
+collective (peer died, timeout) frees this member's KV and reports Failed(retryable).
 """
 
 from __future__ import annotations
@@ -204,8 +205,7 @@ class SpJobs:
             self._reports.append(m.Cancelled(rid))
         elif pause:
             job.paused = job.pause_requested = True
-            if job.is_reporter:
-                self._reports.append(m.Paused(rid, req.num_chunks_done))
+            self._reports.append(m.Paused(rid, req.num_chunks_done))
         elif not req.is_prefill_done:
             logits = req.run_next_chunk()
             if job.is_reporter:
@@ -242,8 +242,7 @@ class SpJobs:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._drop(rid)
-            if job.is_reporter:
-                self._reports.append(m.Finished(rid, len(job.output), reason.value))
+            self._reports.append(m.Finished(rid, len(job.output), reason.value))
 
     def _drop(self, request_id: str) -> None:
         job = self._jobs.pop(request_id)
