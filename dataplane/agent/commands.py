@@ -14,8 +14,12 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
   the wire include them. More than one instance: sequence-parallel prefill over those workers
   (`sp_kind` Ulysses or ring, chunks of `chunk_tokens` over the whole group, pausable between
   chunks), then decode on the same group (KV stays sharded), so `decode_in_place` must be set.
-  All members must be on this node (StartPrefill names no rendezvous store); the group id is
-  `group_id`, or a fresh local one. Rank 0 (`instance_ids[0]`) reports the progress.
+  The group may span nodes when `rendezvous_address` and `group_id` are set (every node gets
+  the same command; its members here join the group at that store, gloo on CPU, NCCL on GPU);
+  otherwise every member must be on this node, meeting at this node's store under `group_id`
+  or a fresh local id. Only rank 0's node (`instance_ids[0]`) reports the progress; the
+  other nodes report only failures and cancellations, and forget the request when their
+  members finish.
 * Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
   `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
 * Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`. A Pause
@@ -164,9 +168,9 @@ class CommandRouter:
             raise CommandError(f"max_new_tokens must be >= 1, got {cmd.max_new_tokens}")
         if not cmd.instance_ids:
             raise CommandError("instance_ids must not be empty")
-        indices = [self._local(iid, f"instance_ids[{i}]") for i, iid in enumerate(cmd.instance_ids)]
-        if len(set(indices)) != len(indices):
+        if len(set(cmd.instance_ids)) != len(cmd.instance_ids):
             raise CommandError(f"instance_ids repeat an instance: {list(cmd.instance_ids)}")
+        indices = self._members(cmd)
         eos_token_ids = self.eos_token_ids[indices[0]]
         assert eos_token_ids is not None, f"worker {indices[0]} is not ready"
         generated = tuple(cmd.generated_token_ids)
@@ -184,7 +188,7 @@ class CommandRouter:
         if budget_tokens is not None:
             chunk = min(chunk, budget_tokens)
         prompt = tuple(cmd.prompt_token_ids) + generated
-        if len(indices) > 1:
+        if len(cmd.instance_ids) > 1:
             self._start_sp(step, cmd, indices, prompt, sampling, chunk, len(generated))
             return
         index = indices[0]
@@ -243,17 +247,33 @@ class CommandRouter:
                     ring=cmd.sp_kind == common_pb2.SP_KIND_RING,
                     group_id=group_id,
                     member_ids=tuple(cmd.instance_ids),
-                    store_address=node.rendezvous_address,
+                    store_address=cmd.rendezvous_address or node.rendezvous_address,
                 ),
             )
 
-    def _local(self, instance_id: str, field: str) -> int:
-        index = self.node.index_of(instance_id)
-        if index is None:
+    def _members(self, cmd: cluster_pb2.StartPrefill) -> list[int]:
+        """The worker indices of this node's members, in rank order (at least one).
+
+        Members on other nodes are allowed only in an SP group that names where to meet
+        (`rendezvous_address`) and its id (`group_id`), the same on every node."""
+        node = self.node
+        spans = len(cmd.instance_ids) > 1 and bool(cmd.rendezvous_address and cmd.group_id)
+        indices = []
+        for i, instance_id in enumerate(cmd.instance_ids):
+            index = node.index_of(instance_id)
+            if index is not None:
+                indices.append(index)
+            elif not spans:
+                hint = " (an SP group spanning nodes needs rendezvous_address and group_id)"
+                raise CommandError(
+                    f"instance_ids[{i}] {instance_id!r} is not an instance of node "
+                    f"{node.node_id!r}" + (hint if len(cmd.instance_ids) > 1 else "")
+                )
+        if not indices:
             raise CommandError(
-                f"{field} {instance_id!r} is not an instance of node {self.node.node_id!r}"
+                f"no instance of instance_ids {list(cmd.instance_ids)} is on node {node.node_id!r}"
             )
-        return index
+        return indices
 
     def _route(self, request_id: str, what: str) -> Route:
         route = self.table.routes.get(request_id)

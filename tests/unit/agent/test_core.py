@@ -315,6 +315,50 @@ def test_an_sp_group_of_workers_sharing_a_gpu_is_refused_not_left_to_hang() -> N
     assert started == [(1, "distinct"), (2, "distinct")]
 
 
+def test_an_sp_group_spanning_nodes_meets_at_the_named_store_and_rank_0s_node_reports() -> None:
+    # Prepare: rank 0 is n2/0 on another node; this node holds ranks 1 and 2
+    core, ports = make_core()
+    attach(core)
+    group = ["n2/0", "n1/0", "n1/1"]
+    # Execute
+    prefill(core, "r", group, rendezvous_address="10.0.0.2:29500", group_id="r/p1")
+    prefill(core, "no-store", ["n2/0", "n1/0"], group_id="x/p1")
+    prefill(core, "not-here", ["n2/0", "n3/0"], rendezvous_address="10.0.0.2:1", group_id="y")
+    core.handle(WorkerSaid(0, 0, m.Paused("r", 2)))
+    core.handle(WorkerSaid(1, 0, m.Paused("r", 2)))
+    paused = core.table.routes["r"].paused
+    for index in (1, 0):
+        core.handle(WorkerSaid(index, 0, m.Finished("r", 4, "length")))
+    # Assert: both members join group r/p1 at rank 0's store; this node reports nothing of
+    # the progress (rank 0's node does) and forgets r once both members finished
+    started = [(i, c) for i, c in ports.worker if isinstance(c, m.SpPrefill)]
+    assert [i for i, _ in started] == [0, 1]
+    assert {(c.group_id, c.store_address, c.member_ids) for _, c in started} == {
+        ("r/p1", "10.0.0.2:29500", tuple(group))
+    }
+    assert paused and "r" not in core.table.routes
+    errors = {e.request_id: e.failed.error for e in ports.events()}
+    assert errors.keys() == {"no-store", "not-here"}, "nothing said about r"
+    assert "instance_ids[0] 'n2/0'" in errors["no-store"]
+    assert "needs rendezvous_address and group_id" in errors["no-store"]
+    assert "no instance of instance_ids" in errors["not-here"]
+
+
+def test_a_failure_of_a_member_whose_rank_0_is_elsewhere_is_reported_and_frees_the_others() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n2/0", "n1/0", "n1/1"], rendezvous_address="h:1", group_id="g")
+    # Execute: the group broke (say rank 0's node died)
+    core.handle(WorkerSaid(1, 0, m.Failed("r", "SP group failed: peer gone", True)))
+    core.handle(WorkerSaid(0, 0, m.Failed("r", "SP group failed: peer gone", True)))
+    # Assert: one retryable Failed from this node; the other member frees it silently
+    (failed,) = ports.events()
+    assert failed.instance_id == "n1/1" and failed.failed.retryable
+    assert (0, m.Cancel("r", silent=True)) in ports.worker
+    assert "r" not in core.table.routes
+
+
 def test_only_rank_0_reports_an_sp_group_of_this_node_even_when_others_finish_first() -> None:
     # Prepare
     core, ports = make_core()
