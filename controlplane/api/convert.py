@@ -432,6 +432,7 @@ def command_to_proto(command: AgentCommand, seq: int) -> cluster_pb2.ControlMess
                     max_new_tokens=order.max_new_tokens,
                     sampling=sampling_to_proto(order.sampling),
                     generated_token_ids=order.generated_token_ids,
+                    instance_id=order.instance_id,
                 )
             )
         case CancelOrder():

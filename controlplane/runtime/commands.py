@@ -72,7 +72,7 @@ class DecodeOrder:
     """Start decoding on an instance that holds the whole KV (StartDecode)."""
 
     request_id: str
-    instance_id: str  # where to decode (not on the wire: the node knows its instance)
+    instance_id: str  # where to decode; the agent names it when it refuses the command
     transfer_id: str  # the finished transfer that brought the KV; "" when prefilled there
     max_new_tokens: int
     sampling: SamplingParams

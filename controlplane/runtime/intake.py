@@ -4,9 +4,10 @@ A report is applied only when it is about the request's current work: it must co
 instance of the request's last persisted placement (KV transfer progress is matched by its
 transfer id instead). Reports from an earlier attempt (before a re-queue, a restart or an
 agent reconnect) are dropped here, because the policy cannot tell attempts apart. A failure
-that names no instance is an agent refusing a command (StartDecode, for one, names none on
-the wire): it is about the request's work on the reporting node, and must reach the policy, or
-the request would wait forever for work that never runs.
+that names no instance is an agent refusing a command that names no single instance (a
+StartPrefill, say; a refused StartDecode names its instance): it is about the request's work
+on the reporting node, and must reach the policy, or the request would wait forever for work
+that never runs.
 """
 
 from __future__ import annotations

@@ -696,10 +696,16 @@ class StartDecode(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     transfer_id: _builtins.str
     """Set when the KV arrived by TransferKv."""
     max_new_tokens: _builtins.int
+    instance_id: _builtins.str
+    """The instance that decodes (the transfer's destination, or where the request was
+    prefilled); a refusal of this command names it. Empty (older control planes): the agent
+    picks the transfer's destination or the one worker holding the request.
+    """
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams: ...
     @_builtins.property
@@ -712,10 +718,11 @@ class StartDecode(_message.Message):
         max_new_tokens: _builtins.int = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         generated_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_token_ids", b"generated_token_ids", "max_new_tokens", b"max_new_tokens", "request_id", b"request_id", "sampling", b"sampling", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_token_ids", b"generated_token_ids", "instance_id", b"instance_id", "max_new_tokens", b"max_new_tokens", "request_id", b"request_id", "sampling", b"sampling", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

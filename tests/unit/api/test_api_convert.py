@@ -99,6 +99,12 @@ def test_every_order_becomes_its_command(order, kind):
     assert message.command.trace.traceparent == TRACE.traceparent
 
 
+def test_decode_command_names_its_instance():
+    order = DecodeOrder("r", "c", "t1", 8, SAMPLING, (5,))
+    d = convert.command_to_proto(AgentCommand("n", order, "r", None), 1).command.start_decode
+    assert (d.instance_id, d.transfer_id, list(d.generated_token_ids)) == ("c", "t1", [5])
+
+
 def test_prefill_command_fields():
     p = convert.command_to_proto(AgentCommand("n", PREFILL, "r", None), 1).command.start_prefill
     assert list(p.prompt_token_ids) == [1, 2] and list(p.generated_token_ids) == [5]
