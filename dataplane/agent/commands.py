@@ -32,7 +32,8 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
   reported when sending starts, DONE once the destination holds all of it (the source copy is
   freed then), FAILED from either side. The destination never decodes before DONE and
   StartDecode; a newer TransferKv to it for the same request supersedes an older one.
-* StartDecode resumes the destination of `transfer_id` (or the one worker holding the request).
+* StartDecode resumes `instance_id` (older control planes leave it empty: the destination of
+  `transfer_id`, or the one worker holding the request); a refusal names `instance_id`.
 * Cancel frees the request on every worker here (aborting transfers) and answers one
   Cancelled, also for a request this node does not hold.
 * Tokens events carry every generated token including the first; PrefillDone repeats it.
@@ -148,8 +149,10 @@ class CommandRouter:
         except CommandError as exc:
             step.error = str(exc)
             retryable = isinstance(exc, _Retryable)
+            # A refused StartDecode names its instance (the control plane matches it exactly).
+            target = command.start_decode.instance_id if kind == "start_decode" else ""
             step.events.append(
-                failed_event(rid, "", f"{kind or 'command'}: {exc}", retryable, now_s)
+                failed_event(rid, target, f"{kind or 'command'}: {exc}", retryable, now_s)
             )
         return step
 
@@ -259,14 +262,14 @@ class CommandRouter:
         node = self.node
         spans = len(cmd.instance_ids) > 1 and bool(cmd.rendezvous_address and cmd.group_id)
         indices = []
-        for i, instance_id in enumerate(cmd.instance_ids):
-            index = node.index_of(instance_id)
+        for i, member in enumerate(cmd.instance_ids):
+            index = node.index_of(member)
             if index is not None:
                 indices.append(index)
             elif not spans:
                 hint = " (an SP group spanning nodes needs rendezvous_address and group_id)"
                 raise CommandError(
-                    f"instance_ids[{i}] {instance_id!r} is not an instance of node "
+                    f"instance_ids[{i}] {member!r} is not an instance of node "
                     f"{node.node_id!r}" + (hint if len(cmd.instance_ids) > 1 else "")
                 )
         if not indices:
@@ -342,7 +345,16 @@ class CommandRouter:
     def _start_decode(self, step: Step, cmd: cluster_pb2.StartDecode) -> None:
         route = self._route(cmd.request_id, "start_decode")
         info = self.table.transfers.get(cmd.transfer_id) if cmd.transfer_id else None
-        if info is not None:
+        if cmd.instance_id:
+            index = self.node.index_of(cmd.instance_id)
+            if index is None:
+                raise CommandError(
+                    f"instance_id {cmd.instance_id!r} is not an instance of node "
+                    f"{self.node.node_id!r}"
+                )
+            if index not in route.workers:
+                raise _Retryable(f"request {cmd.request_id!r} is not on {cmd.instance_id}")
+        elif info is not None:
             index = self.node.index_of(info.destination_id)
             if index is None:
                 raise CommandError(f"transfer {cmd.transfer_id!r} ends on another node")

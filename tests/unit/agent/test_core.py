@@ -372,3 +372,21 @@ def test_only_rank_0_reports_an_sp_group_of_this_node_even_when_others_finish_fi
     kinds = [(e.instance_id, e.WhichOneof("kind")) for e in ports.events()]
     assert kinds == [("n1/1", "tokens"), ("n1/1", "finished")]
     assert not core.table.routes
+
+
+def test_start_decode_runs_on_the_named_instance_and_a_refusal_names_it() -> None:
+    # Prepare: r is held on n1/0 after its prefill
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"], decode_in_place=False)
+    # Execute
+    for rid, instance_id in (("r", "n1/1"), ("ghost", "n1/1"), ("r", "n1/0")):
+        decode = cluster_pb2.StartDecode(request_id=rid, instance_id=instance_id)
+        command(core, start_decode=decode)
+    # Assert: the two refusals name the instance (retryable: the request may decode
+    # elsewhere); the third starts on worker 0
+    refusals = [(e.request_id, e.instance_id, e.failed.retryable) for e in ports.events()]
+    assert refusals == [("r", "n1/1", True), ("ghost", "n1/1", True)]
+    assert [(i, c) for i, c in ports.worker if isinstance(c, m.StartDecode)] == [
+        (0, m.StartDecode("r"))
+    ]
