@@ -123,10 +123,12 @@ class AgentCore:
                 self._on_control(item.message)
 
     def tick(self, now_s: float) -> None:
-        """Heartbeats and the drain deadline (`now_s`: monotonic clock)."""
+        """Heartbeats (with the pruning of transfers) and the drain deadline (`now_s`:
+        monotonic clock)."""
         if self.registered and now_s >= self.next_heartbeat_s:
             self.next_heartbeat_s = now_s + self.heartbeat_interval_s
             self._send(cluster_pb2.AgentMessage(heartbeat=self.heartbeat()))
+            self.table.forget_transfers()
         if self.draining and (self.table.idle or now_s >= self.drain_deadline_s):
             self.hand_back_all("agent drained: the request was handed back")
             self.finished = True

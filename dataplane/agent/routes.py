@@ -80,6 +80,12 @@ class RequestTable:
         del self.cancelling[request_id]
         return True
 
+    def forget_transfers(self) -> None:
+        """Drop the transfers of requests without a route: reports about such a request are
+        dropped, so nothing reads them any more (they would only grow)."""
+        self.transfers = {t: i for t, i in self.transfers.items() if i.request_id in self.routes}
+        self.failed_transfers &= self.transfers.keys()
+
     def release(self, request_id: str, index: int) -> None:
         """Worker `index` no longer holds the request; the route goes when nobody does."""
         route = self.routes[request_id]

@@ -390,3 +390,34 @@ def test_start_decode_runs_on_the_named_instance_and_a_refusal_names_it() -> Non
     assert [(i, c) for i, c in ports.worker if isinstance(c, m.StartDecode)] == [
         (0, m.StartDecode("r"))
     ]
+
+
+def test_transfers_are_forgotten_with_their_requests_at_the_next_heartbeat() -> None:
+    # Prepare: "done" moved to n1/1 and finished there; "failed" failed its transfer and was
+    # cancelled; "live" is still being sent
+    core, ports = make_core()
+    attach(core)
+    for rid in ("done", "failed", "live"):
+        prefill(core, rid, ["n1/0"], decode_in_place=False)
+        kv = cluster_pb2.TransferKv(
+            request_id=rid,
+            transfer_id=f"{rid}/t1",
+            source_instance_id="n1/0",
+            destination_instance_id="n1/1",
+        )
+        command(core, transfer_kv=kv)
+    for index, is_source in ((0, True), (1, False)):
+        core.handle(
+            WorkerSaid(index, 0, m.TransferUpdate("done", "done/t1", "done", is_source, 1, 0.1, ""))
+        )
+    core.handle(WorkerSaid(1, 0, m.Finished("done", 2, "length")))
+    core.handle(
+        WorkerSaid(1, 0, m.TransferUpdate("failed", "failed/t1", "failed", False, 0, 0.1, "x"))
+    )
+    command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="failed"))
+    assert core.table.failed_transfers == {"failed/t1"}
+    # Execute
+    core.tick(1e9)
+    # Assert: only the live request's transfer is kept
+    assert set(core.table.transfers) == {"live/t1"} and not core.table.failed_transfers
+    assert ports.wire[-1].HasField("heartbeat")
