@@ -19,17 +19,21 @@ sees partial KV (the request stays IMPORTING until "ok" is committed); a failed 
 its rows once its copy has drained. Each side adds 1 to `<key>/ends` when it is terminal; the
 second one deletes the transfer's keys.
 
-The offer is JSON (no pickle: it crosses processes): the metadata, the CUDA IPC handle of each
-storage the KV lives in (`UntypedStorage._share_cuda_`, taken once per storage and cached), each
-layer's view as (storage, offset, shape, strides), and the IPC event. Opened storages are cached
-by handle for the life of the worker, so only the first transfer from a peer pays for mapping
-its pool. Workers of one node see the same device numbering; a copy between two GPUs of a node
-goes over their peer link.
+The offer is one store value (no pickle: it crosses processes): a uint32 length, a JSON
+document with the CUDA IPC handle of each storage the KV lives in (`UntypedStorage._share_cuda_`,
+taken once per storage and cached), each layer's view as (storage, offset, shape, strides) and
+the IPC event, then the binary metadata (`metadata_to_bytes`; a 128K-token prompt's ids as JSON
+cost ~35 ms on each side, more than the 16 GiB copy). Opened storages are cached by handle for
+the life of the worker, so only the first transfer from a peer pays for mapping its pool.
+Workers of one node see the same device numbering; a copy between two GPUs of a node goes over
+their peer link. `stamps` holds each side's phase times and `copy_gpu_s` the receiver's copy as
+the GPU timed it, for diagnosis (`bench/kv_ipc.py`).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +47,7 @@ IPC_KEY_PREFIX = "kvipc/"
 _OK = "ok"
 _ABORT = "abort: "
 _FAIL = "fail: "
+_U32 = struct.Struct("<I")  # length of the offer's JSON part
 
 
 class IpcRegistry:
@@ -117,7 +122,8 @@ class _IpcSide:
         self._key = f"{IPC_KEY_PREFIX}{key}"
         self.timeout_s = timeout_s
         self._clock = clock
-        self._deadline = clock() + timeout_s
+        self.stamps: dict[str, float] = {"start": clock()}  # phase -> clock, for diagnosis
+        self._deadline = self.stamps["start"] + timeout_s
         self.state = TransferState.PENDING
         self._failure: str | None = None
         self.num_layers_done = 0
@@ -130,8 +136,11 @@ class _IpcSide:
     def _has(self, name: str) -> bool:
         return bool(self._store.check([f"{self._key}/{name}"]))
 
+    def _get_bytes(self, name: str) -> bytes:
+        return bytes(self._store.get(f"{self._key}/{name}"))
+
     def _get(self, name: str) -> str:
-        return bytes(self._store.get(f"{self._key}/{name}")).decode()
+        return self._get_bytes(name).decode()
 
     def _is_terminal(self) -> bool:
         return self.state in (TransferState.DONE, TransferState.FAILED)
@@ -143,6 +152,7 @@ class _IpcSide:
 
     def _end(self, state: TransferState, failure: str | None = None) -> None:
         self.state, self._failure = state, failure
+        self.stamps["end"] = self._clock()
         if int(self._store.add(f"{self._key}/ends", 1)) >= 2:  # the other side ended first
             for name in ("offer", "result", "ends"):
                 self._store.delete_key(f"{self._key}/{name}")
@@ -186,14 +196,17 @@ class IpcKVSender(_IpcSide):
         # Orders the receiver's copy after the KV's last write on this worker's stream.
         self._event = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
         self._event.record(torch.cuda.current_stream(registry.device))
-        offer = {
-            "metadata": metadata_to_bytes(export.metadata).decode(),
+        handles = {
             "storages": storages,
             "views": views,
             "event": self._event.ipc_handle().hex(),  # type: ignore[no-untyped-call]
         }
+        encoded = json.dumps(handles).encode()
+        offer = b"".join((_U32.pack(len(encoded)), encoded, metadata_to_bytes(export.metadata)))
         self._num_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        store.set(f"{self._key}/offer", json.dumps(offer))
+        self.stamps["offer_built"] = clock()
+        store.set(f"{self._key}/offer", offer)
+        self.stamps["offer_set"] = clock()
         self.state = TransferState.TRANSFERRING
 
     def poll(self) -> TransferState:
@@ -248,6 +261,7 @@ class IpcKVReceiver(_IpcSide):
         self._begin, self._finish, self._cancel = begin_import, finish_import, cancel_import
         self.metadata: KVMetadata | None = None
         self._request_id: str | None = None  # set once rows are reserved
+        self._copy_started: torch.cuda.Event | None = None  # recorded before the first copy
         self._copied: torch.cuda.Event | None = None  # recorded after the last copy
         self._sources: list[torch.Tensor] = []  # peer views, alive until the copy finished
 
@@ -265,10 +279,12 @@ class IpcKVReceiver(_IpcSide):
                 if self._has("result"):  # the sender gave up before we started
                     self._fail(self._get("result"), commit=False)
                 elif self._has("offer"):
-                    self._start_copy(json.loads(self._get("offer")))
+                    self._start_copy(self._get_bytes("offer"))
             elif self._copied.query():  # type: ignore[no-untyped-call]
+                self.stamps["copy_done"] = self._clock()
                 self._sources.clear()
                 result = self._commit(_OK)
+                self.stamps["committed"] = self._clock()
                 if result == _OK:
                     assert self._request_id is not None
                     self._finish(self._request_id)  # only now may the engine decode it
@@ -286,10 +302,22 @@ class IpcKVReceiver(_IpcSide):
         if self.state not in (TransferState.DONE, TransferState.FAILED):
             self._fail(f"{_ABORT}aborted by the receiver")
 
-    def _start_copy(self, offer: dict[str, Any]) -> None:
-        meta = metadata_from_bytes(offer["metadata"].encode())
+    @property
+    def copy_gpu_s(self) -> float | None:
+        """The copy's duration on the GPU (after the waits), once it finished."""
+        if self._copy_started is None or self._copied is None or "copy_done" not in self.stamps:
+            return None
+        return float(self._copy_started.elapsed_time(self._copied)) / 1e3
+
+    def _start_copy(self, raw: bytes) -> None:
+        self.stamps["offer_read"] = self._clock()
+        (json_len,) = _U32.unpack_from(raw)
+        offer = json.loads(raw[_U32.size : _U32.size + json_len])
+        meta = metadata_from_bytes(raw[_U32.size + json_len :])
         self.metadata = meta
+        self.stamps["offer_decoded"] = self._clock()
         target = self._begin(meta)  # reserves rows; the request is IMPORTING
+        self.stamps["rows_reserved"] = self._clock()
         self._request_id = target.request_id
         dtype = _dtype(meta.dtype)
         bases = [self._registry.open(d).view(dtype) for d in offer["storages"]]
@@ -306,11 +334,14 @@ class IpcKVReceiver(_IpcSide):
         stream = self._registry.copy_stream
         stream.wait_event(event)  # the sender's KV writes are done
         stream.wait_stream(torch.cuda.current_stream(self._registry.device))  # rows now free
+        self._copy_started = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self._copied = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self._copy_started.record(stream)
         with torch.cuda.stream(stream):
             for dst, src in zip(dests, self._sources, strict=True):
                 dst.copy_(src, non_blocking=True)
-        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._copied.record(stream)
+        self.stamps["copy_enqueued"] = self._clock()
         self.num_bytes = sum(t.numel() * t.element_size() for t in dests)
         self.num_layers_done = meta.num_layers
         self.state = TransferState.TRANSFERRING
