@@ -14,12 +14,14 @@ Baseline, same run: the same per-layer K/V copies between two tensors inside thi
 column: the same copies from the sender's mapped pool, outside the protocol. GB/s count KV
 bytes once (the copy reads and writes each byte: twice that crosses memory). Medians.
 
-Phases (medians, ms; both processes stamp `time.monotonic`, one clock on one machine): `encode`
-the sender builds the offer (metadata packed), `set` stores it, `seen` until the receiver has
-read it (its store polling), `decode` the receiver parses it, `reserve` rows (here: views, the
-engine's admission is not timed), `enqueue` opens handles and the event and queues the copies,
-`copy` until the receiver's poll sees them done (`gpu`: the copy as the GPU timed it), `commit`
-the receiver's compare_set and finish, `ack` until the sender's poll reads the result.
+Phases (medians, ms; both processes stamp `time.monotonic`, one clock on one machine): `offer`
+the sender builds and stores the offer (no token ids), `seen` until the receiver has read it
+(its store polling), `reserve` it parses it and reserves rows (here: views; the engine's
+admission is not timed), `enqueue` opens handles and the event and queues the copies, `copy`
+until the receiver's poll sees the ids attached and the copies done (`gpu`: the copy as the GPU
+timed it), `commit` the receiver's compare_set and finish, `ack` until the sender reads the
+result. Overlapped with `copy`: `ids` the sender packs and stores the token ids (after `offer`),
+`attach` the receiver unpacks them (here: no engine admission).
 """
 
 from __future__ import annotations
@@ -99,41 +101,44 @@ def _receive(store: Any, key: str, registry: Any, pool: Any) -> Any:
     from dataplane.parallel.kv_ipc import IpcKVReceiver
     from dataplane.parallel.kv_transfer import TransferState
 
-    def begin(meta: Any) -> KVImportTarget:
+    def reserve(meta: Any, _num_prompt: int, _num_output: int) -> KVImportTarget:
         n = meta.num_kv_tokens
         keys = tuple(pool[layer, 0, :n] for layer in range(pool.shape[0]))
         values = tuple(pool[layer, 1, :n] for layer in range(pool.shape[0]))
         return KVImportTarget(meta.request_id, keys, values)
 
+    def ignore(_arg: Any) -> None:
+        return None
+
     receiver = IpcKVReceiver(
-        store, key, registry, begin, lambda _rid: None, lambda _rid: None, timeout_s=TIMEOUT_S
+        store, key, registry, reserve, ignore, ignore, ignore, timeout_s=TIMEOUT_S
     )
     while receiver.poll() not in (TransferState.DONE, TransferState.FAILED):
         pass
     return receiver
 
 
-PHASES = ("encode", "set", "seen", "decode", "reserve", "enqueue", "copy", "gpu", "commit", "ack")
+PHASES = ("offer", "seen", "reserve", "enqueue", "copy", "gpu", "commit", "ack", "ids", "attach")
+SPANS = {  # phase: (from, to); "s." the sender's stamps, "r." the receiver's
+    "offer": ("s.start", "s.offer_set"),
+    "seen": ("s.offer_set", "r.offer_read"),
+    "reserve": ("r.offer_read", "r.rows_reserved"),
+    "enqueue": ("r.rows_reserved", "r.copy_enqueued"),
+    "copy": ("r.copy_enqueued", "r.copy_done"),
+    "commit": ("r.copy_done", "r.committed"),
+    "ack": ("r.committed", "s.end"),
+    "ids": ("s.offer_set", "s.ids_set"),
+    "attach": ("r.ids_read", "r.ids_attached"),
+}
 
 
 def _phases(sent: dict[str, float], received: Any) -> dict[str, float]:
     """One transfer's phases in ms from both sides' stamps (see the module docstring)."""
-    r = received.stamps
-    marks = [
-        sent["start"],
-        sent["offer_built"],
-        sent["offer_set"],
-        r["offer_read"],
-        r["offer_decoded"],
-        r["rows_reserved"],
-        r["copy_enqueued"],
-        r["copy_done"],
-        r["committed"],
-        sent["end"],
-    ]
-    spans = [(b - a) * 1e3 for a, b in zip(marks, marks[1:], strict=False)]
-    names = [p for p in PHASES if p != "gpu"]
-    return dict(zip(names, spans, strict=True)) | {"gpu": received.copy_gpu_s * 1e3}
+    stamps = {f"s.{k}": v for k, v in sent.items()} | {
+        f"r.{k}": v for k, v in received.stamps.items()
+    }
+    spans = {p: (stamps[b] - stamps[a]) * 1e3 for p, (a, b) in SPANS.items()}
+    return spans | {"gpu": received.copy_gpu_s * 1e3}
 
 
 def _copy_s(src: Any, dst: Any, num_tokens: int, repeats: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import struct
 import time
@@ -22,6 +23,7 @@ from dataplane.parallel.kv_transfer import (
     KVSender,
     TransferState,
     metadata_from_bytes,
+    metadata_header,
     metadata_to_bytes,
 )
 
@@ -174,9 +176,9 @@ def test_metadata_round_trips_and_malformed_bytes_name_the_field() -> None:
     # Prepare
     engine = _engine()
     meta = _prefill_and_export(engine, "r9").metadata
-    header = b'{"sampling": [1, 0, 1, 0, []], "generator_state": null, '
-    no_id = header + b'"num_prompt_tokens": 0, "num_output_tokens": 0}'
-    short_ids = header + b'"num_prompt_tokens": 3, "num_output_tokens": 0}'
+    header = metadata_header(meta)
+    no_id = json.dumps({k: v for k, v in header.items() if k != "request_id"}).encode()
+    short_ids = json.dumps(header | {"num_prompt_tokens": 3, "num_output_tokens": 0}).encode()
 
     # Execute
     raw = metadata_to_bytes(meta)
