@@ -120,6 +120,7 @@ def run_agent(config: AgentConfig, *, install_signals: bool = True) -> int:
     finally:
         link.close()
         supervisor.stop()
+        core.spans.end_all()
         flush_spans()
         del store
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -37,7 +38,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rendezvous-port", type=int, default=0, help="its port (0: any free one)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to drain on SIGTERM")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (cpu)")
-    p.add_argument("--otlp-endpoint", help="OTLP/gRPC collector for spans, e.g. http://host:4317")
+    p.add_argument(
+        "--otlp-endpoint",
+        help="OTLP/gRPC collector for spans, e.g. http://host:4317 "
+        "(default: OTEL_EXPORTER_OTLP_ENDPOINT, else no spans are exported)",
+    )
     p.set_defaults(handler=_agent)
 
 
@@ -45,6 +50,7 @@ def _agent(args: argparse.Namespace) -> int:
     from dataplane.agent.config import (
         AgentConfig,
         default_node_id,
+        otlp_endpoint,
         parse_kv_budget,
         parse_roles,
     )
@@ -67,7 +73,7 @@ def _agent(args: argparse.Namespace) -> int:
             rendezvous_port=args.rendezvous_port,
             drain_timeout_s=args.drain_timeout,
             threads_per_worker=args.threads_per_worker,
-            otlp_endpoint=args.otlp_endpoint,
+            otlp_endpoint=otlp_endpoint(args.otlp_endpoint, os.environ),
         )
         _check_model(config.model)
     except ValueError as exc:

@@ -1,10 +1,14 @@
-"""The agent's configuration: one frozen value built once from the command line."""
+"""The agent's configuration: one frozen value built once from the command line and the
+environment (the only place of the agent that reads environment variables)."""
 
 from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the OpenTelemetry standard variable
 
 ROLES = ("general", "short_decode", "long_reserved")
 
@@ -110,3 +114,8 @@ def instance_id(node_id: str, index: int) -> str:
 def default_node_id() -> str:
     """The host name (without '/'), the default --node-id."""
     return socket.gethostname().replace("/", "-") or "node"
+
+
+def otlp_endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
+    """--otlp-endpoint, else OTEL_EXPORTER_OTLP_ENDPOINT, else None (no spans exported)."""
+    return flag or env.get(OTEL_ENDPOINT_ENV) or None

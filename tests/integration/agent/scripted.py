@@ -157,32 +157,3 @@ class ScriptedControlPlane(cluster_pb2_grpc.ClusterServicer):
                 assert e.tokens.start_index == len(tokens), (e.tokens.start_index, len(tokens))
                 tokens.extend(e.tokens.token_ids)
         return tokens
-
-
-class OtlpReceiver:
-    """A real OTLP/gRPC trace collector on loopback that keeps every exported span."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import (
-            trace_service_pb2,
-            trace_service_pb2_grpc,
-        )
-
-        self.spans: list[Any] = []
-        receiver = self
-
-        class _Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
-                for resource_spans in request.resource_spans:
-                    for scope_spans in resource_spans.scope_spans:
-                        receiver.spans.extend(scope_spans.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Service(), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def stop(self) -> None:
-        """Stop the collector."""
-        self._server.stop(grace=0).wait()
