@@ -34,11 +34,16 @@ class ScriptedControlPlane(cluster_pb2_grpc.ClusterServicer):
         self.port = 0
 
     # ---------------------------------------------------------------- server
-    def start(self, port: int = 0) -> int:
-        """Serve on 127.0.0.1:port (0: a free port); returns the port."""
+    def start(self, port: int = 0, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Serve on 127.0.0.1:port (0: a free port), over TLS with `credentials`; returns the
+        port."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         cluster_pb2_grpc.add_ClusterServicer_to_server(self, server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         server.start()
         self._server = server
         return self.port
