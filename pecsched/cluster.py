@@ -69,6 +69,7 @@ class ClusterSpec:
     tokenizer_dir: str | None = None  # served model's tokenizer, for the control plane
     http_port: int | None = None  # OpenAI gateway on 127.0.0.1:PORT (None: no gateway)
     model_name: str = "pecsched"  # the model id the gateway serves
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector of the control plane's and agents' spans
 
     @property
     def target(self) -> str:
@@ -147,6 +148,8 @@ class LocalCluster:
         ]
         if self.spec.tokenizer_dir is not None:
             args += ["--tokenizer", self.spec.tokenizer_dir]
+        if self.spec.otlp_endpoint is not None:
+            args += ["--otlp-endpoint", self.spec.otlp_endpoint]
         if self.spec.config_toml:
             config_path = self.log_dir / "controlplane.toml"
             config_path.write_text(self.spec.config_toml)
@@ -174,6 +177,8 @@ class LocalCluster:
         ]
         if agent.kv_budget is not None:
             args += ["--kv-budget", agent.kv_budget]
+        if self.spec.otlp_endpoint is not None:
+            args += ["--otlp-endpoint", self.spec.otlp_endpoint]
         self.agents[agent.node_id] = self._spawn(agent.node_id, [*args, *agent.extra_args])
 
     def start_gateway(self, timeout_s: float = 30.0) -> None:
