@@ -9,7 +9,6 @@ end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<n
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -21,17 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pecsched.orphans import PARENT_PID_ENV
+
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL
-_PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal the child gets when its parent dies
-# Resolved here, in the parent: the child between fork and exec must not import anything (the
-# import lock may have been held by another thread at fork time).
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a SIGKILLed `up` or test runner leaves no orphans behind.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -107,7 +98,13 @@ class LocalCluster:
         count = self._num_starts.get(name, 0)
         self._num_starts[name] = count + 1
         log_path = self.log_dir / (f"{name}.log" if count == 0 else f"{name}.{count}.log")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        # The child dies with this process (a SIGKILLed `up` or test runner leaves no orphans).
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            PARENT_PID_ENV: str(os.getpid()),
+            **self.spec.env,
+        }
         with open(log_path, "wb") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "pecsched", *args],
@@ -116,7 +113,6 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
 
     def log_tail(self, name: str, num_chars: int = 3000) -> str:
