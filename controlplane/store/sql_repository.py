@@ -35,6 +35,7 @@ from controlplane.store.records import (
     RequestInputs,
     RequestPage,
     SamplingParams,
+    UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
 from controlplane.store.sql_session import SqlUnitOfWork
@@ -53,6 +54,10 @@ _VIEW_COLUMNS = tuple(
         "chunks_total num_preemptions num_requeues paused_total_s prefill_instance_ids "
         "decode_instance_ids output_tokens error"
     ).split()
+)
+# Columns of what the data plane needs beyond the view.
+_INPUT_COLUMNS = tuple(
+    _requests.c[name] for name in "prompt_token_ids temperature top_p seed stop_at_eos".split()
 )
 _MUTABLE = (
     "state prefill_done_s finished_s chunks_done chunks_total num_preemptions num_requeues "
@@ -154,17 +159,15 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def get_request_inputs(self, request_id: str) -> RequestInputs:
         """See Repository.get_request_inputs."""
-        columns = ("prompt_token_ids", "temperature", "top_p", "seed", "stop_at_eos")
-        query = select(*(_requests.c[c] for c in columns), _requests.c.idempotency_key)
+        query = select(*_INPUT_COLUMNS, _requests.c.idempotency_key)
         with self.uow.scope(write=False) as connection:
             row = connection.execute(query.where(_requests.c.id == request_id)).one_or_none()
         if row is None:
             raise NotFound(f"request {request_id!r} not found")
-        sampling = SamplingParams(
-            row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos
-        )
         return RequestInputs(
-            codec.unpack_token_ids(row.prompt_token_ids), sampling, row.idempotency_key
+            codec.unpack_token_ids(row.prompt_token_ids),
+            _sampling_from_row(row),
+            row.idempotency_key,
         )
 
     def list_requests(
@@ -214,6 +217,32 @@ class SqlRepository(ClusterSqlMixin, Repository):
         )
         with self.uow.scope(write=False) as connection:
             return [_view_from_row(row) for row in connection.execute(query)]
+
+    def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
+        """See Repository.unfinished_with_inputs: two queries, both served by the partial
+        index on unfinished requests."""
+        unfinished = text(UNFINISHED_PREDICATE)
+        requests = self._select_view.add_columns(*_INPUT_COLUMNS).where(unfinished)
+        tokens = (
+            select(_tokens.c.request_id, _tokens.c.token_ids)
+            .join(_requests, _requests.c.id == _tokens.c.request_id)
+            .where(unfinished)
+            .order_by(_tokens.c.request_id, _tokens.c.start_index)
+        )
+        with self.uow.scope(write=False) as connection:
+            chunks: dict[str, list[bytes]] = {}
+            for request_id, packed in connection.execute(tokens):
+                chunks.setdefault(request_id, []).append(packed)
+            rows = connection.execute(requests.order_by(_requests.c.arrival_s, _requests.c.id))
+            return [
+                UnfinishedRequest(
+                    _view_from_row(row),
+                    codec.unpack_token_array(row.prompt_token_ids),
+                    _sampling_from_row(row),
+                    codec.unpack_token_ids(b"".join(chunks.get(row.id, ()))),
+                )
+                for row in rows
+            ]
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests."""
@@ -378,6 +407,10 @@ def _update_params(view: RequestView) -> dict[str, Any]:
         "b_output_tokens": view.output_tokens,
         "b_error": view.error or None,
     }
+
+
+def _sampling_from_row(row: Row[Any]) -> SamplingParams:
+    return SamplingParams(row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos)
 
 
 def _view_from_row(row: Row[Any]) -> RequestView:

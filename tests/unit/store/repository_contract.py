@@ -355,6 +355,38 @@ class RepositoryContract(ABC):
         assert [v.request_id for v in unfinished] == ["r4", "r3"]
         assert unfinished[1].state is RequestState.PAUSED
 
+    def test_unfinished_with_inputs_carry_prompt_sampling_and_output(
+        self, repo: Repository
+    ) -> None:
+        sampling = SamplingParams(temperature=0.5, top_p=0.9, seed=2**64 - 1, stop_at_eos=False)
+        decoding = repo.add_request(
+            make_new_request("r1", prompt=(7, 2**32 - 1), arrival_s=2.0, sampling=sampling)
+        ).view
+        repo.add_request(make_new_request("r2", prompt=(1, 2, 3), arrival_s=1.0))
+        done = repo.add_request(make_new_request("r3", arrival_s=0.5)).view
+        repo.update_requests(
+            [
+                running(decoding, state=RequestState.DECODING),
+                running(done, state=RequestState.FINISHED),
+            ]
+        )
+        repo.append_output_tokens("r1", 0, [5, 6])
+        repo.append_output_tokens("r1", 2, [8])
+        repo.append_output_tokens("r3", 0, [9])
+
+        unfinished = repo.unfinished_with_inputs()
+
+        assert [u.view.request_id for u in unfinished] == ["r2", "r1"]
+        assert [u.view for u in unfinished] == repo.unfinished_requests()
+        assert list(unfinished[1].prompt_token_ids) == [7, 2**32 - 1]
+        assert unfinished[1].prompt_token_ids.itemsize == 4  # held packed
+        assert unfinished[1].sampling == sampling
+        assert unfinished[1].output_token_ids == (5, 6, 8)
+        assert (list(unfinished[0].prompt_token_ids), unfinished[0].output_token_ids) == (
+            [1, 2, 3],
+            (),
+        )
+
     def test_class_stats_count_by_class_and_state(self, repo: Repository) -> None:
         repo.add_request(make_new_request("s1", prompt=(1,) * 5))
         repo.add_request(make_new_request("s2", prompt=(1,) * 7))
