@@ -8,6 +8,7 @@ compiled form and psycopg prepares them on the server after a few executions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -38,7 +39,7 @@ from controlplane.store.records import (
     UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
-from controlplane.store.sql_session import SqlUnitOfWork
+from controlplane.store.sql_session import SqlUnitOfWork, copy_rows
 from controlplane.store.tables import UNFINISHED_PREDICATE, metadata
 
 _requests = metadata.tables["requests"]
@@ -64,7 +65,17 @@ _MUTABLE = (
     "paused_total_s prefill_instance_ids decode_instance_ids output_tokens error"
 ).split()
 _SET_ONCE = ("first_scheduled_s", "first_token_s")
-_INSERT_COLUMNS = tuple(column.name for column in _requests.columns)
+# The columns of `requests` in the order `_insert_row` fills them.
+_INSERT_COLUMNS = tuple(
+    "id tenant request_class state prompt_token_ids prompt_tokens max_new_tokens temperature "
+    "top_p seed stop_at_eos priority deadline_s idempotency_key output_tokens error "
+    "num_preemptions num_requeues paused_total_s prefill_instance_ids decode_instance_ids "
+    "chunks_done chunks_total arrival_s first_scheduled_s prefill_done_s first_token_s "
+    "finished_s".split()
+)
+assert _INSERT_COLUMNS == tuple(c.name for c in _requests.columns), "a column was added"
+_EVENT_COLUMNS = ("request_id", "kind", "at_s", "instance_id", "details")
+_QUEUED = RequestState.QUEUED.value
 
 
 class SqlRepository(ClusterSqlMixin, Repository):
@@ -72,6 +83,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def __init__(self, engine: Engine) -> None:
         self.uow = SqlUnitOfWork(engine)
+        self._is_postgres = engine.dialect.name == "postgresql"
         dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._dialect_insert = dialect_insert
         self._insert_request = dialect_insert(_requests).on_conflict_do_nothing(
@@ -102,7 +114,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def add_request(self, new: NewRequest) -> AddResult:
         """See Repository.add_request."""
-        row = _insert_params(new)
+        row = dict(zip(_INSERT_COLUMNS, _insert_row(new), strict=True))
         with self.uow.scope(write=True) as connection:
             inserted = connection.execute(self._insert_returning, row).first()
             if inserted is not None:
@@ -112,16 +124,23 @@ class SqlRepository(ClusterSqlMixin, Repository):
     def add_requests(self, news: Sequence[NewRequest]) -> list[AddResult]:
         """See Repository.add_requests.
 
-        One executemany INSERT ... ON CONFLICT DO NOTHING (pipelined and prepared by psycopg),
-        then, only when some requests carry an idempotency key, one SELECT of those keys to
-        tell new rows from replays.
+        Requests without an idempotency key cannot conflict (their ids are random): on
+        PostgreSQL they go in by COPY, a quarter of the CPU of an INSERT per row. The others
+        go in by one executemany INSERT ... ON CONFLICT DO NOTHING (pipelined and prepared by
+        psycopg), then one SELECT of their keys tells new rows from replays.
         """
         if not news:
             return []
-        rows = [_insert_params(new) for new in news]
+        keyed = [new for new in news if new.idempotency_key is not None]
         with self.uow.scope(write=True) as connection:
-            connection.exec_driver_sql(self._insert_many_sql, rows)
-            keyed = [new for new in news if new.idempotency_key is not None]
+            if self._is_postgres:
+                unkeyed = [_insert_row(new) for new in news if new.idempotency_key is None]
+                copy_rows(connection, "requests", _INSERT_COLUMNS, unkeyed)
+                if keyed:
+                    rows = [_insert_row(new) for new in keyed]
+                    connection.exec_driver_sql(self._insert_many_sql, rows)
+            else:
+                connection.exec_driver_sql(self._insert_many_sql, [_insert_row(n) for n in news])
             stored = iter(self._by_keys(connection, keyed)) if keyed else iter(())
             results = []
             claimed: set[str] = set()
@@ -313,21 +332,36 @@ class SqlRepository(ClusterSqlMixin, Repository):
     # -- timeline ------------------------------------------------------------------------
 
     def record_events(self, events: Sequence[RequestEvent]) -> None:
-        """See Repository.record_events."""
+        """See Repository.record_events (by COPY on PostgreSQL: appending never conflicts)."""
         if not events:
             return
-        rows = [
-            {
-                "request_id": event.request_id,
-                "kind": RequestEventKind(event.kind).value,
-                "at_s": event.at_s,
-                "instance_id": event.instance_id,
-                "details": dict(event.details),
-            }
-            for event in events
-        ]
         with self.uow.scope(write=True) as connection:
-            connection.execute(_events.insert(), rows)
+            if self._is_postgres:
+                rows = [
+                    (
+                        event.request_id,
+                        RequestEventKind(event.kind).value,
+                        event.at_s,
+                        event.instance_id,
+                        json.dumps(dict(event.details)),
+                    )
+                    for event in events
+                ]
+                copy_rows(connection, "request_events", _EVENT_COLUMNS, rows)
+                return
+            connection.execute(
+                _events.insert(),
+                [
+                    {
+                        "request_id": event.request_id,
+                        "kind": RequestEventKind(event.kind).value,
+                        "at_s": event.at_s,
+                        "instance_id": event.instance_id,
+                        "details": dict(event.details),
+                    }
+                    for event in events
+                ],
+            )
 
     def list_events(self, request_id: str) -> list[RequestEvent]:
         """See Repository.list_events."""
@@ -344,45 +378,46 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
 
 def _placeholder(dialect: str, column: str) -> str:
-    """A named parameter in the driver's style; blobs go to psycopg in binary (`%(x)b`)."""
+    """A positional parameter in the driver's style; blobs go to psycopg in binary (`%b`)."""
     if dialect != "postgresql":
-        return f":{column}"
-    return f"%({column})b" if column == "prompt_token_ids" else f"%({column})s"
+        return "?"
+    return "%b" if column == "prompt_token_ids" else "%s"
 
 
-def _insert_params(new: NewRequest) -> dict[str, Any]:
+def _insert_row(new: NewRequest) -> tuple[Any, ...]:
+    """The row of a new request, in `_INSERT_COLUMNS` order."""
     spec = new.spec
     sampling = new.sampling
-    return {
-        "id": spec.request_id,
-        "tenant": spec.tenant,
-        "request_class": new.request_class.value,
-        "state": RequestState.QUEUED.value,
-        "prompt_token_ids": codec.pack_token_ids(new.prompt_token_ids, "prompt_token_ids"),
-        "prompt_tokens": spec.prompt_tokens,
-        "max_new_tokens": spec.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "seed": codec.seed_to_db(sampling.seed),
-        "stop_at_eos": sampling.stop_at_eos,
-        "priority": spec.priority,
-        "deadline_s": spec.deadline_s,
-        "idempotency_key": new.idempotency_key,
-        "output_tokens": 0,
-        "error": None,
-        "num_preemptions": 0,
-        "num_requeues": 0,
-        "paused_total_s": 0.0,
-        "prefill_instance_ids": "",
-        "decode_instance_ids": "",
-        "chunks_done": 0,
-        "chunks_total": 0,
-        "arrival_s": spec.arrival_s,
-        "first_scheduled_s": None,
-        "prefill_done_s": None,
-        "first_token_s": None,
-        "finished_s": None,
-    }
+    return (
+        spec.request_id,
+        spec.tenant,
+        new.request_class.value,
+        _QUEUED,
+        codec.pack_token_ids(new.prompt_token_ids, "prompt_token_ids"),
+        spec.prompt_tokens,
+        spec.max_new_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        codec.seed_to_db(sampling.seed),
+        sampling.stop_at_eos,
+        spec.priority,
+        spec.deadline_s,
+        new.idempotency_key,
+        0,  # output_tokens
+        None,  # error
+        0,  # num_preemptions
+        0,  # num_requeues
+        0.0,  # paused_total_s
+        "",  # prefill_instance_ids
+        "",  # decode_instance_ids
+        0,  # chunks_done
+        0,  # chunks_total
+        spec.arrival_s,
+        None,  # first_scheduled_s
+        None,  # prefill_done_s
+        None,  # first_token_s
+        None,  # finished_s
+    )
 
 
 def _queued_view(new: NewRequest) -> RequestView:
