@@ -65,9 +65,6 @@ class Intake:
         body = report.body
         if isinstance(body, TransferProgress):
             return self._transfer(report, body)
-        if report.attempt is not None and report.attempt != st.attempts.get(rid, 0):
-            self.num_stale += 1  # a delayed failure report about an earlier attempt
-            return False
         if not self._about_placement(report):
             self.num_stale += 1
             return False

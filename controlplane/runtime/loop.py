@@ -50,7 +50,7 @@ from controlplane.runtime.inputs import (
 from controlplane.runtime.metrics import Metrics
 from controlplane.runtime.published import Published
 from controlplane.runtime.recovery import recover
-from controlplane.runtime.reports import AgentReport, Broken
+from controlplane.runtime.reports import AgentReport
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
@@ -62,8 +62,6 @@ from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, Trace
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 SNAPSHOT_PERIOD_S = 1.0  # cluster snapshot (metrics gauges) refresh period
-RETRY_BASE_S = 0.05  # back-off of the 2nd retryable failure in a row of one request
-RETRY_MAX_S = 5.0  # longest back-off
 REBUILD_BASE_S = 0.05  # first wait before retrying a rebuild from the database
 REBUILD_MAX_S = 2.0  # longest wait between rebuild attempts
 
@@ -99,10 +97,7 @@ class Runtime:
         self._happenings: list[Happening] = []
         self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
         self._heartbeats: dict[str, float] = {}
-        self._touched_at: dict[str, float] = {}
-        self._retryable_failures: dict[
-            str, int
-        ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
+        self._touched_at: dict[str, float] = {}  # node -> when its heartbeat was last persisted
         self.published = Published(self.metrics)  # committed state the readers see
         self._snapshot: ClusterView | None = None
         self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
@@ -261,30 +256,9 @@ class Runtime:
             self._heartbeats[session.node_id] = now
 
     def report(self, session: AgentSession, report: AgentReport) -> None:
-        """An event from a live agent about one request.
-
-        Retryable failures back off: the k-th in a row of one request is applied after
-        `min(RETRY_BASE_S * 2**(k-2), RETRY_MAX_S)` (the first at once), so a request an
-        instance keeps refusing (e.g. KV fragmentation) is not re-placed there in a tight loop;
-        meanwhile its resources stay reserved where it failed. A delayed report about an
-        attempt that was superseded meanwhile is dropped.
-        """
-        if not session.is_live:
-            return
-        if isinstance(report.body, Broken) and report.body.retryable:
-            rid = report.request_id
-            count = self._retryable_failures.get(rid, 0) + 1
-            self._retryable_failures[rid] = count
-            if count > 1:
-                delay_s = min(RETRY_BASE_S * 2 ** (count - 2), RETRY_MAX_S)
-                attempt = self._state.attempts.get(rid, 0)  # a read of the tick thread's int
-                delayed = replace(report, attempt=attempt)
-                asyncio.get_running_loop().call_later(delay_s, self._deliver, delayed)
-                return
-        self._deliver(report)
-
-    def _deliver(self, report: AgentReport) -> None:
-        if not self._stopping:
+        """An event from a live agent about one request (applied at the next tick; repeated
+        retryable failures back off in the policy: ClusterState.remember_refusal)."""
+        if session.is_live and not self._stopping:
             self._happenings.append(report)
             self._wake.set()
 
@@ -351,10 +325,7 @@ class Runtime:
     ) -> None:
         self.published.logs.update(out.new_logs)
         for view in out.views:
-            previous = self.published.settle(view, now)
-            grew = view.output_tokens > (previous.output_tokens if previous else 0)
-            if view.state.is_terminal or grew:  # progress: no longer failing in a row
-                self._retryable_failures.pop(view.request_id, None)
+            self.published.settle(view, now)
         self.published.publish_tokens(out.touched_logs)
         self.admission.committed(out.num_active, out.tenant_active, out.tenant_prompt_bytes)
         self.metrics.prompt_bytes.set(sum(out.tenant_prompt_bytes.values()))
@@ -493,7 +464,6 @@ class Runtime:
                 self.published.views[view.request_id] = view
         for log in old_logs.values():
             log.retire()
-        self._retryable_failures.clear()
         self.admission.committed(
             self.policy.num_active_requests(),
             dict(self._state.tenant_active),
