@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from controlplane.core.events import Event, RequestArrived
 from controlplane.core.types import RequestState, RequestView
-from controlplane.runtime.state import Carryover, RequestInputs
+from controlplane.runtime.state import Carryover, RequestInputs, Tracked
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.records import DetailValue, NodeState, RequestEvent, RequestEventKind
@@ -53,11 +53,9 @@ def recover(ticker: Ticker, now_s: float) -> tuple[dict[str, TokenLog], list[Req
             inputs = RequestInputs(
                 spec.tenant, stored.prompt_token_ids, spec.max_new_tokens, stored.sampling
             )
-            st.track(rid, inputs, log)
-            st.requeues_of[rid] = view.num_requeues + int(was_running)
-            st.carry[rid] = Carryover(
-                view.num_preemptions, view.num_requeues + int(was_running), view.paused_total_s
-            )
+            requeues = view.num_requeues + int(was_running)
+            carry = Carryover(view.num_preemptions, requeues, view.paused_total_s)
+            st.track(rid, Tracked(inputs, log, num_requeues=requeues, carry=carry))
             logs[rid] = log
             events.append(RequestArrived(spec, now_s))
             if was_running:
