@@ -4,7 +4,8 @@ Checked here, before the request reaches the runtime: a prompt is present and no
 and chat are tokenized by the served model's text codec, controlplane/text/, or refused when
 there is none), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; token ids below `vocab_size` when it is set; the tenant is the caller's (client
+in range; token ids below the vocabulary size when it is known (the Config's `vocab_size`, or
+what the agents of the served model reported, the smaller of both); the tenant is the caller's (client
 keys); the deadline lies in the future. Lengths, NUL characters and numeric ranges of every
 field were checked before (controlplane/api/limits.py). Whether the cluster could ever hold the
 request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the policy
@@ -69,10 +70,12 @@ def new_request_from_proto(
     now_s: float,
     request_id: str,
     text_codec: TextCodec | None,
+    vocab_size: int | None,
 ) -> NewRequest:
     """Validate `request` and build the request to persist (arrival = `now_s`); text and chat
-    prompts are tokenized by `text_codec` (None: refused)."""
-    prompt = _prompt_ids(request, config, text_codec)
+    prompts are tokenized by `text_codec` (None: refused); every token id must be below
+    `vocab_size` (None: unknown, not checked)."""
+    prompt = _prompt_ids(request, config, text_codec, vocab_size)
     if not 0 < request.max_new_tokens <= config.max_new_tokens_limit:
         raise ApiError(
             ApiErrorCode.BAD_MAX_NEW_TOKENS,
@@ -110,7 +113,10 @@ def new_request_from_proto(
 
 
 def _prompt_ids(
-    request: inference_pb2.SubmitRequest, config: Config, text_codec: TextCodec | None
+    request: inference_pb2.SubmitRequest,
+    config: Config,
+    text_codec: TextCodec | None,
+    vocab_size: int | None,
 ) -> array[int]:
     """The prompt's token ids, packed (held so until the runtime lets the request go)."""
     which = request.WhichOneof("prompt")
@@ -143,10 +149,10 @@ def _prompt_ids(
             f"prompt: {len(ids)} tokens, at most {config.max_prompt_tokens} are accepted",
             field="prompt",
         )
-    if config.vocab_size is not None and max(ids) >= config.vocab_size:
+    if vocab_size is not None and max(ids) >= vocab_size:
         raise ApiError(
             ApiErrorCode.INVALID_ARGUMENT,
-            f"prompt.token_ids: every id must be below the vocabulary size {config.vocab_size}",
+            f"prompt.token_ids: every id must be below the vocabulary size {vocab_size}",
             field="prompt.token_ids",
         )
     return ids
