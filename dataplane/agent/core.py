@@ -187,6 +187,7 @@ class AgentCore:
             rendezvous_address=self.rendezvous_address,
             resident_request_ids=sorted(self.routes),
             agent_version=self.version,
+            vocab_size=max((r.vocab_size for r in self.ready if r is not None), default=0),
         )
 
     def heartbeat(self) -> cluster_pb2.Heartbeat:
