@@ -74,6 +74,39 @@ _INSERT_COLUMNS = tuple(
     "finished_s".split()
 )
 assert _INSERT_COLUMNS == tuple(c.name for c in _requests.columns), "a column was added"
+# The batch UPDATE of PostgreSQL: one array parameter per column, joined on the id.
+_UPDATE_ARRAYS = (
+    ("id", "text"),
+    ("state", "text"),
+    ("prefill_done_s", "float8"),
+    ("finished_s", "float8"),
+    ("chunks_done", "int"),
+    ("chunks_total", "int"),
+    ("num_preemptions", "int"),
+    ("num_requeues", "int"),
+    ("paused_total_s", "float8"),
+    ("prefill_instance_ids", "text"),
+    ("decode_instance_ids", "text"),
+    ("output_tokens", "int"),
+    ("error", "text"),
+    ("first_scheduled_s", "float8"),
+    ("first_token_s", "float8"),
+)
+assert [n for n, _ in _UPDATE_ARRAYS] == ["id", *_MUTABLE, *_SET_ONCE], "every updated column"
+_PG_UPDATE_SQL = (
+    "UPDATE requests SET "
+    + ", ".join(
+        f"{name} = COALESCE(requests.{name}, u.{name})"
+        if name in _SET_ONCE
+        else f"{name} = u.{name}"
+        for name, _ in _UPDATE_ARRAYS[1:]
+    )
+    + " FROM unnest("
+    + ", ".join(f"%s::{sql_type}[]" for _, sql_type in _UPDATE_ARRAYS)
+    + ") AS u("
+    + ", ".join(name for name, _ in _UPDATE_ARRAYS)
+    + ") WHERE requests.id = u.id"
+)
 _EVENT_COLUMNS = ("request_id", "kind", "at_s", "instance_id", "details")
 _QUEUED = RequestState.QUEUED.value
 
@@ -252,7 +285,9 @@ class SqlRepository(ClusterSqlMixin, Repository):
             chunks: dict[str, list[bytes]] = {}
             for request_id, packed in connection.execute(tokens):
                 chunks.setdefault(request_id, []).append(packed)
-            rows = connection.execute(requests.order_by(_requests.c.arrival_s, _requests.c.id))
+            rows = connection.execute(
+                requests.order_by(_requests.c.arrival_s, _requests.c.id)
+            ).all()
             return [
                 UnfinishedRequest(
                     _view_from_row(row),
@@ -264,14 +299,23 @@ class SqlRepository(ClusterSqlMixin, Repository):
             ]
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
-        """See Repository.update_requests."""
+        """See Repository.update_requests.
+
+        On PostgreSQL one UPDATE ... FROM unnest(arrays) for the whole batch (an executemany
+        UPDATE costs about four times the CPU a row); elsewhere one executemany UPDATE.
+        """
         if not views:
             return
-        params = [_update_params(view) for view in views]
+        latest = {view.request_id: view for view in views}  # the last view of an id wins
+        params = [_update_params(view) for view in latest.values()]
         with self.uow.scope(write=True) as connection:
-            updated = connection.execute(self._update_request, params).rowcount
-            if updated != len(views):
-                ids = [view.request_id for view in views]
+            if self._is_postgres:
+                columns = [[p[f"b_{name}"] for p in params] for name, _ in _UPDATE_ARRAYS]
+                updated = connection.exec_driver_sql(_PG_UPDATE_SQL, tuple(columns)).rowcount
+            else:
+                updated = connection.execute(self._update_request, params).rowcount
+            if updated != len(latest):
+                ids = list(latest)
                 found = set(
                     connection.execute(select(_requests.c.id).where(_requests.c.id.in_(ids)))
                     .scalars()
@@ -448,31 +492,55 @@ def _sampling_from_row(row: Row[Any]) -> SamplingParams:
     return SamplingParams(row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos)
 
 
+_CLASSES = {c.value: c for c in RequestClass}
+_STATES = {s.value: s for s in RequestState}
+
+
 def _view_from_row(row: Row[Any]) -> RequestView:
+    """The view of a row whose first columns are `_VIEW_COLUMNS` (read by position: recovery
+    builds one per unfinished request)."""
+    (
+        request_id,
+        tenant,
+        request_class,
+        state,
+        prompt_tokens,
+        max_new_tokens,
+        priority,
+        arrival_s,
+        deadline_s,
+        first_scheduled_s,
+        prefill_done_s,
+        first_token_s,
+        finished_s,
+        chunks_done,
+        chunks_total,
+        num_preemptions,
+        num_requeues,
+        paused_total_s,
+        prefill_instance_ids,
+        decode_instance_ids,
+        output_tokens,
+        error,
+    ) = row[: len(_VIEW_COLUMNS)]
     spec = RequestSpec(
-        request_id=row.id,
-        tenant=row.tenant,
-        prompt_tokens=row.prompt_tokens,
-        max_new_tokens=row.max_new_tokens,
-        priority=row.priority,
-        arrival_s=row.arrival_s,
-        deadline_s=row.deadline_s,
+        request_id, tenant, prompt_tokens, max_new_tokens, priority, arrival_s, deadline_s
     )
     return RequestView(
         spec=spec,
-        request_class=RequestClass(row.request_class),
-        state=RequestState(row.state),
-        first_scheduled_s=row.first_scheduled_s,
-        prefill_done_s=row.prefill_done_s,
-        first_token_s=row.first_token_s,
-        finished_s=row.finished_s,
-        chunks_done=row.chunks_done,
-        chunks_total=row.chunks_total,
-        num_preemptions=row.num_preemptions,
-        num_requeues=row.num_requeues,
-        paused_total_s=row.paused_total_s,
-        prefill_instance_ids=codec.split_ids(row.prefill_instance_ids),
-        decode_instance_ids=codec.split_ids(row.decode_instance_ids),
-        output_tokens=row.output_tokens,
-        error=row.error or "",
+        request_class=_CLASSES[request_class],
+        state=_STATES[state],
+        first_scheduled_s=first_scheduled_s,
+        prefill_done_s=prefill_done_s,
+        first_token_s=first_token_s,
+        finished_s=finished_s,
+        chunks_done=chunks_done,
+        chunks_total=chunks_total,
+        num_preemptions=num_preemptions,
+        num_requeues=num_requeues,
+        paused_total_s=paused_total_s,
+        prefill_instance_ids=codec.split_ids(prefill_instance_ids),
+        decode_instance_ids=codec.split_ids(decode_instance_ids),
+        output_tokens=output_tokens,
+        error=error or "",
     )
