@@ -38,9 +38,9 @@ from controlplane.runtime.agents import AgentRegistry, AgentSession, Registratio
 from controlplane.runtime.clock import Clock
 from controlplane.runtime.commands import AgentCommand
 from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
+from controlplane.runtime.inbox import Inbox
 from controlplane.runtime.inputs import (
     CancelAsk,
-    Happening,
     NodeJoin,
     PendingSubmit,
     SubmitOutcome,
@@ -94,9 +94,7 @@ class Runtime:
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
         self.waiters = Waiters()  # callers waiting for a tick
         self.admission = Admission(settings)
-        self._happenings: list[Happening] = []
-        self._heartbeats: dict[str, float] = {}
-        self._touched_at: dict[str, float] = {}  # node -> when its heartbeat was last persisted
+        self.inbox = Inbox(settings.heartbeat_interval_s)  # reports, joins, leaves, cancels
         self.published = Published(self.metrics)  # committed state the readers see
         self._snapshot: ClusterView | None = None
         self._wake = asyncio.Event()
@@ -172,7 +170,7 @@ class Runtime:
         """
         self._check_open()
         future = self.waiters.cancel(request_id)
-        self._happenings.append(CancelAsk(request_id, reason))
+        self.inbox.add(CancelAsk(request_id, reason))
         self._wake.set()
         view = await future
         return view if view is not None else await self.get(request_id)
@@ -230,8 +228,8 @@ class Runtime:
         self._check_open()
         session, leave = self.agents.attach(registration, self.clock.now_s())
         if leave is not None:
-            self._happenings.append(leave)
-        self._happenings.append(join)
+            self.inbox.add(leave)
+        self.inbox.add(join)
         self._wake.set()
         return session
 
@@ -239,22 +237,20 @@ class Runtime:
         """The agent's stream ended: its work is re-queued at the next tick."""
         leave = self.agents.lose(session, reason)
         if leave is not None:
-            self._happenings.append(leave)
+            self.inbox.add(leave)
             self._wake.set()
 
     def heard_from(self, session: AgentSession) -> None:
         """Any message from the agent proves it alive (persisted once per heartbeat period)."""
         now = self.clock.now_s()
         session.last_seen_s = now
-        if now - self._touched_at.get(session.node_id, 0.0) >= self.settings.heartbeat_interval_s:
-            self._touched_at[session.node_id] = now
-            self._heartbeats[session.node_id] = now
+        self.inbox.heard_from(session.node_id, now)
 
     def report(self, session: AgentSession, report: AgentReport) -> None:
         """An event from a live agent about one request (applied at the next tick; repeated
         retryable failures back off in the policy: ClusterState.remember_refusal)."""
         if session.is_live and not self._stopping:
-            self._happenings.append(report)
+            self.inbox.add(report)
             self._wake.set()
 
     def record_busy(self, instance_id: str, busy_s: float) -> None:
@@ -284,23 +280,23 @@ class Runtime:
                 continue
             self.metrics.tick.observe(time.perf_counter() - started)
             self._apply(out, taken, now)
-            if self.waiters.submits or self._happenings:
+            if self.waiters.submits or self.inbox.happenings:
                 self._wake.set()
 
     def _take_inputs(self, now: float) -> tuple[TickInput, Taken]:
         taken = self.waiters.take(self.settings.max_submits_per_tick)
         for pending, _ in taken.submits:
             self.admission.count_pending(pending.new.spec, -1)
+        happenings, heartbeats = self.inbox.take()
         tick = TickInput(
             now_s=now,
             submits=[p for p, _ in taken.submits],
-            happenings=self._happenings,
-            heartbeats=self._heartbeats,
+            happenings=happenings,
+            heartbeats=heartbeats,
             want_snapshot=self.waiters.want_snapshot
             or self._snapshot is None
             or now - self._snapshot.at_s >= SNAPSHOT_PERIOD_S,
         )
-        self._happenings, self._heartbeats = [], {}
         return tick, taken
 
     def _apply(self, out: TickOutput, taken: Taken, now: float) -> None:
@@ -349,9 +345,7 @@ class Runtime:
         self._requeue(exc, tick, taken)
         for session in self.agents.sessions():
             self.agents.lose(session, "control plane rebuilding its state")
-        self._happenings = [h for h in self._happenings if isinstance(h, CancelAsk)]
-        self._heartbeats.clear()
-        self._touched_at.clear()
+        self.inbox.keep_only_cancels()
         delay_s = REBUILD_BASE_S
         while not self._stopping:
             policy = make_policy(self.policy.name, self.policy.config, self.settings.seed)
@@ -392,9 +386,9 @@ class Runtime:
         for pending, _ in again.submits:
             self.admission.count_pending(pending.new.spec, +1)
         ids = {rid for rid, _ in again.cancels}
-        self._happenings[:0] = [
+        self.inbox.put_back(
             h for h in tick.happenings if isinstance(h, CancelAsk) and h.request_id in ids
-        ]
+        )
 
     def _install(self, ticker: Ticker, logs: dict[str, TokenLog], views: list[RequestView]) -> None:
         """Make a recovered ticker current: readers follow the recovered token logs."""
