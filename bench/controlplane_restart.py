@@ -43,6 +43,12 @@ from controlplane.store.records import NewRequest  # noqa: E402
 from controlplane.store.sql_repository import SqlRepository  # noqa: E402
 
 BATCH = 2000
+# Retry a closed port every few ms (gRPC's default reconnect back-off starts at 1 s).
+_FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 5),
+    ("grpc.min_reconnect_backoff_ms", 5),
+    ("grpc.max_reconnect_backoff_ms", 20),
+]
 OUTPUT_TOKENS = 8  # stored per running request
 
 
@@ -110,7 +116,7 @@ def time_to_serving(tree: Path, db_url: str, timeout_s: float = 120.0) -> tuple[
     )
     port_open_s = 0.0
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=_FAST_RECONNECT) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.perf_counter() - started < timeout_s:
                 if process.poll() is not None:

@@ -288,15 +288,20 @@ class SqlRepository(ClusterSqlMixin, Repository):
             rows = connection.execute(
                 requests.order_by(_requests.c.arrival_s, _requests.c.id)
             ).all()
-            return [
-                UnfinishedRequest(
-                    _view_from_row(row),
-                    codec.unpack_token_array(row.prompt_token_ids),
-                    _sampling_from_row(row),
-                    codec.unpack_token_ids(b"".join(chunks.get(row.id, ()))),
+            views = len(_VIEW_COLUMNS)
+            unfinished = []
+            for row in rows:
+                prompt, temperature, top_p, seed, stop_at_eos = row[views:]
+                output = chunks.get(row[0])
+                unfinished.append(
+                    UnfinishedRequest(
+                        _view_from_row(row),
+                        codec.unpack_token_array(prompt),
+                        SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
+                        codec.unpack_token_ids(b"".join(output)) if output else (),
+                    )
                 )
-                for row in rows
-            ]
+            return unfinished
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests.
