@@ -289,11 +289,11 @@ class SqlRepository(ClusterSqlMixin, Repository):
                 requests.order_by(_requests.c.arrival_s, _requests.c.id)
             ).all()
             views = len(_VIEW_COLUMNS)
-            unfinished = []
+            loaded = []
             for row in rows:
                 prompt, temperature, top_p, seed, stop_at_eos = row[views:]
                 output = chunks.get(row[0])
-                unfinished.append(
+                loaded.append(
                     UnfinishedRequest(
                         _view_from_row(row),
                         codec.unpack_token_array(prompt),
@@ -301,7 +301,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
                         codec.unpack_token_ids(b"".join(output)) if output else (),
                     )
                 )
-            return unfinished
+            return loaded
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests.
@@ -493,7 +493,7 @@ def _update_params(view: RequestView) -> dict[str, Any]:
     }
 
 
-def _sampling_from_row(row: Row[Any]) -> SamplingParams:
+def _sampling_from_row(row: Any) -> SamplingParams:
     return SamplingParams(row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos)
 
 

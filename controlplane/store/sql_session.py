@@ -98,7 +98,7 @@ def copy_rows(
     if not rows:
         return
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-    driver = connection.connection.dbapi_connection
+    driver: Any = connection.connection.dbapi_connection  # psycopg's Connection
     assert driver is not None, "a connection inside a transaction is open"
     try:
         with driver.cursor() as cursor, cursor.copy(statement) as copy:
