@@ -198,9 +198,19 @@ async def submit_load(
 
     With `with_agents`, two simulated agents finish every request at once (the server also
     dispatches, applies 3 events and persists completion per request); without, requests
-    stay queued and only the durable submit path is measured.
+    stay queued and only the durable submit path is measured. With `db_url` "noop", the
+    server is a Submit servicer that answers at once (`--serve-noop`): the cost of gRPC
+    alone, for this client on this machine.
     """
-    process, target = await _spawn_controlplane(db_url, tree)
+    if db_url == "noop":
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-noop"], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None
+        target = (await asyncio.to_thread(process.stdout.readline)).strip().rsplit(" ", 1)[1]
+        with_agents = False
+    else:
+        process, target = await _spawn_controlplane(db_url, tree)
     stop = asyncio.Event()
     agents = [
         asyncio.ensure_future(_fast_agent(target, f"node-{i}", 8, stop))
@@ -241,6 +251,23 @@ async def submit_load(
         "cpu_ms_per_submit": cpu / max(1, len(latencies)) * 1e3,
         "loop_cpu_ms_per_submit": main_cpu / max(1, len(latencies)) * 1e3,
     }
+
+
+class _NoopInference(inference_pb2_grpc.InferenceServicer):
+    async def Submit(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.SubmitRequest, context: object
+    ) -> inference_pb2.SubmitResponse:
+        return inference_pb2.SubmitResponse(request_id="req-" + "0" * 32, prompt_tokens=64)
+
+
+async def _serve_noop() -> None:
+    """A gRPC server whose Submit answers at once, until killed."""
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(_NoopInference(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"noop listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
 
 
 def single_row_inserts(db_url: str, seconds: float) -> float:
@@ -359,7 +386,11 @@ def main() -> int:
     parser.add_argument("--skip-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--skip-decision", action="store_true", help="Submit load only")
     parser.add_argument("--baseline-tree", type=Path, help="another checkout served alongside")
+    parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_noop:
+        asyncio.run(_serve_noop())
+        return 0
     if not args.skip_decision:
         print("| benchmark | result |\n|---|---|")
         decision = decision_time()
@@ -409,6 +440,8 @@ def main() -> int:
             f"| {round_index + 1} | PostgreSQL | reference: single-row durable inserts | | "
             f"{reference:,.0f} | | |"
         )
+        floor = asyncio.run(submit_load("noop", args.seconds, args.concurrency))
+        print(_row(round_index, "none", "reference: no-op Submit servicer", "", floor))
     return 0
 
 
