@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cp_harness import GENERAL, generate_all, submit_request, wait_all_final
+from cp_harness import GENERAL, generate_all, migrated_db, submit_request, wait_all_final
 from cp_sim_agent import SimAgent, expected_token
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -51,8 +51,9 @@ async def _spawn(db_url: str) -> tuple[subprocess.Popen[str], str]:
     return process, line.strip().rsplit(" ", 1)[1]
 
 
-async def test_sigkill_and_restart_finishes_every_acknowledged_request(db_url):
-    # Prepare: a SQLite file or a PostgreSQL schema (recovery reads both in bulk)
+async def test_sigkill_and_restart_finishes_every_acknowledged_request(tmp_path):
+    # Prepare
+    db_url = migrated_db(tmp_path)
     first, target = await _spawn(db_url)
     agent = SimAgent(target, "node-a", [("a0", GENERAL, 8192)], token_s=0.03)
     await agent.start()
