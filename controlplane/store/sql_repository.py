@@ -39,7 +39,7 @@ from controlplane.store.records import (
     UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
-from controlplane.store.sql_session import SqlUnitOfWork, copy_rows
+from controlplane.store.sql_session import SqlUnitOfWork, copy_rows, fetch_binary
 from controlplane.store.tables import UNFINISHED_PREDICATE, metadata
 
 _requests = metadata.tables["requests"]
@@ -117,6 +117,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
     def __init__(self, engine: Engine) -> None:
         self.uow = SqlUnitOfWork(engine)
         self._is_postgres = engine.dialect.name == "postgresql"
+        self._dialect = engine.dialect
         dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._dialect_insert = dialect_insert
         self._insert_request = dialect_insert(_requests).on_conflict_do_nothing(
@@ -285,9 +286,12 @@ class SqlRepository(ClusterSqlMixin, Repository):
             chunks: dict[str, list[bytes]] = {}
             for request_id, packed in connection.execute(tokens):
                 chunks.setdefault(request_id, []).append(packed)
-            rows = connection.execute(
-                requests.order_by(_requests.c.arrival_s, _requests.c.id)
-            ).all()
+            ordered = requests.order_by(_requests.c.arrival_s, _requests.c.id)
+            rows: Sequence[Any]
+            if self._is_postgres:  # 18K prompts of 1 KiB: 10-20% faster than hex-encoded
+                rows = fetch_binary(connection, str(ordered.compile(dialect=self._dialect)))
+            else:
+                rows = connection.execute(ordered).all()
             views = len(_VIEW_COLUMNS)
             loaded = []
             for row in rows:
@@ -501,7 +505,7 @@ _CLASSES = {c.value: c for c in RequestClass}
 _STATES = {s.value: s for s in RequestState}
 
 
-def _view_from_row(row: Row[Any]) -> RequestView:
+def _view_from_row(row: Sequence[Any]) -> RequestView:
     """The view of a row whose first columns are `_VIEW_COLUMNS` (read by position: recovery
     builds one per unfinished request)."""
     (
