@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, func, select, text, tuple_
+from sqlalchemy import Engine, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from controlplane.core.types import (
