@@ -1,6 +1,7 @@
 """`Runtime`: the asyncio driver of the policy, and the API layer's only way into it.
 
-The event loop collects submits, cancels, agent reports and membership changes; a single
+The event loop collects submits, cancels, agent reports and membership changes (the callers
+waiting in `Waiters`, the rest in the `Inbox`); a single
 tick thread applies them (controlplane/runtime/ticker.py: observe -> schedule -> one
 transaction); after the commit the loop acknowledges submits, publishes tokens to Generate
 streams and sends commands to agents. While a tick runs, new submits pile up and go into the
@@ -15,8 +16,9 @@ reconnect and register again, their work re-queued). The failed tick's submits a
 wait and go into the first tick after the rebuild (a submit whose row did commit is found
 there and acknowledged once); a submit whose second attempt fails as well gets UNAVAILABLE.
 
-(Past 500 lines: one class, the event-loop half of the runtime, whose state the rebuild
-replaces as a whole; the tick half is ticker.py, the submit bounds admission.py.)
+The roles around the loop live apart: the submit bounds in admission.py, the waiting callers
+in waiters.py, the next tick's inputs in inbox.py, the committed state readers see in
+published.py; the tick half is ticker.py.
 """
 
 from __future__ import annotations
