@@ -1,10 +1,10 @@
 """`Runtime`: the asyncio driver of the policy, and the API layer's only way into it.
 
 The event loop collects submits, cancels, agent reports and membership changes (the callers
-waiting in `Waiters`, the rest in the `Inbox`); a single
-tick thread applies them (controlplane/runtime/ticker.py: observe -> schedule -> one
-transaction); after the commit the loop acknowledges submits, publishes tokens to Generate
-streams and sends commands to agents. While a tick runs, new submits pile up and go into the
+waiting in `Waiters`, the rest in the `Inbox`); a single tick thread applies them
+(controlplane/runtime/ticker.py: observe -> schedule -> one transaction); after the commit
+the loop acknowledges submits, publishes tokens to Generate streams and sends commands to
+agents. While a tick runs, new submits pile up and go into the
 next tick's transaction together (group commit). Reads (Get of finished requests, List,
 tokens of finished requests) run on a small reader pool and never wait for a tick.
 
