@@ -6,7 +6,8 @@
 
 The policy is touched only here, by one thread, one tick at a time. If anything fails after
 the policy has observed the tick's events, the policy and the database disagree: the error
-propagates and the runtime stops (fail-stop); a restart recovers from the database.
+propagates, the transaction rolls back, and the runtime rebuilds policy and state from the
+database as a restart does (controlplane/runtime/loop.py).
 """
 
 from __future__ import annotations
