@@ -193,6 +193,7 @@ class AgentCore:
             rendezvous_address=self.node.rendezvous_address,
             resident_request_ids=self.table.resident(),
             agent_version=self.version,
+            vocab_size=max((r.vocab_size for r in self.ready if r is not None), default=0),
         )
 
     def heartbeat(self) -> cluster_pb2.Heartbeat:
