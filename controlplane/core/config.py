@@ -181,6 +181,14 @@ class SchedulerConfig:
             "long JCT 1.060 -> 1.045 x FIFO, short p99 queueing 0.22 -> 0.27 s"
         },
     )
+    preempt_at_once_on_burst: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched: a short pauses a long prefill without waiting "
+            "short_preempt_delay_s when more shorts are queued than short prefills are "
+            "running (a burst: waiting could place at most that many)"
+        },
+    )
     max_preemptions_per_long: int | None = field(
         default=None,
         metadata={

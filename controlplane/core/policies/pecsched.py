@@ -22,8 +22,9 @@ Each schedule():
    StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
    colocation on decoders); an instance whose long prefill is already paused; else, with
    `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
-   instance may free up first), pause a running long prefill and take one of its instances:
-   among the first running longs in order (smallest SP group, least paused so far, newest;
+   instance may free up first; at once in a burst, when more shorts are queued than short
+   prefills are running: `preempt_at_once_on_burst`), pause a running long prefill and take
+   one of its instances: among the first `_MAX_VICTIMS_TRIED` running longs in order (smallest SP group, least paused so far, newest;
    never one on its last chunk), the one whose chunk in flight should end first (its last
    chunk's length, observed), so the short waits least. With `disaggregation` a short
    prefilled on a general instance decodes on the most loaded short-decode instance with room
@@ -73,7 +74,9 @@ _DECODE = InstanceRole.SHORT_DECODE
 _SHORT, _LONG = RequestClass.SHORT, RequestClass.LONG
 # states of a short that holds, or will soon need, a place on a short-decode instance
 _DECODE_BOUND = (RequestState.PREFILLING, RequestState.TRANSFERRING_KV, RequestState.DECODING)
-_MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
+# running long prefills examined per preemption attempt (8 -> 32: short p99 queueing on the
+# long20-bursty and Azure Mistral-7B points of bench/paper_eval.py -35 to -50%, every seed)
+_MAX_VICTIMS_TRIED = 32
 _DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
 _WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
@@ -272,9 +275,19 @@ class PecSchedPolicy(BasePolicy):
 
     def _may_preempt_for(self, req: RequestRecord, now_s: float) -> bool:
         """With `preemption`, once `req` has waited `short_preempt_delay_s` (a decoder's
-        colocated prefill or an open instance may free up first)."""
+        colocated prefill or an open instance may free up first); at once, with
+        `preempt_at_once_on_burst`, when more shorts wait than short prefills are running (each
+        of those frees an instance soon, so waiting could place at most that many: a burst)."""
         cfg = self._config
-        return cfg.preemption and now_s - req.spec.arrival_s >= cfg.short_preempt_delay_s
+        if not cfg.preemption:
+            return False
+        if now_s - req.spec.arrival_s >= cfg.short_preempt_delay_s:
+            return True
+        counts = self._state.counts
+        return (
+            cfg.preempt_at_once_on_burst
+            and counts[(_SHORT, RequestState.QUEUED)] > counts[(_SHORT, RequestState.PREFILLING)]
+        )
 
     def _colocate_on_decoder(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         """With colocation and disaggregation, prefill `req` inside the decode iterations of a

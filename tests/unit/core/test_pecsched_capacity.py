@@ -254,6 +254,7 @@ def test_a_short_preempts_only_after_its_preemption_delay() -> None:
         chunk_tokens=10_000,
         short_decode_colocation=False,
         short_preempt_delay_s=2.0,
+        preempt_at_once_on_burst=False,
     )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=100_000, max_new_tokens=2))
@@ -270,6 +271,59 @@ def test_a_short_preempts_only_after_its_preemption_delay() -> None:
 
     # Assert: the long is paused once, when the short has waited 2 s
     assert paused_at == [2.0]
+
+
+def burst_setup() -> tuple[FakeDataPlane, str]:
+    """One general instance prefills a long, the other a 3-chunk short ("a", on the instance
+    returned); the decoder takes no colocated prefill."""
+    instances = [make_instance("g0"), make_instance("g1"), make_instance("d0", role=SD)]
+    policy = make_policy(
+        "pecsched",
+        instances=instances,
+        chunk_tokens=1_000,
+        chunk_budget_token_pairs=None,
+        short_decode_colocation=False,
+        short_preempt_delay_s=10.0,
+        widen_sp_when_idle=False,
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("long", prompt_tokens=100_000, max_new_tokens=2))
+    dp.step()
+    dp.submit(make_request("a", prompt_tokens=3_000, max_new_tokens=2, arrival_s=dp.now_s))
+    dp.step()
+    view = policy.cluster_view(dp.now_s)
+    (host,) = [i.spec.instance_id for i in view.instances if i.prefill_request_id == "a"]
+    return dp, host
+
+
+def test_a_short_that_a_running_short_prefill_will_make_room_for_waits_for_it() -> None:
+    # Prepare: one short queued, one short prefill running (it frees its instance soon)
+    dp, host = burst_setup()
+    dp.submit(make_request("b", prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+
+    # Execute
+    for _ in range(4):
+        dp.step()
+
+    # Assert: no pause; b started where a ran once a was done, well before its delay
+    assert not actions_of_kind(dp, act.Pause)
+    starts = [line for line in actions_of_kind(dp, act.StartPrefill) if "'b'" in line]
+    assert len(starts) == 1 and f"'{host}'" in starts[0]
+
+
+def test_a_burst_of_shorts_preempts_without_waiting_for_the_delay() -> None:
+    # Prepare: two shorts queued at once, one short prefill running: waiting places only one
+    dp, _ = burst_setup()
+    for name in ("b", "c"):
+        dp.submit(make_request(name, prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+
+    # Execute
+    decision = dp.step()
+
+    # Assert: the long is paused in the shorts' first decision (the delay is 10 s)
+    pause, start = decision.actions
+    assert isinstance(pause, act.Pause) and pause.request_id == "long"
+    assert isinstance(start, act.StartPrefill) and start.request_id == "b"
 
 
 def test_a_later_higher_priority_aged_long_takes_the_holds_of_the_former_head() -> None:
