@@ -9,8 +9,9 @@
    concurrent Submit calls for `seconds`. Every acknowledged Submit is committed (group commit).
    The server's CPU time per submit (from /proc) is reported too: on a shared, loaded machine
    it says more about the code than the wall-clock rate does.
-2. Decision time: the pecsched policy alone, with 1,000 instances and 10,000 queued requests;
-   each step finishes one running request and times the `schedule()` that refills its slot.
+2. Decision time: the pecsched and sarathi policies alone, with 1,000 instances and 10,000
+   queued requests; each step finishes one running request and times the `schedule()` that
+   refills its slot.
 Prints a Markdown table.
 """
 
@@ -234,9 +235,11 @@ async def submit_load(
 # ---- decision time ---------------------------------------------------------------------------
 
 
-def decision_time(num_instances: int = 1000, num_queued: int = 10_000, steps: int = 3000) -> dict:
-    """Time schedule() of the pecsched policy with a full cluster and a long queue."""
-    policy = make_policy("pecsched", SchedulerConfig(num_short_decode_instances=0), 1)
+def decision_time(
+    name: str = "pecsched", num_instances: int = 1000, num_queued: int = 10_000, steps: int = 3000
+) -> dict:
+    """Time schedule() of policy `name` with a full cluster and a long queue."""
+    policy = make_policy(name, SchedulerConfig(num_short_decode_instances=0), 1)
     rng = random.Random(1)
     now = 0.0
     policy.observe(
@@ -320,14 +323,15 @@ def main() -> int:
     parser.add_argument("--skip-sql", action="store_true", help="only the decision benchmark")
     args = parser.parse_args()
     print("| benchmark | result |\n|---|---|")
-    decision = decision_time()
-    print(
-        f"| decision, pecsched, 1,000 instances, 10,000 queued (3,000 steps) | "
-        f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
-        f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
-        f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
-        f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |"
-    )
+    for name in ("pecsched", "sarathi"):
+        decision = decision_time(name)
+        print(
+            f"| decision, {name}, 1,000 instances, 10,000 queued (3,000 steps) | "
+            f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
+            f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
+            f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
+            f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |"
+        )
     if args.skip_sql:
         return 0
     for with_agents in (True, False):
