@@ -15,8 +15,9 @@
    INSERT and COMMIT at a time, 64-token prompts, for `seconds`). With --baseline-tree, the
    control plane of that tree (e.g. an earlier commit, `git archive REV | tar -x -C DIR`)
    serves the same load in the same round, alternating which runs first.
-2. Decision time: the pecsched policy alone, with 1,000 instances and 10,000 queued requests;
-   each step finishes one running request and times the `schedule()` that refills its slot.
+2. Decision time: the pecsched and sarathi policies alone, with 1,000 instances and 10,000
+   queued requests; each step finishes one running request and times the `schedule()` that
+   refills its slot.
 Prints Markdown tables.
 """
 
@@ -298,9 +299,11 @@ def single_row_inserts(db_url: str, seconds: float) -> float:
 # ---- decision time ---------------------------------------------------------------------------
 
 
-def decision_time(num_instances: int = 1000, num_queued: int = 10_000, steps: int = 3000) -> dict:
-    """Time schedule() of the pecsched policy with a full cluster and a long queue."""
-    policy = make_policy("pecsched", SchedulerConfig(num_short_decode_instances=0), 1)
+def decision_time(
+    name: str = "pecsched", num_instances: int = 1000, num_queued: int = 10_000, steps: int = 3000
+) -> dict:
+    """Time schedule() of policy `name` with a full cluster and a long queue."""
+    policy = make_policy(name, SchedulerConfig(num_short_decode_instances=0), 1)
     rng = random.Random(1)
     now = 0.0
     policy.observe(
@@ -393,14 +396,15 @@ def main() -> int:
         return 0
     if not args.skip_decision:
         print("| benchmark | result |\n|---|---|")
-        decision = decision_time()
-        print(
-            f"| decision, pecsched, 1,000 instances, 10,000 queued (3,000 steps) | "
-            f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
-            f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
-            f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
-            f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |\n"
-        )
+        for name in ("pecsched", "sarathi"):
+            decision = decision_time(name)
+            print(
+                f"| decision, {name}, 1,000 instances, 10,000 queued (3,000 steps) | "
+                f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
+                f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
+                f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
+                f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |\n"
+            )
     if args.skip_sql:
         return 0
     trees = [("this tree", REPO_ROOT)]

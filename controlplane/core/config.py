@@ -181,6 +181,15 @@ class SchedulerConfig:
             "long JCT 1.060 -> 1.045 x FIFO, short p99 queueing 0.22 -> 0.27 s"
         },
     )
+    short_preempt_early: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched: a short may pause a long prefill before short_preempt_delay_s "
+            "when waiting cannot help: at once when more shorts are queued than short prefills "
+            "are running (a burst: waiting could place only some), else a long whose chunk in "
+            "flight ends before the delay would (waiting would only miss that boundary)"
+        },
+    )
     max_preemptions_per_long: int | None = field(
         default=None,
         metadata={
