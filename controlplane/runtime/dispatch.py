@@ -84,7 +84,7 @@ def commands_for(
         case TransferKV():
             record = state.requests[rid]
             record.attempts += 1
-            transfer_id = f"{rid}/t{record.attempts}"
+            transfer_id = f"{rid}/{state.epoch}/t{record.attempts}"
             src, dst = action.src_instance_id, action.dst_instance_id
             expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
             state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
@@ -137,7 +137,7 @@ def _prefill(
         instance_ids=instance_ids,
         sp_kind=sp_kind,
         chunk_tokens=chunk_tokens,
-        group_id=f"{rid}/p{record.attempts}",
+        group_id=f"{rid}/{state.epoch}/p{record.attempts}",
         max_new_tokens=inputs.max_new_tokens,
         sampling=inputs.sampling,
         decode_in_place=decode_in_place,

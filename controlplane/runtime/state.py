@@ -7,6 +7,7 @@ Owned by the tick thread (controlplane/runtime/ticker.py); the event loop reads 
 
 from __future__ import annotations
 
+import secrets
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -81,6 +82,9 @@ class RuntimeState:
     """Per-request and per-node bookkeeping of the runtime (tick thread only)."""
 
     def __init__(self) -> None:
+        # Part of every group and transfer id: attempts restart at 0 with the process, and a
+        # worker refuses a group id it has already destroyed, so ids must differ per process.
+        self.epoch = secrets.token_hex(4)
         self.requests: dict[str, Tracked] = {}  # unfinished request -> its record
         self.transfers: dict[str, TransferInfo] = {}  # transfer id -> transfer in flight
         self.tenant_active: Counter[str] = Counter()  # tenant -> unfinished requests
