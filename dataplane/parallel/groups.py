@@ -328,7 +328,9 @@ class GroupManager:
         self._groups: dict[str, Group] = {}
         self._pending: dict[str, Future[Group]] = {}
         self._retired: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pecsched-rdzv")
+        # Room for rendezvous abandoned by `destroy` (each waits out the timeout on its thread)
+        # besides the live ones: pair groups of transfers and SP joins.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pecsched-rdzv")
 
     @property
     def store(self) -> Store:
@@ -376,7 +378,14 @@ class GroupManager:
         group = Group(spec, rank, backend, self.factory, self.timeout_s)
         with self._lock:
             self._pending.pop(spec.group_id, None)
-            self._groups[spec.group_id] = group
+            abandoned = spec.group_id in self._retired
+            if not abandoned:
+                self._groups[spec.group_id] = group
+        if abandoned:  # destroyed while joining: close it, so the members that joined fail
+            group.mark_broken("destroyed during its rendezvous")
+            group.close()
+            del group, backend  # the error's traceback must not keep the connections open
+            raise GroupError(spec.group_id, "destroyed during its rendezvous")
         return group
 
     def _connection(self) -> Store:
@@ -405,7 +414,11 @@ class GroupManager:
             return self._groups.get(group_id)
 
     def destroy(self, group_id: str) -> None:
-        """Close and forget the group; its id can never be connected again. Idempotent."""
+        """Close and forget the group; its id can never be connected again. Idempotent.
+
+        A group still in its rendezvous is abandoned: its future fails with GroupError, and
+        the communicator is closed as soon as the rendezvous ends (its thread cannot be
+        interrupted: it waits out the timeout when a member never joins)."""
         with self._lock:
             group = self._groups.pop(group_id, None)
             self._retired.add(group_id)
