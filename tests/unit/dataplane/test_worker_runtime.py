@@ -1,6 +1,7 @@
 """WorkerRuntime around real tiny engines, KV transfers over an in-process gloo pair: what a
 source worker does with its outgoing transfer when the control plane gives up on it, and what
-a Pause that arrives after the prefill ended does (alone and in an SP group)."""
+a Pause that arrives after the prefill ended does (alone and in an SP group), and what a
+worker does while it joins an SP group whose other member never comes."""
 
 from __future__ import annotations
 
@@ -192,6 +193,9 @@ def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
 
     def member(worker: Worker) -> None:
         worker.handle(cmd)
+        while worker.runtime.joining:
+            worker.step()
+            time.sleep(0.001)
         for _ in range(num_chunks):
             worker.step()
         worker.handle(m.Pause("r"))
@@ -210,3 +214,33 @@ def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
     assert [f.output_tokens for f in reporter.of(m.Finished)] == [SAMPLING.max_new_tokens]
     assert not reporter.of(m.Paused) and not any(w.of(m.Failed) for w in pair[:2])
     assert not any(w.runtime.load().resident_request_ids for w in pair[:2])
+
+
+def test_a_worker_joining_an_sp_group_keeps_serving_and_a_cancel_aborts_the_join(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: w0 decodes `running`, then joins an SP group whose other member never comes
+    # (its node refused the request); a Prefill arrives behind the join
+    w0 = pair[0]
+    w0.handle(m.Prefill("running", PROMPT, SamplingParams(max_new_tokens=200), 64, True))
+    run_until([w0], lambda: w0.of(m.Tokens))
+    sp = m.SpPrefill("sp", PROMPT, SAMPLING, 32, False, "sp/never", ("w0", "w-absent"), pair[2])
+    w0.handle(sp)
+    w0.handle(m.Prefill("behind", PROMPT, SAMPLING, 64, True))
+    tokens_before = len(w0.of(m.Tokens))
+
+    # Execute: iterate while joining, then cancel the SP request
+    for _ in range(5):
+        w0.step()
+    joined_meanwhile = w0.runtime.joining
+    tokens_while_joining = len(w0.of(m.Tokens)) - tokens_before
+    w0.handle(m.Cancel("sp"))
+    run_until([w0], lambda: w0.of(m.Finished))
+
+    # Assert: the decode went on during the join; the Cancel answered at once (well inside
+    # the group timeout), and the Prefill that waited behind the join ran afterwards
+    assert joined_meanwhile and tokens_while_joining >= 5
+    assert not w0.runtime.joining and w0.of(m.Cancelled) == [m.Cancelled("sp")]
+    assert [f.request_id for f in w0.of(m.Finished)] == ["behind"]
+    assert not w0.of(m.Failed), w0.reports
+    assert "sp" not in w0.runtime.load().resident_request_ids
