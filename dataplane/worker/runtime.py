@@ -10,11 +10,13 @@ Failures are per request: an engine refusal, a broken transfer or an unknown req
 `Failed` for that request only, and the loop goes on. `retryable` is True when the request
 could run elsewhere (it did not fit here, or this worker no longer holds it).
 
-An SP group's rendezvous does not block the worker (`joining`): engine iterations and
-transfers go on, while the commands that arrive meanwhile wait, in order, until the join is
-decided (admitted or failed) and then apply as if the join had blocked. A Cancel of the
-joining request is the exception: it gives the join up at once (the request holds no KV yet)
-and answers Cancelled, dropping the request's commands that waited before it.
+An SP group's rendezvous does not block the worker (`joining`): engine iterations, transfers
+and the commands of other requests go on. What depends on the join waits, in arrival order,
+until the join is decided (admitted or failed): the joining request's commands, the next
+SpPrefill (one join at a time keeps the order of SP collectives the same on every member),
+and every later command of a request that has one waiting. A Cancel of a joining or waiting
+request takes it out at once: the join is given up (the request holds no KV yet), its
+waiting commands are dropped, and Cancelled is reported unless the Cancel is silent.
 """
 
 from __future__ import annotations
@@ -108,20 +110,26 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ commands
     def handle(self, cmd: m.WorkerCommand) -> None:
-        """Apply one command (or keep it for after a pending SP join, see the module
+        """Apply one command (or keep it until a pending SP join is decided, see the module
         docstring); refusals become Failed reports for its request, never exceptions.
 
         Retryable (the request may run elsewhere): it does not fit here, this worker no longer
         holds it, or an SP group's rendezvous failed. Not retryable: invalid arguments.
         """
-        joining = self._sp.joining
-        if joining is None:
+        rid, joining = _request_of(cmd), self._sp.joining
+        waits = joining is not None and (
+            rid == joining
+            or isinstance(cmd, m.SpPrefill)
+            or any(_request_of(c) == rid for c in self._waiting)
+        )
+        if not waits:
             self._apply(cmd)
-        elif isinstance(cmd, m.Cancel) and cmd.request_id == joining:
-            self._sp.abort_join()
-            self._waiting = deque(c for c in self._waiting if _request_of(c) != joining)
+        elif isinstance(cmd, m.Cancel):
+            if rid == joining:
+                self._sp.abort_join()
+            self._waiting = deque(c for c in self._waiting if _request_of(c) != rid)
             if not cmd.silent:
-                self._reports.append(m.Cancelled(joining))
+                self._reports.append(m.Cancelled(rid))
             self._apply_waiting()
         else:
             self._waiting.append(cmd)

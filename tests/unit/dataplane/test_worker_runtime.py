@@ -220,27 +220,36 @@ def test_a_worker_joining_an_sp_group_keeps_serving_and_a_cancel_aborts_the_join
     pair: tuple[Worker, Worker, str],
 ) -> None:
     # Prepare: w0 decodes `running`, then joins an SP group whose other member never comes
-    # (its node refused the request); a Prefill arrives behind the join
+    # (its node refused the request); a Pause of that request and a second SP request wait
+    # behind the join, while a plain Prefill arriving meanwhile runs
     w0 = pair[0]
     w0.handle(m.Prefill("running", PROMPT, SamplingParams(max_new_tokens=200), 64, True))
     run_until([w0], lambda: w0.of(m.Tokens))
-    sp = m.SpPrefill("sp", PROMPT, SAMPLING, 32, False, "sp/never", ("w0", "w-absent"), pair[2])
-    w0.handle(sp)
-    w0.handle(m.Prefill("behind", PROMPT, SAMPLING, 64, True))
-    tokens_before = len(w0.of(m.Tokens))
 
-    # Execute: iterate while joining, then cancel the SP request
-    for _ in range(5):
-        w0.step()
-    joined_meanwhile = w0.runtime.joining
-    tokens_while_joining = len(w0.of(m.Tokens)) - tokens_before
-    w0.handle(m.Cancel("sp"))
+    def sp(rid: str) -> m.SpPrefill:
+        return m.SpPrefill(
+            rid, PROMPT, SAMPLING, 32, False, f"g/{rid}", ("w0", "w-absent"), pair[2]
+        )
+
+    w0.handle(sp("sp"))
+    w0.handle(m.Pause("sp"))
+    w0.handle(sp("sp2"))
+    w0.handle(m.Prefill("during", PROMPT, SAMPLING, 64, True))
+    tokens_before = sum(1 for t in w0.of(m.Tokens) if t.request_id == "running")
+
+    # Execute: iterate while joining until `during` ends, then cancel both SP requests
     run_until([w0], lambda: w0.of(m.Finished))
+    joined_meanwhile = w0.runtime.joining
+    running_tokens = sum(1 for t in w0.of(m.Tokens) if t.request_id == "running")
+    w0.handle(m.Cancel("sp"))
+    joining_next = w0.runtime.joining
+    w0.handle(m.Cancel("sp2", silent=True))
 
-    # Assert: the decode went on during the join; the Cancel answered at once (well inside
-    # the group timeout), and the Prefill that waited behind the join ran afterwards
-    assert joined_meanwhile and tokens_while_joining >= 5
-    assert not w0.runtime.joining and w0.of(m.Cancelled) == [m.Cancelled("sp")]
-    assert [f.request_id for f in w0.of(m.Finished)] == ["behind"]
-    assert not w0.of(m.Failed), w0.reports
-    assert "sp" not in w0.runtime.load().resident_request_ids
+    # Assert: the plain requests ran during the join; each Cancel answered at once (well
+    # inside the group timeout), the second SP request joined only after the first's ended
+    assert joined_meanwhile and [f.request_id for f in w0.of(m.Finished)] == ["during"]
+    assert running_tokens - tokens_before >= SAMPLING.max_new_tokens
+    assert joining_next and not w0.runtime.joining
+    assert w0.of(m.Cancelled) == [m.Cancelled("sp")]
+    assert not w0.of(m.Failed) and not w0.of(m.Paused), w0.reports
+    assert set(w0.runtime.load().resident_request_ids) == {"running"}
