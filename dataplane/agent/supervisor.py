@@ -8,11 +8,13 @@ worker's report pipe reaches EOF (the process exited or was killed) the reader p
 Sending never blocks the agent: `send` pickles the command into the worker's outbox, and a
 writer thread per worker writes the outbox to the pipe in order (a worker that does not read
 fills its pipe, and a blocking write would stop the agent's loop, heartbeats included). A
-worker is stuck when a command has waited in its outbox longer than `stuck_after_s` (twice
-the group timeout: a healthy worker reads its pipe at every iteration, and the longest step
-of an iteration is an SP collective, which gives up after one group timeout) or its outbox
-holds more than MAX_OUTBOX_BYTES. A watchdog thread kills a stuck worker, so it takes the
-path of a dead one (`WorkerDied`: its requests fail, retryable, and the agent respawns it).
+worker is stuck when, after its Ready, a command has waited in its outbox for longer than
+`stuck_after_s` with no write to its pipe completing meanwhile (twice the group timeout: a
+healthy worker reads its pipe at every iteration, and the longest step of an iteration is an
+SP collective, which gives up after one group timeout), or when its outbox holds more than
+MAX_OUTBOX_BYTES. A watchdog thread kills a stuck worker, so it takes the path of a dead one
+(`WorkerDied`: its requests fail, retryable, and the agent respawns it). Before its Ready a
+worker is loading its model, which may take minutes: commands wait for it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class _Outbox:
         self._cond = threading.Condition()
         self._items: deque[tuple[float, bytes]] = deque()  # (monotonic time put, payload)
         self._num_bytes = 0
+        self._progress_s = time.monotonic()  # the last write completed (or `progressed`)
         self._open = True
         self._broken = False
         threading.Thread(target=self._write, name=name, daemon=True).start()
@@ -82,12 +85,17 @@ class _Outbox:
         return True
 
     def backlog(self, now_s: float) -> tuple[float, int]:
-        """How long the oldest unwritten command has waited (monotonic `now_s`), and the
-        bytes waiting; (0.0, 0) when all is written."""
+        """How long the oldest unwritten command has waited with no write completing
+        (monotonic `now_s`), and the bytes waiting; (0.0, 0) when all is written."""
         with self._cond:
             if not self._items:
                 return 0.0, 0
-            return now_s - self._items[0][0], self._num_bytes
+            return now_s - max(self._items[0][0], self._progress_s), self._num_bytes
+
+    def progressed(self) -> None:
+        """Count the worker as reading from now on (it has just become Ready)."""
+        with self._cond:
+            self._progress_s = time.monotonic()
 
     def close(self) -> None:
         """Take no more commands; the writer ends once the queued ones are written."""
@@ -115,6 +123,7 @@ class _Outbox:
                 with self._cond:
                     self._items.popleft()
                     self._num_bytes -= len(payload)
+                    self._progress_s = time.monotonic()
         finally:
             self._pipe.close()
 
@@ -125,6 +134,7 @@ class _Worker:
 
     proc: Any  # the multiprocessing Process
     outbox: _Outbox
+    ready: bool = False  # it reported Ready (the watchdog watches it from then on)
     killed: bool = False  # the watchdog killed it as stuck
 
 
@@ -182,25 +192,29 @@ class WorkerSupervisor:
         proc.start()
         cmd_recv.close()  # the child holds its own copies; EOF detection needs ours closed
         rep_send.close()
-        self._workers[index] = _Worker(proc, _Outbox(cmd_send, f"pecsched-commands-{index}"))
+        worker = _Worker(proc, _Outbox(cmd_send, f"pecsched-commands-{index}"))
+        self._workers[index] = worker
         generation = self._generations[index]
         threading.Thread(
             target=self._read,
-            args=(index, generation, rep_recv, proc),
+            args=(index, generation, rep_recv, worker),
             name=f"pecsched-reports-{index}",
             daemon=True,
         ).start()
 
-    def _read(self, index: int, generation: int, conn: Connection, proc: Any) -> None:
+    def _read(self, index: int, generation: int, conn: Connection, worker: _Worker) -> None:
         while True:
             try:
                 report = conn.recv()
             except (EOFError, OSError):
                 break
+            if isinstance(report, m.Ready):
+                worker.outbox.progressed()
+                worker.ready = True
             self._inbox.put(WorkerSaid(index, generation, report))
-        proc.join(timeout=5)
+        worker.proc.join(timeout=5)
         conn.close()
-        self._inbox.put(WorkerDied(index, generation, proc.exitcode))
+        self._inbox.put(WorkerDied(index, generation, worker.proc.exitcode))
 
     def send(self, index: int, cmd: m.WorkerCommand) -> bool:
         """Queue a command for worker `index` (never blocks); False when it is gone."""
@@ -222,7 +236,7 @@ class WorkerSupervisor:
         while not self._halt.wait(min(1.0, self.stuck_after_s / 4)):
             now_s = time.monotonic()
             for index, worker in enumerate(self._workers):
-                if worker is None or worker.killed:
+                if worker is None or not worker.ready or worker.killed:
                     continue
                 waited_s, num_bytes = worker.outbox.backlog(now_s)
                 if waited_s > self.stuck_after_s or num_bytes > MAX_OUTBOX_BYTES:
