@@ -13,10 +13,9 @@ agent's writes wait at most one iteration (an SP collective: at most the group t
 
 The process skips Python's interpreter teardown (`os._exit` once `worker_main` has released
 its groups): with torch loaded that teardown is seconds of garbage collection over module
-globals (2-3 s per worker, several times that with four workers on a busy host), and a
-rendezvous thread still blocked in the store would hold it until the group timeout (the
-interpreter joins thread-pool threads at exit). The agent waits for its workers before it
-exits, so it overran `pecsched up`'s 10 s grace and was killed after "drained; exiting".
+globals (2-3 s per worker, several times that with four workers on a busy host). The agent
+waits for its workers before it exits, so it overran `pecsched up`'s 10 s grace and was killed
+after "drained; exiting".
 """
 
 from __future__ import annotations
