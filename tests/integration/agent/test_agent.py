@@ -274,6 +274,37 @@ def test_sp_prefill_over_two_workers_pauses_resumes_and_decodes_on_the_group(
     wait_kv_free(live, "n1/1")
 
 
+def test_a_cancel_frees_an_sp_group_whose_member_never_joins_and_its_workers_keep_serving(
+    live: LiveAgent, reference: Reference
+) -> None:
+    # Prepare: an SP group of n1/0, n1/1 and an instance of another node that never joins
+    # (its node refused the StartPrefill, say while draining); they meet at this agent's store.
+    # The agent's group timeout is 20 s: n1/0 and n1/1 would wait that long for n9/0.
+    rid, tokens = "sp-absent", prompt(14, 20)
+    store = live.cp.registers[0].rendezvous_address
+    live.cp.command(
+        **start(rid, prompt(13, 300), "n1/0", 8, instance_ids=["n1/0", "n1/1", "n9/0"],
+                chunk_tokens=64, rendezvous_address=store, group_id="sp/absent")
+    )  # fmt: skip
+    # Execute: a plain request on n1/0 runs while the group waits; then the control plane
+    # cancels the group's request
+    live.cp.command(**start("beside-join", tokens, "n1/0", 5))
+    beside = live.cp.wait_end("beside-join", 8)
+    live.cp.command(cancel=cluster_pb2.CancelRequestCommand(request_id=rid))
+    end = live.cp.wait_end(rid, 8)
+    # Assert: served during the join, cancelled well before the group timeout (both within
+    # 16 s of the StartPrefill), nothing failed, both workers free and serving
+    assert beside.HasField("finished") and live.cp.output("beside-join") == reference.greedy(
+        tokens, 5
+    )
+    assert end.HasField("cancelled"), end
+    assert kinds(live, rid) == ["cancelled"]
+    live.cp.command(**start("after-absent", tokens, "n1/1", 5))
+    assert live.cp.wait_end("after-absent").HasField("finished")
+    wait_kv_free(live, "n1/0")
+    wait_kv_free(live, "n1/1")
+
+
 def test_cancel_frees_kv_and_is_idempotent(live: LiveAgent) -> None:
     # Prepare: a request held after prefill (KV resident, waiting for a transfer)
     live.cp.command(**start("to-cancel", prompt(7, 300), "n1/0", 50, decode_in_place=False))
