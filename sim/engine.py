@@ -30,7 +30,13 @@ import numpy as np
 
 from controlplane.core import events as ev
 from controlplane.core.policy import Policy
-from controlplane.core.types import InstanceRole, InstanceSpec, RequestSpec
+from controlplane.core.types import (
+    InstanceRole,
+    InstanceSpec,
+    RequestClass,
+    RequestSpec,
+    classify,
+)
 from sim.cost_model import CostModel
 from sim.execution import Executor
 from sim.instances import INF
@@ -93,10 +99,11 @@ class Engine:
         self.x = Executor(
             cluster.cost, cluster.num_instances, prompt, output, log_decisions, tbt_slo_s
         )
-        self.threshold = policy.config.short_threshold_tokens
+        threshold = policy.config.short_threshold_tokens
+        self.is_long = [classify(p, threshold) is RequestClass.LONG for p in prompt]
         self.isolated = [
-            isolated_jct(p, o) if p >= self.threshold else math.nan
-            for p, o in zip(prompt, output, strict=True)
+            isolated_jct(p, o) if long else math.nan
+            for p, o, long in zip(prompt, output, self.is_long, strict=True)
         ]
         self.tick_s = tick_s
         self.max_idle_s = max_idle_s
@@ -180,9 +187,8 @@ class Engine:
 
     def _records(self) -> RequestRecords:
         x = self.x
-        prompt = np.array(x.prompt, dtype=np.int64)
         return RequestRecords(
-            is_long=prompt >= self.threshold,
+            is_long=np.array(self.is_long, dtype=np.bool_),
             arrival_s=np.array(self.arrival, dtype=np.float64),
             first_scheduled_s=np.array(x.first_sched, dtype=np.float64),
             first_token_s=np.array(x.first_token, dtype=np.float64),
