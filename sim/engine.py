@@ -137,7 +137,7 @@ class Engine:
         heap = x.heap
         while True:
             x.drop_stale()
-            t_next = min(heap[0][0] if heap else INF, self.arrival[nxt] if nxt < n else INF)
+            t_next = min(heap[0].at_s if heap else INF, self.arrival[nxt] if nxt < n else INF)
             if x.active > 0:
                 if t_next == INF:
                     idle_since = min(idle_since, now)
@@ -150,10 +150,9 @@ class Engine:
                 break
             window = self.batch_window_s
             now = max(now, math.ceil(t_next / window) * window) if window > 0 else t_next
-            while heap and heap[0][0] <= now:
-                t, kind, _, a, b = heapq.heappop(heap)
+            while heap and heap[0].at_s <= now:
                 self.num_events += 1
-                x.handle(kind, a, b, t)
+                x.handle(heapq.heappop(heap))
             while nxt < n and self.arrival[nxt] <= now:
                 t = self.arrival[nxt]
                 spec = RequestSpec(str(nxt), "sim", x.prompt[nxt], x.output[nxt], 0, t)
