@@ -13,6 +13,15 @@ Baseline, same run: the same per-layer K/V copies between two tensors inside thi
 (`copy_` on one stream, synchronized), the GPU's own copy speed for this layout. Diagnosis
 column: the same copies from the sender's mapped pool, outside the protocol. GB/s count KV
 bytes once (the copy reads and writes each byte: twice that crosses memory). Medians.
+
+Phases (medians, ms; both processes stamp `time.monotonic`, one clock on one machine): `offer`
+the sender builds and stores the offer (no token ids), `seen` until the receiver has read it
+(its store polling), `reserve` it parses it and reserves rows (here: views; the engine's
+admission is not timed), `enqueue` opens handles and the event and queues the copies, `copy`
+until the receiver's poll sees the ids attached and the copies done (`gpu`: the copy as the GPU
+timed it), `commit` the receiver's compare_set and finish, `ack` until the sender reads the
+result. Overlapped with `copy`: `ids` the sender packs and stores the token ids (after `offer`),
+`attach` the receiver unpacks them (here: no engine admission).
 """
 
 from __future__ import annotations
@@ -81,11 +90,10 @@ def _sender(port: int, args: Any, jobs: Any, results: Any) -> None:
         values = tuple(pool[layer, 1, :num_tokens] for layer in range(pool.shape[0]))
         export = KVExport(_metadata(pool, num_tokens, key), keys, values)
         torch.cuda.synchronize()
-        start = time.perf_counter()
         sender = IpcKVSender(store, key, export, registry, timeout_s=TIMEOUT_S)
         while sender.poll() is TransferState.TRANSFERRING:
             pass
-        results.put((sender.state.name, time.perf_counter() - start, sender.num_bytes))
+        results.put((sender.state.name, sender.stamps, sender.num_bytes))
 
 
 def _receive(store: Any, key: str, registry: Any, pool: Any) -> Any:
@@ -93,18 +101,44 @@ def _receive(store: Any, key: str, registry: Any, pool: Any) -> Any:
     from dataplane.parallel.kv_ipc import IpcKVReceiver
     from dataplane.parallel.kv_transfer import TransferState
 
-    def begin(meta: Any) -> KVImportTarget:
+    def reserve(meta: Any, _num_prompt: int, _num_output: int) -> KVImportTarget:
         n = meta.num_kv_tokens
         keys = tuple(pool[layer, 0, :n] for layer in range(pool.shape[0]))
         values = tuple(pool[layer, 1, :n] for layer in range(pool.shape[0]))
         return KVImportTarget(meta.request_id, keys, values)
 
+    def ignore(_arg: Any) -> None:
+        return None
+
     receiver = IpcKVReceiver(
-        store, key, registry, begin, lambda _rid: None, lambda _rid: None, timeout_s=TIMEOUT_S
+        store, key, registry, reserve, ignore, ignore, ignore, timeout_s=TIMEOUT_S
     )
     while receiver.poll() not in (TransferState.DONE, TransferState.FAILED):
         pass
     return receiver
+
+
+PHASES = ("offer", "seen", "reserve", "enqueue", "copy", "gpu", "commit", "ack", "ids", "attach")
+SPANS = {  # phase: (from, to); "s." the sender's stamps, "r." the receiver's
+    "offer": ("s.start", "s.offer_set"),
+    "seen": ("s.offer_set", "r.offer_read"),
+    "reserve": ("r.offer_read", "r.rows_reserved"),
+    "enqueue": ("r.rows_reserved", "r.copy_enqueued"),
+    "copy": ("r.copy_enqueued", "r.copy_done"),
+    "commit": ("r.copy_done", "r.committed"),
+    "ack": ("r.committed", "s.end"),
+    "ids": ("s.offer_set", "s.ids_set"),
+    "attach": ("r.ids_read", "r.ids_attached"),
+}
+
+
+def _phases(sent: dict[str, float], received: Any) -> dict[str, float]:
+    """One transfer's phases in ms from both sides' stamps (see the module docstring)."""
+    stamps = {f"s.{k}": v for k, v in sent.items()} | {
+        f"r.{k}": v for k, v in received.stamps.items()
+    }
+    spans = {p: (stamps[b] - stamps[a]) * 1e3 for p, (a, b) in SPANS.items()}
+    return spans | {"gpu": received.copy_gpu_s * 1e3}
 
 
 def _copy_s(src: Any, dst: Any, num_tokens: int, repeats: int) -> float:
@@ -151,14 +185,15 @@ def main() -> int:
     registry = IpcRegistry(torch.device("cuda:0"))
     rows = []
     for num_tokens in [min(_ints(args.kv_tokens)), *_ints(args.kv_tokens)]:  # first: warm-up
-        times, num_bytes = [], 0
+        times, phases, num_bytes = [], [], 0
         for repeat in range(args.repeats):
             key = f"bench/{num_tokens}/{repeat}/{len(rows)}"
             jobs.put((key, num_tokens))
             receiver = _receive(store, key, registry, pool)
-            state, seconds, num_bytes = results.get(timeout=TIMEOUT_S)
+            state, stamps, num_bytes = results.get(timeout=TIMEOUT_S)
             assert state == "DONE" and receiver.failure() is None, (state, receiver.failure())
-            times.append(seconds)
+            times.append(stamps["end"] - stamps["start"])
+            phases.append(_phases(stamps, receiver))
         src = _pool(args.model, num_tokens)
         copy_s = _copy_s(src, pool, num_tokens, args.repeats)
         del src
@@ -176,11 +211,12 @@ def main() -> int:
                 "copy_gb_s": num_bytes / copy_s / 1e9,
                 "ratio": copy_s / ipc_s,
                 "copy_from_ipc_gb_s": num_bytes / ipc_copy_s / 1e9,
+                "phases_ms": {k: statistics.median(p[k] for p in phases) for k in PHASES},
             }
         )
     jobs.put(None)
     proc.join(timeout=30)
-    rows = rows[1:]
+    warm_up, rows = rows[0], rows[1:]
     print(f"{args.model} KV, {torch.cuda.get_device_name(0)}, medians of {args.repeats}")
     print(
         "| KV tokens | GiB | IPC transfer s | IPC GB/s | device copy s | copy GB/s | IPC / copy "
@@ -193,8 +229,14 @@ def main() -> int:
             f"{r['copy_s']:.4f} | {r['copy_gb_s']:.0f} | {r['ratio']:.0%} | "
             f"{r['copy_from_ipc_gb_s']:.0f} |"
         )
+    print(f"\nPhases, ms (medians; the warm-up transfer of {warm_up['kv_tokens']:,} tokens first)")
+    print("| KV tokens | " + " | ".join(PHASES) + " |")
+    print("|---|" + "---|" * len(PHASES))
+    for name, r in [("warm-up", warm_up)] + [(f"{r['kv_tokens']:,}", r) for r in rows]:
+        print(f"| {name} | " + " | ".join(f"{r['phases_ms'][k]:.2f}" for k in PHASES) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        doc = {"model": args.model, "warm_up": warm_up, "rows": rows}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

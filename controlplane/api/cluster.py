@@ -18,7 +18,9 @@ Protocol (agents must match; docs/deploying.md has the long form):
    the decoding instance reports `tokens` (start_index = index in the whole output, repeats
    are ignored, gaps are dropped) and `finished`; `failed(retryable)` re-queues the request.
    Events from an instance that no longer holds the request's work are ignored.
-6. Commands: StartPrefill/Colocate go to every node of the group; TransferKv to the source
+6. Commands: StartPrefill/Colocate go to every node of the group, each naming the whole group,
+   its group_id and where the members meet (rendezvous_address: the store of rank 0's
+   node); TransferKv to the source
    and the destination node; StartDecode to the decoding node (transfer_id empty: decode
    where the prefill ran; else on the transfer's destination); Cancel to every node holding
    work or KV. `Command.trace` carries the W3C context of the dispatch span.

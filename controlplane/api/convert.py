@@ -36,12 +36,12 @@ from controlplane.runtime.commands import (
 from controlplane.runtime.inputs import NodeJoin
 from controlplane.runtime.reports import (
     AgentReport,
-    Broken,
+    Cancelled,
     ChunkDone,
-    Done,
-    Dropped,
+    Failed,
+    Finished,
+    Paused,
     PrefillFinished,
-    PrefillStopped,
     ReportBody,
     TokensOut,
     TransferProgress,
@@ -322,6 +322,7 @@ def registration_from_proto(
         ids,
         register.rendezvous_address,
         tuple(register.resident_request_ids),
+        register.vocab_size or None,
     )
     node = NodeRecord(node_id, peer, NodeState.UP, now_s, now_s)
     return registration, NodeJoin(node, tuple(records), register.rendezvous_address)
@@ -349,7 +350,7 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
     elif kind == "prefill_done":
         body = PrefillFinished(event.prefill_done.first_token_id)
     elif kind == "paused":
-        body = PrefillStopped(event.paused.chunks_done)
+        body = Paused(event.paused.chunks_done)
     elif kind == "kv_transfer":
         t = event.kv_transfer
         status = _TRANSFER_FROM_PROTO.get(t.state, TransferStatus.PENDING)
@@ -359,11 +360,11 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
     elif kind == "tokens":
         body = TokensOut(event.tokens.start_index, tuple(event.tokens.token_ids))
     elif kind == "finished":
-        body = Done(event.finished.output_tokens, event.finished.reason)
+        body = Finished(event.finished.output_tokens, event.finished.reason)
     elif kind == "failed":
-        body = Broken(event.failed.error, event.failed.retryable)
+        body = Failed(event.failed.error, event.failed.retryable)
     elif kind == "cancelled":
-        body = Dropped()
+        body = Cancelled()
     else:
         raise ApiError(
             ApiErrorCode.PROTOCOL_VIOLATION, "event.kind: an Event must set one kind", field="kind"
@@ -383,6 +384,7 @@ def _prefill_to_proto(order: PrefillOrder) -> cluster_pb2.StartPrefill:
         sampling=sampling_to_proto(order.sampling),
         decode_in_place=order.decode_in_place,
         generated_token_ids=order.generated_token_ids,
+        rendezvous_address=order.rendezvous_address,
     )
 
 
@@ -431,6 +433,7 @@ def command_to_proto(command: AgentCommand, seq: int) -> cluster_pb2.ControlMess
                     max_new_tokens=order.max_new_tokens,
                     sampling=sampling_to_proto(order.sampling),
                     generated_token_ids=order.generated_token_ids,
+                    instance_id=order.instance_id,
                 )
             )
         case CancelOrder():

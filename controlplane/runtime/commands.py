@@ -29,6 +29,7 @@ class PrefillOrder:
     sampling: SamplingParams  # how to sample
     decode_in_place: bool  # decode on the group right after prefill
     generated_token_ids: tuple[int, ...]  # output so far (continuation after a re-queue)
+    rendezvous_address: str  # host:port where the group's members meet (`rendezvous_for`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ class DecodeOrder:
     """Start decoding on an instance that holds the whole KV (StartDecode)."""
 
     request_id: str
-    instance_id: str  # where to decode (not on the wire: the node knows its instance)
+    instance_id: str  # where to decode; the agent names it when it refuses the command
     transfer_id: str  # the finished transfer that brought the KV; "" when prefilled there
     max_new_tokens: int
     sampling: SamplingParams

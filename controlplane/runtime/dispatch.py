@@ -1,11 +1,14 @@
 """Turning the policy's actions into agent commands and timeline entries (tick thread).
 
 Addressing: an action goes to every node hosting one of its instances (an SP group spanning
-nodes gets one command per node, each naming the whole group). TransferKV goes to the source
-and the destination node. Reject needs no command: the request fails without running.
+nodes gets one command per node, each naming the whole group and the same rendezvous store,
+`rendezvous_for`). TransferKV goes to the source and the destination node, meeting at the
+source node's store. Reject needs no command: the request fails without running.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from controlplane.core.actions import (
     Action,
@@ -79,8 +82,9 @@ def commands_for(
         case Resume():
             order, nodes = ResumeOrder(rid), action.instance_ids
         case TransferKV():
-            state.attempts[rid] += 1
-            transfer_id = f"{rid}/t{state.attempts[rid]}"
+            record = state.requests[rid]
+            record.attempts += 1
+            transfer_id = f"{rid}/{state.epoch}/t{record.attempts}"
             src, dst = action.src_instance_id, action.dst_instance_id
             expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
             state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
@@ -95,15 +99,14 @@ def commands_for(
             )
             nodes = (src, dst)
         case StartDecode():
-            inputs = state.inputs[rid]
-            log = state.logs[rid]
+            record = state.requests[rid]
             order = DecodeOrder(
                 rid,
                 action.instance_id,
-                state.last_transfer.get(rid, ""),
-                inputs.max_new_tokens,
-                inputs.sampling,
-                tuple(log.ids),
+                record.last_transfer,
+                record.inputs.max_new_tokens,
+                record.inputs.sampling,
+                tuple(record.log.ids),
             )
             nodes = (action.instance_id,)
         case Cancel():
@@ -122,23 +125,38 @@ def _prefill(
     chunk_tokens: int,
     decode_in_place: bool,
 ) -> PrefillOrder:
-    inputs = state.inputs[rid]
-    generated = tuple(state.logs[rid].ids)
-    state.attempts[rid] += 1
-    state.gen_base[rid] = len(generated)
-    state.last_transfer.pop(rid, None)
+    record = state.requests[rid]
+    inputs = record.inputs
+    generated = tuple(record.log.ids)
+    record.attempts += 1
+    record.gen_base = len(generated)
+    record.last_transfer = ""
     return PrefillOrder(
         request_id=rid,
         prompt_token_ids=inputs.prompt_token_ids,
         instance_ids=instance_ids,
         sp_kind=sp_kind,
         chunk_tokens=chunk_tokens,
-        group_id=f"{rid}/p{state.attempts[rid]}",
+        group_id=f"{rid}/{state.epoch}/p{record.attempts}",
         max_new_tokens=inputs.max_new_tokens,
         sampling=inputs.sampling,
         decode_in_place=decode_in_place,
         generated_token_ids=generated,
+        rendezvous_address=rendezvous_for(instance_ids, state.instance_node, state.rendezvous),
     )
+
+
+def rendezvous_for(
+    instance_ids: tuple[str, ...], instance_node: Mapping[str, str], rendezvous: Mapping[str, str]
+) -> str:
+    """Where an SP group's members meet: the rendezvous store of the node of the first member
+    (rank 0, which samples and reports) whose node registered one; "" when none did (a group
+    on one node then meets at that node's own store; the agents refuse one spanning nodes)."""
+    for instance_id in instance_ids:
+        address = rendezvous.get(instance_node.get(instance_id, ""), "")
+        if address:
+            return address
+    return ""
 
 
 def timeline_for(action: Action, view: RequestView | None, at_s: float) -> RequestEvent | None:

@@ -4,9 +4,10 @@ A report is applied only when it is about the request's current work: it must co
 instance of the request's last persisted placement (KV transfer progress is matched by its
 transfer id instead). Reports from an earlier attempt (before a re-queue, a restart or an
 agent reconnect) are dropped here, because the policy cannot tell attempts apart. A failure
-that names no instance is an agent refusing a command (StartDecode, for one, names none on
-the wire): it is about the request's work on the reporting node, and must reach the policy, or
-the request would wait forever for work that never runs.
+that names no instance is an agent refusing a command that names no single instance (a
+StartPrefill, say; a refused StartDecode names its instance): it is about the request's work
+on the reporting node, and must reach the policy, or the request would wait forever for work
+that never runs.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from controlplane.core.events import (
 )
 from controlplane.runtime.reports import (
     AgentReport,
-    Broken,
+    Cancelled,
     ChunkDone,
-    Done,
-    Dropped,
+    Failed,
+    Finished,
+    Paused,
     PrefillFinished,
-    PrefillStopped,
     TokensOut,
     TransferProgress,
     TransferStatus,
@@ -57,17 +58,15 @@ class Intake:
         """Apply one report; False when it was dropped as stale or about an unknown request."""
         st = self._state
         rid = report.request_id
-        log = st.logs.get(rid)
-        if log is None:
+        record = st.requests.get(rid)
+        if record is None:
             self.num_stale += 1
             return False
+        log = record.log
         at = report.received_s
         body = report.body
         if isinstance(body, TransferProgress):
             return self._transfer(report, body)
-        if report.attempt is not None and report.attempt != st.attempts.get(rid, 0):
-            self.num_stale += 1  # a delayed failure report about an earlier attempt
-            return False
         if not self._about_placement(report):
             self.num_stale += 1
             return False
@@ -83,19 +82,20 @@ class Intake:
             case PrefillFinished():
                 self.events.append(PrefillDone(rid, at))
                 self._note(rid, _K.PREFILL_DONE, at, report.instance_id, {})
-                self._tokens(rid, st.gen_base.get(rid, len(log.ids)), (body.first_token_id,), at)
-            case PrefillStopped():
+                base = len(log.ids) if record.gen_base is None else record.gen_base
+                self._tokens(rid, base, (body.first_token_id,), at)
+            case Paused():
                 self.events.append(PrefillPaused(rid, body.chunks_done, at))
             case TokensOut():
                 self._tokens(rid, body.start_index, body.token_ids, at)
-            case Done():
+            case Finished():
                 self.events.append(RequestFinished(rid, at))
-            case Broken():
+            case Failed():
                 self.events.append(RequestFailed(rid, body.retryable, at, body.error))
                 if body.retryable:  # a final failure is recorded with the FAILED state
                     details = {"error": body.error, "retryable": True}
                     self._note(rid, _K.FAILED, at, report.instance_id or None, details)
-            case Dropped():
+            case Cancelled():
                 pass
         self.touched.add(rid)
         return True
@@ -103,8 +103,8 @@ class Intake:
     def _about_placement(self, report: AgentReport) -> bool:
         """The report comes from an instance of the request's placement (a refused command:
         from the node of one)."""
-        placement = self._state.placement.get(report.request_id, frozenset())
-        if report.instance_id or not isinstance(report.body, Broken):
+        placement = self._state.requests[report.request_id].placement
+        if report.instance_id or not isinstance(report.body, Failed):
             return report.instance_id in placement
         node_of = self._state.instance_node
         return any(node_of.get(iid) == report.node_id for iid in placement)
@@ -122,7 +122,7 @@ class Intake:
         rid, dst, at = info.request_id, info.destination_instance_id, report.received_s
         self.events.append(KVTransferDone(rid, dst, ok, at, body.error))
         if ok:
-            st.last_transfer[rid] = body.transfer_id
+            st.requests[rid].last_transfer = body.transfer_id
             details: dict[str, DetailValue] = {
                 "dst": dst,
                 "bytes": body.num_bytes,
@@ -136,7 +136,7 @@ class Intake:
         return True
 
     def _tokens(self, rid: str, start_index: int, token_ids: tuple[int, ...], at: float) -> None:
-        log = self._state.logs[rid]
+        log = self._state.requests[rid].log
         had = len(log.ids)
         new = log.accept(start_index, token_ids)
         if start_index > had:

@@ -23,7 +23,7 @@ class PrefillFinished:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillStopped:
+class Paused:
     """The prefill paused at a chunk boundary (acknowledges a Pause)."""
 
     chunks_done: int
@@ -59,7 +59,7 @@ class TokensOut:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class Finished:
     """The request stopped at max_new_tokens ("length") or EOS ("eos")."""
 
     output_tokens: int
@@ -67,7 +67,7 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
-class Broken:
+class Failed:
     """The request's work failed on the agent; `retryable` re-queues it."""
 
     error: str
@@ -75,19 +75,19 @@ class Broken:
 
 
 @dataclass(frozen=True, slots=True)
-class Dropped:
+class Cancelled:
     """The agent stopped the request's work (acknowledges a Cancel)."""
 
 
 ReportBody = (
     ChunkDone
     | PrefillFinished
-    | PrefillStopped
+    | Paused
     | TransferProgress
     | TokensOut
-    | Done
-    | Broken
-    | Dropped
+    | Finished
+    | Failed
+    | Cancelled
 )
 
 
@@ -100,4 +100,3 @@ class AgentReport:
     instance_id: str  # which instance it happened on
     body: ReportBody  # what happened
     received_s: float  # when the control plane received it (its clock)
-    attempt: int | None = None  # work attempt it is about; None = the current one

@@ -8,15 +8,17 @@ Life of a request::
                        ▼  │                         ▼  │
                       PAUSED (KV resident)         PAUSED
     begin_import ──▶ IMPORTING ──finish_import──▶ DECODING (or PREFILLING for a partial prefill)
+    (begin_import = reserve_import, from the counts, + attach_import, the token ids: a copier
+    can start filling the rows before the ids are decoded)
     cancel: any state ──▶ gone, its KV rows freed at once.
 
 KV rows: each request owns one contiguous movable range of the pool (`KVRange`), reserved at
 admission. When a new reservation fits the free total but no free extent, the pool is compacted
 (`KVCache.compact`): unpinned ranges slide down and the engine reads each request's start anew
 every step. Pinning rule: a request whose rows someone else may be reading or writing through
-views is pinned and never moves: from `begin_import` until `finish_import` (or cancel), and from
+views is pinned and never moves: from `begin_import` (`reserve_import`) until `finish_import` (or cancel), and from
 each `export_kv` until a matching `release_export` (or cancel / finish). Compaction runs only
-inside admission calls (`add_request`, `begin_import`, and fixed `KVCache.reserve` calls such as
+inside admission calls (`add_request`, `begin_import`/`reserve_import`, and fixed `KVCache.reserve` calls such as
 SP caches), never during `step()`. No other state caches offsets: every step builds its
 attention batch, and the CUDA-graph input buffers are refilled, from the current starts.
 
@@ -177,22 +179,30 @@ class Engine:
         return self.kv.largest_fit_tokens
 
     def _check_new(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
+        self._check_new_counts(request_id, len(prompt), sampling)
+        self._check_prompt_ids(prompt)
+
+    def _check_new_counts(
+        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams
+    ) -> None:
         if request_id in self._requests:
             raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"request_id {request_id!r} exists")
-        if not prompt:
+        if num_prompt_tokens < 1:
             raise EngineError(EngineErrorCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        vocab = self.model.shape.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise EngineError(
-                EngineErrorCode.INVALID_ARGUMENT, f"prompt_token_ids must be in [0, {vocab})"
-            )
-        total = len(prompt) + sampling.max_new_tokens
+        total = num_prompt_tokens + sampling.max_new_tokens
         if total > self.max_model_tokens:
             # The model's limit, not capacity: no instance of this model can run it.
             raise EngineError(
                 EngineErrorCode.INVALID_ARGUMENT,
-                f"request {request_id!r}: prompt {len(prompt)} + max_new_tokens "
+                f"request {request_id!r}: prompt {num_prompt_tokens} + max_new_tokens "
                 f"{sampling.max_new_tokens} exceeds the model limit of {self.max_model_tokens}",
+            )
+
+    def _check_prompt_ids(self, prompt: list[int]) -> None:
+        vocab = self.model.shape.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT, f"prompt_token_ids must be in [0, {vocab})"
             )
 
     # ----------------------------------------------------------------- control
@@ -411,6 +421,22 @@ class Engine:
         """Reserve rows for an incoming request and return views to fill (e.g. by recv).
 
         The rows stay pinned (never moved by compaction) until `finish_import` or cancel.
+        `reserve_import` then `attach_import`, for callers that have all the metadata at once.
+        """
+        target = self.reserve_import(meta, len(meta.prompt_token_ids), len(meta.output_token_ids))
+        try:
+            self.attach_import(meta)
+        except EngineError:
+            self.cancel(meta.request_id)
+            raise
+        return target
+
+    def reserve_import(
+        self, meta: KVMetadata, num_prompt_tokens: int, num_output_tokens: int
+    ) -> KVImportTarget:
+        """`begin_import` from the counts alone: `meta`'s token ids are not read (they may be
+        empty), so the KV copy can start before they are decoded. The request is IMPORTING
+        and cannot finish before `attach_import` gave it its token ids.
         """
         shape = self.model.shape
         layout = (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype)
@@ -419,20 +445,21 @@ class Engine:
             raise EngineError(
                 EngineErrorCode.KV_MISMATCH, f"KV layout {layout} != this engine's {mine}"
             )
-        prompt, output = list(meta.prompt_token_ids), list(meta.output_token_ids)
-        decoding = meta.num_kv_tokens == len(prompt) + len(output) - 1 and bool(output)
-        prefilling = meta.num_kv_tokens < len(prompt) and not output
-        if not (decoding or prefilling) or meta.num_kv_tokens < 0:
-            raise EngineError(
-                EngineErrorCode.INVALID_ARGUMENT,
-                f"num_kv_tokens={meta.num_kv_tokens} fits neither a partial prefill nor a "
-                f"decode of prompt {len(prompt)} + output {len(output)}",
-            )
-        self.add_request(meta.request_id, prompt, meta.sampling)
-        req = self._requests[meta.request_id]
+        _check_import_counts(meta.num_kv_tokens, num_prompt_tokens, num_output_tokens)
+        self._check_new_counts(meta.request_id, num_prompt_tokens, meta.sampling)
+        rows = self.kv.reserve_movable(meta.request_id, _kv_rows(num_prompt_tokens, meta.sampling))
+        req = RunningRequest.new(
+            meta.request_id,
+            [],  # attach_import sets the prompt
+            meta.sampling,
+            kv_range=rows,
+            chunk_tokens=self.config.chunk_tokens,
+            hold_after_prefill=False,
+            device=self.device,
+        )
+        self._requests[meta.request_id] = req
         req.state, req.num_computed_tokens = RequestState.IMPORTING, meta.num_kv_tokens
         req.kv_range.pins += 1
-        req.output_token_ids = output
         if req.generator is not None and meta.generator_state is not None:
             req.generator.set_state(torch.tensor(list(meta.generator_state), dtype=torch.uint8))
         n, start = meta.num_kv_tokens, req.kv_start
@@ -440,11 +467,33 @@ class Engine:
         values = tuple(v[start : start + n] for v in self.kv.v_pools)
         return KVImportTarget(meta.request_id, keys, values)
 
+    def attach_import(self, meta: KVMetadata) -> None:
+        """Give a request reserved by `reserve_import` its prompt and output token ids (once;
+        they must match the reserved counts)."""
+        req = self._get(meta.request_id)
+        if req.state is not RequestState.IMPORTING or req.prompt_token_ids:
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE, f"{meta.request_id!r} awaits no token ids"
+            )
+        prompt, output = list(meta.prompt_token_ids), list(meta.output_token_ids)
+        if _kv_rows(len(prompt), req.sampling) != req.kv_rows:
+            raise EngineError(
+                EngineErrorCode.INVALID_ARGUMENT,
+                f"{len(prompt)} prompt token ids for rows reserved for another prompt length",
+            )
+        _check_import_counts(req.num_computed_tokens, len(prompt), len(output))
+        self._check_prompt_ids(prompt)
+        req.prompt_token_ids, req.output_token_ids = prompt, output
+        req.prompt_tensor = torch.tensor(prompt, dtype=torch.int64)
+
     def finish_import(self, request_id: str) -> None:
         """Mark the rows filled: the request becomes DECODING (or PREFILLING if partial)."""
         req = self._get(request_id)
-        if req.state is not RequestState.IMPORTING:
-            raise EngineError(EngineErrorCode.INVALID_STATE, f"{request_id!r} is not importing")
+        if req.state is not RequestState.IMPORTING or not req.prompt_token_ids:
+            raise EngineError(
+                EngineErrorCode.INVALID_STATE,
+                f"{request_id!r} is not importing, or has no token ids yet",
+            )
         req.kv_range.pins -= 1
         done = req.num_computed_tokens == req.num_prompt_tokens + len(req.output_token_ids) - 1
         req.state = RequestState.DECODING if done else RequestState.PREFILLING
@@ -461,6 +510,20 @@ class Engine:
             self.cancel(target.request_id)
             raise EngineError(EngineErrorCode.KV_MISMATCH, f"KV tensors do not fit: {exc}") from exc
         self.finish_import(target.request_id)
+
+
+def _check_import_counts(
+    num_kv_tokens: int, num_prompt_tokens: int, num_output_tokens: int
+) -> None:
+    """An import continues a decode (KV for all but the last token) or a partial prefill."""
+    decoding = num_kv_tokens == num_prompt_tokens + num_output_tokens - 1 and num_output_tokens > 0
+    prefilling = num_kv_tokens < num_prompt_tokens and num_output_tokens == 0
+    if not (decoding or prefilling) or num_kv_tokens < 0:
+        raise EngineError(
+            EngineErrorCode.INVALID_ARGUMENT,
+            f"num_kv_tokens={num_kv_tokens} fits neither a partial prefill nor a "
+            f"decode of prompt {num_prompt_tokens} + output {num_output_tokens}",
+        )
 
 
 def _kv_rows(num_prompt_tokens: int, sampling: SamplingParams) -> int:

@@ -2,11 +2,12 @@
 communicator, no helper thread.
 
     sender                                        receiver
-    expose the KV pool's storage (once per        poll: the offer arrived -> begin_import
-      worker), record an IPC event after the        (rows reserved, request IMPORTING); open
-      KV's last write, set <key>/offer              the sender's storage (once per peer storage),
-    poll: <key>/result                              wait for the event, copy every layer's K
-      "ok"    -> DONE (the caller frees the rows)   and V into the rows on a side stream
+    expose the KV pool's storage (once per        poll: the offer arrived -> reserve_import
+      worker), record an IPC event after the        (rows for the counts, request IMPORTING);
+      KV's last write, set <key>/offer; then        open the sender's storage (once per peer
+      pack the token ids, set <key>/ids             storage), wait for the event, copy every
+    poll: <key>/result                              layer's K and V into the rows (side stream)
+      "ok"    -> DONE (the caller frees the rows) poll: the ids arrived -> attach_import
       "fail:" -> FAILED                           poll: copy finished -> compare_set(result, ok)
     timeout / abort: compare_set(result, abort)       won -> finish_import -> DONE
       lost to "ok" -> DONE                            lost (abort) -> cancel import -> FAILED
@@ -19,12 +20,18 @@ sees partial KV (the request stays IMPORTING until "ok" is committed); a failed 
 its rows once its copy has drained. Each side adds 1 to `<key>/ends` when it is terminal; the
 second one deletes the transfer's keys.
 
-The offer is JSON (no pickle: it crosses processes): the metadata, the CUDA IPC handle of each
-storage the KV lives in (`UntypedStorage._share_cuda_`, taken once per storage and cached), each
-layer's view as (storage, offset, shape, strides), and the IPC event. Opened storages are cached
-by handle for the life of the worker, so only the first transfer from a peer pays for mapping
-its pool. Workers of one node see the same device numbering; a copy between two GPUs of a node
-goes over their peer link.
+The offer is JSON (no pickle: it crosses processes): the CUDA IPC handle of each storage the
+KV lives in (`UntypedStorage._share_cuda_`, taken once per storage and cached), each layer's
+view as (storage, offset, shape, strides), the IPC event and the metadata with its token ids
+replaced by their counts (`metadata_header`). The ids follow as packed uint32 in `<key>/ids`:
+packing and unpacking 128K of them (the Python ints) takes a few ms on each side, half the 16 GiB
+copy, so the sender packs them while the receiver reserves rows and copies, and the receiver
+decodes them while the GPU copies (as JSON inside the offer they cost ~25 ms before the copy
+could start). Opened storages are cached by handle for
+the life of the worker, so only the first transfer from a peer pays for mapping its pool.
+Workers of one node see the same device numbering; a copy between two GPUs of a node goes over
+their peer link. `stamps` holds each side's phase times and `copy_gpu_s` the receiver's copy as
+the GPU timed it, for diagnosis (`bench/kv_ipc.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,13 @@ from typing import Any
 import torch
 
 from dataplane.engine.types import KVExport, KVMetadata
-from dataplane.parallel.kv_transfer import TransferState, metadata_from_bytes, metadata_to_bytes
+from dataplane.parallel.kv_transfer import (
+    TransferState,
+    metadata_from_header,
+    metadata_header,
+    token_ids_to_bytes,
+    with_token_ids,
+)
 
 IPC_KEY_PREFIX = "kvipc/"
 _OK = "ok"
@@ -117,7 +130,8 @@ class _IpcSide:
         self._key = f"{IPC_KEY_PREFIX}{key}"
         self.timeout_s = timeout_s
         self._clock = clock
-        self._deadline = clock() + timeout_s
+        self.stamps: dict[str, float] = {"start": clock()}  # phase -> clock, for diagnosis
+        self._deadline = self.stamps["start"] + timeout_s
         self.state = TransferState.PENDING
         self._failure: str | None = None
         self.num_layers_done = 0
@@ -130,8 +144,11 @@ class _IpcSide:
     def _has(self, name: str) -> bool:
         return bool(self._store.check([f"{self._key}/{name}"]))
 
+    def _get_bytes(self, name: str) -> bytes:
+        return bytes(self._store.get(f"{self._key}/{name}"))
+
     def _get(self, name: str) -> str:
-        return bytes(self._store.get(f"{self._key}/{name}")).decode()
+        return self._get_bytes(name).decode()
 
     def _is_terminal(self) -> bool:
         return self.state in (TransferState.DONE, TransferState.FAILED)
@@ -143,8 +160,9 @@ class _IpcSide:
 
     def _end(self, state: TransferState, failure: str | None = None) -> None:
         self.state, self._failure = state, failure
+        self.stamps["end"] = self._clock()
         if int(self._store.add(f"{self._key}/ends", 1)) >= 2:  # the other side ended first
-            for name in ("offer", "result", "ends"):
+            for name in ("offer", "ids", "result", "ends"):
                 self._store.delete_key(f"{self._key}/{name}")
 
 
@@ -187,14 +205,22 @@ class IpcKVSender(_IpcSide):
         self._event = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
         self._event.record(torch.cuda.current_stream(registry.device))
         offer = {
-            "metadata": metadata_to_bytes(export.metadata).decode(),
+            "metadata": metadata_header(export.metadata),
             "storages": storages,
             "views": views,
             "event": self._event.ipc_handle().hex(),  # type: ignore[no-untyped-call]
         }
         self._num_bytes = sum(t.numel() * t.element_size() for t in tensors)
         store.set(f"{self._key}/offer", json.dumps(offer))
+        self.stamps["offer_set"] = clock()
         self.state = TransferState.TRANSFERRING
+        try:  # the receiver reserves rows and starts copying meanwhile
+            ids = token_ids_to_bytes(export.metadata)
+        except ValueError as exc:  # the receiver learns from the result
+            self._settle(self._commit(f"{_FAIL}{exc}"))
+            return
+        store.set(f"{self._key}/ids", ids)
+        self.stamps["ids_set"] = clock()
 
     def poll(self) -> TransferState:
         """Advance without blocking and return the state (terminal states are sticky)."""
@@ -226,7 +252,9 @@ class IpcKVReceiver(_IpcSide):
     Args:
         store, key, timeout_s, clock: as for `IpcKVSender`.
         registry: this worker's `IpcRegistry`.
-        begin_import: `Engine.begin_import`: reserves rows for the metadata, returns views.
+        reserve_import: `Engine.reserve_import(metadata, #prompt ids, #output ids)`: reserves
+            rows for the metadata whose token ids are not there yet, returns views.
+        attach_import: `Engine.attach_import`: the metadata with its token ids.
         finish_import: `Engine.finish_import`: called once, after "ok" is committed.
         cancel_import: `Engine.cancel`: frees the rows if the transfer fails.
     """
@@ -236,7 +264,8 @@ class IpcKVReceiver(_IpcSide):
         store: Any,
         key: str,
         registry: IpcRegistry,
-        begin_import: Callable[[KVMetadata], Any],
+        reserve_import: Callable[[KVMetadata, int, int], Any],
+        attach_import: Callable[[KVMetadata], None],
         finish_import: Callable[[str], None],
         cancel_import: Callable[[str], object],
         *,
@@ -245,9 +274,12 @@ class IpcKVReceiver(_IpcSide):
     ) -> None:
         super().__init__(store, key, timeout_s, clock)
         self._registry = registry
-        self._begin, self._finish, self._cancel = begin_import, finish_import, cancel_import
-        self.metadata: KVMetadata | None = None
+        self._reserve, self._attach = reserve_import, attach_import
+        self._finish, self._cancel = finish_import, cancel_import
+        self.metadata: KVMetadata | None = None  # token ids empty until attached
+        self._id_counts: tuple[int, int] | None = None  # (prompt, output) while not attached
         self._request_id: str | None = None  # set once rows are reserved
+        self._copy_started: torch.cuda.Event | None = None  # recorded before the first copy
         self._copied: torch.cuda.Event | None = None  # recorded after the last copy
         self._sources: list[torch.Tensor] = []  # peer views, alive until the copy finished
 
@@ -266,9 +298,16 @@ class IpcKVReceiver(_IpcSide):
                     self._fail(self._get("result"), commit=False)
                 elif self._has("offer"):
                     self._start_copy(json.loads(self._get("offer")))
+            elif self._id_counts is not None:  # copying; the token ids come meanwhile
+                if self._has("ids"):
+                    self._attach_ids(self._get_bytes("ids"))
+                elif self._has("result"):  # the sender failed to pack them, or gave up
+                    self._fail(self._get("result"), commit=False)
             elif self._copied.query():  # type: ignore[no-untyped-call]
+                self.stamps["copy_done"] = self._clock()
                 self._sources.clear()
                 result = self._commit(_OK)
+                self.stamps["committed"] = self._clock()
                 if result == _OK:
                     assert self._request_id is not None
                     self._finish(self._request_id)  # only now may the engine decode it
@@ -286,10 +325,20 @@ class IpcKVReceiver(_IpcSide):
         if self.state not in (TransferState.DONE, TransferState.FAILED):
             self._fail(f"{_ABORT}aborted by the receiver")
 
+    @property
+    def copy_gpu_s(self) -> float | None:
+        """The copy's duration on the GPU (after the waits), once it finished."""
+        if self._copy_started is None or self._copied is None or "copy_done" not in self.stamps:
+            return None
+        return float(self._copy_started.elapsed_time(self._copied)) / 1e3
+
     def _start_copy(self, offer: dict[str, Any]) -> None:
-        meta = metadata_from_bytes(offer["metadata"].encode())
+        self.stamps["offer_read"] = self._clock()
+        meta, num_prompt, num_output = metadata_from_header(offer["metadata"])
         self.metadata = meta
-        target = self._begin(meta)  # reserves rows; the request is IMPORTING
+        target = self._reserve(meta, num_prompt, num_output)  # the request is IMPORTING
+        self._id_counts = (num_prompt, num_output)
+        self.stamps["rows_reserved"] = self._clock()
         self._request_id = target.request_id
         dtype = _dtype(meta.dtype)
         bases = [self._registry.open(d).view(dtype) for d in offer["storages"]]
@@ -306,14 +355,25 @@ class IpcKVReceiver(_IpcSide):
         stream = self._registry.copy_stream
         stream.wait_event(event)  # the sender's KV writes are done
         stream.wait_stream(torch.cuda.current_stream(self._registry.device))  # rows now free
+        self._copy_started = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self._copied = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self._copy_started.record(stream)
         with torch.cuda.stream(stream):
             for dst, src in zip(dests, self._sources, strict=True):
                 dst.copy_(src, non_blocking=True)
-        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._copied.record(stream)
+        self.stamps["copy_enqueued"] = self._clock()
         self.num_bytes = sum(t.numel() * t.element_size() for t in dests)
         self.num_layers_done = meta.num_layers
         self.state = TransferState.TRANSFERRING
+
+    def _attach_ids(self, raw: bytes) -> None:
+        assert self.metadata is not None and self._id_counts is not None
+        self.stamps["ids_read"] = self._clock()
+        meta = with_token_ids(self.metadata, *self._id_counts, raw)
+        self._attach(meta)
+        self.metadata, self._id_counts = meta, None
+        self.stamps["ids_attached"] = self._clock()
 
     def _fail(self, reason: str, *, commit: bool = True) -> None:
         if commit:

@@ -41,7 +41,8 @@ class SpPrefill:
 
 @dataclass(frozen=True, slots=True)
 class Pause:
-    """Stop scheduling the request at the next chunk boundary; KV stays resident."""
+    """Stop the request's prefill at the next chunk boundary; KV stays resident. Dropped once
+    the prefill is done (only prefills pause)."""
 
     request_id: str
 
@@ -112,6 +113,7 @@ class Ready:
     device: str  # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
     eos_token_ids: tuple[int, ...]  # the model's end-of-sequence tokens
     pid: int  # the worker's process id (logged by the agent)
+    vocab_size: int = 0  # the model's vocabulary size (token ids are below it)
 
 
 @dataclass(frozen=True, slots=True)

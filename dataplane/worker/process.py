@@ -163,7 +163,9 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     runtime = WorkerRuntime(engine, spec.member_id, manager_for, ipc)
     eos = engine.model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids, os.getpid()))
+    vocab_size = engine.model.shape.vocab_size
+    device = device_name(spec.device)
+    reports.send(m.Ready(engine.kv.pool_tokens, device, eos_ids, os.getpid(), vocab_size))
     last_load_s, last_load = 0.0, None
     try:
         while True:

@@ -156,6 +156,10 @@ class WorkerRuntime:
         )
 
     def _pause(self, request_id: str) -> None:
+        """Pause a prefill; a Pause that crossed the prefill's end is dropped (the control
+        plane moved the request on with PrefillDone and will never resume it)."""
+        if self.engine.request_state(request_id) is not RequestState.PREFILLING:
+            return
         self.engine.pause(request_id)
         tracked = self._tracked.get(request_id)
         self._reports.append(m.Paused(request_id, 0 if tracked is None else tracked.chunks_done))
@@ -231,16 +235,31 @@ class WorkerRuntime:
         if self._is_resident(rid):
             raise EngineError(EngineErrorCode.INVALID_STATE, f"request {rid!r} is already here")
 
-        def begin(meta: KVMetadata) -> object:
+        def check(meta: KVMetadata) -> None:
             if meta.request_id != rid:
                 raise ValueError(f"incoming KV is for {meta.request_id!r}, expected {rid!r}")
+
+        def begin(meta: KVMetadata) -> object:
+            check(meta)
             return self.engine.begin_import(meta)
+
+        def reserve(meta: KVMetadata, num_prompt_tokens: int, num_output_tokens: int) -> object:
+            check(meta)
+            return self.engine.reserve_import(meta, num_prompt_tokens, num_output_tokens)
 
         self._tracked.setdefault(rid, _Tracked(0, 0))
         finish, cancel = self._finish_import, self.engine.cancel
         if ipc is not None:
+            attach = self.engine.attach_import
             receiver = IpcKVReceiver(
-                manager.store, cmd.transfer_id, ipc, begin, finish, cancel, timeout_s=timeout_s
+                manager.store,
+                cmd.transfer_id,
+                ipc,
+                reserve,
+                attach,
+                finish,
+                cancel,
+                timeout_s=timeout_s,
             )
             self._transfers.add_ipc(key, False, timeout_s, receiver)
             return

@@ -6,13 +6,15 @@ the commands to all members in one order, and a job connects its group before th
 admitted, so collectives of different jobs never interleave differently on two members).
 Each `run_once` advances every live job by one collective step: a 2-flag `all_reduce_max`
 agreement (pause requested, cancel requested) so that all members stop at the same chunk
-boundary, then one prefill chunk or one decode token. A paused job issues no collectives;
+boundary, then one prefill chunk or one decode token. Only the prefill pauses: a Pause agreed
+on once the prompt is done is dropped. A paused job issues no collectives;
 its KV (rows of the engine's pool) stays resident. Resume re-enters the agreement, which
 waits for the members that have not seen Resume yet.
 
-Only rank 0 reports progress (ChunkDone, Paused, PrefillDone, Tokens, Finished); every member
-reports Cancelled and Failed (the agent de-duplicates). A failed collective (peer died,
-timeout) frees this member's KV and reports Failed(retryable).
+Rank 0 reports the progress (ChunkDone, PrefillDone, Tokens); every member reports Paused,
+Finished, Cancelled and Failed, so that the agent of each node in the group knows what its own
+members hold (it sends progress on from rank 0 only, and de-duplicates the rest). A failed
+collective (peer died, timeout) frees this member's KV and reports Failed(retryable).
 """
 
 from __future__ import annotations
@@ -193,13 +195,17 @@ class SpJobs:
         job.group.all_reduce_max(flags)
         pause, cancel = (bool(x) for x in flags.tolist())
         req = job.request
+        if pause and req.is_prefill_done:
+            # A Pause that crossed the last chunk: only a prefill pauses (the control plane
+            # moved the request to decode on PrefillDone and will never resume it). Every
+            # member sees the same state here, so all of them go on decoding.
+            pause = job.pause_requested = False
         if cancel:
             self._drop(rid)
             self._reports.append(m.Cancelled(rid))
         elif pause:
             job.paused = job.pause_requested = True
-            if job.is_reporter:
-                self._reports.append(m.Paused(rid, req.num_chunks_done))
+            self._reports.append(m.Paused(rid, req.num_chunks_done))
         elif not req.is_prefill_done:
             logits = req.run_next_chunk()
             if job.is_reporter:
@@ -236,8 +242,7 @@ class SpJobs:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._drop(rid)
-            if job.is_reporter:
-                self._reports.append(m.Finished(rid, len(job.output), reason.value))
+            self._reports.append(m.Finished(rid, len(job.output), reason.value))
 
     def _drop(self, request_id: str) -> None:
         job = self._jobs.pop(request_id)

@@ -67,12 +67,15 @@ class Register(_message.Message):
     RENDEZVOUS_ADDRESS_FIELD_NUMBER: _builtins.int
     RESIDENT_REQUEST_IDS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     model: _builtins.str
     """Model served, e.g. a preset name or a directory's config hash; must match the cluster's."""
     rendezvous_address: _builtins.str
     """Address of this node's rendezvous store (host:port) for torch.distributed groups."""
     agent_version: _builtins.str
+    vocab_size: _builtins.int
+    """Vocabulary size of the served model (token ids must be below it); 0 = not reported."""
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceSpec]: ...
     @_builtins.property
@@ -88,10 +91,11 @@ class Register(_message.Message):
         rendezvous_address: _builtins.str = ...,
         resident_request_ids: _abc.Iterable[_builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "instances", b"instances", "model", b"model", "node_id", b"node_id", "rendezvous_address", b"rendezvous_address", "resident_request_ids", b"resident_request_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "instances", b"instances", "model", b"model", "node_id", b"node_id", "rendezvous_address", b"rendezvous_address", "resident_request_ids", b"resident_request_ids", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,6 +565,7 @@ class StartPrefill(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     DECODE_IN_PLACE_FIELD_NUMBER: _builtins.int
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RENDEZVOUS_ADDRESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     sp_kind: _common_pb2.SpKind.ValueType
     chunk_tokens: _builtins.int
@@ -570,6 +575,11 @@ class StartPrefill(_message.Message):
     max_new_tokens: _builtins.int
     decode_in_place: _builtins.bool
     """Decode where prefilled (long requests, or no disaggregation) rather than waiting for TransferKv."""
+    rendezvous_address: _builtins.str
+    """Where the members of the SP group meet (host:port of a rendezvous store, normally the one
+    of the node hosting instance_ids[0]); the same in the command to every node of the group.
+    Required when instance_ids span several nodes; empty: the receiving node's own store.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -595,10 +605,11 @@ class StartPrefill(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         decode_in_place: _builtins.bool = ...,
         generated_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        rendezvous_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "decode_in_place", b"decode_in_place", "generated_token_ids", b"generated_token_ids", "group_id", b"group_id", "instance_ids", b"instance_ids", "max_new_tokens", b"max_new_tokens", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "sp_kind", b"sp_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "decode_in_place", b"decode_in_place", "generated_token_ids", b"generated_token_ids", "group_id", b"group_id", "instance_ids", b"instance_ids", "max_new_tokens", b"max_new_tokens", "prompt_token_ids", b"prompt_token_ids", "rendezvous_address", b"rendezvous_address", "request_id", b"request_id", "sampling", b"sampling", "sp_kind", b"sp_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,10 +700,16 @@ class StartDecode(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     transfer_id: _builtins.str
     """Set when the KV arrived by TransferKv."""
     max_new_tokens: _builtins.int
+    instance_id: _builtins.str
+    """The instance that decodes (the transfer's destination, or where the request was
+    prefilled); a refusal of this command names it. Empty (older control planes): the agent
+    picks the transfer's destination or the one worker holding the request.
+    """
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams: ...
     @_builtins.property
@@ -705,10 +722,11 @@ class StartDecode(_message.Message):
         max_new_tokens: _builtins.int = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         generated_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_token_ids", b"generated_token_ids", "max_new_tokens", b"max_new_tokens", "request_id", b"request_id", "sampling", b"sampling", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_token_ids", b"generated_token_ids", "instance_id", b"instance_id", "max_new_tokens", b"max_new_tokens", "request_id", b"request_id", "sampling", b"sampling", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

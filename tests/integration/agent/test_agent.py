@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import LiveAgent, Reference, prompt
@@ -77,16 +78,22 @@ def test_commands_become_spans_under_the_control_planes_trace(live: LiveAgent) -
     # Execute
     live.cp.command(trace=trace, **start("traced", [5, 6, 7], "n1/0", 2))
     live.cp.wait_end("traced")
+
     # Assert
-    span = live.cp.wait_for(
-        lambda: next((s for s in live.otlp.spans if s.trace_id.hex() == trace_id), None),
-        15,
-        "the exported span",
-    )
-    assert span.name == "agent.start_prefill"
+    def exported(name: str) -> list[Any]:
+        return [s for s in live.otlp.spans if s.trace_id.hex() == trace_id and s.name == name]
+
+    live.cp.wait_for(lambda: exported("worker.decode"), 15, "the exported decode span")
+    (span,) = exported("agent.start_prefill")
     assert span.parent_span_id.hex() == parent_id
     attrs = {a.key: a.value.string_value for a in span.attributes}
-    assert attrs["pecsched.request_id"] == "traced" and attrs["pecsched.node_id"] == "n1"
+    assert attrs["pecsched.request.id"] == "traced" and attrs["pecsched.node.id"] == "n1"
+    (prefill,) = exported("worker.prefill")
+    (decode,) = exported("worker.decode")
+    chunks = exported("worker.prefill_chunk")
+    assert prefill.parent_span_id == span.span_id and decode.parent_span_id == span.span_id
+    assert chunks and all(c.parent_span_id == prefill.span_id for c in chunks)
+    assert all(c.end_time_unix_nano > c.start_time_unix_nano for c in chunks)
 
 
 def test_chunked_prefill_and_decode_in_place_equal_the_engine_and_transformers(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from dataplane.agent.config import AgentConfig
 from dataplane.agent.core import AgentCore
 from dataplane.agent.link import Connected, ControlIn, Disconnected
@@ -37,7 +39,10 @@ class RecordingPorts:
 
 
 def make_core(
-    num_workers: int = 2, device: str = "cpu", device_indices: list[int] | None = None
+    num_workers: int = 2,
+    device: str = "cpu",
+    device_indices: list[int] | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> tuple[AgentCore, RecordingPorts]:
     config = AgentConfig(
         controlplane="127.0.0.1:1",
@@ -52,7 +57,7 @@ def make_core(
     )
     ports = RecordingPorts()
     indices = list(range(num_workers)) if device_indices is None else device_indices
-    core = AgentCore(config, ports, "127.0.0.1:9", "test", indices)
+    core = AgentCore(config, ports, "127.0.0.1:9", "test", indices, tracer)
     for i in range(num_workers):
         core.handle(WorkerSaid(i, 0, m.Ready(100, "cpu", (), 1000 + i)))
     return core, ports
@@ -112,7 +117,7 @@ def test_reconnect_registers_resident_requests_and_drops_what_the_cp_lists() -> 
     registers = [w.register for w in ports.wire if w.HasField("register")]
     assert list(registers[1].resident_request_ids) == ["drop", "keep"]
     assert (1, m.Cancel("drop", silent=True)) in ports.worker
-    assert "drop" not in core.routes
+    assert "drop" not in core.table.routes
     assert [e.request_id for e in ports.events()] == ["keep"], "buffered event re-sent"
 
 
@@ -162,7 +167,7 @@ def test_transfer_events_transferring_from_source_done_from_destination_failed_o
     states = [e.kv_transfer.state for e in ports.events()]
     assert states == [2, 3]  # TRANSFERRING, DONE
     assert all(e.instance_id == "n1/0" for e in ports.events())
-    assert core.routes["r"].workers == {1}
+    assert core.table.routes["r"].workers == {1}
     command(core, start_decode=cluster_pb2.StartDecode(request_id="r", transfer_id="t"))
     assert ports.worker[-1] == (1, m.StartDecode("r"))
 
@@ -187,7 +192,7 @@ def test_request_placed_again_right_after_a_cancel_runs_and_old_reports_are_drop
     assert ports.worker[-1][0] == 0 and isinstance(ports.worker[-1][1], m.Prefill)
     events = ports.events()
     assert [e.WhichOneof("kind") for e in events] == ["cancelled", "prefill_done"], events
-    assert core.routes["r"].workers == {0} and not core.cancelling
+    assert core.table.routes["r"].workers == {0} and not core.table.cancelling
 
 
 def test_failed_receive_leaves_no_route_behind() -> None:
@@ -203,7 +208,7 @@ def test_failed_receive_leaves_no_route_behind() -> None:
     prefill(core, "r", ["n1/1"])
     # Assert
     assert [e.WhichOneof("kind") for e in ports.events()] == ["kv_transfer"]
-    assert isinstance(ports.worker[-1][1], m.Prefill) and core.routes["r"].workers == {1}
+    assert isinstance(ports.worker[-1][1], m.Prefill) and core.table.routes["r"].workers == {1}
 
 
 def test_worker_death_answers_its_pending_cancel() -> None:
@@ -216,7 +221,7 @@ def test_worker_death_answers_its_pending_cancel() -> None:
     core.handle(WorkerDied(0, 0, -9))
     # Assert
     assert [e.WhichOneof("kind") for e in ports.events()] == ["cancelled"]
-    assert not core.cancelling
+    assert not core.table.cancelling
 
 
 def test_worker_death_fails_its_requests_and_respawns() -> None:
@@ -228,7 +233,7 @@ def test_worker_death_fails_its_requests_and_respawns() -> None:
     core.handle(WorkerSaid(1, 0, m.Tokens("b", 0, (1,))))  # a late report of the dead process
     (failed,) = ports.events()
     assert failed.request_id == "b" and failed.failed.retryable and "died" in failed.failed.error
-    assert ports.respawned == [1] and "a" in core.routes
+    assert ports.respawned == [1] and "a" in core.table.routes
 
 
 def test_drain_hands_back_paused_work_refuses_new_and_finishes() -> None:
@@ -313,3 +318,111 @@ def test_an_sp_group_of_workers_sharing_a_gpu_is_refused_not_left_to_hang() -> N
     assert not failed.failed.retryable and "shares GPU(s) cuda:0" in failed.failed.error
     started = [(i, c.request_id) for i, c in ports.worker if isinstance(c, m.SpPrefill)]
     assert started == [(1, "distinct"), (2, "distinct")]
+
+
+def test_an_sp_group_spanning_nodes_meets_at_the_named_store_and_rank_0s_node_reports() -> None:
+    # Prepare: rank 0 is n2/0 on another node; this node holds ranks 1 and 2
+    core, ports = make_core()
+    attach(core)
+    group = ["n2/0", "n1/0", "n1/1"]
+    # Execute
+    prefill(core, "r", group, rendezvous_address="10.0.0.2:29500", group_id="r/p1")
+    prefill(core, "no-store", ["n2/0", "n1/0"], group_id="x/p1")
+    prefill(core, "not-here", ["n2/0", "n3/0"], rendezvous_address="10.0.0.2:1", group_id="y")
+    core.handle(WorkerSaid(0, 0, m.Paused("r", 2)))
+    core.handle(WorkerSaid(1, 0, m.Paused("r", 2)))
+    paused = core.table.routes["r"].paused
+    for index in (1, 0):
+        core.handle(WorkerSaid(index, 0, m.Finished("r", 4, "length")))
+    # Assert: both members join group r/p1 at rank 0's store; this node reports nothing of
+    # the progress (rank 0's node does) and forgets r once both members finished
+    started = [(i, c) for i, c in ports.worker if isinstance(c, m.SpPrefill)]
+    assert [i for i, _ in started] == [0, 1]
+    assert {(c.group_id, c.store_address, c.member_ids) for _, c in started} == {
+        ("r/p1", "10.0.0.2:29500", tuple(group))
+    }
+    assert paused and "r" not in core.table.routes
+    errors = {e.request_id: e.failed.error for e in ports.events()}
+    assert errors.keys() == {"no-store", "not-here"}, "nothing said about r"
+    assert "instance_ids[0] 'n2/0'" in errors["no-store"]
+    assert "needs rendezvous_address and group_id" in errors["no-store"]
+    assert "no instance of instance_ids" in errors["not-here"]
+
+
+def test_a_failure_of_a_member_whose_rank_0_is_elsewhere_is_reported_and_frees_the_others() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n2/0", "n1/0", "n1/1"], rendezvous_address="h:1", group_id="g")
+    # Execute: the group broke (say rank 0's node died)
+    core.handle(WorkerSaid(1, 0, m.Failed("r", "SP group failed: peer gone", True)))
+    core.handle(WorkerSaid(0, 0, m.Failed("r", "SP group failed: peer gone", True)))
+    # Assert: one retryable Failed from this node; the other member frees it silently
+    (failed,) = ports.events()
+    assert failed.instance_id == "n1/1" and failed.failed.retryable
+    assert (0, m.Cancel("r", silent=True)) in ports.worker
+    assert "r" not in core.table.routes
+
+
+def test_only_rank_0_reports_an_sp_group_of_this_node_even_when_others_finish_first() -> None:
+    # Prepare
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/1", "n1/0"])
+    # Execute: rank 1 (worker 0) finishes before rank 0's last tokens reach the agent
+    core.handle(WorkerSaid(0, 0, m.Finished("r", 2, "length")))
+    core.handle(WorkerSaid(1, 0, m.Tokens("r", 0, (5, 6))))
+    core.handle(WorkerSaid(1, 0, m.Finished("r", 2, "length")))
+    # Assert
+    kinds = [(e.instance_id, e.WhichOneof("kind")) for e in ports.events()]
+    assert kinds == [("n1/1", "tokens"), ("n1/1", "finished")]
+    assert not core.table.routes
+
+
+def test_start_decode_runs_on_the_named_instance_and_a_refusal_names_it() -> None:
+    # Prepare: r is held on n1/0 after its prefill
+    core, ports = make_core()
+    attach(core)
+    prefill(core, "r", ["n1/0"], decode_in_place=False)
+    # Execute
+    for rid, instance_id in (("r", "n1/1"), ("ghost", "n1/1"), ("r", "n1/0")):
+        decode = cluster_pb2.StartDecode(request_id=rid, instance_id=instance_id)
+        command(core, start_decode=decode)
+    # Assert: the two refusals name the instance (retryable: the request may decode
+    # elsewhere); the third starts on worker 0
+    refusals = [(e.request_id, e.instance_id, e.failed.retryable) for e in ports.events()]
+    assert refusals == [("r", "n1/1", True), ("ghost", "n1/1", True)]
+    assert [(i, c) for i, c in ports.worker if isinstance(c, m.StartDecode)] == [
+        (0, m.StartDecode("r"))
+    ]
+
+
+def test_transfers_are_forgotten_with_their_requests_at_the_next_heartbeat() -> None:
+    # Prepare: "done" moved to n1/1 and finished there; "failed" failed its transfer and was
+    # cancelled; "live" is still being sent
+    core, ports = make_core()
+    attach(core)
+    for rid in ("done", "failed", "live"):
+        prefill(core, rid, ["n1/0"], decode_in_place=False)
+        kv = cluster_pb2.TransferKv(
+            request_id=rid,
+            transfer_id=f"{rid}/t1",
+            source_instance_id="n1/0",
+            destination_instance_id="n1/1",
+        )
+        command(core, transfer_kv=kv)
+    for index, is_source in ((0, True), (1, False)):
+        core.handle(
+            WorkerSaid(index, 0, m.TransferUpdate("done", "done/t1", "done", is_source, 1, 0.1, ""))
+        )
+    core.handle(WorkerSaid(1, 0, m.Finished("done", 2, "length")))
+    core.handle(
+        WorkerSaid(1, 0, m.TransferUpdate("failed", "failed/t1", "failed", False, 0, 0.1, "x"))
+    )
+    command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="failed"))
+    assert core.table.failed_transfers == {"failed/t1"}
+    # Execute
+    core.tick(1e9)
+    # Assert: only the live request's transfer is kept
+    assert set(core.table.transfers) == {"live/t1"} and not core.table.failed_transfers
+    assert ports.wire[-1].HasField("heartbeat")

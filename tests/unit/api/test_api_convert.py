@@ -19,12 +19,12 @@ from controlplane.runtime.commands import (
     TransferOrder,
 )
 from controlplane.runtime.reports import (
-    Broken,
+    Cancelled,
     ChunkDone,
-    Done,
-    Dropped,
+    Failed,
+    Finished,
+    Paused,
     PrefillFinished,
-    PrefillStopped,
     TokensOut,
     TransferProgress,
     TransferStatus,
@@ -74,7 +74,9 @@ def test_request_view_to_proto_carries_times_and_instances():
 
 
 SAMPLING = SamplingParams(0.5, 0.9, 7, False)
-PREFILL = PrefillOrder("r", (1, 2), ("a", "b"), SpKind.RING, 32, "g", 8, SAMPLING, True, (5,))
+PREFILL = PrefillOrder(
+    "r", (1, 2), ("a", "b"), SpKind.RING, 32, "g", 8, SAMPLING, True, (5,), "n:1"
+)
 
 
 @pytest.mark.parametrize(
@@ -97,11 +99,18 @@ def test_every_order_becomes_its_command(order, kind):
     assert message.command.trace.traceparent == TRACE.traceparent
 
 
+def test_decode_command_names_its_instance():
+    order = DecodeOrder("r", "c", "t1", 8, SAMPLING, (5,))
+    d = convert.command_to_proto(AgentCommand("n", order, "r", None), 1).command.start_decode
+    assert (d.instance_id, d.transfer_id, list(d.generated_token_ids)) == ("c", "t1", [5])
+
+
 def test_prefill_command_fields():
     p = convert.command_to_proto(AgentCommand("n", PREFILL, "r", None), 1).command.start_prefill
     assert list(p.prompt_token_ids) == [1, 2] and list(p.generated_token_ids) == [5]
     assert p.sp_kind == common_pb2.SP_KIND_RING and p.decode_in_place
     assert p.sampling.temperature == pytest.approx(0.5) and not p.sampling.stop_at_eos
+    assert (p.group_id, p.rendezvous_address) == ("g", "n:1")
 
 
 @pytest.mark.parametrize(
@@ -112,11 +121,11 @@ def test_prefill_command_fields():
             cluster_pb2.Event(prefill_done=cluster_pb2.PrefillDone(first_token_id=4)),
             PrefillFinished,
         ),
-        (cluster_pb2.Event(paused=cluster_pb2.Paused(chunks_done=1)), PrefillStopped),
+        (cluster_pb2.Event(paused=cluster_pb2.Paused(chunks_done=1)), Paused),
         (cluster_pb2.Event(tokens=cluster_pb2.Tokens(start_index=1, token_ids=[3])), TokensOut),
-        (cluster_pb2.Event(finished=cluster_pb2.Finished(output_tokens=2)), Done),
-        (cluster_pb2.Event(failed=cluster_pb2.Failed(error="x", retryable=True)), Broken),
-        (cluster_pb2.Event(cancelled=cluster_pb2.Cancelled()), Dropped),
+        (cluster_pb2.Event(finished=cluster_pb2.Finished(output_tokens=2)), Finished),
+        (cluster_pb2.Event(failed=cluster_pb2.Failed(error="x", retryable=True)), Failed),
+        (cluster_pb2.Event(cancelled=cluster_pb2.Cancelled()), Cancelled),
     ],
 )
 def test_every_event_kind_becomes_a_report(event, body):

@@ -3,6 +3,8 @@ exactly; pinned (exported / importing) ranges never move; a property over random
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import Oracle
@@ -275,3 +277,44 @@ def test_overlapping_moves_of_every_block_shape_copy_exactly() -> None:
             # Assert
             assert moved == 50 and rng.start == 0, (gap, stage_tokens)
             assert torch.equal(kv.pool[:, :, :50], want), (gap, stage_tokens)
+
+
+def test_an_import_reserved_before_its_token_ids_decodes_as_in_place(oracle: Oracle) -> None:
+    # Prepare: the source prefills r and exports it; the receiver reserves from the counts
+    prompt = oracle.prompt(301, 40)
+    params = SamplingParams(max_new_tokens=9)
+    source = oracle.engine()
+    source.add_request("r", prompt, params, hold_after_prefill=True)
+    source.step()
+    export = source.export_kv("r")
+    meta = export.metadata
+    header = dataclasses.replace(meta, prompt_token_ids=(), output_token_ids=())
+    counts = (len(meta.prompt_token_ids), len(meta.output_token_ids))
+    target = oracle.engine(kv_tokens=100)
+
+    # Execute: rows first, filled before the ids arrive; wrong or missing ids are refused
+    dest = target.reserve_import(header, *counts)
+    for view, src in zip(dest.keys + dest.values, export.keys + export.values, strict=True):
+        view.copy_(src)
+    with pytest.raises(EngineError) as before_ids:
+        target.finish_import("r")
+    with pytest.raises(EngineError) as short_prompt:
+        target.attach_import(dataclasses.replace(meta, prompt_token_ids=meta.prompt_token_ids[1:]))
+    target.attach_import(meta)
+    with pytest.raises(EngineError) as twice:
+        target.attach_import(meta)
+    target.finish_import("r")
+    outputs = oracle.run(target)
+    refused = oracle.engine(kv_tokens=100)
+    refused.reserve_import(header, *counts)
+    with pytest.raises(EngineError) as bad_id:
+        refused.attach_import(dataclasses.replace(meta, prompt_token_ids=(10**6,) * counts[0]))
+    refused.cancel("r")
+
+    # Assert
+    assert outputs == {"r": oracle.greedy(prompt, 9)}
+    assert before_ids.value.code is EngineErrorCode.INVALID_STATE
+    assert short_prompt.value.code is EngineErrorCode.INVALID_ARGUMENT
+    assert twice.value.code is EngineErrorCode.INVALID_STATE
+    assert bad_id.value.code is EngineErrorCode.INVALID_ARGUMENT
+    assert refused.num_free_kv_tokens == 100

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import struct
 import time
 from typing import Any
 
@@ -20,6 +23,7 @@ from dataplane.parallel.kv_transfer import (
     KVSender,
     TransferState,
     metadata_from_bytes,
+    metadata_header,
     metadata_to_bytes,
 )
 
@@ -168,18 +172,29 @@ def test_abort_after_metadata_frees_the_reserved_rows(pool: WorkerPool) -> None:
     assert freed and len(short_tokens) == 3
 
 
-def test_metadata_round_trips_through_json() -> None:
+def test_metadata_round_trips_and_malformed_bytes_name_the_field() -> None:
     # Prepare
     engine = _engine()
     meta = _prefill_and_export(engine, "r9").metadata
+    header = metadata_header(meta)
+    no_id = json.dumps({k: v for k, v in header.items() if k != "request_id"}).encode()
+    short_ids = json.dumps(header | {"num_prompt_tokens": 3, "num_output_tokens": 0}).encode()
 
     # Execute
-    back = metadata_from_bytes(metadata_to_bytes(meta))
+    raw = metadata_to_bytes(meta)
+    back = metadata_from_bytes(raw)
 
     # Assert
     assert back == meta
+    assert len(raw) < 4 * (len(meta.prompt_token_ids) + len(meta.output_token_ids)) + 400
     with pytest.raises(ValueError, match="request_id"):
-        metadata_from_bytes(b'{"sampling": [1, 0, 1, 0, []], "generator_state": null}')
+        metadata_from_bytes(struct.pack("<I", len(no_id)) + no_id)
+    with pytest.raises(ValueError, match="num_prompt_tokens=3"):
+        metadata_from_bytes(struct.pack("<I", len(short_ids)) + short_ids + bytes(8))
+    with pytest.raises(ValueError, match="header length"):
+        metadata_from_bytes(b"{}")
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        metadata_to_bytes(dataclasses.replace(meta, prompt_token_ids=(-1,)))
 
 
 def test_receiver_without_room_fails_and_the_sender_learns_at_once(pool: WorkerPool) -> None:

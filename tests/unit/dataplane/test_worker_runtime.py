@@ -1,10 +1,12 @@
 """WorkerRuntime around real tiny engines, KV transfers over an in-process gloo pair: what a
-source worker does with its outgoing transfer when the control plane gives up on it."""
+source worker does with its outgoing transfer when the control plane gives up on it, and what
+a Pause that arrives after the prefill ended does (alone and in an SP group)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -161,3 +163,50 @@ def test_a_superseded_receive_never_fails_the_request_its_successor_delivered(
     assert [(u.transfer_id, u.state) for u in dst.of(m.TransferUpdate)] == [("t2", "done")]
     assert [f.output_tokens for f in dst.of(m.Finished)] == [SAMPLING.max_new_tokens]
     assert not dst.of(m.Failed)
+
+
+def test_a_pause_that_crosses_the_end_of_a_prefill_is_dropped(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: the control plane pauses r while its last chunk runs; the Pause lands after
+    # PrefillDone, which moved r to decoding on the control plane (no Resume will come)
+    worker = pair[0]
+    worker.handle(m.Prefill("r", PROMPT, SAMPLING, 64, decode_in_place=True))
+    run_until([worker], lambda: worker.of(m.PrefillDone))
+    # Execute
+    worker.handle(m.Pause("r"))
+    run_until([worker], lambda: not worker.runtime.has_work())
+    # Assert: r decoded to the end; nothing paused
+    assert [f.output_tokens for f in worker.of(m.Finished)] == [SAMPLING.max_new_tokens]
+    assert not worker.of(m.Paused) and not worker.of(m.Failed)
+
+
+def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: r prefills over the SP group (w0, w1), each member on its own thread as in
+    # its own process; both see the Pause only after the last chunk ran
+    chunk_tokens = 32
+    num_chunks = -(-len(PROMPT) // chunk_tokens)
+    cmd = m.SpPrefill("r", PROMPT, SAMPLING, chunk_tokens, False, "sp", ("w0", "w1"), pair[2])
+
+    def member(worker: Worker) -> None:
+        worker.handle(cmd)
+        for _ in range(num_chunks):
+            worker.step()
+        worker.handle(m.Pause("r"))
+        for _ in range(4 * SAMPLING.max_new_tokens):  # bounded: a paused group stops stepping
+            if not worker.runtime.has_work():
+                return
+            worker.step()
+
+    # Execute
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(member, w) for w in pair[:2]]:
+            done.result(timeout=2 * TIMEOUT_S)
+    # Assert: the group decoded to the end (rank 0 reports) and holds nothing
+    reporter = pair[0]
+    assert reporter.of(m.PrefillDone), reporter.reports
+    assert [f.output_tokens for f in reporter.of(m.Finished)] == [SAMPLING.max_new_tokens]
+    assert not reporter.of(m.Paused) and not any(w.of(m.Failed) for w in pair[:2])
+    assert not any(w.runtime.load().resident_request_ids for w in pair[:2])

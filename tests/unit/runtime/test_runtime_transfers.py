@@ -8,7 +8,7 @@ from controlplane.core.types import InstanceRole, InstanceSpec, RequestClass, Re
 from controlplane.core.types import RequestState as S
 from controlplane.runtime.commands import DecodeOrder, PrefillOrder, TransferOrder
 from controlplane.runtime.inputs import Happening, NodeJoin, NodeLeave, PendingSubmit, TickInput
-from controlplane.runtime.reports import AgentReport, Broken, PrefillFinished
+from controlplane.runtime.reports import AgentReport, Failed, PrefillFinished
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.store.memory import InMemoryRepository
@@ -47,7 +47,7 @@ class Cluster:
         """One tick, with what the event loop does after it; returns the orders to dispatch."""
         out = self.ticker.run(TickInput(now_s, list(submits), list(happenings)))
         for rid in out.touched_logs:
-            self.state.logs[rid].publish()
+            self.state.requests[rid].log.publish()
         return [c.order for c in out.commands]
 
     def report(self, instance_id: str, body: object, now_s: float) -> AgentReport:
@@ -109,7 +109,7 @@ def test_expiry_of_a_transfer_before_a_requeue_does_not_fail_the_next_one() -> N
     # Prepare: the first transfer to a1 starts at 1 s; the source fails, the request is re-queued
     cluster = Cluster()
     first = cluster.transferring()
-    requeue = cluster.tick(2.0, cluster.report("b0", Broken("worker restarted", True), 2.0))
+    requeue = cluster.tick(2.0, cluster.report("b0", Failed("worker restarted", True), 2.0))
     assert [type(o).__name__ for o in requeue] == ["CancelOrder", "CancelOrder", "PrefillOrder"]
     (again,) = requeue[-1].instance_ids  # type: ignore[attr-defined]
     second = cluster.prefill_done(50.0, again)
@@ -131,7 +131,7 @@ def test_refused_decode_in_place_requeues_the_request() -> None:
     cluster.transferring()
     (decode,) = cluster.tick(2.0, NodeLeave("node-a", ("a1",), "stream closed"))
     assert isinstance(decode, DecodeOrder) and decode.instance_id == "b0"
-    refusal = Broken("start_decode: request 'r' is not resident on this node", True)
+    refusal = Failed("start_decode: request 'r' is not resident on this node", True)
     # Execute
     orders = cluster.tick(2.1, AgentReport("node-b", "r", "", refusal, 2.1))
     # Assert: re-queued and prefilled again (b0 refused it: on b1), after the first token
@@ -147,7 +147,7 @@ def test_refusal_from_a_node_the_request_is_not_on_is_stale() -> None:
     # Prepare
     cluster = Cluster()
     cluster.transferring()
-    refusal = Broken("pause: request 'r' is not resident on this node", True)
+    refusal = Failed("pause: request 'r' is not resident on this node", True)
     # Execute: node-a holds only the destination, which is not part of the placement yet
     orders = cluster.tick(2.0, AgentReport("node-a", "r", "", refusal, 2.0))
     # Assert
