@@ -14,7 +14,10 @@ favour). Nothing is preempted; every request decodes where it prefilled (no disa
 Routing (the cluster router in front of the engines): requests leave one queue first come first
 served; each goes to the instance with the fewest outstanding prefill tokens (prompt tokens of
 its prefills in flight), then the fewest decodes, that has a free prefill place of its kind, KV
-room for prompt + output and a decode place. The router binds a request only once an instance
+room for prompt + output and a sequence place: its decodes plus prefills in flight stay below
+`max_decode_batch` (vLLM `max_num_seqs` counts both; the engine's `max_batch_seqs` bounds the
+sequences of one iteration, so every sequence then runs in each iteration, as the simulator
+prices it). The router binds a request only once an instance
 can take it (late binding, a little better than a router that queues at the engines). A long
 prompt waiting for a long place does not hold back the shorter prompts behind it; a request that
 finds no place otherwise stops the queue.
@@ -164,7 +167,7 @@ class SarathiPolicy(BasePolicy):
                 or (is_long and load.num_long >= cfg.sarathi_max_long_partial_prefills)
                 or inst.prefill_id is not None
                 or inst.held_for is not None
-                or len(inst.decoding) >= cfg.max_decode_batch
+                or len(inst.decoding) + load.num >= cfg.max_decode_batch
                 or not st.ledger.can_allocate(iid, need)
             ):
                 continue
