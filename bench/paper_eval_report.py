@@ -258,6 +258,8 @@ def verdict(point: Point, path: str, higher: bool) -> tuple[str, str]:
     worst_margin = math.inf
     for s in point.seeds:
         every = point.baselines(PAPER_BASELINES + NEW_BASELINES, s, True)
+        if not every:  # no baseline is feasible on this seed: nothing to compare to
+            return "tie", ""
         pick = max if higher else min
         base = pick(every, key=lambda v: get(point.results[v][s], path))
         b, p = get(point.results[base][s], path), get(point.results["pecsched"][s], path)

@@ -2,6 +2,10 @@
 
 import sys
 
-from pecsched.cli import main
+from pecsched.orphans import die_with_parent
+
+die_with_parent()  # before anything else: a cluster's child goes when its parent goes
+
+from pecsched.cli import main  # noqa: E402
 
 sys.exit(main())

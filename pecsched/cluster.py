@@ -9,7 +9,6 @@ end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<n
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -21,17 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pecsched.orphans import PARENT_PID_ENV
+
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL
-_PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal the child gets when its parent dies
-# Resolved here, in the parent: the child between fork and exec must not import anything (the
-# import lock may have been held by another thread at fork time).
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a SIGKILLed `up` or test runner leaves no orphans behind.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -69,6 +60,7 @@ class ClusterSpec:
     tokenizer_dir: str | None = None  # served model's tokenizer, for the control plane
     http_port: int | None = None  # OpenAI gateway on 127.0.0.1:PORT (None: no gateway)
     model_name: str = "pecsched"  # the model id the gateway serves
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector of the control plane's and agents' spans
 
     @property
     def target(self) -> str:
@@ -106,7 +98,13 @@ class LocalCluster:
         count = self._num_starts.get(name, 0)
         self._num_starts[name] = count + 1
         log_path = self.log_dir / (f"{name}.log" if count == 0 else f"{name}.{count}.log")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        # The child dies with this process (a SIGKILLed `up` or test runner leaves no orphans).
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            PARENT_PID_ENV: str(os.getpid()),
+            **self.spec.env,
+        }
         with open(log_path, "wb") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "pecsched", *args],
@@ -115,7 +113,6 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
 
     def log_tail(self, name: str, num_chars: int = 3000) -> str:
@@ -147,6 +144,8 @@ class LocalCluster:
         ]
         if self.spec.tokenizer_dir is not None:
             args += ["--tokenizer", self.spec.tokenizer_dir]
+        if self.spec.otlp_endpoint is not None:
+            args += ["--otlp-endpoint", self.spec.otlp_endpoint]
         if self.spec.config_toml:
             config_path = self.log_dir / "controlplane.toml"
             config_path.write_text(self.spec.config_toml)
@@ -174,6 +173,8 @@ class LocalCluster:
         ]
         if agent.kv_budget is not None:
             args += ["--kv-budget", agent.kv_budget]
+        if self.spec.otlp_endpoint is not None:
+            args += ["--otlp-endpoint", self.spec.otlp_endpoint]
         self.agents[agent.node_id] = self._spawn(agent.node_id, [*args, *agent.extra_args])
 
     def start_gateway(self, timeout_s: float = 30.0) -> None:

@@ -88,6 +88,12 @@ def register(subparsers: Any) -> None:
         "where the workers share one GPU)",
     )
     p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="OTLP/gRPC collector (e.g. http://127.0.0.1:4317) for the spans of the control plane, "
+        "the agent and its workers (default: OTEL_EXPORTER_OTLP_ENDPOINT, else none)",
+    )
+    p.add_argument(
         "--log-dir", default="pecsched-logs", help="children's logs (default ./pecsched-logs)"
     )
     p.add_argument(
@@ -128,6 +134,7 @@ def cluster_spec(args: argparse.Namespace, num_gpus: int = 0) -> ClusterSpec:
         tokenizer_dir=model if has_tokenizer else None,
         http_port=args.http_port or None,
         model_name=Path(model).name,
+        otlp_endpoint=args.otlp_endpoint,
         config_toml=config_toml(args.device, args.workers, num_gpus),
         # A short drain: Ctrl-C should not wait a minute for work that is being thrown away.
         agents=(

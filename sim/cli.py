@@ -21,6 +21,41 @@ if TYPE_CHECKING:
 
 MAIN_POLICIES = ("fifo", "reservation", "priority", "pecsched")
 ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
+# the baselines' knobs: (flag, metavar, help); each sets the SchedulerConfig field of its name
+BASELINE_KNOBS = (
+    (
+        "--sarathi-batch-tokens",
+        "N",
+        "sarathi: tokens per iteration, decodes + prefill chunks (vLLM max_num_batched_tokens; "
+        "default 2048)",
+    ),
+    (
+        "--sarathi-long-prefill-tokens",
+        "N",
+        "sarathi: most tokens per iteration of a prompt longer than N (vLLM "
+        "long_prefill_token_threshold; default 512)",
+    ),
+    (
+        "--sarathi-max-partial-prefills",
+        "N",
+        "sarathi: prefills in flight per instance (vLLM max_num_partial_prefills; default 4)",
+    ),
+    (
+        "--sarathi-max-long-partial-prefills",
+        "N",
+        "sarathi: LONG prefills in flight per instance (vLLM max_long_partial_prefills; default 1)",
+    ),
+    (
+        "--distserve-decode-instances",
+        "N",
+        "distserve: decode instances, 1 to all but one (default: 1/16 of the GPUs, at least one)",
+    ),
+)
+
+
+def knob_field(flag: str) -> str:
+    """The SchedulerConfig field a BASELINE_KNOBS flag sets (`--a-b` -> `a_b`)."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def register(subparsers: Any) -> None:
@@ -109,6 +144,8 @@ def register(subparsers: Any) -> None:
         help="pecsched: short decodes' time-between-tokens target; the short-decode pool "
         "keeps the instances that meet it (default 0.1)",
     )
+    for flag, metavar, text in BASELINE_KNOBS:
+        p.add_argument(flag, type=int, metavar=metavar, help=text)
     p.add_argument(
         "--jobs",
         type=int,
@@ -232,10 +269,16 @@ def _run(args: argparse.Namespace) -> int:
             f"ms; mean |error| {before.mean_abs_rel:.1%} -> {after.mean_abs_rel:.1%}"
         )
     cluster = ClusterSpec(args.gpus, cost)
+    knobs = {
+        knob_field(flag): getattr(args, knob_field(flag))
+        for flag, _, _ in BASELINE_KNOBS
+        if getattr(args, knob_field(flag)) is not None
+    }
     config = SchedulerConfig(
         num_long_reserved_instances=args.long_reserved_instances,
         num_short_decode_instances=args.short_decode_instances,
         short_tbt_slo_s=args.short_tbt_slo_s,
+        **knobs,
     )
 
     n_long = int((workload.prompt_tokens >= config.short_threshold_tokens).sum())
@@ -280,6 +323,7 @@ def _run(args: argparse.Namespace) -> int:
             "rate": args.rate,
             "max_requests": args.max_requests,
             "short_decode_instances": args.short_decode_instances,
+            "baseline_knobs": knobs,
             "gpus": args.gpus,
             "gpu": args.gpu,
             "model": model.name,

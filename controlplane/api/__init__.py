@@ -1,1 +1,1 @@
-"""The gRPC edge: servicers, conversions, the error catalog, interceptors."""
+"""The gRPC edge: servicers, conversions, the error catalog, authentication."""

@@ -1,11 +1,12 @@
-"""API-key authentication: a server interceptor that puts the caller's `Principal` in context.
+"""API-key authentication: every Inference and Cluster method puts the caller's `Principal` in
+context before it runs (`add_authenticated` wraps the methods when they are registered).
 
 Keys travel as `authorization: Bearer <key>` metadata (keys from `pecsched keys create`).
 Missing, malformed, unknown or revoked keys get UNAUTHENTICATED. Client keys act for their
 own tenant; admin keys act for every tenant and alone may Watch the cluster and Attach agents
 (`require_admin` / `require_tenant` raise PERMISSION_DENIED). Health checks and reflection
 need no key. With authentication disabled (`--no-auth`, local development only) every caller
-is an admin of tenant "default". The interceptor also makes request deserialization lenient
+is an admin of tenant "default". The wrapping also makes request deserialization lenient
 (`limits.lenient`): malformed bytes reach the handler as `Undecodable`, which the recipe refuses
 with INVALID_ARGUMENT. Verified keys are cached for `cache_ttl_s` (revocation takes
 effect within that time).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from controlplane.store.records import ApiKeyRole
 from controlplane.store.repository import Repository
 
 DEFAULT_TENANT = "default"
-_PROTECTED_PREFIXES = ("/pecsched.v1.Inference/", "/pecsched.v1.Cluster/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +47,9 @@ _current: ContextVar[Principal | None] = ContextVar("pecsched-principal", defaul
 
 
 def current_principal() -> Principal:
-    """The caller of the RPC being served (set by the interceptor)."""
+    """The caller of the RPC being served (set by `add_authenticated`'s wrapping)."""
     principal = _current.get()
-    assert principal is not None, "RPC served without the auth interceptor"
+    assert principal is not None, "RPC served without add_authenticated"
     return principal
 
 
@@ -126,55 +126,87 @@ class Authenticator:
         return principal
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates every Inference and Cluster call before its handler runs."""
+def add_authenticated(
+    add_servicer: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    authenticator: Authenticator,
+) -> None:
+    """Register `servicer` on `server` through its generated `add_*Servicer_to_server`, every
+    method wrapped to authenticate first (see the module docstring).
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    The wrapping happens once, at registration, not per call (a server interceptor would
+    run for every call, and costs more than the rest of a Submit's Python together).
+
+    Raises:
+        RuntimeError: the generated code registered no method by name (a grpc upgrade changed
+            how it registers; the wrapping must follow).
+    """
+    registrar = _Registrar(server, authenticator)
+    add_servicer(servicer, registrar)
+    if not registrar.services:
+        raise RuntimeError(f"{add_servicer.__name__} registered no methods by name")
+
+
+class _Registrar:
+    """Stands in for the server in a generated `add_*Servicer_to_server`."""
+
+    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
+        self._server = server
         self._auth = authenticator
+        self.services: list[str] = []
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        """Wrap the method handler so it authenticates first (see the module docstring)."""
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(_PROTECTED_PREFIXES):
-            return handler
-        auth = self._auth
-        deserialize = lenient(handler.request_deserializer, method.rsplit("/", 1)[-1] + " request")
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        """Ignored: the same methods arrive by name in `add_registered_method_handlers`."""
 
-            async def unary_unary(request: Any, context: Any) -> Any:
-                await _enter(auth, context)
-                return await inner_uu(request, context)
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Register `service`'s methods, wrapped, both by name and as a generic handler."""
+        wrapped = {
+            name: _authenticating(self._auth, handler, f"{name} request")
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        self._server.add_registered_method_handlers(service, wrapped)
+        self.services.append(service)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, deserialize, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
 
-            async def unary_stream(request: Any, context: Any) -> Any:
-                await _enter(auth, context)
-                async for item in inner_us(request, context):
-                    yield item
+def _authenticating(auth: Authenticator, handler: Any, what: str) -> Any:
+    """`handler` authenticating before it runs, with a lenient request deserializer."""
+    deserialize = lenient(handler.request_deserializer, what)
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, deserialize, handler.response_serializer
-            )
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(request_iterator: Any, context: Any) -> Any:
+        async def unary_unary(request: Any, context: Any) -> Any:
             await _enter(auth, context)
-            async for item in inner_ss(request_iterator, context):
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, deserialize, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> Any:
+            await _enter(auth, context)
+            async for item in inner_us(request, context):
                 yield item
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, deserialize, handler.response_serializer
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, deserialize, handler.response_serializer
         )
+    assert handler.stream_stream is not None, "no client-streaming-only methods are served"
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iterator: Any, context: Any) -> Any:
+        await _enter(auth, context)
+        async for item in inner_ss(request_iterator, context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, deserialize, handler.response_serializer
+    )
 
 
 async def _enter(auth: Authenticator, context: Any) -> None:

@@ -322,6 +322,7 @@ def registration_from_proto(
         ids,
         register.rendezvous_address,
         tuple(register.resident_request_ids),
+        register.vocab_size or None,
     )
     node = NodeRecord(node_id, peer, NodeState.UP, now_s, now_s)
     return registration, NodeJoin(node, tuple(records), register.rendezvous_address)

@@ -75,6 +75,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
             self.runtime.clock.now_s(),
             new_request_id(),
             self.text_codec,
+            self._vocab_size(),
         )
         # Tokenizing a long text or chat prompt takes seconds: in a thread (the tokenizer
         # releases the GIL), so the scheduler and the other calls keep running meanwhile.
@@ -101,6 +102,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer, Traced):
             prompt_tokens=view.spec.prompt_tokens,
             deduplicated=not outcome.created,
         )
+
+    def _vocab_size(self) -> int | None:
+        """Token ids must be below this: the smaller of the configured vocabulary size and
+        the one the served model's agents reported (None while neither is known)."""
+        known = [v for v in (self.config.vocab_size, self.runtime.agents.vocab_size) if v]
+        return min(known) if known else None
 
     @rpc(SPAN_RPC)
     async def Generate(  # noqa: N802 - gRPC method name

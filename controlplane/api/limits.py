@@ -147,6 +147,7 @@ LIMITS: dict[str, Limit] = {
     _V1 + "Register.rendezvous_address": chars_of("nodes.address"),
     _V1 + "Register.resident_request_ids": Items(MAX_ITEMS, _REQUEST_ID),
     _V1 + "Register.agent_version": _LABEL,
+    _V1 + "Register.vocab_size": _U32,
     _V1 + "InstanceSpec.instance_id": _INSTANCE_ID,
     _V1 + "InstanceSpec.tp": Number(0, MAX_DEVICES_PER_INSTANCE),
     _V1 + "InstanceSpec.device_indices": Items(

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.api.auth import Authenticator, AuthInterceptor
+from controlplane.api.auth import Authenticator, add_authenticated
 from controlplane.api.cluster import ClusterServicer
 from controlplane.api.inference import InferenceServicer
 from controlplane.runtime.loop import Runtime
@@ -45,15 +45,19 @@ class ApiServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(authenticator)], options=options
-        )
+        self.server = grpc.aio.server(options=options)
         telemetry = runtime.telemetry
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(runtime, runtime.settings, telemetry, text_codec), self.server
+        add_authenticated(
+            inference_pb2_grpc.add_InferenceServicer_to_server,
+            InferenceServicer(runtime, runtime.settings, telemetry, text_codec),
+            self.server,
+            authenticator,
         )
-        cluster_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterServicer(runtime, telemetry), self.server
+        add_authenticated(
+            cluster_pb2_grpc.add_ClusterServicer_to_server,
+            ClusterServicer(runtime, telemetry),
+            self.server,
+            authenticator,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -4,7 +4,8 @@ Checked here, before the request reaches the runtime: a prompt is present and no
 and chat are tokenized by the served model's text codec, controlplane/text/, or refused when
 there is none), at most
 `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; token ids below `vocab_size` when it is set; the tenant is the caller's (client
+in range; token ids below the vocabulary size when it is known (the Config's `vocab_size`, or
+what the agents of the served model reported, the smaller of both); the tenant is the caller's (client
 keys); the deadline lies in the future. Lengths, NUL characters and numeric ranges of every
 field were checked before (controlplane/api/limits.py). Whether the cluster could ever hold the
 request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the policy
@@ -14,7 +15,8 @@ too (controlplane/runtime/ticker.py).
 
 from __future__ import annotations
 
-import secrets
+import os
+import threading
 from array import array
 
 from controlplane.api import convert
@@ -31,10 +33,34 @@ from protos.pecsched.v1 import inference_pb2
 REQUEST_ID_RANDOM_BITS = 128
 
 
+_ID_BYTES = REQUEST_ID_RANDOM_BITS // 8
+_IDS_PER_DRAW = 256  # one getrandom call per 256 ids (a call costs as much as the rest of one)
+
+
+class _RandomIds:
+    """Request ids cut from the OS's CSPRNG, drawn in blocks; every byte is used once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._block = b""
+        self._at = 0
+
+    def next(self) -> str:
+        with self._lock:
+            if self._at == len(self._block):
+                self._block, self._at = os.urandom(_ID_BYTES * _IDS_PER_DRAW), 0
+            block, start = self._block, self._at
+            self._at += _ID_BYTES
+        return "req-" + block[start : start + _ID_BYTES].hex()
+
+
+_random_ids = _RandomIds()
+
+
 def new_request_id() -> str:
     """A fresh request id, `req-` and 128 random bits in hex: ids are unique across restarts
     and processes, and one id tells nothing about any other."""
-    return "req-" + secrets.token_hex(REQUEST_ID_RANDOM_BITS // 8)
+    return _random_ids.next()
 
 
 def new_request_from_proto(
@@ -44,10 +70,12 @@ def new_request_from_proto(
     now_s: float,
     request_id: str,
     text_codec: TextCodec | None,
+    vocab_size: int | None,
 ) -> NewRequest:
     """Validate `request` and build the request to persist (arrival = `now_s`); text and chat
-    prompts are tokenized by `text_codec` (None: refused)."""
-    prompt = _prompt_ids(request, config, text_codec)
+    prompts are tokenized by `text_codec` (None: refused); every token id must be below
+    `vocab_size` (None: unknown, not checked)."""
+    prompt = _prompt_ids(request, config, text_codec, vocab_size)
     if not 0 < request.max_new_tokens <= config.max_new_tokens_limit:
         raise ApiError(
             ApiErrorCode.BAD_MAX_NEW_TOKENS,
@@ -85,7 +113,10 @@ def new_request_from_proto(
 
 
 def _prompt_ids(
-    request: inference_pb2.SubmitRequest, config: Config, text_codec: TextCodec | None
+    request: inference_pb2.SubmitRequest,
+    config: Config,
+    text_codec: TextCodec | None,
+    vocab_size: int | None,
 ) -> array[int]:
     """The prompt's token ids, packed (held so until the runtime lets the request go)."""
     which = request.WhichOneof("prompt")
@@ -118,10 +149,10 @@ def _prompt_ids(
             f"prompt: {len(ids)} tokens, at most {config.max_prompt_tokens} are accepted",
             field="prompt",
         )
-    if config.vocab_size is not None and max(ids) >= config.vocab_size:
+    if vocab_size is not None and max(ids) >= vocab_size:
         raise ApiError(
             ApiErrorCode.INVALID_ARGUMENT,
-            f"prompt.token_ids: every id must be below the vocabulary size {config.vocab_size}",
+            f"prompt.token_ids: every id must be below the vocabulary size {vocab_size}",
             field="prompt.token_ids",
         )
     return ids

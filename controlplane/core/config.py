@@ -181,6 +181,15 @@ class SchedulerConfig:
             "long JCT 1.060 -> 1.045 x FIFO, short p99 queueing 0.22 -> 0.27 s"
         },
     )
+    short_preempt_early: bool = field(
+        default=True,
+        metadata={
+            "help": "pecsched: a short may pause a long prefill before short_preempt_delay_s "
+            "when waiting cannot help: at once when more shorts are queued than short prefills "
+            "are running (a burst: waiting could place only some), else a long whose chunk in "
+            "flight ends before the delay would (waiting would only miss that boundary)"
+        },
+    )
     max_preemptions_per_long: int | None = field(
         default=None,
         metadata={
@@ -222,8 +231,13 @@ class SchedulerConfig:
         default=2.0,
         metadata={
             "help": "after a retryable failure, the instances the request was on are not "
-            "offered it again until their free KV changes or this many seconds pass"
+            "offered it again until their free KV changes or this many seconds pass "
+            "(doubled for each further failure in a row, up to refused_instance_backoff_max_s)"
         },
+    )
+    refused_instance_backoff_max_s: float = field(
+        default=30.0,
+        metadata={"help": "longest refusal back-off of repeated retryable failures in a row"},
     )
 
     # ---- baselines: sarathi, distserve, reservation sizing -----------------------------------
@@ -348,6 +362,15 @@ class SchedulerConfig:
             raise InvalidArgumentError(
                 "refused_instance_backoff_s",
                 f"must be finite and >= 0, got {self.refused_instance_backoff_s}",
+            )
+        if not (
+            math.isfinite(self.refused_instance_backoff_max_s)
+            and self.refused_instance_backoff_max_s >= self.refused_instance_backoff_s
+        ):
+            raise InvalidArgumentError(
+                "refused_instance_backoff_max_s",
+                f"must be finite and >= refused_instance_backoff_s="
+                f"{self.refused_instance_backoff_s}, got {self.refused_instance_backoff_max_s}",
             )
         if not (math.isfinite(self.short_preempt_delay_s) and self.short_preempt_delay_s >= 0.0):
             raise InvalidArgumentError(

@@ -74,6 +74,7 @@ def _request_event(state: ClusterState, req: RequestRecord, event: Event) -> Non
             state.transfer_done(req, event.ok)
         case TokensGenerated():
             req.output_tokens += event.num_tokens
+            req.failures_in_row = 0  # progress: the refusal back-off starts over
             if req.first_token_s is None:
                 req.first_token_s = event.at_s
         case RequestFinished() if req.state is not _S.QUEUED:

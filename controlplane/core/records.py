@@ -33,6 +33,7 @@ class RequestRecord:
         "decode_ids",
         "decode_in_place",
         "error",
+        "failures_in_row",
         "finished_s",
         "fits_census_version",
         "first_scheduled_s",
@@ -86,6 +87,7 @@ class RequestRecord:
         self.fits_census_version = -1  # census version at which it was last found to fit
         # instances that refused it (retryable failure): id -> (their free KV then, until when)
         self.refusals: dict[str, tuple[int, float]] = {}
+        self.failures_in_row = 0  # retryable failures since it last generated a token
 
     def to_view(self) -> RequestView:
         """Immutable snapshot."""

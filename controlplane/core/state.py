@@ -421,9 +421,15 @@ class ClusterState:
     def remember_refusal(
         self, req: RequestRecord, instance_ids: Iterable[str], at_s: float
     ) -> None:
-        """`instance_ids` refused `req`: skip them for it until their free KV changes or
-        `refused_instance_backoff_s` passes (see `refused`)."""
-        until_s = at_s + self.config.refused_instance_backoff_s
+        """`instance_ids` refused `req`: skip them for it until their free KV changes or its
+        back-off passes (see `refused`). The back-off of the k-th retryable failure in a row
+        is `refused_instance_backoff_s * 2**(k-1)`, at most `refused_instance_backoff_max_s`:
+        an instance that keeps refusing a request (e.g. KV fragmentation) is not offered it in
+        a tight loop. The one back-off rule of the live runtime and the simulator alike."""
+        req.failures_in_row += 1
+        config = self.config
+        backoff_s = config.refused_instance_backoff_s * 2.0 ** min(req.failures_in_row - 1, 32)
+        until_s = at_s + min(backoff_s, config.refused_instance_backoff_max_s)
         for instance_id in instance_ids:
             req.refusals[instance_id] = (self.ledger.free_tokens(instance_id), until_s)
         heapq.heappush(self.refusal_expiries, until_s)

@@ -25,6 +25,7 @@ class Registration:
     instance_ids: tuple[str, ...]
     rendezvous_address: str
     resident_request_ids: tuple[str, ...]
+    vocab_size: int | None = None  # of the served model; None when the agent did not say
 
 
 # Outbound items: a command, or None meaning "close the stream" (the session was lost).
@@ -71,6 +72,7 @@ class AgentRegistry:
 
     def __init__(self, model: str | None) -> None:
         self.model = model  # cluster model; fixed by the first registration when None
+        self.vocab_size: int | None = None  # its vocabulary, from the first agent that says
         self._sessions: dict[str, AgentSession] = {}
         self._owner: dict[str, str] = {}  # instance id -> node id
 
@@ -80,8 +82,8 @@ class AgentRegistry:
         """Register a node; returns its session and the leave of its previous session if any.
 
         Raises:
-            RuntimeServiceError: AGENT_REJECTED when the model differs from the cluster's or
-                an instance id is held by another live node.
+            RuntimeServiceError: AGENT_REJECTED when the model or its vocabulary size
+                differs from the cluster's, or an instance id is held by another live node.
         """
         if self.model is not None and registration.model != self.model:
             raise RuntimeServiceError(
@@ -89,6 +91,14 @@ class AgentRegistry:
                 f"node {registration.node_id!r} serves model {registration.model!r}, "
                 f"the cluster serves {self.model!r}",
                 field="model",
+            )
+        vocab = registration.vocab_size
+        if vocab is not None and self.vocab_size is not None and vocab != self.vocab_size:
+            raise RuntimeServiceError(
+                RuntimeErrorCode.AGENT_REJECTED,
+                f"node {registration.node_id!r} reports a vocabulary of {vocab} tokens, "
+                f"the cluster's model has {self.vocab_size}",
+                field="vocab_size",
             )
         for iid in registration.instance_ids:
             owner = self._owner.get(iid)
@@ -102,6 +112,8 @@ class AgentRegistry:
         leave = self.lose(previous, "node registered again") if previous else None
         if self.model is None:
             self.model = registration.model
+        if self.vocab_size is None:
+            self.vocab_size = vocab
         session = AgentSession(registration, now_s)
         self._sessions[registration.node_id] = session
         for iid in registration.instance_ids:

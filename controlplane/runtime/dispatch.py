@@ -84,8 +84,9 @@ def commands_for(
         case Resume():
             order, nodes = ResumeOrder(rid), action.instance_ids
         case TransferKV():
-            state.attempts[rid] += 1
-            transfer_id = f"{rid}/t{state.attempts[rid]}"
+            record = state.requests[rid]
+            record.attempts += 1
+            transfer_id = f"{rid}/{state.epoch}/t{record.attempts}"
             src, dst = action.src_instance_id, action.dst_instance_id
             expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
             state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
@@ -100,15 +101,14 @@ def commands_for(
             )
             nodes = (src, dst)
         case StartDecode():
-            inputs = state.inputs[rid]
-            log = state.logs[rid]
+            record = state.requests[rid]
             order = DecodeOrder(
                 rid,
                 action.instance_id,
-                state.last_transfer.get(rid, ""),
-                inputs.max_new_tokens,
-                inputs.sampling,
-                tuple(log.ids),
+                record.last_transfer,
+                record.inputs.max_new_tokens,
+                record.inputs.sampling,
+                tuple(record.log.ids),
             )
             nodes = (action.instance_id,)
         case Cancel():
@@ -127,18 +127,19 @@ def _prefill(
     chunk_tokens: int,
     decode_in_place: bool,
 ) -> PrefillOrder:
-    inputs = state.inputs[rid]
-    generated = tuple(state.logs[rid].ids)
-    state.attempts[rid] += 1
-    state.gen_base[rid] = len(generated)
-    state.last_transfer.pop(rid, None)
+    record = state.requests[rid]
+    inputs = record.inputs
+    generated = tuple(record.log.ids)
+    record.attempts += 1
+    record.gen_base = len(generated)
+    record.last_transfer = ""
     return PrefillOrder(
         request_id=rid,
         prompt_token_ids=inputs.prompt_token_ids,
         instance_ids=instance_ids,
         sp_kind=sp_kind,
         chunk_tokens=chunk_tokens,
-        group_id=f"{rid}/p{state.attempts[rid]}",
+        group_id=f"{rid}/{state.epoch}/p{record.attempts}",
         max_new_tokens=inputs.max_new_tokens,
         sampling=inputs.sampling,
         decode_in_place=decode_in_place,

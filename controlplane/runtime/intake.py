@@ -58,17 +58,15 @@ class Intake:
         """Apply one report; False when it was dropped as stale or about an unknown request."""
         st = self._state
         rid = report.request_id
-        log = st.logs.get(rid)
-        if log is None:
+        record = st.requests.get(rid)
+        if record is None:
             self.num_stale += 1
             return False
+        log = record.log
         at = report.received_s
         body = report.body
         if isinstance(body, TransferProgress):
             return self._transfer(report, body)
-        if report.attempt is not None and report.attempt != st.attempts.get(rid, 0):
-            self.num_stale += 1  # a delayed failure report about an earlier attempt
-            return False
         if not self._about_placement(report):
             self.num_stale += 1
             return False
@@ -88,7 +86,8 @@ class Intake:
             case PrefillFinished():
                 self.events.append(PrefillDone(rid, at))
                 self._note(rid, _K.PREFILL_DONE, at, report.instance_id, {})
-                self._tokens(rid, st.gen_base.get(rid, len(log.ids)), (body.first_token_id,), at)
+                base = len(log.ids) if record.gen_base is None else record.gen_base
+                self._tokens(rid, base, (body.first_token_id,), at)
             case Paused():
                 self.events.append(PrefillPaused(rid, body.chunks_done, at))
             case TokensOut():
@@ -108,7 +107,7 @@ class Intake:
     def _about_placement(self, report: AgentReport) -> bool:
         """The report comes from an instance of the request's placement (a refused command:
         from the node of one)."""
-        placement = self._state.placement.get(report.request_id, frozenset())
+        placement = self._state.requests[report.request_id].placement
         if report.instance_id or not isinstance(report.body, Failed):
             return report.instance_id in placement
         node_of = self._state.instance_node
@@ -127,7 +126,7 @@ class Intake:
         rid, dst, at = info.request_id, info.destination_instance_id, report.received_s
         self.events.append(KVTransferDone(rid, dst, ok, at, body.error))
         if ok:
-            st.last_transfer[rid] = body.transfer_id
+            st.requests[rid].last_transfer = body.transfer_id
             details: dict[str, DetailValue] = {
                 "dst": dst,
                 "bytes": body.num_bytes,
@@ -141,7 +140,7 @@ class Intake:
         return True
 
     def _tokens(self, rid: str, start_index: int, token_ids: tuple[int, ...], at: float) -> None:
-        log = self._state.logs[rid]
+        log = self._state.requests[rid].log
         had = len(log.ids)
         new = log.accept(start_index, token_ids)
         if start_index > had:

@@ -1,9 +1,10 @@
 """`Runtime`: the asyncio driver of the policy, and the API layer's only way into it.
 
-The event loop collects submits, cancels, agent reports and membership changes; a single
-tick thread applies them (controlplane/runtime/ticker.py: observe -> schedule -> one
-transaction); after the commit the loop acknowledges submits, publishes tokens to Generate
-streams and sends commands to agents. While a tick runs, new submits pile up and go into the
+The event loop collects submits, cancels, agent reports and membership changes (the callers
+waiting in `Waiters`, the rest in the `Inbox`); a single tick thread applies them
+(controlplane/runtime/ticker.py: observe -> schedule -> one transaction); after the commit
+the loop acknowledges submits, publishes tokens to Generate streams and sends commands to
+agents. While a tick runs, new submits pile up and go into the
 next tick's transaction together (group commit). Reads (Get of finished requests, List,
 tokens of finished requests) run on a small reader pool and never wait for a tick.
 
@@ -15,8 +16,9 @@ reconnect and register again, their work re-queued). The failed tick's submits a
 wait and go into the first tick after the rebuild (a submit whose row did commit is found
 there and acknowledged once); a submit whose second attempt fails as well gets UNAVAILABLE.
 
-(Past 500 lines: one class, the event-loop half of the runtime, whose state the rebuild
-replaces as a whole; the tick half is ticker.py, the submit bounds admission.py.)
+The roles around the loop live apart: the submit bounds in admission.py, the waiting callers
+in waiters.py, the next tick's inputs in inbox.py, the committed state readers see in
+published.py; the tick half is ticker.py.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from controlplane.runtime.agents import AgentRegistry, AgentSession, Registratio
 from controlplane.runtime.clock import Clock
 from controlplane.runtime.commands import AgentCommand
 from controlplane.runtime.errors import RuntimeErrorCode, RuntimeServiceError
+from controlplane.runtime.inbox import Inbox
 from controlplane.runtime.inputs import (
     CancelAsk,
-    Happening,
     NodeJoin,
     PendingSubmit,
     SubmitOutcome,
@@ -50,10 +52,11 @@ from controlplane.runtime.inputs import (
 from controlplane.runtime.metrics import Metrics
 from controlplane.runtime.published import Published
 from controlplane.runtime.recovery import recover
-from controlplane.runtime.reports import AgentReport, Failed
+from controlplane.runtime.reports import AgentReport
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
+from controlplane.runtime.waiters import Taken, Waiters
 from controlplane.store.errors import StoreError
 from controlplane.store.records import ListOrder, RequestFilter, RequestPage
 from controlplane.store.repository import Repository
@@ -62,8 +65,6 @@ from controlplane.telemetry import ATTR_NODE_ID, SPAN_DISPATCH, Telemetry, Trace
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 SNAPSHOT_PERIOD_S = 1.0  # cluster snapshot (metrics gauges) refresh period
-RETRY_BASE_S = 0.05  # back-off of the 2nd retryable failure in a row of one request
-RETRY_MAX_S = 5.0  # longest back-off
 REBUILD_BASE_S = 0.05  # first wait before retrying a rebuild from the database
 REBUILD_MAX_S = 2.0  # longest wait between rebuild attempts
 
@@ -91,21 +92,13 @@ class Runtime:
         self._ticker = Ticker(
             policy, repo, self._state, telemetry, transfer_timeout_s=settings.kv_transfer_timeout_s
         )
-        self._retried: set[asyncio.Future[Any]] = set()  # submits/cancels of a failed tick
         self._tick_pool = ThreadPoolExecutor(1, thread_name_prefix="pecsched-tick")
         self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="pecsched-read")
-        self._submits: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
+        self.waiters = Waiters()  # callers waiting for a tick
         self.admission = Admission(settings)
-        self._happenings: list[Happening] = []
-        self._cancel_waiters: list[tuple[str, asyncio.Future[RequestView | None]]] = []
-        self._heartbeats: dict[str, float] = {}
-        self._touched_at: dict[str, float] = {}
-        self._retryable_failures: dict[
-            str, int
-        ] = {}  # request -> retryable failures in a row  # node -> when its heartbeat was last persisted
+        self.inbox = Inbox(settings.heartbeat_interval_s)  # reports, joins, leaves, cancels
         self.published = Published(self.metrics)  # committed state the readers see
         self._snapshot: ClusterView | None = None
-        self._snapshot_waiters: list[asyncio.Future[ClusterView]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -149,7 +142,7 @@ class Runtime:
             await self._task
         for session in self.agents.sessions():
             self.agents.lose(session, "control plane stopping")
-        self._fail_waiters(RuntimeServiceError(RuntimeErrorCode.SHUTTING_DOWN, "shutting down"))
+        self.waiters.fail_all(RuntimeServiceError(RuntimeErrorCode.SHUTTING_DOWN, "shutting down"))
         self._tick_pool.shutdown(wait=True)
         self._read_pool.shutdown(wait=False)
         self.stopped.set()
@@ -166,8 +159,7 @@ class Runtime:
         """
         self._check_open()
         self.admission.check(pending.new.spec)
-        future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
-        self._submits.append((pending, future))
+        future = self.waiters.submit(pending)
         self.admission.count_pending(pending.new.spec, +1)
         self._wake.set()
         return await future
@@ -179,9 +171,8 @@ class Runtime:
             StoreError: NotFound when no such request exists.
         """
         self._check_open()
-        future: asyncio.Future[RequestView | None] = asyncio.get_running_loop().create_future()
-        self._happenings.append(CancelAsk(request_id, reason))
-        self._cancel_waiters.append((request_id, future))
+        future = self.waiters.cancel(request_id)
+        self.inbox.add(CancelAsk(request_id, reason))
         self._wake.set()
         view = await future
         return view if view is not None else await self.get(request_id)
@@ -220,8 +211,7 @@ class Runtime:
     async def cluster_view(self) -> ClusterView:
         """A cluster snapshot taken by the next tick."""
         self._check_open()
-        future: asyncio.Future[ClusterView] = asyncio.get_running_loop().create_future()
-        self._snapshot_waiters.append(future)
+        future = self.waiters.snapshot()
         self._wake.set()
         return await future
 
@@ -240,8 +230,8 @@ class Runtime:
         self._check_open()
         session, leave = self.agents.attach(registration, self.clock.now_s())
         if leave is not None:
-            self._happenings.append(leave)
-        self._happenings.append(join)
+            self.inbox.add(leave)
+        self.inbox.add(join)
         self._wake.set()
         return session
 
@@ -249,43 +239,20 @@ class Runtime:
         """The agent's stream ended: its work is re-queued at the next tick."""
         leave = self.agents.lose(session, reason)
         if leave is not None:
-            self._happenings.append(leave)
+            self.inbox.add(leave)
             self._wake.set()
 
     def heard_from(self, session: AgentSession) -> None:
         """Any message from the agent proves it alive (persisted once per heartbeat period)."""
         now = self.clock.now_s()
         session.last_seen_s = now
-        if now - self._touched_at.get(session.node_id, 0.0) >= self.settings.heartbeat_interval_s:
-            self._touched_at[session.node_id] = now
-            self._heartbeats[session.node_id] = now
+        self.inbox.heard_from(session.node_id, now)
 
     def report(self, session: AgentSession, report: AgentReport) -> None:
-        """An event from a live agent about one request.
-
-        Retryable failures back off: the k-th in a row of one request is applied after
-        `min(RETRY_BASE_S * 2**(k-2), RETRY_MAX_S)` (the first at once), so a request an
-        instance keeps refusing (e.g. KV fragmentation) is not re-placed there in a tight loop;
-        meanwhile its resources stay reserved where it failed. A delayed report about an
-        attempt that was superseded meanwhile is dropped.
-        """
-        if not session.is_live:
-            return
-        if isinstance(report.body, Failed) and report.body.retryable:
-            rid = report.request_id
-            count = self._retryable_failures.get(rid, 0) + 1
-            self._retryable_failures[rid] = count
-            if count > 1:
-                delay_s = min(RETRY_BASE_S * 2 ** (count - 2), RETRY_MAX_S)
-                attempt = self._state.attempts.get(rid, 0)  # a read of the tick thread's int
-                delayed = replace(report, attempt=attempt)
-                asyncio.get_running_loop().call_later(delay_s, self._deliver, delayed)
-                return
-        self._deliver(report)
-
-    def _deliver(self, report: AgentReport) -> None:
-        if not self._stopping:
-            self._happenings.append(report)
+        """An event from a live agent about one request (applied at the next tick; repeated
+        retryable failures back off in the policy: ClusterState.remember_refusal)."""
+        if session.is_live and not self._stopping:
+            self.inbox.add(report)
             self._wake.set()
 
     def record_busy(self, instance_id: str, busy_s: float) -> None:
@@ -306,59 +273,42 @@ class Runtime:
             now = self.clock.now_s()
             for session in self.agents.expired(now, self.settings.heartbeat_interval_s):
                 self.detach(session, "missed 3 heartbeats")
-            tick, submit_futures, cancels = self._take_inputs(now)
+            tick, taken = self._take_inputs(now)
             started = time.perf_counter()
             try:
                 out = await self._in_tick_thread(self._ticker.run, tick)
             except Exception as exc:  # the policy and the database may now disagree
-                await self._rebuild(exc, tick, submit_futures, cancels)
+                await self._rebuild(exc, tick, taken)
                 continue
             self.metrics.tick.observe(time.perf_counter() - started)
-            self._apply(out, submit_futures, cancels, now)
-            if self._submits or self._happenings:
+            self._apply(out, taken, now)
+            if self.waiters.submits or self.inbox.happenings:
                 self._wake.set()
 
-    def _take_inputs(
-        self, now: float
-    ) -> tuple[
-        TickInput,
-        list[asyncio.Future[SubmitOutcome]],
-        list[tuple[str, asyncio.Future[RequestView | None]]],
-    ]:
-        batch = self._submits[: self.settings.max_submits_per_tick]
-        del self._submits[: len(batch)]
-        for pending, _ in batch:
+    def _take_inputs(self, now: float) -> tuple[TickInput, Taken]:
+        taken = self.waiters.take(self.settings.max_submits_per_tick)
+        for pending, _ in taken.submits:
             self.admission.count_pending(pending.new.spec, -1)
+        happenings, heartbeats = self.inbox.take()
         tick = TickInput(
             now_s=now,
-            submits=[p for p, _ in batch],
-            happenings=self._happenings,
-            heartbeats=self._heartbeats,
-            want_snapshot=bool(self._snapshot_waiters)
+            submits=[p for p, _ in taken.submits],
+            happenings=happenings,
+            heartbeats=heartbeats,
+            want_snapshot=self.waiters.want_snapshot
             or self._snapshot is None
             or now - self._snapshot.at_s >= SNAPSHOT_PERIOD_S,
         )
-        self._happenings, self._heartbeats = [], {}
-        cancels, self._cancel_waiters = self._cancel_waiters, []
-        return tick, [f for _, f in batch], cancels
+        return tick, taken
 
-    def _apply(
-        self,
-        out: TickOutput,
-        submit_futures: list[asyncio.Future[SubmitOutcome]],
-        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
-        now: float,
-    ) -> None:
+    def _apply(self, out: TickOutput, taken: Taken, now: float) -> None:
         self.published.logs.update(out.new_logs)
         for view in out.views:
-            previous = self.published.settle(view, now)
-            grew = view.output_tokens > (previous.output_tokens if previous else 0)
-            if view.state.is_terminal or grew:  # progress: no longer failing in a row
-                self._retryable_failures.pop(view.request_id, None)
+            self.published.settle(view, now)
         self.published.publish_tokens(out.touched_logs)
         self.admission.committed(out.num_active, out.tenant_active, out.tenant_prompt_bytes)
         self.metrics.prompt_bytes.set(sum(out.tenant_prompt_bytes.values()))
-        for outcome, future in zip(out.submits, submit_futures, strict=True):
+        for outcome in out.submits:
             result = "refused" if outcome.view is None else "created"
             if outcome.view is not None and not outcome.created:
                 result = "deduplicated"
@@ -368,22 +318,12 @@ class Runtime:
                 self.metrics.tokens.inc(
                     view.spec.prompt_tokens, request_class=view.request_class.value, kind="prompt"
                 )
-            self._retried.discard(future)
-            if not future.done():
-                future.set_result(outcome)
-        for rid, cancel_future in cancels:
-            self._retried.discard(cancel_future)
-            if not cancel_future.done():
-                cancel_future.set_result(out.cancels.get(rid))
+        self.waiters.answer(taken, out.submits, out.cancels, out.snapshot)
         for command in out.commands:
             self._dispatch(command)
         if out.snapshot is not None:
             self._snapshot = out.snapshot
             self.published.update_gauges(out.snapshot, len(self.agents.sessions()))
-            waiters, self._snapshot_waiters = self._snapshot_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(out.snapshot)
         if out.num_actions:
             self.metrics.decision.observe(out.decision_s)
 
@@ -399,23 +339,15 @@ class Runtime:
         session.send(_with_trace(command, span.context))
         span.end()
 
-    async def _rebuild(
-        self,
-        exc: Exception,
-        tick: TickInput,
-        submit_futures: list[asyncio.Future[SubmitOutcome]],
-        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
-    ) -> None:
+    async def _rebuild(self, exc: Exception, tick: TickInput, taken: Taken) -> None:
         """Rebuild policy and state from the database after a failed tick (module docstring)."""
         _log.error("tick failed and rolled back; rebuilding from the database: %r", exc)
         self.metrics.rebuilds.inc()
         self._set_serving(False)
-        self._requeue(exc, tick, submit_futures, cancels)
+        self._requeue(exc, tick, taken)
         for session in self.agents.sessions():
             self.agents.lose(session, "control plane rebuilding its state")
-        self._happenings = [h for h in self._happenings if isinstance(h, CancelAsk)]
-        self._heartbeats.clear()
-        self._touched_at.clear()
+        self.inbox.keep_only_cancels()
         delay_s = REBUILD_BASE_S
         while not self._stopping:
             policy = make_policy(self.policy.name, self.policy.config, self.settings.seed)
@@ -442,15 +374,9 @@ class Runtime:
             self._wake.set()
             return
 
-    def _requeue(
-        self,
-        exc: Exception,
-        tick: TickInput,
-        submit_futures: list[asyncio.Future[SubmitOutcome]],
-        cancels: list[tuple[str, asyncio.Future[RequestView | None]]],
-    ) -> None:
-        """Put a failed tick's submits and cancels back in front of the queue, once: one that
-        fails a second time fails (a poison input must not make the runtime rebuild forever)."""
+    def _requeue(self, exc: Exception, tick: TickInput, taken: Taken) -> None:
+        """Put a failed tick's submits and cancels back in front of the queue, once
+        (Waiters.put_back)."""
         error: Exception = (
             exc
             if isinstance(exc, StoreError)
@@ -458,29 +384,13 @@ class Runtime:
                 RuntimeErrorCode.REBUILDING, "the control plane could not commit the request"
             )
         )
-        again: list[tuple[PendingSubmit, asyncio.Future[SubmitOutcome]]] = []
-        for pending, future in zip(tick.submits, submit_futures, strict=True):
-            if self._retry_once(future, error):
-                again.append((pending, future))
-                self.admission.count_pending(pending.new.spec, +1)
-        self._submits[:0] = again
-        cancels = [(rid, future) for rid, future in cancels if self._retry_once(future, error)]
-        ids = {rid for rid, _ in cancels}
-        self._happenings[:0] = [
+        again = self.waiters.put_back(taken, error)
+        for pending, _ in again.submits:
+            self.admission.count_pending(pending.new.spec, +1)
+        ids = {rid for rid, _ in again.cancels}
+        self.inbox.put_back(
             h for h in tick.happenings if isinstance(h, CancelAsk) and h.request_id in ids
-        ]
-        self._cancel_waiters[:0] = cancels
-
-    def _retry_once(self, future: asyncio.Future[Any], error: Exception) -> bool:
-        """Whether to retry a waiter of a failed tick (False: done, or failed with `error`)."""
-        if future.done():
-            return False
-        if future in self._retried:
-            self._retried.discard(future)
-            future.set_exception(error)
-            return False
-        self._retried.add(future)
-        return True
+        )
 
     def _install(self, ticker: Ticker, logs: dict[str, TokenLog], views: list[RequestView]) -> None:
         """Make a recovered ticker current: readers follow the recovered token logs."""
@@ -493,7 +403,6 @@ class Runtime:
                 self.published.views[view.request_id] = view
         for log in old_logs.values():
             log.retire()
-        self._retryable_failures.clear()
         self.admission.committed(
             self.policy.num_active_requests(),
             dict(self._state.tenant_active),
@@ -515,20 +424,6 @@ class Runtime:
         while not self._stopping:
             self._wake.clear()
             await self._wake.wait()
-
-    def _fail_waiters(self, error: Exception) -> None:
-        for _, future in self._submits:
-            if not future.done():
-                future.set_exception(error)
-        self._submits.clear()
-        for _, cancel_future in self._cancel_waiters:
-            if not cancel_future.done():
-                cancel_future.set_exception(error)
-        self._cancel_waiters.clear()
-        for waiter in self._snapshot_waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._snapshot_waiters.clear()
 
     # ---- helpers ---------------------------------------------------------------------------
 

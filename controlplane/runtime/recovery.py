@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from controlplane.core.events import Event, RequestArrived
 from controlplane.core.types import RequestState, RequestView
-from controlplane.runtime.state import Carryover, RequestInputs, packed_ids
+from controlplane.runtime.state import Carryover, RequestInputs, Tracked
 from controlplane.runtime.ticker import Ticker
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.records import DetailValue, NodeState, RequestEvent, RequestEventKind
@@ -39,11 +39,9 @@ def recover(ticker: Ticker, now_s: float) -> tuple[dict[str, TokenLog], list[Req
         for node in repo.list_nodes():
             if node.state is NodeState.UP:
                 repo.mark_node_down(node.node_id, now_s)
-        for view in repo.unfinished_requests():
-            rid = view.request_id
-            inputs = repo.get_request_inputs(rid)
-            tokens = list(repo.get_output_tokens(rid))
-            spec = view.spec
+        for stored in repo.unfinished_with_inputs():
+            view, tokens = stored.view, list(stored.output_token_ids)
+            rid, spec = view.request_id, view.spec
             if len(tokens) >= spec.max_new_tokens:
                 done = replace(view, state=_S.FINISHED, finished_s=now_s, output_tokens=len(tokens))
                 written.append(done)
@@ -52,20 +50,12 @@ def recover(ticker: Ticker, now_s: float) -> tuple[dict[str, TokenLog], list[Req
                 continue
             log = TokenLog(tokens, spec.max_new_tokens)
             was_running = view.state is not _S.QUEUED
-            st.track(
-                rid,
-                RequestInputs(
-                    spec.tenant,
-                    packed_ids(inputs.prompt_token_ids),
-                    spec.max_new_tokens,
-                    inputs.sampling,
-                ),
-                log,
+            inputs = RequestInputs(
+                spec.tenant, stored.prompt_token_ids, spec.max_new_tokens, stored.sampling
             )
-            st.requeues_of[rid] = view.num_requeues + int(was_running)
-            st.carry[rid] = Carryover(
-                view.num_preemptions, view.num_requeues + int(was_running), view.paused_total_s
-            )
+            requeues = view.num_requeues + int(was_running)
+            carry = Carryover(view.num_preemptions, requeues, view.paused_total_s)
+            st.track(rid, Tracked(inputs, log, num_requeues=requeues, carry=carry))
             logs[rid] = log
             events.append(RequestArrived(spec, now_s))
             if was_running:

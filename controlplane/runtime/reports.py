@@ -103,4 +103,3 @@ class AgentReport:
     instance_id: str  # which instance it happened on
     body: ReportBody  # what happened
     received_s: float  # when the control plane received it (its clock)
-    attempt: int | None = None  # work attempt it is about; None = the current one

@@ -7,6 +7,7 @@ Owned by the tick thread (controlplane/runtime/ticker.py); the event loop reads 
 
 from __future__ import annotations
 
+import secrets
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,7 +21,10 @@ from controlplane.telemetry import TraceContext
 
 def packed_ids(token_ids: Sequence[int]) -> array[int]:
     """Token ids packed 4 bytes each: how the runtime holds prompts (a tuple of Python ints
-    costs about 36 bytes a token)."""
+    costs about 36 bytes a token). Ids already packed so are returned as they are, not
+    copied: a queued prompt is held once."""
+    if isinstance(token_ids, array) and token_ids.typecode == "I":
+        return token_ids
     return array("I", token_ids)
 
 
@@ -58,34 +62,42 @@ class TransferInfo:
     expires_s: float  # no DONE/FAILED by then (1.5 x timeout + grace): the runtime fails it
 
 
+@dataclass(slots=True)
+class Tracked:
+    """What the runtime knows of one unfinished request beyond the policy (tick thread)."""
+
+    inputs: RequestInputs
+    log: TokenLog  # its output
+    state: RequestState = RequestState.QUEUED  # as last persisted
+    num_requeues: int = 0  # as last persisted
+    placement: frozenset[str] = frozenset()  # instances of its current work
+    gen_base: int | None = None  # output tokens known at its last StartPrefill
+    attempts: int = 0  # prefills and transfers started (numbers their group ids)
+    last_transfer: str = ""  # id of its finished KV transfer ("" before one)
+    carry: Carryover | None = None  # counters from before this process (recovered requests)
+    trace: TraceContext | None = None  # its submit span's context
+
+
 class RuntimeState:
     """Per-request and per-node bookkeeping of the runtime (tick thread only)."""
 
     def __init__(self) -> None:
-        self.logs: dict[str, TokenLog] = {}  # unfinished request -> its output
-        self.inputs: dict[str, RequestInputs] = {}  # unfinished request -> its inputs
-        self.carry: dict[str, Carryover] = {}  # recovered request -> earlier counters
-        self.traces: dict[str, TraceContext] = {}  # request -> its submit span's context
-        self.state_of: dict[str, RequestState] = {}  # request -> last persisted state
-        self.requeues_of: dict[str, int] = {}  # request -> last persisted num_requeues
-        self.placement: dict[str, frozenset[str]] = {}  # request -> instances of its work
-        self.gen_base: dict[str, int] = {}  # request -> tokens known at its last StartPrefill
-        self.attempts: Counter[str] = Counter()  # request -> prefills/transfers started
+        # Part of every group and transfer id: attempts restart at 0 with the process, and a
+        # worker refuses a group id it has already destroyed, so ids must differ per process.
+        self.epoch = secrets.token_hex(4)
+        self.requests: dict[str, Tracked] = {}  # unfinished request -> its record
         self.transfers: dict[str, TransferInfo] = {}  # transfer id -> transfer in flight
-        self.last_transfer: dict[str, str] = {}  # request -> id of its finished transfer
         self.tenant_active: Counter[str] = Counter()  # tenant -> unfinished requests
         self.tenant_prompt_bytes: Counter[str] = Counter()  # tenant -> bytes of held prompts
         self.instance_node: dict[str, str] = {}  # instance up -> its node
         self.rendezvous: dict[str, str] = {}  # node -> its rendezvous store address
 
-    def track(self, request_id: str, inputs: RequestInputs, log: TokenLog) -> None:
+    def track(self, request_id: str, record: Tracked) -> None:
         """Start tracking an unfinished request."""
-        self.logs[request_id] = log
-        self.inputs[request_id] = inputs
-        self.state_of[request_id] = RequestState.QUEUED
-        self.requeues_of[request_id] = 0
-        self.tenant_active[inputs.tenant] += 1
-        self.tenant_prompt_bytes[inputs.tenant] += inputs.prompt_bytes
+        self.requests[request_id] = record
+        tenant = record.inputs.tenant
+        self.tenant_active[tenant] += 1
+        self.tenant_prompt_bytes[tenant] += record.inputs.prompt_bytes
 
     def settle(self, view: RequestView) -> None:
         """Record a persisted view; forget the request once it is terminal.
@@ -96,28 +108,22 @@ class RuntimeState:
         """
         rid = view.request_id
         if not view.state.is_terminal:
-            self.state_of[rid] = view.state
-            self.requeues_of[rid] = view.num_requeues
-            self.placement[rid] = frozenset(view.instance_ids)
+            record = self.requests.get(rid)
+            if record is not None:
+                record.state = view.state
+                record.num_requeues = view.num_requeues
+                record.placement = frozenset(view.instance_ids)
             if view.state is not RequestState.TRANSFERRING_KV:
                 self.forget_transfers(lambda info: info.request_id == rid)
             return
-        inputs = self.inputs.pop(rid, None)
-        if inputs is not None:
-            self.tenant_active[inputs.tenant] -= 1
-            self.tenant_prompt_bytes[inputs.tenant] -= inputs.prompt_bytes
-            if self.tenant_active[inputs.tenant] <= 0:
-                del self.tenant_active[inputs.tenant]
-                del self.tenant_prompt_bytes[inputs.tenant]
-        self.logs.pop(rid, None)
-        self.carry.pop(rid, None)
-        self.traces.pop(rid, None)
-        self.state_of.pop(rid, None)
-        self.requeues_of.pop(rid, None)
-        self.placement.pop(rid, None)
-        self.gen_base.pop(rid, None)
-        self.attempts.pop(rid, None)
-        self.last_transfer.pop(rid, None)
+        record = self.requests.pop(rid, None)
+        if record is not None:
+            tenant = record.inputs.tenant
+            self.tenant_active[tenant] -= 1
+            self.tenant_prompt_bytes[tenant] -= record.inputs.prompt_bytes
+            if self.tenant_active[tenant] <= 0:
+                del self.tenant_active[tenant]
+                del self.tenant_prompt_bytes[tenant]
         self.forget_transfers(lambda info: info.request_id == rid)
 
     def forget_transfers(self, which: Callable[[TransferInfo], bool]) -> None:
@@ -128,9 +134,11 @@ class RuntimeState:
 
     def with_carryover(self, view: RequestView) -> RequestView:
         """`view` with earlier counters added and the output count of the token log."""
-        carry = self.carry.get(view.request_id)
-        log = self.logs.get(view.request_id)
-        output_tokens = len(log.ids) if log is not None else view.output_tokens
+        record = self.requests.get(view.request_id)
+        if record is None:
+            return view
+        output_tokens = len(record.log.ids)
+        carry = record.carry
         if carry is None:
             return replace(view, output_tokens=output_tokens)
         return replace(

@@ -6,7 +6,8 @@
 
 The policy is touched only here, by one thread, one tick at a time. If anything fails after
 the policy has observed the tick's events, the policy and the database disagree: the error
-propagates and the runtime stops (fail-stop); a restart recovers from the database.
+propagates, the transaction rolls back, and the runtime rebuilds policy and state from the
+database as a restart does (controlplane/runtime/loop.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from controlplane.runtime.inputs import (
 )
 from controlplane.runtime.intake import Intake
 from controlplane.runtime.reports import AgentReport, TransferProgress, TransferStatus
-from controlplane.runtime.state import RequestInputs, RuntimeState, packed_ids
+from controlplane.runtime.state import RequestInputs, RuntimeState, Tracked, packed_ids
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import NotFound
 from controlplane.store.records import DetailValue, NewRequest, RequestEvent, RequestEventKind
@@ -84,7 +85,7 @@ class Ticker:
                         self._report_span(item)
                 elif isinstance(item, CancelAsk):
                     self._flush(intake, events)
-                    if item.request_id in self.state.logs:
+                    if item.request_id in self.state.requests:
                         events.append(RequestCancelled(item.request_id, now, item.reason))
                         cancelled.add(item.request_id)
                 elif isinstance(item, NodeJoin):
@@ -123,7 +124,7 @@ class Ticker:
         outcomes: list[SubmitOutcome | None] = []
         for pending in submits:
             rid = pending.new.spec.request_id
-            if rid in self.state.logs:  # retried after a failed tick that did commit it
+            if rid in self.state.requests:  # retried after a failed tick that did commit it
                 outcomes.append(SubmitOutcome(self.policy.request_view(rid), True))
                 continue
             verdict = self.policy.check_admission(pending.new.spec)
@@ -151,9 +152,7 @@ class Ticker:
                 spec.tenant, packed_ids(new.prompt_token_ids), spec.max_new_tokens, new.sampling
             )
             log = TokenLog([], spec.max_new_tokens)
-            self.state.track(rid, inputs, log)
-            if pending.trace is not None:
-                self.state.traces[rid] = pending.trace
+            self.state.track(rid, Tracked(inputs, log, trace=pending.trace))
             out.new_logs[rid] = log
             arrivals.append(RequestArrived(spec, now))
             details: dict[str, DetailValue] = {
@@ -259,19 +258,20 @@ class Ticker:
         dirty = intake.touched | cancelled | set(completed)
         dirty.update(a.request_id for a in decision.actions)
         if down:  # an instance died: any running request may have been re-queued
-            dirty.update(r for r, s in st.state_of.items() if s is not _S.QUEUED)
+            dirty.update(r for r, t in st.requests.items() if t.state is not _S.QUEUED)
         views: dict[str, RequestView] = {}
         for rid in dirty:
             view = completed.get(rid)
             if view is None:
-                if rid not in st.logs:
+                if rid not in st.requests:
                     continue
                 view = self.policy.request_view(rid)
             views[rid] = st.with_carryover(view)
         timeline = list(intake.timeline)
         self._decide(tick, decision, views, timeline, out)
         for rid, view in views.items():
-            requeued = view.num_requeues - st.requeues_of.get(rid, view.num_requeues)
+            record = st.requests.get(rid)
+            requeued = view.num_requeues - (record.num_requeues if record else view.num_requeues)
             for _ in range(max(0, requeued)):  # may be placed again within the same tick
                 timeline.append(RequestEvent(rid, _K.REQUEUED, now, None, {"reason": "requeued"}))
             if view.state is _S.FINISHED:
@@ -285,7 +285,7 @@ class Ticker:
                 timeline.append(RequestEvent(rid, _K.FAILED, now, None, details))
         self.repo.update_requests(list(views.values()))
         for rid in sorted(intake.tokens_added):
-            log = st.logs[rid]
+            log = st.requests[rid].log
             if len(log.ids) > log.committed:
                 self.repo.append_output_tokens(rid, log.committed, log.ids[log.committed :])
         self.repo.record_events(timeline)
@@ -320,9 +320,10 @@ class Ticker:
         for action in decision.actions:
             rid = action.request_id
             view = views.get(rid)
-            parent = st.traces.get(rid)
-            if isinstance(action, _SCHEDULED) and view is not None:
-                if st.state_of.get(rid) is _S.QUEUED and view.num_requeues == 0:
+            record = st.requests.get(rid)
+            parent = record.trace if record is not None else None
+            if isinstance(action, _SCHEDULED) and view is not None and record is not None:
+                if record.state is _S.QUEUED and view.num_requeues == 0:
                     queue = self.telemetry.start_span(
                         tm.SPAN_QUEUE,
                         parent=parent,
@@ -340,7 +341,7 @@ class Ticker:
                     tm.ATTR_INSTANCE_IDS: dispatch.action_instances(action),
                 },
             )
-            if rid in st.logs:
+            if record is not None:
                 out.commands.extend(
                     dispatch.commands_for(
                         action,
@@ -363,7 +364,7 @@ class Ticker:
             return
         span = self.telemetry.start_span(
             f"{tm.SPAN_AGENT_EVENT}.{kind}",
-            parent=self.state.traces.get(report.request_id),
+            parent=self._trace_of(report.request_id),
             attributes={
                 tm.ATTR_REQUEST_ID: report.request_id,
                 tm.ATTR_EVENT: kind,
@@ -372,3 +373,7 @@ class Ticker:
             },
         )
         span.end()
+
+    def _trace_of(self, request_id: str) -> tm.TraceContext | None:
+        record = self.state.requests.get(request_id)
+        return record.trace if record is not None else None

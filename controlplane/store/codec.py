@@ -44,11 +44,16 @@ def pack_token_ids(token_ids: Sequence[int], field_name: str) -> bytes:
 
 def unpack_token_ids(data: bytes) -> tuple[int, ...]:
     """Inverse of `pack_token_ids`."""
+    return tuple(unpack_token_array(data))
+
+
+def unpack_token_array(data: bytes) -> array[int]:
+    """Inverse of `pack_token_ids`, kept packed (4 bytes a token, not a Python int each)."""
     unpacked = array("I")
     unpacked.frombytes(data)
     if sys.byteorder != "little":  # pragma: no cover
         unpacked.byteswap()
-    return tuple(unpacked)
+    return unpacked
 
 
 def seed_to_db(seed: int) -> int:

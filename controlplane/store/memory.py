@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -31,6 +32,7 @@ from controlplane.store.records import (
     RequestFilter,
     RequestInputs,
     RequestPage,
+    UnfinishedRequest,
 )
 from controlplane.store.repository import ReadOnlyTransactionError, Repository
 
@@ -149,6 +151,19 @@ class InMemoryRepository(Repository):
         with self.transaction():
             unfinished = [v for v in self.views.values() if not v.state.is_terminal]
         return sorted(unfinished, key=lambda v: (v.spec.arrival_s, v.request_id))
+
+    def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
+        """See Repository.unfinished_with_inputs."""
+        with self.transaction():
+            return [
+                UnfinishedRequest(
+                    view,
+                    array("I", self.inputs[view.request_id].prompt_token_ids),
+                    self.inputs[view.request_id].sampling,
+                    self.get_output_tokens(view.request_id),
+                )
+                for view in self.unfinished_requests()
+            ]
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests."""

@@ -8,6 +8,7 @@ carries to the data plane (prompt token ids, sampling) and what the cluster and 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -80,6 +81,16 @@ class RequestInputs:
     prompt_token_ids: tuple[int, ...]  # the prompt
     sampling: SamplingParams  # how to sample
     idempotency_key: str | None  # as given at Submit
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedRequest:
+    """An unfinished request with everything recovery needs to queue it again."""
+
+    view: RequestView  # as stored
+    prompt_token_ids: array[int]  # packed uint32, as the runtime holds prompts
+    sampling: SamplingParams
+    output_token_ids: tuple[int, ...]  # generated and stored so far
 
 
 @dataclass(frozen=True, slots=True)

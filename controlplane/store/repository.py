@@ -34,6 +34,7 @@ from controlplane.store.records import (
     RequestFilter,
     RequestInputs,
     RequestPage,
+    UnfinishedRequest,
 )
 
 
@@ -128,6 +129,12 @@ class Repository(ABC):
     @abstractmethod
     def unfinished_requests(self) -> list[RequestView]:
         """Every request not in a terminal state, in arrival order (recovery after restart)."""
+
+    @abstractmethod
+    def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
+        """Every request not in a terminal state with its prompt, sampling and stored output
+        tokens, in arrival order: what recovery after a restart reads (in a few statements,
+        whatever the number of requests)."""
 
     @abstractmethod
     def update_requests(self, views: Sequence[RequestView]) -> None:

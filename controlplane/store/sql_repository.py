@@ -8,11 +8,12 @@ compiled form and psycopg prepares them on the server after a few executions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, func, select, text, tuple_
+from sqlalchemy import Engine, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from controlplane.core.types import (
@@ -35,9 +36,10 @@ from controlplane.store.records import (
     RequestInputs,
     RequestPage,
     SamplingParams,
+    UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
-from controlplane.store.sql_session import SqlUnitOfWork
+from controlplane.store.sql_session import SqlUnitOfWork, copy_rows, fetch_binary
 from controlplane.store.tables import UNFINISHED_PREDICATE, metadata
 
 _requests = metadata.tables["requests"]
@@ -54,12 +56,59 @@ _VIEW_COLUMNS = tuple(
         "decode_instance_ids output_tokens error"
     ).split()
 )
+# Columns of what the data plane needs beyond the view.
+_INPUT_COLUMNS = tuple(
+    _requests.c[name] for name in "prompt_token_ids temperature top_p seed stop_at_eos".split()
+)
 _MUTABLE = (
     "state prefill_done_s finished_s chunks_done chunks_total num_preemptions num_requeues "
     "paused_total_s prefill_instance_ids decode_instance_ids output_tokens error"
 ).split()
 _SET_ONCE = ("first_scheduled_s", "first_token_s")
-_INSERT_COLUMNS = tuple(column.name for column in _requests.columns)
+# The columns of `requests` in the order `_insert_row` fills them.
+_INSERT_COLUMNS = tuple(
+    "id tenant request_class state prompt_token_ids prompt_tokens max_new_tokens temperature "
+    "top_p seed stop_at_eos priority deadline_s idempotency_key output_tokens error "
+    "num_preemptions num_requeues paused_total_s prefill_instance_ids decode_instance_ids "
+    "chunks_done chunks_total arrival_s first_scheduled_s prefill_done_s first_token_s "
+    "finished_s".split()
+)
+assert _INSERT_COLUMNS == tuple(c.name for c in _requests.columns), "a column was added"
+# The batch UPDATE of PostgreSQL: one array parameter per column, joined on the id.
+_UPDATE_ARRAYS = (
+    ("id", "text"),
+    ("state", "text"),
+    ("prefill_done_s", "float8"),
+    ("finished_s", "float8"),
+    ("chunks_done", "int"),
+    ("chunks_total", "int"),
+    ("num_preemptions", "int"),
+    ("num_requeues", "int"),
+    ("paused_total_s", "float8"),
+    ("prefill_instance_ids", "text"),
+    ("decode_instance_ids", "text"),
+    ("output_tokens", "int"),
+    ("error", "text"),
+    ("first_scheduled_s", "float8"),
+    ("first_token_s", "float8"),
+)
+assert [n for n, _ in _UPDATE_ARRAYS] == ["id", *_MUTABLE, *_SET_ONCE], "every updated column"
+_PG_UPDATE_SQL = (
+    "UPDATE requests SET "
+    + ", ".join(
+        f"{name} = COALESCE(requests.{name}, u.{name})"
+        if name in _SET_ONCE
+        else f"{name} = u.{name}"
+        for name, _ in _UPDATE_ARRAYS[1:]
+    )
+    + " FROM unnest("
+    + ", ".join(f"%s::{sql_type}[]" for _, sql_type in _UPDATE_ARRAYS)
+    + ") AS u("
+    + ", ".join(name for name, _ in _UPDATE_ARRAYS)
+    + ") WHERE requests.id = u.id"
+)
+_EVENT_COLUMNS = ("request_id", "kind", "at_s", "instance_id", "details")
+_QUEUED = RequestState.QUEUED.value
 
 
 class SqlRepository(ClusterSqlMixin, Repository):
@@ -67,6 +116,8 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def __init__(self, engine: Engine) -> None:
         self.uow = SqlUnitOfWork(engine)
+        self._is_postgres = engine.dialect.name == "postgresql"
+        self._dialect = engine.dialect
         dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._dialect_insert = dialect_insert
         self._insert_request = dialect_insert(_requests).on_conflict_do_nothing(
@@ -97,7 +148,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def add_request(self, new: NewRequest) -> AddResult:
         """See Repository.add_request."""
-        row = _insert_params(new)
+        row = dict(zip(_INSERT_COLUMNS, _insert_row(new), strict=True))
         with self.uow.scope(write=True) as connection:
             inserted = connection.execute(self._insert_returning, row).first()
             if inserted is not None:
@@ -107,16 +158,23 @@ class SqlRepository(ClusterSqlMixin, Repository):
     def add_requests(self, news: Sequence[NewRequest]) -> list[AddResult]:
         """See Repository.add_requests.
 
-        One executemany INSERT ... ON CONFLICT DO NOTHING (pipelined and prepared by psycopg),
-        then, only when some requests carry an idempotency key, one SELECT of those keys to
-        tell new rows from replays.
+        Requests without an idempotency key cannot conflict (their ids are random): on
+        PostgreSQL they go in by COPY, a quarter of the CPU of an INSERT per row. The others
+        go in by one executemany INSERT ... ON CONFLICT DO NOTHING (pipelined and prepared by
+        psycopg), then one SELECT of their keys tells new rows from replays.
         """
         if not news:
             return []
-        rows = [_insert_params(new) for new in news]
+        keyed = [new for new in news if new.idempotency_key is not None]
         with self.uow.scope(write=True) as connection:
-            connection.exec_driver_sql(self._insert_many_sql, rows)
-            keyed = [new for new in news if new.idempotency_key is not None]
+            if self._is_postgres:
+                unkeyed = [_insert_row(new) for new in news if new.idempotency_key is None]
+                copy_rows(connection, "requests", _INSERT_COLUMNS, unkeyed)
+                if keyed:
+                    rows = [_insert_row(new) for new in keyed]
+                    connection.exec_driver_sql(self._insert_many_sql, rows)
+            else:
+                connection.exec_driver_sql(self._insert_many_sql, [_insert_row(n) for n in news])
             stored = iter(self._by_keys(connection, keyed)) if keyed else iter(())
             results = []
             claimed: set[str] = set()
@@ -154,17 +212,15 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def get_request_inputs(self, request_id: str) -> RequestInputs:
         """See Repository.get_request_inputs."""
-        columns = ("prompt_token_ids", "temperature", "top_p", "seed", "stop_at_eos")
-        query = select(*(_requests.c[c] for c in columns), _requests.c.idempotency_key)
+        query = select(*_INPUT_COLUMNS, _requests.c.idempotency_key)
         with self.uow.scope(write=False) as connection:
             row = connection.execute(query.where(_requests.c.id == request_id)).one_or_none()
         if row is None:
             raise NotFound(f"request {request_id!r} not found")
-        sampling = SamplingParams(
-            row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos
-        )
         return RequestInputs(
-            codec.unpack_token_ids(row.prompt_token_ids), sampling, row.idempotency_key
+            codec.unpack_token_ids(row.prompt_token_ids),
+            _sampling_from_row(row),
+            row.idempotency_key,
         )
 
     def list_requests(
@@ -215,15 +271,60 @@ class SqlRepository(ClusterSqlMixin, Repository):
         with self.uow.scope(write=False) as connection:
             return [_view_from_row(row) for row in connection.execute(query)]
 
+    def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
+        """See Repository.unfinished_with_inputs: two queries, both served by the partial
+        index on unfinished requests."""
+        unfinished = text(UNFINISHED_PREDICATE)
+        requests = self._select_view.add_columns(*_INPUT_COLUMNS).where(unfinished)
+        tokens = (
+            select(_tokens.c.request_id, _tokens.c.token_ids)
+            .join(_requests, _requests.c.id == _tokens.c.request_id)
+            .where(unfinished)
+            .order_by(_tokens.c.request_id, _tokens.c.start_index)
+        )
+        with self.uow.scope(write=False) as connection:
+            chunks: dict[str, list[bytes]] = {}
+            for request_id, packed in connection.execute(tokens):
+                chunks.setdefault(request_id, []).append(packed)
+            ordered = requests.order_by(_requests.c.arrival_s, _requests.c.id)
+            rows: Sequence[Any]
+            if self._is_postgres:  # 18K prompts of 1 KiB: 10-20% faster than hex-encoded
+                rows = fetch_binary(connection, str(ordered.compile(dialect=self._dialect)))
+            else:
+                rows = connection.execute(ordered).all()
+            views = len(_VIEW_COLUMNS)
+            loaded = []
+            for row in rows:
+                prompt, temperature, top_p, seed, stop_at_eos = row[views:]
+                output = chunks.get(row[0])
+                loaded.append(
+                    UnfinishedRequest(
+                        _view_from_row(row),
+                        codec.unpack_token_array(prompt),
+                        SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
+                        codec.unpack_token_ids(b"".join(output)) if output else (),
+                    )
+                )
+            return loaded
+
     def update_requests(self, views: Sequence[RequestView]) -> None:
-        """See Repository.update_requests."""
+        """See Repository.update_requests.
+
+        On PostgreSQL one UPDATE ... FROM unnest(arrays) for the whole batch (an executemany
+        UPDATE costs about four times the CPU a row); elsewhere one executemany UPDATE.
+        """
         if not views:
             return
-        params = [_update_params(view) for view in views]
+        latest = {view.request_id: view for view in views}  # the last view of an id wins
+        params = [_update_params(view) for view in latest.values()]
         with self.uow.scope(write=True) as connection:
-            updated = connection.execute(self._update_request, params).rowcount
-            if updated != len(views):
-                ids = [view.request_id for view in views]
+            if self._is_postgres:
+                columns = [[p[f"b_{name}"] for p in params] for name, _ in _UPDATE_ARRAYS]
+                updated = connection.exec_driver_sql(_PG_UPDATE_SQL, tuple(columns)).rowcount
+            else:
+                updated = connection.execute(self._update_request, params).rowcount
+            if updated != len(latest):
+                ids = list(latest)
                 found = set(
                     connection.execute(select(_requests.c.id).where(_requests.c.id.in_(ids)))
                     .scalars()
@@ -284,21 +385,36 @@ class SqlRepository(ClusterSqlMixin, Repository):
     # -- timeline ------------------------------------------------------------------------
 
     def record_events(self, events: Sequence[RequestEvent]) -> None:
-        """See Repository.record_events."""
+        """See Repository.record_events (by COPY on PostgreSQL: appending never conflicts)."""
         if not events:
             return
-        rows = [
-            {
-                "request_id": event.request_id,
-                "kind": RequestEventKind(event.kind).value,
-                "at_s": event.at_s,
-                "instance_id": event.instance_id,
-                "details": dict(event.details),
-            }
-            for event in events
-        ]
         with self.uow.scope(write=True) as connection:
-            connection.execute(_events.insert(), rows)
+            if self._is_postgres:
+                rows = [
+                    (
+                        event.request_id,
+                        RequestEventKind(event.kind).value,
+                        event.at_s,
+                        event.instance_id,
+                        json.dumps(dict(event.details)),
+                    )
+                    for event in events
+                ]
+                copy_rows(connection, "request_events", _EVENT_COLUMNS, rows)
+                return
+            connection.execute(
+                _events.insert(),
+                [
+                    {
+                        "request_id": event.request_id,
+                        "kind": RequestEventKind(event.kind).value,
+                        "at_s": event.at_s,
+                        "instance_id": event.instance_id,
+                        "details": dict(event.details),
+                    }
+                    for event in events
+                ],
+            )
 
     def list_events(self, request_id: str) -> list[RequestEvent]:
         """See Repository.list_events."""
@@ -315,45 +431,46 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
 
 def _placeholder(dialect: str, column: str) -> str:
-    """A named parameter in the driver's style; blobs go to psycopg in binary (`%(x)b`)."""
+    """A positional parameter in the driver's style; blobs go to psycopg in binary (`%b`)."""
     if dialect != "postgresql":
-        return f":{column}"
-    return f"%({column})b" if column == "prompt_token_ids" else f"%({column})s"
+        return "?"
+    return "%b" if column == "prompt_token_ids" else "%s"
 
 
-def _insert_params(new: NewRequest) -> dict[str, Any]:
+def _insert_row(new: NewRequest) -> tuple[Any, ...]:
+    """The row of a new request, in `_INSERT_COLUMNS` order."""
     spec = new.spec
     sampling = new.sampling
-    return {
-        "id": spec.request_id,
-        "tenant": spec.tenant,
-        "request_class": new.request_class.value,
-        "state": RequestState.QUEUED.value,
-        "prompt_token_ids": codec.pack_token_ids(new.prompt_token_ids, "prompt_token_ids"),
-        "prompt_tokens": spec.prompt_tokens,
-        "max_new_tokens": spec.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "seed": codec.seed_to_db(sampling.seed),
-        "stop_at_eos": sampling.stop_at_eos,
-        "priority": spec.priority,
-        "deadline_s": spec.deadline_s,
-        "idempotency_key": new.idempotency_key,
-        "output_tokens": 0,
-        "error": None,
-        "num_preemptions": 0,
-        "num_requeues": 0,
-        "paused_total_s": 0.0,
-        "prefill_instance_ids": "",
-        "decode_instance_ids": "",
-        "chunks_done": 0,
-        "chunks_total": 0,
-        "arrival_s": spec.arrival_s,
-        "first_scheduled_s": None,
-        "prefill_done_s": None,
-        "first_token_s": None,
-        "finished_s": None,
-    }
+    return (
+        spec.request_id,
+        spec.tenant,
+        new.request_class.value,
+        _QUEUED,
+        codec.pack_token_ids(new.prompt_token_ids, "prompt_token_ids"),
+        spec.prompt_tokens,
+        spec.max_new_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        codec.seed_to_db(sampling.seed),
+        sampling.stop_at_eos,
+        spec.priority,
+        spec.deadline_s,
+        new.idempotency_key,
+        0,  # output_tokens
+        None,  # error
+        0,  # num_preemptions
+        0,  # num_requeues
+        0.0,  # paused_total_s
+        "",  # prefill_instance_ids
+        "",  # decode_instance_ids
+        0,  # chunks_done
+        0,  # chunks_total
+        spec.arrival_s,
+        None,  # first_scheduled_s
+        None,  # prefill_done_s
+        None,  # first_token_s
+        None,  # finished_s
+    )
 
 
 def _queued_view(new: NewRequest) -> RequestView:
@@ -380,31 +497,59 @@ def _update_params(view: RequestView) -> dict[str, Any]:
     }
 
 
-def _view_from_row(row: Row[Any]) -> RequestView:
+def _sampling_from_row(row: Any) -> SamplingParams:
+    return SamplingParams(row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos)
+
+
+_CLASSES = {c.value: c for c in RequestClass}
+_STATES = {s.value: s for s in RequestState}
+
+
+def _view_from_row(row: Sequence[Any]) -> RequestView:
+    """The view of a row whose first columns are `_VIEW_COLUMNS` (read by position: recovery
+    builds one per unfinished request)."""
+    (
+        request_id,
+        tenant,
+        request_class,
+        state,
+        prompt_tokens,
+        max_new_tokens,
+        priority,
+        arrival_s,
+        deadline_s,
+        first_scheduled_s,
+        prefill_done_s,
+        first_token_s,
+        finished_s,
+        chunks_done,
+        chunks_total,
+        num_preemptions,
+        num_requeues,
+        paused_total_s,
+        prefill_instance_ids,
+        decode_instance_ids,
+        output_tokens,
+        error,
+    ) = row[: len(_VIEW_COLUMNS)]
     spec = RequestSpec(
-        request_id=row.id,
-        tenant=row.tenant,
-        prompt_tokens=row.prompt_tokens,
-        max_new_tokens=row.max_new_tokens,
-        priority=row.priority,
-        arrival_s=row.arrival_s,
-        deadline_s=row.deadline_s,
+        request_id, tenant, prompt_tokens, max_new_tokens, priority, arrival_s, deadline_s
     )
     return RequestView(
         spec=spec,
-        request_class=RequestClass(row.request_class),
-        state=RequestState(row.state),
-        first_scheduled_s=row.first_scheduled_s,
-        prefill_done_s=row.prefill_done_s,
-        first_token_s=row.first_token_s,
-        finished_s=row.finished_s,
-        chunks_done=row.chunks_done,
-        chunks_total=row.chunks_total,
-        num_preemptions=row.num_preemptions,
-        num_requeues=row.num_requeues,
-        paused_total_s=row.paused_total_s,
-        prefill_instance_ids=codec.split_ids(row.prefill_instance_ids),
-        decode_instance_ids=codec.split_ids(row.decode_instance_ids),
-        output_tokens=row.output_tokens,
-        error=row.error or "",
+        request_class=_CLASSES[request_class],
+        state=_STATES[state],
+        first_scheduled_s=first_scheduled_s,
+        prefill_done_s=prefill_done_s,
+        first_token_s=first_token_s,
+        finished_s=finished_s,
+        chunks_done=chunks_done,
+        chunks_total=chunks_total,
+        num_preemptions=num_preemptions,
+        num_requeues=num_requeues,
+        paused_total_s=paused_total_s,
+        prefill_instance_ids=codec.split_ids(prefill_instance_ids),
+        decode_instance_ids=codec.split_ids(decode_instance_ids),
+        output_tokens=output_tokens,
+        error=error or "",
     )

@@ -8,7 +8,7 @@ never commit. Every DB-API error raised inside a scope leaves it as a `StoreErro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -85,6 +85,51 @@ class SqlUnitOfWork:
                         self._current.reset(token)
         except DBAPIError as exc:
             raise translate_db_error(exc) from exc
+
+
+def copy_rows(
+    connection: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Append `rows` to `table` by PostgreSQL's COPY, inside the connection's transaction."""
+    if not rows:
+        return
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+    with _driver(connection, statement) as driver:
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+def fetch_binary(connection: Connection, statement: str) -> list[tuple[Any, ...]]:
+    """Every row of a PostgreSQL query (no parameters), received in the binary format (blobs
+    are not hex-encoded on the way)."""
+    with _driver(connection, statement) as driver:
+        with driver.cursor(binary=True) as cursor:
+            cursor.execute(statement)
+            rows: list[tuple[Any, ...]] = cursor.fetchall()
+            return rows
+
+
+@contextmanager
+def _driver(connection: Connection, statement: str) -> Iterator[Any]:
+    """psycopg's connection under `connection`, inside its transaction. A driver error leaves
+    as SQLAlchemy's DBAPIError (as from any statement), so the scope translates it."""
+    driver: Any = connection.connection.dbapi_connection
+    assert driver is not None, "a connection inside a transaction is open"
+    try:
+        yield driver
+    except Exception as exc:
+        dbapi = connection.dialect.loaded_dbapi
+        if not isinstance(exc, dbapi.Error):
+            raise
+        raise DBAPIError.instance(
+            statement,
+            None,
+            exc,
+            dbapi.Error,
+            connection_invalidated=connection.dialect.is_disconnect(exc, driver, None),
+            dialect=connection.dialect,
+        ) from exc
 
 
 def translate_db_error(exc: DBAPIError) -> StoreError:

@@ -107,7 +107,9 @@ def run_agent(config: AgentConfig, *, install_signals: bool = True) -> int:
         _install_signals(stop, inbox)
     specs, device_indices = worker_specs(config, store_address)
     supervisor = WorkerSupervisor(specs, inbox)
-    link = AttachLink(config.controlplane, config.api_key, inbox, config.reconnect_max_backoff_s)
+    link = AttachLink(
+        config.controlplane, config.api_key, inbox, config.reconnect_max_backoff_s, config.tls
+    )
     tracer, flush_spans = make_tracer(config.otlp_endpoint, config.node_id)
     core = AgentCore(
         config, _Ports(supervisor, link), store_address, _version(), device_indices, tracer
@@ -120,6 +122,7 @@ def run_agent(config: AgentConfig, *, install_signals: bool = True) -> int:
     finally:
         link.close()
         supervisor.stop()
+        core.spans.end_all()
         flush_spans()
         del store
 

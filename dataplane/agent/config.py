@@ -1,10 +1,15 @@
-"""The agent's configuration: one frozen value built once from the command line."""
+"""The agent's configuration: one frozen value built once from the command line and the
+environment (the only place of the agent that reads environment variables)."""
 
 from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+OTEL_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"  # the OpenTelemetry standard variable
+API_KEY_ENV = "PECSCHED_AGENT_API_KEY"  # the agent's key when neither flag gives one
 
 ROLES = ("general", "short_decode", "long_reserved")
 
@@ -58,6 +63,61 @@ def parse_roles(text: str | None, num_workers: int) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkTls:
+    """TLS of the Attach link: PEM bytes read once at start."""
+
+    root_certificates: bytes | None  # CA to verify the control plane with; None: system roots
+    private_key: bytes | None  # client key for mutual TLS (with certificate_chain)
+    certificate_chain: bytes | None  # client certificate (chain) for mutual TLS
+
+
+def load_link_tls(
+    tls: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> LinkTls | None:
+    """The link's TLS from the flags (None: plaintext); ValueError names the flag.
+
+    `--tls-ca-file` or a client certificate implies TLS; `--tls` alone verifies the control
+    plane against the system roots. `--tls-cert-file` and `--tls-key-file` go together.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("--tls-cert-file and --tls-key-file: give both or neither")
+    if not (tls or ca_file or cert_file):
+        return None
+    return LinkTls(
+        root_certificates=_read_file(ca_file, "--tls-ca-file"),
+        private_key=_read_file(key_file, "--tls-key-file"),
+        certificate_chain=_read_file(cert_file, "--tls-cert-file"),
+    )
+
+
+def load_api_key(flag: str | None, file: str | None, env: Mapping[str, str]) -> str | None:
+    """The agent's API key: --api-key, else the first line of --api-key-file, else the
+    PECSCHED_AGENT_API_KEY variable, else None. ValueError names the flag.
+
+    A file or the variable keeps the key out of the process list (`ps` shows flags).
+    """
+    if flag is not None and file is not None:
+        raise ValueError("--api-key and --api-key-file: give one of them")
+    if file is not None:
+        lines = (_read_file(file, "--api-key-file") or b"").decode(errors="replace").splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {file!r}: the file holds no key")
+        return key
+    return flag or env.get(API_KEY_ENV) or None
+
+
+def _read_file(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r}: {exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent reads at start; never mutated."""
 
@@ -79,6 +139,7 @@ class AgentConfig:
     reconnect_max_backoff_s: float = 5.0  # longest wait between attach attempts
     threads_per_worker: int = 1  # torch intra-op threads per CPU worker
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for the agent's spans; None: off
+    tls: LinkTls | None = None  # TLS of the Attach link; None: plaintext
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -110,3 +171,8 @@ def instance_id(node_id: str, index: int) -> str:
 def default_node_id() -> str:
     """The host name (without '/'), the default --node-id."""
     return socket.gethostname().replace("/", "-") or "node"
+
+
+def otlp_endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
+    """--otlp-endpoint, else OTEL_EXPORTER_OTLP_ENDPOINT, else None (no spans exported)."""
+    return flag or env.get(OTEL_ENDPOINT_ENV) or None

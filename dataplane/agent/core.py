@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from dataplane.agent import convert
@@ -27,7 +28,7 @@ from dataplane.agent.config import AgentConfig
 from dataplane.agent.link import Connected, ControlIn, Disconnected
 from dataplane.agent.routes import RequestTable
 from dataplane.agent.supervisor import WorkerDied, WorkerSaid
-from dataplane.agent.tracing import command_span
+from dataplane.agent.tracing import WorkSpans, command_span
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2
 
@@ -77,6 +78,7 @@ class AgentCore:
         )
         self.table = RequestTable()
         self.router = CommandRouter(self.node, self.table)
+        self.spans = WorkSpans(self.tracer, config.node_id, self.node.instance_id)
         n = config.num_workers
         self.ready: list[m.Ready | None] = [None] * n
         self.generations = [0] * n
@@ -151,7 +153,7 @@ class AgentCore:
             step = self.router.on_command(command, self.clock())
             if step.error is not None:
                 span.set_attribute("pecsched.error", step.error)
-            self._apply(step)
+            self._apply(step, trace.set_span_in_context(span))
             if step.shutdown is not None:
                 self.start_drain(time.monotonic())
                 if not step.shutdown.drain:
@@ -191,6 +193,7 @@ class AgentCore:
             rendezvous_address=self.node.rendezvous_address,
             resident_request_ids=self.table.resident(),
             agent_version=self.version,
+            vocab_size=max((r.vocab_size for r in self.ready if r is not None), default=0),
         )
 
     def heartbeat(self) -> cluster_pb2.Heartbeat:
@@ -212,12 +215,13 @@ class AgentCore:
         return cluster_pb2.Heartbeat(loads=loads)
 
     # ------------------------------------------------------------------ outputs
-    def _apply(self, step: Step) -> None:
-        """Carry out a router step: worker commands, then events."""
+    def _apply(self, step: Step, span_parent: otel_context.Context | None = None) -> None:
+        """Carry out a router step: worker commands, then events; trace its work."""
         for index, cmd in step.to_workers:
             self.ports.send_worker(index, cmd)
         for event in step.events:
             self._emit(event)
+        self.spans.observe(step, span_parent)
 
     def _send(self, message: cluster_pb2.AgentMessage) -> bool:
         if self.epoch is None:
@@ -247,6 +251,8 @@ class AgentCore:
         if isinstance(report, m.Load):
             self.loads[index] = report
             return
+        if isinstance(report, m.TransferUpdate):
+            self.spans.transfer_report(report)
         self._apply(self.router.on_report(index, report, self.clock()))
 
     def _on_worker_died(self, index: int, exit_code: int | None) -> None:

@@ -7,10 +7,15 @@ every `ControlMessage` as `ControlIn(epoch, msg)`, and when the stream ends post
 that delivered something) and try again. `send(epoch, msg)` drops messages for an epoch that
 is no longer current, so nothing meant for a dead stream leaks into the next one; the agent
 buffers what must survive a reconnect.
+
+With `tls` the channel is TLS (the control plane verified against `tls.root_certificates`, or
+the system roots; a client certificate when given). The first failed attempt after a working
+stream (or at start) is logged with the target, once until a stream opens again.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -19,7 +24,10 @@ from typing import Any
 
 import grpc
 
+from dataplane.agent.config import LinkTls
 from protos.pecsched.v1 import cluster_pb2, cluster_pb2_grpc
+
+log = logging.getLogger("pecsched.agent")
 
 _CLOSE = object()  # sentinel that ends a request iterator
 
@@ -56,8 +64,17 @@ class AttachLink:
         api_key: str | None,
         inbox: queue.Queue[Any],
         max_backoff_s: float,
+        tls: LinkTls | None = None,
     ) -> None:
         self._target = target
+        self._credentials = (
+            None
+            if tls is None
+            else grpc.ssl_channel_credentials(
+                tls.root_certificates, tls.private_key, tls.certificate_chain
+            )
+        )
+        self._warned = False  # an unreachable control plane was logged
         self._metadata = [] if api_key is None else [("authorization", f"Bearer {api_key}")]
         self._inbox = inbox
         self._max_backoff_s = max_backoff_s
@@ -109,12 +126,23 @@ class AttachLink:
 
     def _attach_once(self, wait_ready_s: float) -> bool:
         """One stream's life; returns whether the control plane sent anything on it."""
-        channel = grpc.insecure_channel(self._target)
+        if self._credentials is None:
+            channel = grpc.insecure_channel(self._target)
+        else:
+            channel = grpc.secure_channel(self._target, self._credentials)
         try:
             grpc.channel_ready_future(channel).result(timeout=wait_ready_s)
         except grpc.FutureTimeoutError:
             channel.close()
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "control plane %s not reachable%s; retrying",
+                    self._target,
+                    "" if self._credentials is None else " over TLS (check its certificate)",
+                )
             return False
+        self._warned = False
         outbound: queue.Queue[Any] = queue.Queue()
         with self._lock:
             self._epoch += 1

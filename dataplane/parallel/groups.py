@@ -18,7 +18,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -328,7 +328,6 @@ class GroupManager:
         self._groups: dict[str, Group] = {}
         self._pending: dict[str, Future[Group]] = {}
         self._retired: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pecsched-rdzv")
 
     @property
     def store(self) -> Store:
@@ -360,9 +359,25 @@ class GroupManager:
                 return done
             pending = self._pending.get(spec.group_id)
             if pending is None:
-                pending = self._pool.submit(self._create, spec, rank)
+                pending = Future()
                 self._pending[spec.group_id] = pending
+                # A daemon thread per rendezvous: one abandoned by `destroy` waits out the
+                # timeout without holding up other rendezvous or the interpreter's exit.
+                threading.Thread(
+                    target=self._run_create,
+                    args=(spec, rank, pending),
+                    name=f"pecsched-rdzv-{spec.group_id}",
+                    daemon=True,
+                ).start()
             return pending
+
+    def _run_create(self, spec: GroupSpec, rank: int, future: Future[Group]) -> None:
+        try:
+            group = self._create(spec, rank)
+        except BaseException as exc:  # the future carries it to the caller
+            future.set_exception(exc)
+            return
+        future.set_result(group)
 
     def _create(self, spec: GroupSpec, rank: int) -> Group:
         prefixed = PrefixStore(f"{GROUP_KEY_PREFIX}{spec.group_id}", self._connection())
@@ -376,7 +391,14 @@ class GroupManager:
         group = Group(spec, rank, backend, self.factory, self.timeout_s)
         with self._lock:
             self._pending.pop(spec.group_id, None)
-            self._groups[spec.group_id] = group
+            abandoned = spec.group_id in self._retired
+            if not abandoned:
+                self._groups[spec.group_id] = group
+        if abandoned:  # destroyed while joining: close it, so the members that joined fail
+            group.mark_broken("destroyed during its rendezvous")
+            group.close()
+            del group, backend  # the error's traceback must not keep the connections open
+            raise GroupError(spec.group_id, "destroyed during its rendezvous")
         return group
 
     def _connection(self) -> Store:
@@ -405,7 +427,11 @@ class GroupManager:
             return self._groups.get(group_id)
 
     def destroy(self, group_id: str) -> None:
-        """Close and forget the group; its id can never be connected again. Idempotent."""
+        """Close and forget the group; its id can never be connected again. Idempotent.
+
+        A group still in its rendezvous is abandoned: its future fails with GroupError, and
+        the communicator is closed as soon as the rendezvous ends (its thread cannot be
+        interrupted: it waits out the timeout when a member never joins)."""
         with self._lock:
             group = self._groups.pop(group_id, None)
             self._retired.add(group_id)
@@ -426,10 +452,11 @@ class GroupManager:
             return tuple(sorted(self._groups))
 
     def close(self) -> None:
-        """Destroy every group and stop the rendezvous thread pool."""
-        for group_id in self.group_ids():
+        """Destroy every group (pending rendezvous are abandoned, as by `destroy`)."""
+        with self._lock:
+            pending = list(self._pending)
+        for group_id in self.group_ids() + tuple(pending):
             self.destroy(group_id)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def connect_store(host: str, port: int, timeout_s: float, is_master: bool = False) -> TCPStore:

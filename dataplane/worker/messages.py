@@ -114,6 +114,7 @@ class Ready:
     device: str  # e.g. "cpu" or "cuda:NVIDIA H100 80GB HBM3"
     eos_token_ids: tuple[int, ...]  # the model's end-of-sequence tokens
     pid: int  # the worker's process id (logged by the agent)
+    vocab_size: int = 0  # the model's vocabulary size (token ids are below it)
 
 
 @dataclass(frozen=True, slots=True)

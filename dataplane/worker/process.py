@@ -5,15 +5,17 @@ reports)`, which runs `worker_main` and then ends the process at once: `commands
 receiving end of a one-way pipe from the agent, `reports` the sending end of one to it. The
 loop, between engine iterations: take every pending command, poll transfers, run one
 iteration, send the reports and (at most every `load_interval_s`, and whenever something
-changed) a `Load`. Idle, it blocks on the command pipe for up to `idle_wait_s`. `Stop` (or the
-agent's end of the pipe closing) ends the process.
+changed) a `Load`. Idle, it blocks on the command pipe for up to `idle_wait_s` (`join_poll_s`
+while an SP group's rendezvous is pending: the loop notices its end that soon). The join does
+not hold the loop (`dataplane.worker.runtime`): the pipe is read at every iteration, so the
+agent's writes wait at most one iteration (an SP collective: at most the group timeout).
+`Stop` (or the agent's end of the pipe closing) ends the process.
 
 The process skips Python's interpreter teardown (`os._exit` once `worker_main` has released
 its groups): with torch loaded that teardown is seconds of garbage collection over module
-globals (2-3 s per worker, several times that with four workers on a busy host), and a
-rendezvous thread still blocked in the store would hold it until the group timeout (the
-interpreter joins thread-pool threads at exit). The agent waits for its workers before it
-exits, so it overran `pecsched up`'s 10 s grace and was killed after "drained; exiting".
+globals (2-3 s per worker, several times that with four workers on a busy host). The agent
+waits for its workers before it exits, so it overran `pecsched up`'s 10 s grace and was killed
+after "drained; exiting".
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class WorkerSpec:
     num_threads: int  # torch intra-op threads (CPU)
     load_interval_s: float = 0.2  # most frequent Load report while busy
     idle_wait_s: float = 0.05  # blocking wait for a command when idle
+    join_poll_s: float = 0.005  # the same while an SP group's rendezvous is pending
 
 
 def engine_config(spec: WorkerSpec, kv_bytes_per_token: int):  # type: ignore[no-untyped-def]
@@ -163,11 +166,15 @@ def worker_main(spec: WorkerSpec, commands: Connection, reports: Connection) -> 
     runtime = WorkerRuntime(engine, spec.member_id, manager_for, ipc)
     eos = engine.model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    reports.send(m.Ready(engine.kv.pool_tokens, device_name(spec.device), eos_ids, os.getpid()))
+    vocab_size = engine.model.shape.vocab_size
+    device = device_name(spec.device)
+    reports.send(m.Ready(engine.kv.pool_tokens, device, eos_ids, os.getpid(), vocab_size))
     last_load_s, last_load = 0.0, None
     try:
         while True:
-            wait_s = 0.0 if runtime.has_work() else spec.idle_wait_s
+            wait_s = spec.join_poll_s if runtime.joining else spec.idle_wait_s
+            if runtime.has_work():
+                wait_s = 0.0
             while commands.poll(wait_s):
                 cmd = commands.recv()
                 if isinstance(cmd, m.Stop):

@@ -9,12 +9,21 @@ adds the offset of tokens generated before a re-queue.
 Failures are per request: an engine refusal, a broken transfer or an unknown request becomes
 `Failed` for that request only, and the loop goes on. `retryable` is True when the request
 could run elsewhere (it did not fit here, or this worker no longer holds it).
+
+An SP group's rendezvous does not block the worker (`joining`): engine iterations, transfers
+and the commands of other requests go on. What depends on the join waits, in arrival order,
+until the join is decided (admitted or failed): the joining request's commands, the next
+SpPrefill (one join at a time keeps the order of SP collectives the same on every member),
+and every later command of a request that has one waiting. A Cancel of a joining or waiting
+request takes it out at once: the join is given up (the request holds no KV yet), its
+waiting commands are dropped, and Cancelled is reported unless the Cancel is silent.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -70,12 +79,18 @@ class WorkerRuntime:
         self._transfers = TransferTable()
         self._reports: list[m.WorkerReport] = []
         self._sp = SpJobs(engine, member_id, self._reports)
+        self._waiting: deque[m.WorkerCommand] = deque()  # arrived during an SP join, in order
         self.busy_total_s = 0.0
 
     # ------------------------------------------------------------------ queries
     def has_work(self) -> bool:
         """Whether `run_once` would do anything (a runnable request or a live transfer)."""
         return self.engine.has_runnable_work() or bool(self._transfers) or self._sp.has_work()
+
+    @property
+    def joining(self) -> bool:
+        """An SP group's rendezvous is pending (`run_once` polls it)."""
+        return self._sp.joining is not None
 
     def take_reports(self) -> list[m.WorkerReport]:
         """The reports produced since the last call, in order."""
@@ -95,30 +110,62 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ commands
     def handle(self, cmd: m.WorkerCommand) -> None:
-        """Apply one command; refusals become Failed reports for its request, never exceptions.
+        """Apply one command (or keep it until a pending SP join is decided, see the module
+        docstring); refusals become Failed reports for its request, never exceptions.
 
         Retryable (the request may run elsewhere): it does not fit here, this worker no longer
         holds it, or an SP group's rendezvous failed. Not retryable: invalid arguments.
         """
-        rid = getattr(cmd, "request_id", "")
-        what = type(cmd).__name__.lower()
+        rid, joining = _request_of(cmd), self._sp.joining
+        waits = joining is not None and (
+            rid == joining
+            or isinstance(cmd, m.SpPrefill)
+            or any(_request_of(c) == rid for c in self._waiting)
+        )
+        if not waits:
+            self._apply(cmd)
+        elif isinstance(cmd, m.Cancel):
+            if rid == joining:
+                self._sp.abort_join()
+            self._waiting = deque(c for c in self._waiting if _request_of(c) != rid)
+            if not cmd.silent:
+                self._reports.append(m.Cancelled(rid))
+            self._apply_waiting()
+        else:
+            self._waiting.append(cmd)
+
+    def _apply_waiting(self) -> None:
+        """Apply the commands that waited for a join, in order, up to the next join."""
+        while self._waiting and self._sp.joining is None:
+            self._apply(self._waiting.popleft())
+
+    def _apply(self, cmd: m.WorkerCommand) -> None:
+        rid = _request_of(cmd)
+        self._refusing(rid, type(cmd).__name__.lower(), lambda: self._dispatch(cmd))
+
+    def _dispatch(self, cmd: m.WorkerCommand) -> None:
+        rid = _request_of(cmd)
+        if isinstance(cmd, m.Prefill):
+            self._prefill(cmd)
+        elif isinstance(cmd, m.SpPrefill):
+            self._sp.admit(cmd, self._managers(cmd.store_address))
+        elif rid in self._sp and isinstance(cmd, m.Pause | m.Resume | m.Cancel):
+            self._sp_control(cmd)
+        elif isinstance(cmd, m.Pause):
+            self._pause(rid)
+        elif isinstance(cmd, m.Resume):
+            self._resume(rid)
+        elif isinstance(cmd, m.Cancel):
+            self._cancel(rid, cmd.silent)
+        elif isinstance(cmd, m.SendKv | m.RecvKv):
+            self._start_transfer(cmd)
+        elif isinstance(cmd, m.StartDecode):
+            self._start_decode(rid)
+
+    def _refusing(self, rid: str, what: str, action: Callable[[], None]) -> None:
+        """Run `action`; its refusal becomes a Failed report for `rid` (see `handle`)."""
         try:
-            if isinstance(cmd, m.Prefill):
-                self._prefill(cmd)
-            elif isinstance(cmd, m.SpPrefill):
-                self._sp.admit(cmd, self._managers(cmd.store_address))
-            elif rid in self._sp and isinstance(cmd, m.Pause | m.Resume | m.Cancel):
-                self._sp_control(cmd)
-            elif isinstance(cmd, m.Pause):
-                self._pause(rid)
-            elif isinstance(cmd, m.Resume):
-                self._resume(rid)
-            elif isinstance(cmd, m.Cancel):
-                self._cancel(rid, cmd.silent)
-            elif isinstance(cmd, m.SendKv | m.RecvKv):
-                self._start_transfer(cmd)
-            elif isinstance(cmd, m.StartDecode):
-                self._start_decode(rid)
+            action()
         except EngineError as exc:
             retryable = exc.code in (EngineErrorCode.DOES_NOT_FIT, EngineErrorCode.UNKNOWN_REQUEST)
             self._fail(rid, f"{what}: {exc}", retryable)
@@ -308,6 +355,10 @@ class WorkerRuntime:
                 self._transfer_report(transfer, "transferring")
             else:
                 self._transfer_finished(transfer, state)
+        joining = self._sp.joining
+        if joining is not None:
+            self._refusing(joining, "spprefill", self._sp.poll_join)
+            self._apply_waiting()
         self.busy_total_s += self._sp.run_once()
         if not self.engine.has_runnable_work():
             return
@@ -394,3 +445,8 @@ class WorkerRuntime:
 
     def _fail(self, request_id: str, error: str, retryable: bool) -> None:
         self._reports.append(m.Failed(request_id, error, retryable))
+
+
+def _request_of(cmd: m.WorkerCommand) -> str:
+    """The request a command is about ("" for Stop)."""
+    return str(getattr(cmd, "request_id", ""))

@@ -4,6 +4,9 @@ with the other members of each request's group.
 Every member holds an `SpJob` for the request, in the same admission order (the agent sends
 the commands to all members in one order, and a job connects its group before the next is
 admitted, so collectives of different jobs never interleave differently on two members).
+The group's rendezvous runs off the worker's thread (`admit` starts it, `poll_join` finishes
+the admission once it completed); meanwhile no job issues a collective (as if the join
+blocked), and `abort_join` gives the join up at once (a Cancel of the request).
 Each `run_once` advances every live job by one collective step: a 2-flag `all_reduce_max`
 agreement (pause requested, cancel requested) so that all members stop at the same chunk
 boundary, then one prefill chunk or one decode token. Only the prefill pauses: a Pause agreed
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +59,15 @@ class SpJob:
         return self.group.rank == 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Join:
+    """An admission waiting for its group's rendezvous."""
+
+    cmd: m.SpPrefill
+    manager: GroupManager
+    group: Future[Group]
+
+
 class SpJobs:
     """The SP requests of one worker; reports go to the shared `reports` list."""
 
@@ -63,6 +76,7 @@ class SpJobs:
         self.member_id = member_id
         self._reports = reports
         self._jobs: dict[str, SpJob] = {}  # admission order = collective order
+        self._join: _Join | None = None  # at most one admission waits for its group
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._jobs
@@ -70,20 +84,51 @@ class SpJobs:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    @property
+    def joining(self) -> str | None:
+        """The request whose group is being joined (None when no join is pending)."""
+        return None if self._join is None else self._join.cmd.request_id
+
     def has_work(self) -> bool:
-        """Whether any job would issue a collective."""
-        return any(not j.paused for j in self._jobs.values())
+        """Whether any job would issue a collective (none does while a join is pending)."""
+        return self._join is None and any(not j.paused for j in self._jobs.values())
 
     def admit(self, cmd: m.SpPrefill, manager: GroupManager) -> None:
-        """Connect the group (blocking: every member does it now) and reserve the KV.
-
-        Admission is atomic over the group: the members agree (`all_reduce_max`) on whether
-        every one of them reserved its KV, and all refuse with DOES_NOT_FIT otherwise, so no
-        member ever waits in a collective for one that refused.
-        """
+        """Start joining the request's group (every member does it now); `poll_join` admits
+        the request once the rendezvous completed. No join may be pending."""
+        if self._join is not None:
+            raise RuntimeError(f"SP group {self._join.cmd.group_id!r} is still being joined")
         if cmd.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {cmd.chunk_tokens}")
-        group = manager.connect(GroupSpec(cmd.group_id, cmd.member_ids))
+        group = manager.connect_async(GroupSpec(cmd.group_id, cmd.member_ids))
+        self._join = _Join(cmd, manager, group)
+
+    def poll_join(self) -> None:
+        """Admit the joining request if its rendezvous completed (`joining` is None after).
+
+        Raises what admitting raises (GroupError when the rendezvous failed, EngineError
+        DOES_NOT_FIT); the join is over then too.
+        """
+        join = self._join
+        if join is None or not join.group.done():
+            return
+        self._join = None
+        self._admit(join.cmd, join.manager, join.group.result())
+
+    def abort_join(self) -> None:
+        """Give up the pending join (the request holds nothing yet): its group id is retired,
+        and the group closed once its rendezvous ends, so that members that joined fail."""
+        join, self._join = self._join, None
+        if join is not None:
+            join.manager.destroy(join.cmd.group_id)
+
+    def _admit(self, cmd: m.SpPrefill, manager: GroupManager, group: Group) -> None:
+        """Reserve the KV on the connected group, atomically over the group.
+
+        The members agree (`all_reduce_max`) on whether every one of them reserved its KV,
+        and all refuse with DOES_NOT_FIT otherwise, so no member ever waits in a collective
+        for one that refused.
+        """
         kind = self.choose_kind(cmd, group.size)
         request: SpRequest | None = None
         error = ""
@@ -171,8 +216,12 @@ class SpJobs:
 
     # ------------------------------------------------------------------ iteration
     def run_once(self) -> float:
-        """One collective step of every live job; returns the busy seconds."""
+        """One collective step of every live job (none while a join is pending: it keeps its
+        place in every member's collective order, as a blocking join did); returns the busy
+        seconds."""
         busy_s = 0.0
+        if self._join is not None:
+            return busy_s
         for rid in list(self._jobs):
             job = self._jobs[rid]
             if job.paused:

@@ -130,9 +130,11 @@ def start_cluster(
     policy: str = "pecsched",
     tokenizer_dir: str | None = None,
     http_port: int | None = None,
+    otlp_endpoint: str | None = None,
 ) -> Cluster:
     """Upgrade a fresh SQLite database, create keys, start the control plane and agents (and
-    the OpenAI gateway on `http_port`, serving model id "tiny-chat", when given)."""
+    the OpenAI gateway on `http_port`, serving model id "tiny-chat", when given; all export
+    spans to `otlp_endpoint` when given)."""
     db_path = tmp_path / "pecsched.db"
     db_url = f"sqlite:///{db_path}"
     toml = config_toml if auth else "auth_enabled = false\n" + config_toml
@@ -157,6 +159,7 @@ def start_cluster(
         tokenizer_dir=tokenizer_dir,
         http_port=http_port,
         model_name="tiny-chat",
+        otlp_endpoint=otlp_endpoint,
     )
     local = LocalCluster(spec, tmp_path / "logs", api_key=admin_key)
     try:

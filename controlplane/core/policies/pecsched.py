@@ -22,8 +22,9 @@ Each schedule():
    StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
    colocation on decoders); an instance whose long prefill is already paused; else, with
    `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
-   instance may free up first), pause a running long prefill and take one of its instances:
-   among the first running longs in order (smallest SP group, least paused so far, newest;
+   instance may free up first; earlier with `short_preempt_early`: at once in a burst, when
+   more shorts are queued than short prefills are running, else a victim whose chunk ends
+   before the delay would), pause a running long prefill and take one of its instances: among the first `_MAX_VICTIMS_TRIED` running longs in order (smallest SP group, least paused so far, newest;
    never one on its last chunk), the one whose chunk in flight should end first (its last
    chunk's length, observed), so the short waits least. With `disaggregation` a short
    prefilled on a general instance decodes on the most loaded short-decode instance with room
@@ -73,7 +74,9 @@ _DECODE = InstanceRole.SHORT_DECODE
 _SHORT, _LONG = RequestClass.SHORT, RequestClass.LONG
 # states of a short that holds, or will soon need, a place on a short-decode instance
 _DECODE_BOUND = (RequestState.PREFILLING, RequestState.TRANSFERRING_KV, RequestState.DECODING)
-_MAX_VICTIMS_TRIED = 8  # running long prefills examined per preemption attempt
+# running long prefills examined per preemption attempt (8 -> 32: short p99 queueing on the
+# long20-bursty and Azure Mistral-7B points of bench/paper_eval.py -35 to -50%, every seed)
+_MAX_VICTIMS_TRIED = 32
 _DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
 _WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
@@ -265,16 +268,32 @@ class PecSchedPolicy(BasePolicy):
                 continue
             if self._place_short(req, now_s, out, rest, decode_in_place=in_place):
                 continue
-            if self._may_preempt_for(req, now_s) and self._preempt_for(req, now_s, out, in_place):
+            ends_by_s = self._preempt_deadline_s(req, now_s)
+            if ends_by_s is not None and self._preempt_for(req, now_s, out, in_place, ends_by_s):
                 continue
             if not self._reject_if_never_fits(req, out):
                 return
 
-    def _may_preempt_for(self, req: RequestRecord, now_s: float) -> bool:
-        """With `preemption`, once `req` has waited `short_preempt_delay_s` (a decoder's
-        colocated prefill or an open instance may free up first)."""
+    def _preempt_deadline_s(self, req: RequestRecord, now_s: float) -> float | None:
+        """Latest end of a victim's chunk in flight at which `req` may pause it now (inf: any
+        victim; None: no preemption). With `preemption`: any once `req` has waited
+        `short_preempt_delay_s` (a decoder's colocated prefill or an open instance may free up
+        first). Before that, with `short_preempt_early`: any when more shorts are queued than
+        short prefills are running (each of those frees an instance soon, so waiting could
+        place only some: a burst); else one whose chunk ends before the delay would (waiting
+        would only miss that boundary)."""
         cfg = self._config
-        return cfg.preemption and now_s - req.spec.arrival_s >= cfg.short_preempt_delay_s
+        if not cfg.preemption:
+            return None
+        delay_ends_s = req.spec.arrival_s + cfg.short_preempt_delay_s
+        if now_s >= delay_ends_s:
+            return math.inf
+        if not cfg.short_preempt_early:
+            return None
+        counts = self._state.counts
+        if counts[(_SHORT, RequestState.QUEUED)] > counts[(_SHORT, RequestState.PREFILLING)]:
+            return math.inf
+        return delay_ends_s
 
     def _colocate_on_decoder(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         """With colocation and disaggregation, prefill `req` inside the decode iterations of a
@@ -363,12 +382,13 @@ class PecSchedPolicy(BasePolicy):
         return not decoders or decoders[-1] < req.spec.total_tokens
 
     def _preempt_for(
-        self, req: RequestRecord, now_s: float, out: list[Action], in_place: bool
+        self, req: RequestRecord, now_s: float, out: list[Action], in_place: bool, ends_by_s: float
     ) -> bool:
-        """Pause a running long prefill and start `req` on one of its instances."""
+        """Pause a running long prefill whose chunk in flight should end by `ends_by_s` and
+        start `req` on one of its instances."""
         st = self._state
         need = req.spec.total_tokens if in_place else req.spec.prompt_tokens
-        found = self._find_victim(req, need, now_s)
+        found = self._find_victim(req, need, now_s, ends_by_s)
         if found is None:
             return False
         victim, host = found
@@ -383,11 +403,12 @@ class PecSchedPolicy(BasePolicy):
         return True
 
     def _find_victim(
-        self, req: RequestRecord, need_tokens: int, now_s: float
+        self, req: RequestRecord, need_tokens: int, now_s: float, ends_by_s: float
     ) -> tuple[RequestRecord, InstanceRecord] | None:
         """Among the first `_MAX_VICTIMS_TRIED` running long prefills of `running_longs`
         (smallest SP group, least paused, newest first) that may be paused and have an
-        instance with room for `req`, the one whose chunk in flight should end first."""
+        instance with room for `req`, the one whose chunk in flight should end first (none
+        whose chunk should end after `ends_by_s`)."""
         st = self._state
         heap = st.running_longs
         kept: list[VictimEntry] = []
@@ -420,7 +441,7 @@ class PecSchedPolicy(BasePolicy):
             if host is None or not st.ledger.can_allocate(host.instance_id, need_tokens):
                 continue
             boundary = (self._chunk_end_s(victim), len(kept), victim, host)
-            if found is None or boundary[:2] < found[:2]:
+            if boundary[0] <= ends_by_s and (found is None or boundary[:2] < found[:2]):
                 found = boundary
         for entry in kept:
             if found is None or entry[3] != found[2].request_id:

@@ -17,7 +17,10 @@ its prefills in flight), then the fewest decodes, that has a free prefill place 
 room for prompt + output and a sequence place: its decodes plus prefills in flight stay below
 `max_decode_batch` (vLLM `max_num_seqs` counts both; the engine's `max_batch_seqs` bounds the
 sequences of one iteration, so every sequence then runs in each iteration, as the simulator
-prices it). The router binds a request only once an instance
+prices it). The instances sit in a heap by that key, corrected
+lazily: an entry whose instance's key has grown is pushed back with the new key when popped, and
+an instance whose key may have shrunk (a prefill settled, a request ended on it) gets a fresh
+entry, so a request costs O(log n) per instance looked at, not a scan of every instance. The router binds a request only once an instance
 can take it (late binding, a little better than a router that queues at the engines). A long
 prompt waiting for a long place does not hold back the shorter prompts behind it; a request that
 finds no place otherwise stops the queue.
@@ -29,6 +32,7 @@ mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,9 +42,11 @@ from controlplane.core.config import SchedulerConfig
 from controlplane.core.events import (
     Event,
     InstanceDown,
+    InstanceUp,
     PrefillDone,
     RequestCancelled,
     RequestFailed,
+    RequestFinished,
 )
 from controlplane.core.records import InstanceRecord, RequestRecord
 from controlplane.core.roles import all_general
@@ -55,25 +61,41 @@ class SarathiPolicy(BasePolicy):
         super().__init__(name, config, rng, all_general)
         self._flights: dict[str, _Flight] = {}  # request id -> its mixed prefill in flight
         self._load: dict[str, _Load] = {}  # instance id -> its mixed prefills in flight
+        self._full = [0, 0]  # instances with no free place for a short, for a long prompt
         self._num_settled = 0  # mixed prefills ended (each frees a place)
         self._num_failed = 0  # stats["failed"] when the flights were last checked
         self._blocked: tuple[str, int, int, int, int] | None = None  # _route_key() of a miss
+        # router heap: (outstanding prompt tokens, decodes, tiebreak, instance id) when pushed
+        self._heap: list[tuple[int, int, float, str]] = []
+        self._shrunk: set[str] = set()  # instances whose key may be below their heap entries'
+        self._rebuild = True  # instances came or went: rebuild the heap from scratch
 
     def observe(self, events: Sequence[Event]) -> None:
-        """Apply events (see BasePolicy); free the places of mixed prefills that ended."""
+        """Apply events (see BasePolicy); free the places of mixed prefills that ended; note
+        the instances whose router key may have shrunk."""
+        st = self._state
+        for event in events:
+            if isinstance(event, RequestFinished | RequestCancelled | RequestFailed):
+                req = st.requests.get(event.request_id)
+                if req is not None:  # it decodes where it prefilled
+                    self._shrunk.update(req.prefill_ids)
         super().observe(events)
         for event in events:
             match event:
                 case PrefillDone() | RequestCancelled() | RequestFailed():
                     self._settle(event.request_id)
                 case InstanceDown():
+                    self._rebuild = True
                     for request_id in list(self._flights):
                         self._settle(request_id)
+                case InstanceUp():
+                    self._rebuild = True
 
     def _plan(self, now_s: float, out: list[Action]) -> None:
         num_failed = self._state.stats["failed"]
         if num_failed != self._num_failed:  # deadline cancels happen in schedule(), not observe
             self._num_failed = num_failed
+            self._rebuild = True
             for request_id in list(self._flights):
                 self._settle(request_id)
         longs_open = True  # False once the oldest long found no place: shorts may pass it
@@ -121,7 +143,9 @@ class SarathiPolicy(BasePolicy):
         )
         flight = _Flight(iid, is_long, req.spec.prompt_tokens)
         self._flights[req.request_id] = flight
+        self._count_full(load, -1)
         load.add(flight, 1)
+        self._count_full(load, 1)
         out.append(action)
         return True
 
@@ -138,7 +162,11 @@ class SarathiPolicy(BasePolicy):
         ):
             return
         del self._flights[request_id]
-        self._load[flight.instance_id].add(flight, -1)
+        load = self._load[flight.instance_id]
+        self._count_full(load, -1)
+        load.add(flight, -1)
+        self._count_full(load, 1)
+        self._shrunk.add(flight.instance_id)
         self._num_settled += 1
 
     def _route_key(self, req: RequestRecord) -> tuple[str, int, int, int, int]:
@@ -152,29 +180,75 @@ class SarathiPolicy(BasePolicy):
             self._num_settled,
         )
 
+    def _count_full(self, load: _Load, sign: int) -> None:
+        """Count `load`'s instance in (1) or out (-1) of `_full`."""
+        cfg = self._config
+        short_full = load.num >= cfg.sarathi_max_partial_prefills
+        long_full = short_full or load.num_long >= cfg.sarathi_max_long_partial_prefills
+        self._full[0] += sign * short_full
+        self._full[1] += sign * long_full
+
     def _route(self, req: RequestRecord, is_long: bool) -> InstanceRecord | None:
         """The least loaded instance with a free prefill place of `req`'s kind and room."""
         cfg, st = self._config, self._state
         need = req.spec.total_tokens
-        idle = _Load()
-        best: InstanceRecord | None = None
-        best_key: tuple[int, int, float] | None = None
-        for inst in st.instances.values():
-            iid = inst.instance_id
-            load = self._load.get(iid, idle)
-            if (
-                load.num >= cfg.sarathi_max_partial_prefills
-                or (is_long and load.num_long >= cfg.sarathi_max_long_partial_prefills)
+        if self._full[is_long] >= len(st.instances):
+            return None  # every place of its kind is taken (O(1) while saturated)
+        self._refresh_heap()
+        heap = self._heap
+        passed: set[tuple[int, int, float, str]] = set()  # looked at: pushed back after
+        found: InstanceRecord | None = None
+        while heap:
+            entry = heapq.heappop(heap)
+            inst = st.instances.get(entry[3])
+            if inst is None:
+                continue  # gone
+            key = self._key(inst)
+            if key != entry:
+                if key > entry:  # grew: no other entry of it is below this one
+                    heapq.heappush(heap, key)
+                continue  # shrank: its fresher entry is further up
+            load = self._load.get(inst.instance_id)
+            if entry in passed or (
+                load is not None and load.num >= cfg.sarathi_max_partial_prefills
+            ):
+                continue  # the same key pushed twice, or full (a settle pushes it again)
+            passed.add(entry)
+            if not (
+                (
+                    is_long
+                    and load is not None
+                    and load.num_long >= cfg.sarathi_max_long_partial_prefills
+                )
                 or inst.prefill_id is not None
                 or inst.held_for is not None
-                or len(inst.decoding) + load.num >= cfg.max_decode_batch
-                or not st.ledger.can_allocate(iid, need)
+                or len(inst.decoding) + (0 if load is None else load.num) >= cfg.max_decode_batch
+                or not st.ledger.can_allocate(inst.instance_id, need)
             ):
-                continue
-            key = (load.prompt_tokens, len(inst.decoding), inst.tiebreak)
-            if best_key is None or key < best_key:
-                best, best_key = inst, key
-        return best
+                found = inst
+                break
+        for entry in passed:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _key(self, inst: InstanceRecord) -> tuple[int, int, float, str]:
+        load = self._load.get(inst.instance_id)
+        tokens = 0 if load is None else load.prompt_tokens
+        return (tokens, len(inst.decoding), inst.tiebreak, inst.instance_id)
+
+    def _refresh_heap(self) -> None:
+        """Fresh entries for the instances whose key may have shrunk (all after a rebuild)."""
+        st = self._state
+        if self._rebuild or len(self._heap) > 4 * len(st.instances) + 64:
+            self._heap = [self._key(inst) for inst in st.instances.values()]
+            heapq.heapify(self._heap)
+            self._rebuild = False
+        else:
+            for iid in self._shrunk:
+                inst = st.instances.get(iid)
+                if inst is not None:
+                    heapq.heappush(self._heap, self._key(inst))
+        self._shrunk.clear()
 
     def _place_sp(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         """Hold drained instances until they can hold `req`'s KV, then SP-prefill it there."""

@@ -67,12 +67,15 @@ class Register(_message.Message):
     RENDEZVOUS_ADDRESS_FIELD_NUMBER: _builtins.int
     RESIDENT_REQUEST_IDS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     model: _builtins.str
     """Model served, e.g. a preset name or a directory's config hash; must match the cluster's."""
     rendezvous_address: _builtins.str
     """Address of this node's rendezvous store (host:port) for torch.distributed groups."""
     agent_version: _builtins.str
+    vocab_size: _builtins.int
+    """Vocabulary size of the served model (token ids must be below it); 0 = not reported."""
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceSpec]: ...
     @_builtins.property
@@ -88,10 +91,11 @@ class Register(_message.Message):
         rendezvous_address: _builtins.str = ...,
         resident_request_ids: _abc.Iterable[_builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "instances", b"instances", "model", b"model", "node_id", b"node_id", "rendezvous_address", b"rendezvous_address", "resident_request_ids", b"resident_request_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "instances", b"instances", "model", b"model", "node_id", b"node_id", "rendezvous_address", b"rendezvous_address", "resident_request_ids", b"resident_request_ids", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

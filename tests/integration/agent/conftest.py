@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from scripted import OtlpReceiver, ScriptedControlPlane  # noqa: E402
+from otlp_receiver import OtlpReceiver  # noqa: E402
+from scripted import ScriptedControlPlane  # noqa: E402
 
 from dataplane.engine.engine import Engine, EngineConfig  # noqa: E402
 from dataplane.engine.types import Finished, SamplingParams  # noqa: E402

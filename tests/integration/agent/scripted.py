@@ -34,11 +34,16 @@ class ScriptedControlPlane(cluster_pb2_grpc.ClusterServicer):
         self.port = 0
 
     # ---------------------------------------------------------------- server
-    def start(self, port: int = 0) -> int:
-        """Serve on 127.0.0.1:port (0: a free port); returns the port."""
+    def start(self, port: int = 0, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Serve on 127.0.0.1:port (0: a free port), over TLS with `credentials`; returns the
+        port."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         cluster_pb2_grpc.add_ClusterServicer_to_server(self, server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         server.start()
         self._server = server
         return self.port
@@ -157,32 +162,3 @@ class ScriptedControlPlane(cluster_pb2_grpc.ClusterServicer):
                 assert e.tokens.start_index == len(tokens), (e.tokens.start_index, len(tokens))
                 tokens.extend(e.tokens.token_ids)
         return tokens
-
-
-class OtlpReceiver:
-    """A real OTLP/gRPC trace collector on loopback that keeps every exported span."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import (
-            trace_service_pb2,
-            trace_service_pb2_grpc,
-        )
-
-        self.spans: list[Any] = []
-        receiver = self
-
-        class _Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
-                for resource_spans in request.resource_spans:
-                    for scope_spans in resource_spans.scope_spans:
-                        receiver.spans.extend(scope_spans.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Service(), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    def stop(self) -> None:
-        """Stop the collector."""
-        self._server.stop(grace=0).wait()

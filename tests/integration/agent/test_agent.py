@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import LiveAgent, Reference, prompt
@@ -77,16 +78,22 @@ def test_commands_become_spans_under_the_control_planes_trace(live: LiveAgent) -
     # Execute
     live.cp.command(trace=trace, **start("traced", [5, 6, 7], "n1/0", 2))
     live.cp.wait_end("traced")
+
     # Assert
-    span = live.cp.wait_for(
-        lambda: next((s for s in live.otlp.spans if s.trace_id.hex() == trace_id), None),
-        15,
-        "the exported span",
-    )
-    assert span.name == "agent.start_prefill"
+    def exported(name: str) -> list[Any]:
+        return [s for s in live.otlp.spans if s.trace_id.hex() == trace_id and s.name == name]
+
+    live.cp.wait_for(lambda: exported("worker.decode"), 15, "the exported decode span")
+    (span,) = exported("agent.start_prefill")
     assert span.parent_span_id.hex() == parent_id
     attrs = {a.key: a.value.string_value for a in span.attributes}
-    assert attrs["pecsched.request_id"] == "traced" and attrs["pecsched.node_id"] == "n1"
+    assert attrs["pecsched.request.id"] == "traced" and attrs["pecsched.node.id"] == "n1"
+    (prefill,) = exported("worker.prefill")
+    (decode,) = exported("worker.decode")
+    chunks = exported("worker.prefill_chunk")
+    assert prefill.parent_span_id == span.span_id and decode.parent_span_id == span.span_id
+    assert chunks and all(c.parent_span_id == prefill.span_id for c in chunks)
+    assert all(c.end_time_unix_nano > c.start_time_unix_nano for c in chunks)
 
 
 def test_chunked_prefill_and_decode_in_place_equal_the_engine_and_transformers(
@@ -263,6 +270,37 @@ def test_sp_prefill_over_two_workers_pauses_resumes_and_decodes_on_the_group(
     assert [c.tokens_done for c in chunks] == [64, 128, 192, 256, 300]
     assert all(e.instance_id == "n1/0" for e in live.cp.events(rid)), "rank 0 reports"
     assert live.cp.output(rid) == expected
+    wait_kv_free(live, "n1/0")
+    wait_kv_free(live, "n1/1")
+
+
+def test_a_cancel_frees_an_sp_group_whose_member_never_joins_and_its_workers_keep_serving(
+    live: LiveAgent, reference: Reference
+) -> None:
+    # Prepare: an SP group of n1/0, n1/1 and an instance of another node that never joins
+    # (its node refused the StartPrefill, say while draining); they meet at this agent's store.
+    # The agent's group timeout is 20 s: n1/0 and n1/1 would wait that long for n9/0.
+    rid, tokens = "sp-absent", prompt(14, 20)
+    store = live.cp.registers[0].rendezvous_address
+    live.cp.command(
+        **start(rid, prompt(13, 300), "n1/0", 8, instance_ids=["n1/0", "n1/1", "n9/0"],
+                chunk_tokens=64, rendezvous_address=store, group_id="sp/absent")
+    )  # fmt: skip
+    # Execute: a plain request on n1/0 runs while the group waits; then the control plane
+    # cancels the group's request
+    live.cp.command(**start("beside-join", tokens, "n1/0", 5))
+    beside = live.cp.wait_end("beside-join", 8)
+    live.cp.command(cancel=cluster_pb2.CancelRequestCommand(request_id=rid))
+    end = live.cp.wait_end(rid, 8)
+    # Assert: served during the join, cancelled well before the group timeout (both within
+    # 16 s of the StartPrefill), nothing failed, both workers free and serving
+    assert beside.HasField("finished") and live.cp.output("beside-join") == reference.greedy(
+        tokens, 5
+    )
+    assert end.HasField("cancelled"), end
+    assert kinds(live, rid) == ["cancelled"]
+    live.cp.command(**start("after-absent", tokens, "n1/1", 5))
+    assert live.cp.wait_end("after-absent").HasField("finished")
     wait_kv_free(live, "n1/0")
     wait_kv_free(live, "n1/1")
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import Reference, prompt
 from scripted import ScriptedControlPlane
 
+from dataplane.agent.config import API_KEY_ENV
 from protos.pecsched.v1 import cluster_pb2
 
 pytestmark = pytest.mark.slow
@@ -47,10 +48,12 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
         [sys.executable, "-m", "dataplane", "agent", "--controlplane", f"127.0.0.1:{port}",
          "--workers", "1", "--model", "tiny", "--node-id", "n2", "--drain-timeout", "6"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, API_KEY_ENV: "key-from-env"},
     )  # fmt: skip
     cp2 = ScriptedControlPlane(heartbeat_interval_s=0.2)
     try:
         cp.wait_for(lambda: cp.registers, 180, "Register")
+        assert cp.metadata[0]["authorization"] == "Bearer key-from-env"
         cp.command(**_start("held", prompt(20, 30), 5, in_place=False))
         cp.wait_event("held", "prefill_done")
         long_tokens = prompt(21, 10)

@@ -57,6 +57,7 @@ class SimAgent:
         on_command: Callable[[cluster_pb2.Command], None] | None = None,
         fail_prefills: int = 0,
         lose_transfers: int = 0,
+        vocab_size: int = 0,
     ) -> None:
         self.target = target
         self.node_id = node_id
@@ -68,6 +69,7 @@ class SimAgent:
         self.command_times: list[float] = []  # monotonic receipt time of each command
         self.fail_prefills = fail_prefills  # refuse this many prefills (retryable failure)
         self.lose_transfers = lose_transfers  # never report this many KV transfers
+        self.vocab_size = vocab_size  # reported in Register (0: not reported)
         self.registered: cluster_pb2.Registered | None = None
         self.resident: list[str] = []
         self._work: dict[str, _Work] = {}
@@ -89,6 +91,7 @@ class SimAgent:
             model="tiny",
             rendezvous_address=f"{self.node_id}:29500",
             resident_request_ids=self.resident,
+            vocab_size=self.vocab_size,
             instances=[
                 cluster_pb2.InstanceSpec(
                     instance_id=iid, role=role, tp=1, kv_capacity_tokens=cap, device="cpu"

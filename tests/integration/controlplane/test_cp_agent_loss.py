@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import pytest
 from cp_harness import (
     GENERAL,
     SHORT_DECODE,
+    TEST_SCHEDULER,
     generate_all,
     make_config,
     migrated_db,
@@ -101,8 +103,10 @@ async def test_reconnecting_agent_is_told_to_drop_what_it_held(tmp_path):
 
 
 async def test_repeated_retryable_failures_back_off_then_finish(tmp_path):
-    # Prepare: the only instance refuses the first 4 prefills
-    cp = await start_control_plane(make_config(migrated_db(tmp_path)))
+    # Prepare: the only instance refuses the first 4 prefills; the policy's refusal back-off
+    # (0.1 s, doubling for each failure in a row) is what spaces the attempts
+    scheduler = replace(TEST_SCHEDULER, refused_instance_backoff_s=0.1)
+    cp = await start_control_plane(make_config(migrated_db(tmp_path), scheduler=scheduler))
     agent = SimAgent(cp.target, "node-a", [("a0", GENERAL, 4096)], fail_prefills=4)
     await agent.start()
     channel = grpc.aio.insecure_channel(cp.target)

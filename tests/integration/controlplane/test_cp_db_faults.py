@@ -124,6 +124,8 @@ async def run_with_faults(
         # Execute
         (acknowledged, _), _ = await asyncio.gather(flood(stub), inject())
         views = await wait_all_final(stub, list(acknowledged.values()), timeout_s=60)
+        # the last rebuild may still be backing off when the database is back
+        await asyncio.wait_for(cp.runtime.until_serving(), timeout=30)
         stop.set()
         await watcher
         stored = rows()

@@ -4,12 +4,11 @@ agents) only callers presenting a certificate it signed get through."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
 from cp_harness import make_config, migrated_db, start_control_plane, submit_request
+from pki import make_pki
 
 from protos.pecsched.v1 import inference_pb2_grpc
 
@@ -17,25 +16,6 @@ pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
 ]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(directory: Path) -> None:
-    """A CA, and a server (localhost, 127.0.0.1) and a client certificate signed by it."""
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=pecsched-test-ca", cwd=directory)  # fmt: skip
-    (directory / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    (directory / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=directory)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
-                 "-extfile", f"{name}.ext", cwd=directory)  # fmt: skip
 
 
 async def _submit(channel: grpc.aio.Channel) -> grpc.StatusCode:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from otlp_receiver import OtlpReceiver
 
 from controlplane import telemetry as tm
 from protos.pecsched.v1 import inference_pb2_grpc
@@ -27,28 +26,11 @@ CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Collects exported spans."""
-
-    def __init__(self) -> None:
-        self.spans: list = []
-
-    def Export(self, request, context):  # noqa: N802 - gRPC method name
-        for resource in request.resource_spans:
-            for scope in resource.scope_spans:
-                self.spans.extend(scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 async def test_spans_link_client_control_plane_and_agent(tmp_path):
     # Prepare: an OTLP receiver, a control plane exporting to it, an agent echoing contexts
-    receiver = Receiver()  # a thread-pool server: exporters flush synchronously
-    otlp = grpc.server(ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, otlp)
-    otlp_port = otlp.add_insecure_port("127.0.0.1:0")
-    otlp.start()
-    telemetry = tm.Telemetry.otlp(f"http://127.0.0.1:{otlp_port}")
-    agent_telemetry = tm.Telemetry.otlp(f"http://127.0.0.1:{otlp_port}", service_name="agent")
+    receiver = OtlpReceiver()  # a thread-pool server: exporters flush synchronously
+    telemetry = tm.Telemetry.otlp(receiver.endpoint)
+    agent_telemetry = tm.Telemetry.otlp(receiver.endpoint, service_name="agent")
     cp = await start_control_plane(make_config(migrated_db(tmp_path)), telemetry)
     echoed: list[str] = []
 
@@ -92,4 +74,4 @@ async def test_spans_link_client_control_plane_and_agent(tmp_path):
         assert echoed
     finally:
         await channel.close()
-        otlp.stop(0)
+        receiver.stop()

@@ -1,10 +1,20 @@
-"""Agent flags: KV budget units, roles, config validation."""
+"""Agent flags: KV budget units, roles, config validation, API key and TLS sources."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dataplane.agent.config import AgentConfig, KvBudget, parse_kv_budget, parse_roles
+from dataplane.agent.config import (
+    API_KEY_ENV,
+    AgentConfig,
+    KvBudget,
+    load_api_key,
+    load_link_tls,
+    parse_kv_budget,
+    parse_roles,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +73,50 @@ def test_config_instance_ids_and_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=field):
             _config(**overrides)
+
+
+def test_api_key_from_the_flag_a_file_or_the_environment(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    env = {API_KEY_ENV: "from-env"}
+    assert load_api_key("from-flag", None, env) == "from-flag"
+    assert load_api_key(None, str(key_file), env) == "from-file"
+    assert load_api_key(None, None, env) == "from-env"
+    assert load_api_key(None, None, {}) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "file", "match"),
+    [
+        ("k", "key", "--api-key and --api-key-file"),
+        (None, "missing", "--api-key-file .*missing"),
+        (None, "empty", "holds no key"),
+    ],
+)
+def test_bad_api_key_sources_name_the_flag(
+    tmp_path: Path, flag: str | None, file: str, match: str
+) -> None:
+    (tmp_path / "key").write_text("k\n")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match=match):
+        load_api_key(flag, str(tmp_path / file), {})
+
+
+def test_link_tls_from_the_flags(tmp_path: Path) -> None:
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (tmp_path / name).write_bytes(name.encode())
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "c.pem", "c.key"))
+    assert load_link_tls(False, None, None, None) is None
+    system_roots = load_link_tls(True, None, None, None)
+    assert system_roots is not None and system_roots.root_certificates is None
+    mutual = load_link_tls(False, ca, cert, key)
+    assert mutual is not None
+    assert (mutual.root_certificates, mutual.certificate_chain, mutual.private_key) == (
+        b"ca.pem",
+        b"c.pem",
+        b"c.key",
+    )
+    with pytest.raises(ValueError, match="--tls-cert-file and --tls-key-file"):
+        load_link_tls(False, ca, cert, None)
+    with pytest.raises(ValueError, match="--tls-ca-file .*nope"):
+        load_link_tls(False, str(tmp_path / "nope"), None, None)

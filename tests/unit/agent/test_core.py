@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from dataplane.agent.config import AgentConfig
 from dataplane.agent.core import AgentCore
 from dataplane.agent.link import Connected, ControlIn, Disconnected
@@ -37,7 +39,10 @@ class RecordingPorts:
 
 
 def make_core(
-    num_workers: int = 2, device: str = "cpu", device_indices: list[int] | None = None
+    num_workers: int = 2,
+    device: str = "cpu",
+    device_indices: list[int] | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> tuple[AgentCore, RecordingPorts]:
     config = AgentConfig(
         controlplane="127.0.0.1:1",
@@ -52,7 +57,7 @@ def make_core(
     )
     ports = RecordingPorts()
     indices = list(range(num_workers)) if device_indices is None else device_indices
-    core = AgentCore(config, ports, "127.0.0.1:9", "test", indices)
+    core = AgentCore(config, ports, "127.0.0.1:9", "test", indices, tracer)
     for i in range(num_workers):
         core.handle(WorkerSaid(i, 0, m.Ready(100, "cpu", (), 1000 + i)))
     return core, ports

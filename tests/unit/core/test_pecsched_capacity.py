@@ -254,6 +254,7 @@ def test_a_short_preempts_only_after_its_preemption_delay() -> None:
         chunk_tokens=10_000,
         short_decode_colocation=False,
         short_preempt_delay_s=2.0,
+        short_preempt_early=False,
     )
     dp = FakeDataPlane(policy)
     dp.submit(make_request("long", prompt_tokens=100_000, max_new_tokens=2))
@@ -270,6 +271,69 @@ def test_a_short_preempts_only_after_its_preemption_delay() -> None:
 
     # Assert: the long is paused once, when the short has waited 2 s
     assert paused_at == [2.0]
+
+
+def burst_setup(delay_s: float) -> FakeDataPlane:
+    """One general instance prefills a long (a chunk a step), the other a 3-chunk short ("a");
+    the decoder takes no colocated prefill; shorts' preemption delay `delay_s`."""
+    instances = [make_instance("g0"), make_instance("g1"), make_instance("d0", role=SD)]
+    policy = make_policy(
+        "pecsched",
+        instances=instances,
+        chunk_tokens=1_000,
+        chunk_budget_token_pairs=None,
+        short_decode_colocation=False,
+        short_preempt_delay_s=delay_s,
+        widen_sp_when_idle=False,
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("long", prompt_tokens=100_000, max_new_tokens=2))
+    dp.step()
+    dp.submit(make_request("a", prompt_tokens=3_000, max_new_tokens=2, arrival_s=dp.now_s))
+    dp.step()
+    return dp
+
+
+def test_a_lone_short_waits_its_delay_when_no_chunk_ends_before_it() -> None:
+    # Prepare: one short queued, one short prefill running; the long's chunks take 1 s
+    dp = burst_setup(delay_s=0.5)
+    dp.submit(make_request("b", prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+
+    # Execute
+    decision = dp.step()
+
+    # Assert: nothing paused yet (a may free its instance first)
+    assert not any(isinstance(a, act.Pause) for a in decision.actions)
+
+
+def test_a_lone_short_pauses_a_long_whose_chunk_ends_before_its_delay() -> None:
+    # Prepare: as above, but the delay (10 s) outlasts the long's chunk in flight (1 s)
+    dp = burst_setup(delay_s=10.0)
+    dp.submit(make_request("b", prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+
+    # Execute
+    decision = dp.step()
+
+    # Assert: paused at once: waiting would only miss that chunk boundary
+    pause, start = decision.actions
+    assert isinstance(pause, act.Pause) and pause.request_id == "long"
+    assert isinstance(start, act.StartPrefill) and start.request_id == "b"
+
+
+def test_a_burst_of_shorts_preempts_without_waiting_for_the_delay() -> None:
+    # Prepare: two shorts queued at once, one short prefill running: waiting places only one
+    # (the long's chunk in flight ends after the delay)
+    dp = burst_setup(delay_s=0.5)
+    for name in ("b", "c"):
+        dp.submit(make_request(name, prompt_tokens=100, max_new_tokens=2, arrival_s=dp.now_s))
+
+    # Execute
+    decision = dp.step()
+
+    # Assert: the long is paused in the shorts' first decision
+    pause, start = decision.actions
+    assert isinstance(pause, act.Pause) and pause.request_id == "long"
+    assert isinstance(start, act.StartPrefill) and start.request_id == "b"
 
 
 def test_a_later_higher_priority_aged_long_takes_the_holds_of_the_former_head() -> None:

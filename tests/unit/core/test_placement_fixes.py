@@ -9,7 +9,14 @@ from fake_dataplane import FakeDataPlane, check_invariants
 
 from controlplane.core import actions as act
 from controlplane.core.accounting import KvLedger
-from controlplane.core.events import InstanceDown, PrefillDone, RequestFailed, RequestFinished
+from controlplane.core.events import (
+    InstanceDown,
+    PrefillDone,
+    RequestFailed,
+    RequestFinished,
+    TokensGenerated,
+)
+from controlplane.core.policy import Policy
 from controlplane.core.pool import InstancePool
 from controlplane.core.records import InstanceRecord, Slot
 from controlplane.core.types import InstanceRole, RequestState, RequestView
@@ -76,6 +83,40 @@ def test_a_refusing_instance_is_skipped_until_its_free_kv_changes() -> None:
     backoff_s = policy.config.refused_instance_backoff_s
     assert not _starts(policy.schedule(0.2 + backoff_s / 2), "s")
     assert _starts(policy.schedule(0.2 + backoff_s), "s")
+
+
+def _wait_for_offer(policy: Policy, request_id: str, from_s: float) -> float:
+    """Seconds from `from_s` until the policy places `request_id` again (in 0.25 s steps)."""
+    now = from_s
+    while not _starts(policy.schedule(now), request_id):
+        now += 0.25
+    return now - from_s
+
+
+def test_refusals_in_a_row_back_off_doubling_up_to_the_cap_and_reset_on_progress() -> None:
+    # Prepare: one instance; back-off 1 s doubling, at most 3 s; the request placed there
+    policy = make_policy(
+        "fifo",
+        instances=[make_instance("g0")],
+        refused_instance_backoff_s=1.0,
+        refused_instance_backoff_max_s=3.0,
+    )
+    arrive(policy, make_request("s", prompt_tokens=100, max_new_tokens=4))
+    assert _starts(policy.schedule(0.0), "s")
+    now, waits = 0.0, []
+
+    # Execute: g0 refuses it 3 times in a row, then it makes progress and is refused again
+    for _ in range(3):
+        policy.observe([RequestFailed("s", True, now, "fragmented")])
+        waits.append(_wait_for_offer(policy, "s", now))
+        now += waits[-1]
+    policy.observe([PrefillDone("s", now), TokensGenerated("s", 1, now)])
+    policy.observe([RequestFailed("s", True, now, "fragmented")])
+    after_progress = _wait_for_offer(policy, "s", now)
+
+    # Assert: 1 s, 2 s, then the 3 s cap; 1 s again after a generated token
+    assert waits == [1.0, 2.0, 3.0]
+    assert after_progress == 1.0
 
 
 def test_a_refused_request_returns_once_the_instance_frees_kv() -> None:

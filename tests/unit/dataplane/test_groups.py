@@ -190,3 +190,25 @@ def test_all_to_all_checks_split_counts(managers: list[GroupManager]) -> None:
 
     with pytest.raises(ValueError, match="splits need 1 entries"):
         solo.all_to_all(torch.zeros(2), torch.zeros(2), [1, 1], [2])
+
+
+def test_a_group_destroyed_during_its_rendezvous_is_closed_when_the_rendezvous_ends(
+    managers: list[GroupManager],
+) -> None:
+    # Prepare: w0 starts joining, then gives the group up (its SP request was cancelled)
+    spec = GroupSpec("sp/cancelled", ("w0", "w1"))
+    abandoned = managers[0].connect_async(spec)
+    managers[0].destroy(spec.group_id)
+
+    # Execute: w1 joins late, so the rendezvous completes on both sides
+    g1 = managers[1].connect(spec)
+
+    # Assert: w0 keeps no group, and w1's first collective fails instead of waiting for w0
+    # (within half the group timeout of 20 s)
+    with pytest.raises(GroupError, match="destroyed during its rendezvous"):
+        abandoned.result(timeout=10.0)
+    assert managers[0].get(spec.group_id) is None
+    with ThreadPoolExecutor(1) as pool:
+        barrier = pool.submit(g1.barrier)
+        with pytest.raises(GroupError):
+            barrier.result(timeout=10.0)

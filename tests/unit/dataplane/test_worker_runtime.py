@@ -1,6 +1,7 @@
 """WorkerRuntime around real tiny engines, KV transfers over an in-process gloo pair: what a
 source worker does with its outgoing transfer when the control plane gives up on it, and what
-a Pause that arrives after the prefill ended does (alone and in an SP group)."""
+a Pause that arrives after the prefill ended does (alone and in an SP group), and what a
+worker does while it joins an SP group whose other member never comes."""
 
 from __future__ import annotations
 
@@ -192,6 +193,9 @@ def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
 
     def member(worker: Worker) -> None:
         worker.handle(cmd)
+        while worker.runtime.joining:
+            worker.step()
+            time.sleep(0.001)
         for _ in range(num_chunks):
             worker.step()
         worker.handle(m.Pause("r"))
@@ -210,3 +214,42 @@ def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
     assert [f.output_tokens for f in reporter.of(m.Finished)] == [SAMPLING.max_new_tokens]
     assert not reporter.of(m.Paused) and not any(w.of(m.Failed) for w in pair[:2])
     assert not any(w.runtime.load().resident_request_ids for w in pair[:2])
+
+
+def test_a_worker_joining_an_sp_group_keeps_serving_and_a_cancel_aborts_the_join(
+    pair: tuple[Worker, Worker, str],
+) -> None:
+    # Prepare: w0 decodes `running`, then joins an SP group whose other member never comes
+    # (its node refused the request); a Pause of that request and a second SP request wait
+    # behind the join, while a plain Prefill arriving meanwhile runs
+    w0 = pair[0]
+    w0.handle(m.Prefill("running", PROMPT, SamplingParams(max_new_tokens=200), 64, True))
+    run_until([w0], lambda: w0.of(m.Tokens))
+
+    def sp(rid: str) -> m.SpPrefill:
+        return m.SpPrefill(
+            rid, PROMPT, SAMPLING, 32, False, f"g/{rid}", ("w0", "w-absent"), pair[2]
+        )
+
+    w0.handle(sp("sp"))
+    w0.handle(m.Pause("sp"))
+    w0.handle(sp("sp2"))
+    w0.handle(m.Prefill("during", PROMPT, SAMPLING, 64, True))
+    tokens_before = sum(1 for t in w0.of(m.Tokens) if t.request_id == "running")
+
+    # Execute: iterate while joining until `during` ends, then cancel both SP requests
+    run_until([w0], lambda: w0.of(m.Finished))
+    joined_meanwhile = w0.runtime.joining
+    running_tokens = sum(1 for t in w0.of(m.Tokens) if t.request_id == "running")
+    w0.handle(m.Cancel("sp"))
+    joining_next = w0.runtime.joining
+    w0.handle(m.Cancel("sp2", silent=True))
+
+    # Assert: the plain requests ran during the join; each Cancel answered at once (well
+    # inside the group timeout), the second SP request joined only after the first's ended
+    assert joined_meanwhile and [f.request_id for f in w0.of(m.Finished)] == ["during"]
+    assert running_tokens - tokens_before >= SAMPLING.max_new_tokens
+    assert joining_next and not w0.runtime.joining
+    assert w0.of(m.Cancelled) == [m.Cancelled("sp")]
+    assert not w0.of(m.Failed) and not w0.of(m.Paused), w0.reports
+    assert set(w0.runtime.load().resident_request_ids) == {"running"}

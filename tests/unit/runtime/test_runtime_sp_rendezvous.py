@@ -60,3 +60,23 @@ def test_an_sp_group_over_two_nodes_gets_one_order_per_node_naming_one_store() -
     assert isinstance(order, PrefillOrder)
     assert order.instance_ids == ("a0", "b0") and order.decode_in_place
     assert order.rendezvous_address == "10.0.0.1:700"
+
+
+def test_group_ids_differ_between_control_plane_processes() -> None:
+    # A restarted control plane numbers attempts from 0 again, and a worker refuses a group id
+    # it has already destroyed: the same request's first prefill after a restart must carry a
+    # group id no earlier process used.
+    def first_group_id() -> str:
+        repo, state = InMemoryRepository(), RuntimeState()
+        ticker = Ticker(
+            make_policy("pecsched"), repo, state, Telemetry.noop(), transfer_timeout_s=30
+        )
+        nodes = [join("node-a", "10.0.0.1:700", "a0"), join("node-b", "10.0.0.2:700", "b0")]
+        ticker.run(TickInput(0.0, [], nodes))
+        spec = RequestSpec("long", "t", 6000, 4, 0, 0.0)
+        submit = PendingSubmit(NewRequest(spec, RequestClass.LONG, [1] * 6000), None)
+        (command, *_) = ticker.run(TickInput(0.1, [submit], [])).commands
+        assert isinstance(command.order, PrefillOrder)
+        return command.order.group_id
+
+    assert first_group_id() != first_group_id()

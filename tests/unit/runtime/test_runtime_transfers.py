@@ -47,7 +47,7 @@ class Cluster:
         """One tick, with what the event loop does after it; returns the orders to dispatch."""
         out = self.ticker.run(TickInput(now_s, list(submits), list(happenings)))
         for rid in out.touched_logs:
-            self.state.logs[rid].publish()
+            self.state.requests[rid].log.publish()
         return [c.order for c in out.commands]
 
     def report(self, instance_id: str, body: object, now_s: float) -> AgentReport:

@@ -340,6 +340,38 @@ class RepositoryContract(ABC):
         with pytest.raises(ValueError, match="page_token"):
             repo.list_requests(RequestFilter(), page_token="not-a-token")
 
+    def test_unfinished_with_inputs_carry_prompt_sampling_and_output(
+        self, repo: Repository
+    ) -> None:
+        sampling = SamplingParams(temperature=0.5, top_p=0.9, seed=2**64 - 1, stop_at_eos=False)
+        decoding = repo.add_request(
+            make_new_request("r1", prompt=(7, 2**32 - 1), arrival_s=2.0, sampling=sampling)
+        ).view
+        repo.add_request(make_new_request("r2", prompt=(1, 2, 3), arrival_s=1.0))
+        done = repo.add_request(make_new_request("r3", arrival_s=0.5)).view
+        repo.update_requests(
+            [
+                running(decoding, state=RequestState.DECODING),
+                running(done, state=RequestState.FINISHED),
+            ]
+        )
+        repo.append_output_tokens("r1", 0, [5, 6])
+        repo.append_output_tokens("r1", 2, [8])
+        repo.append_output_tokens("r3", 0, [9])
+
+        unfinished = repo.unfinished_with_inputs()
+
+        assert [u.view.request_id for u in unfinished] == ["r2", "r1"]
+        assert unfinished[1].view.state is RequestState.DECODING
+        assert list(unfinished[1].prompt_token_ids) == [7, 2**32 - 1]
+        assert unfinished[1].prompt_token_ids.itemsize == 4  # held packed
+        assert unfinished[1].sampling == sampling
+        assert unfinished[1].output_token_ids == (5, 6, 8)
+        assert (list(unfinished[0].prompt_token_ids), unfinished[0].output_token_ids) == (
+            [1, 2, 3],
+            (),
+        )
+
     def test_unfinished_requests_skip_terminal_states(self, repo: Repository) -> None:
         views = [
             repo.add_request(make_new_request(f"r{i}", arrival_s=10.0 - i)).view for i in range(5)
