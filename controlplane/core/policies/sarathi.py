@@ -14,7 +14,10 @@ favour). Nothing is preempted; every request decodes where it prefilled (no disa
 Routing (the cluster router in front of the engines): requests leave one queue first come first
 served; each goes to the instance with the fewest outstanding prefill tokens (prompt tokens of
 its prefills in flight), then the fewest decodes, that has a free prefill place of its kind, KV
-room for prompt + output and a decode place. The instances sit in a heap by that key, corrected
+room for prompt + output and a sequence place: its decodes plus prefills in flight stay below
+`max_decode_batch` (vLLM `max_num_seqs` counts both; the engine's `max_batch_seqs` bounds the
+sequences of one iteration, so every sequence then runs in each iteration, as the simulator
+prices it). The instances sit in a heap by that key, corrected
 lazily: an entry whose instance's key has grown is pushed back with the new key when popped, and
 an instance whose key may have shrunk (a prefill settled, a request ended on it) gets a fresh
 entry, so a request costs O(log n) per instance looked at, not a scan of every instance. The router binds a request only once an instance
@@ -230,7 +233,7 @@ class SarathiPolicy(BasePolicy):
                 )
                 or inst.prefill_id is not None
                 or inst.held_for is not None
-                or len(inst.decoding) >= cfg.max_decode_batch
+                or len(inst.decoding) + (0 if load is None else load.num) >= cfg.max_decode_batch
                 or not st.ledger.can_allocate(inst.instance_id, need)
             ):
                 found = inst
