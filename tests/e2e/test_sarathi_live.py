@@ -4,7 +4,7 @@ One tiny CPU worker started with `--max-batch-tokens 4096` serves a control plan
 `sarathi_batch_tokens` is 48: the budget travels with each mixed prefill
 (`Colocate.mixed_batch_tokens`), so no iteration runs more than 48 tokens while one prefills.
 Every prompt above `sarathi_long_prefill_tokens` (32) takes at most 32 tokens per iteration
-(vLLM's long_prefill_token_threshold); shorts submitted while a long prompt prefills join its
+(vLLM's long_prefill_token_threshold); shorts submitted right after a long prompt join its
 iterations (vLLM-v1 / Sarathi-Serve mixed batches), where the long's 32 tokens and a short's 32
 would make 64: the budget, not the chunk caps, bounds those iterations. Iterations are read from the chunk events in `request_events` (each carries its
 worker iteration, that iteration's tokens and its own); every output equals transformers'.
@@ -23,7 +23,6 @@ from e2e_cluster import (
     Reference,
     prompt_ids,
     start_cluster,
-    wait_for,
 )
 
 from pecsched.cluster import AgentSpec
@@ -66,11 +65,11 @@ def test_mixed_batches_stay_within_the_policys_budget(
     long_prompt = prompt_ids(500, LONG_PROMPT_TOKENS)
     shorts = [prompt_ids(510 + i, n) for i, n in enumerate(SHORT_PROMPTS)]
 
-    # Execute: the long prompt, then the shorts once it prefills.
+    # Execute: the long prompt, then the shorts right after it (acknowledged later, so admitted
+    # after it). Waiting to see the long prefill first made the test depend on the machine's
+    # speed: on a loaded box the ~94 iterations could end before the shorts arrived.
     with sarathi_cluster.client() as client:
         long_id = client.submit(long_prompt, max_new_tokens=OUTPUT_TOKENS).request_id
-        info = wait_for(client, long_id, lambda i: i.chunks_done >= 1, timeout_s=60)
-        assert info.state is RequestState.PREFILLING, f"long prefill not seen running: {info}"
         short_ids = [client.submit(p, max_new_tokens=OUTPUT_TOKENS).request_id for p in shorts]
         results = {rid: client.result(rid, timeout_s=120) for rid in [long_id, *short_ids]}
     chunks = [
