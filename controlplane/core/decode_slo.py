@@ -22,7 +22,10 @@ configured `max_decode_batch`.
 A short prefill colocated on a short-decode instance shares its iterations, so its budget of
 prompt tokens a step is priced by the same fit: the fitted decode iteration at the host's batch
 plus the seconds per prompt token learned from colocated prefills that ran (their iteration time
-beyond the fitted decode part) stays within the target. Before one ran, the configured budget.
+beyond the fitted decode part) stays within the target. The price per token is the running mean
+plus `PRICE_SPREAD` standard deviations: prompts differ (attention grows with them) and a short
+meets its target only when nearly every gap does, so a step priced at the mean would overrun
+it about half the time. Before one ran, the configured budget.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 SAMPLE_WEIGHT = 0.05  # weight of each new sample in the running means (~20 recent decodes)
 MIN_BATCH_VARIANCE = 0.25  # below this spread of sampled batches the slope is not fitted
 GROWTH_FACTOR = 2  # the fit's limit stays within this many times the largest batch sampled
+PRICE_SPREAD = 2.0  # standard deviations above the mean price of a colocated prompt token
 
 
 class DecodeBatchEstimator:
@@ -44,7 +48,8 @@ class DecodeBatchEstimator:
         # running means of batch, TBT, batch^2 and batch x TBT over the samples (None: none)
         self._means: tuple[float, float, float, float] | None = None
         self._largest_batch = 0.0  # largest mean batch sampled
-        self.prefill_s_per_token: float | None = None  # colocated prefill, beyond the decode
+        # seconds per colocated prompt token beyond the decode: running mean and mean square
+        self._prefill_price: tuple[float, float] | None = None
 
     def decode_started(self, request_id: str, at_s: float, batch: int) -> None:
         """`request_id` joined a decode batch of `batch` members (itself included) at `at_s`."""
@@ -81,14 +86,28 @@ class DecodeBatchEstimator:
             return
         decode_s = fitted[0] + fitted[1] * batch
         sample = max(0.0, seconds / iterations - decode_s) * iterations / prompt_tokens
-        old = self.prefill_s_per_token
-        self.prefill_s_per_token = sample if old is None else old + SAMPLE_WEIGHT * (sample - old)
+        old = self._prefill_price
+        if old is None:
+            self._prefill_price = (sample, sample * sample)
+        else:
+            mean, square = old
+            mean += SAMPLE_WEIGHT * (sample - mean)
+            square += SAMPLE_WEIGHT * (sample * sample - square)
+            self._prefill_price = (mean, square)
+
+    def prefill_s_per_token(self) -> float | None:
+        """Price of one colocated prompt token: mean + `PRICE_SPREAD` standard deviations of
+        the learned samples (None before one)."""
+        if self._prefill_price is None:
+            return None
+        mean, square = self._prefill_price
+        return mean + PRICE_SPREAD * math.sqrt(max(0.0, square - mean * mean))
 
     def colocation_budget(self, batch: int, most_tokens: int) -> int:
         """Prompt tokens a prefill colocated beside `batch` decodes may run per iteration so the
         iteration stays within the target (0: none fit); `most_tokens` at most, and before
         anything was learned."""
-        fitted, per_token = self.fit(), self.prefill_s_per_token
+        fitted, per_token = self.fit(), self.prefill_s_per_token()
         if fitted is None or per_token is None or per_token <= 0.0:
             return most_tokens
         room = self._tbt_slo_s - (fitted[0] + fitted[1] * batch)
