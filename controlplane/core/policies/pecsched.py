@@ -17,7 +17,9 @@ Each schedule():
    cannot take them) until the held ones can take it. Shorts keep every other instance.
 3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
    an open general instance (most free KV); colocated on a short-decode instance whose batch
-   is below the TBT target's, decoding there (`short_decode_colocation`); an instance
+   is below the TBT target's, decoding there (`short_decode_colocation`; its prompt tokens a
+   step priced so each iteration stays within `short_tbt_slo_s`, none when that takes more
+   than `_MAX_COLOCATED_ITERATIONS` steps); an instance
    decoding a long request (Colocate with a per-iteration prefill budget, or a stalling
    StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
    colocation on decoders); an instance whose long prefill is already paused; else, with

@@ -63,3 +63,25 @@ def test_batch_limit_extrapolates_a_fixed_iteration_cost_only_near_the_batches_s
     assert fit is not None
     assert abs(fit[0] - 0.034) < 1e-9 and abs(fit[1] - 0.0005) < 1e-9
     assert estimator.batch_limit() == 12
+
+
+def test_colocated_prefill_budget_keeps_the_step_within_the_target() -> None:
+    # Prepare: decode TBT = 0.034 s + 0.0005 s per member; colocated prompts cost 0.0002 s a
+    # token beyond the decode, one sample in two 0.0001 s more (mean 0.00025, sd 0.00005)
+    estimator = DecodeBatchEstimator(tbt_slo_s=0.1, max_batch=256)
+    assert estimator.colocation_budget(10, 512) == 512  # nothing learned yet
+    for k in range(40):
+        batch = 2 if k % 2 else 6
+        estimator.decode_started(str(k), 0.0, batch)
+        estimator.decode_ended(str(k), 100 * (0.034 + 0.0005 * batch), 101, batch)
+
+    # Execute: 4 steps of 250 tokens beside a batch of 10
+    for k in range(200):
+        per_token = 0.0002 if k % 2 else 0.0003
+        estimator.colocated_prefill_ran(4 * (0.039 + 250 * per_token), 1000, 4, 10)
+
+    # Assert: priced at mean + 2 sd (about 0.00035 s a token): (0.1 - 0.039) / 0.00035 = 174
+    # tokens a step; none when the decode alone fills the target
+    assert 170 <= estimator.colocation_budget(10, 512) <= 178
+    assert estimator.colocation_budget(10, 100) == 100
+    assert estimator.colocation_budget(140, 512) == 0
