@@ -39,10 +39,10 @@ paper-eval: setup  ## The evaluation in the simulator, 3 seeds; rewrites docs/ev
 test: setup  ## Unit, integration and e2e tests on CPU (PostgreSQL tests run when it is reachable)
 	$(PY) -m pytest -q
 
-lint: setup  ## ruff check + format check, mypy strict on core/sim/sdk/gateway/agent, import-linter contracts
+lint: setup  ## ruff check + format check, mypy strict on every package, import-linter contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy controlplane/core sim sdk pecsched gateway dataplane/agent
+	$(VENV)/bin/mypy controlplane dataplane sim sdk pecsched gateway
 	$(VENV)/bin/lint-imports
 
 fmt: setup  ## Format and autofix

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pecsched.cluster import LocalCluster
-    from pecsched.replay import ReplayReport
+    from pecsched.replay_report import ReplayReport
     from sim.metrics import FloatArray
 
 BASELINE_POLICY = "fifo"

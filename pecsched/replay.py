@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pecsched.loadgen import ClusterCounters, PlannedRequest, ReplayOutcome
-    from pecsched.replay_report import ClassRow
+    from pecsched.loadgen import PlannedRequest, ReplayOutcome
+    from pecsched.replay_report import ReplayReport
     from sdk.types import ClusterSnapshot
-    from sim.metrics import FloatArray, RequestRecords
+    from sim.metrics import RequestRecords
     from sim.workloads import Workload
 
 PROMPT_TOKEN_RANGE = (1, 256)  # token ids of generated prompts: valid for every model's vocab
@@ -267,19 +267,6 @@ def _handle(args: argparse.Namespace) -> int:
             json.dump(report.payload, fh, indent=2)
             fh.write("\n")
     return 0 if report.num_failed == 0 else 1
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayReport:
-    """What a replay prints and writes."""
-
-    table: str  # per-class table and cluster counters
-    payload: dict[str, Any]  # the JSON document
-    num_failed: int  # requests that did not finish (failed, cancelled, unfinished, refused)
-    workload: Workload  # the requests sent, lengths as sent (after scaling and clamping)
-    rows: tuple[ClassRow, ClassRow]  # the table's short and long rows
-    counters: ClusterCounters  # preemptions, colocations, KV transfers during the replay
-    short_queueing_delay_s: FloatArray  # each short's (never scheduled: end of run - arrival)
 
 
 async def run_replay(

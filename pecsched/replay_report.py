@@ -13,10 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from pecsched.loadgen import ReplayOutcome
-from pecsched.replay import ReplayReport
+from pecsched.loadgen import ClusterCounters, ReplayOutcome
 from sdk.types import RequestState
-from sim.metrics import RequestRecords, percentiles, queueing_delay_s, summarize, tbt_s
+from sim.metrics import (
+    FloatArray,
+    RequestRecords,
+    percentiles,
+    queueing_delay_s,
+    summarize,
+    tbt_s,
+)
 from sim.report import PolicyResult, result_to_dict
 from sim.workloads import Workload
 
@@ -35,6 +41,19 @@ class ClassRow:
     tbt_s: dict[str, float]  # p50, p99 of per-request mean TBT
     jct_s: dict[str, float]  # p50, p99 over finished requests
     preemptions: int  # pauses of the class's prefills
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    """What a replay prints and writes."""
+
+    table: str  # per-class table and cluster counters
+    payload: dict[str, Any]  # the JSON document
+    num_failed: int  # requests that did not finish (failed, cancelled, unfinished, refused)
+    workload: Workload  # the requests sent, lengths as sent (after scaling and clamping)
+    rows: tuple[ClassRow, ClassRow]  # the table's short and long rows
+    counters: ClusterCounters  # preemptions, colocations, KV transfers during the replay
+    short_queueing_delay_s: FloatArray  # each short's (never scheduled: end of run - arrival)
 
 
 def class_rows(records: RequestRecords, end_s: float) -> tuple[ClassRow, ClassRow]:

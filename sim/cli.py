@@ -215,6 +215,7 @@ def _handle(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from controlplane.core.config import SchedulerConfig
+    from controlplane.core.types import RequestClass, classify
     from sim import workloads as wl
     from sim.calibration import calibration_error, fit_efficiency, load_calibration
     from sim.cost_model import CostModel
@@ -281,7 +282,10 @@ def _run(args: argparse.Namespace) -> int:
         **knobs,
     )
 
-    n_long = int((workload.prompt_tokens >= config.short_threshold_tokens).sum())
+    n_long = sum(
+        classify(int(p), config.short_threshold_tokens) is RequestClass.LONG
+        for p in workload.prompt_tokens
+    )
     print(
         f"workload: {len(workload)} requests ({n_long} long) over {workload.duration_s:.0f} s "
         f"({workload.rate_rps:.2f} req/s); cluster: {args.gpus} x {args.gpu}, {model.name} "

@@ -30,7 +30,13 @@ import numpy as np
 
 from controlplane.core import events as ev
 from controlplane.core.policy import Policy
-from controlplane.core.types import InstanceRole, InstanceSpec, RequestSpec
+from controlplane.core.types import (
+    InstanceRole,
+    InstanceSpec,
+    RequestClass,
+    RequestSpec,
+    classify,
+)
 from sim.cost_model import CostModel
 from sim.execution import Executor
 from sim.instances import INF
@@ -93,10 +99,11 @@ class Engine:
         self.x = Executor(
             cluster.cost, cluster.num_instances, prompt, output, log_decisions, tbt_slo_s
         )
-        self.threshold = policy.config.short_threshold_tokens
+        threshold = policy.config.short_threshold_tokens
+        self.is_long = [classify(p, threshold) is RequestClass.LONG for p in prompt]
         self.isolated = [
-            isolated_jct(p, o) if p >= self.threshold else math.nan
-            for p, o in zip(prompt, output, strict=True)
+            isolated_jct(p, o) if long else math.nan
+            for p, o, long in zip(prompt, output, self.is_long, strict=True)
         ]
         self.tick_s = tick_s
         self.max_idle_s = max_idle_s
@@ -130,7 +137,7 @@ class Engine:
         heap = x.heap
         while True:
             x.drop_stale()
-            t_next = min(heap[0][0] if heap else INF, self.arrival[nxt] if nxt < n else INF)
+            t_next = min(heap[0].at_s if heap else INF, self.arrival[nxt] if nxt < n else INF)
             if x.active > 0:
                 if t_next == INF:
                     idle_since = min(idle_since, now)
@@ -143,10 +150,9 @@ class Engine:
                 break
             window = self.batch_window_s
             now = max(now, math.ceil(t_next / window) * window) if window > 0 else t_next
-            while heap and heap[0][0] <= now:
-                t, kind, _, a, b = heapq.heappop(heap)
+            while heap and heap[0].at_s <= now:
                 self.num_events += 1
-                x.handle(kind, a, b, t)
+                x.handle(heapq.heappop(heap))
             while nxt < n and self.arrival[nxt] <= now:
                 t = self.arrival[nxt]
                 spec = RequestSpec(str(nxt), "sim", x.prompt[nxt], x.output[nxt], 0, t)
@@ -180,9 +186,8 @@ class Engine:
 
     def _records(self) -> RequestRecords:
         x = self.x
-        prompt = np.array(x.prompt, dtype=np.int64)
         return RequestRecords(
-            is_long=prompt >= self.threshold,
+            is_long=np.array(self.is_long, dtype=np.bool_),
             arrival_s=np.array(self.arrival, dtype=np.float64),
             first_scheduled_s=np.array(x.first_sched, dtype=np.float64),
             first_token_s=np.array(x.first_token, dtype=np.float64),

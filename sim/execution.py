@@ -1,16 +1,15 @@
 """Carrying out a policy's actions on simulated instances, and the completions they cause.
 
 `Executor` owns the instances (`sim.instances`), the live prefill jobs and the event heap of one
-simulation; `sim.engine.Engine` drives it. Heap entries are (time, kind priority, seq, a, b):
-kind TICK (instance a's milestone, version b), CHUNK (request a's chunk generation b ends),
-TRANSFER (request a's KV reaches instance b), MIXED (instance a's mixed iteration b ends). Completions append the `controlplane.core`
-events the policy will observe to `out`.
+simulation; `sim.engine.Engine` drives it. Heap entries are `SimEvent`s. Completions append
+the `controlplane.core` events the policy will observe to `out`.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from typing import NamedTuple
 
 from controlplane.core import actions as act
 from controlplane.core import events as ev
@@ -20,6 +19,28 @@ from sim.instances import INF, PrefillJob, SimInstance
 # Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers, mixed
 # iteration ends.
 TICK, CHUNK, TRANSFER, MIXED = 0, 1, 2, 3
+
+
+class SimEvent(NamedTuple):
+    """A completion due at `at_s`; the heap orders them by time, then kind, then push order.
+
+    kind      subject            tag
+    TICK      instance index     the instance's `version` it was computed for (milestone due)
+    CHUNK     request index      the prefill job's `seq` (its chunk in flight ends)
+    TRANSFER  request index      destination instance index (the KV arrived there)
+    MIXED     instance index     the instance's `mixed_seq` (its mixed iteration ends)
+    A TICK, CHUNK or MIXED whose tag is no longer current is stale and ignored.
+    """
+
+    at_s: float
+    kind: int  # TICK, CHUNK, TRANSFER or MIXED
+    seq: int  # push order: ties keep it
+    subject: int
+    tag: int
+
+
+# SimEvent(...) without the keyword handling of a named tuple's __new__ (half its cost).
+_new_event = tuple.__new__
 
 
 class Executor:
@@ -53,17 +74,17 @@ class Executor:
         self.gaps_over_slo = [0] * n  # token gaps longer than tbt_slo_s (see _start_decode)
         self.jobs: dict[int, PrefillJob] = {}  # live prefill jobs (running, pending, paused)
         self.decode_group: dict[int, tuple[int, ...]] = {}  # request -> decode instances
-        self.heap: list[tuple[float, int, int, int, int]] = []  # (t, kind, seq, a, b)
+        self.heap: list[SimEvent] = []
         self.seq = 0
         self.out: list[ev.Event] = []  # events for the next observe
         self.log: list[str] | None = [] if log_decisions else None
         self.chunk_cache: dict[tuple[int, int, int, str, bool], float] = {}
         self.active = 0  # requests arrived and not yet finished, rejected or cancelled
 
-    def push(self, t: float, kind: int, a: int, b: int) -> None:
-        """Schedule a completion at `t`."""
+    def push(self, t: float, kind: int, subject: int, tag: int) -> None:
+        """Schedule a completion at `t` (see `SimEvent`)."""
         self.seq += 1
-        heapq.heappush(self.heap, (t, kind, self.seq, a, b))
+        heapq.heappush(self.heap, _new_event(SimEvent, (t, kind, self.seq, subject, tag)))
 
     def wake(self, inst: SimInstance) -> None:
         """Recompute `inst`'s iteration time and schedule its next milestone."""
@@ -76,14 +97,14 @@ class Executor:
         """Pop superseded wake-ups at the top of the heap so they never advance the clock."""
         heap = self.heap
         while heap:
-            _, kind, _, a, b = heap[0]
+            _, kind, _, subject, tag = heap[0]
             if kind == TICK:
-                stale = self.instances[a].version != b
+                stale = self.instances[subject].version != tag
             elif kind == CHUNK:
-                job = self.jobs.get(a)
-                stale = job is None or not job.running or job.seq != b
+                job = self.jobs.get(subject)
+                stale = job is None or not job.running or job.seq != tag
             elif kind == MIXED:
-                stale = self.instances[a].mixed_seq != b
+                stale = self.instances[subject].mixed_seq != tag
             else:
                 return
             if not stale:
@@ -92,11 +113,12 @@ class Executor:
 
     # --- completions ----------------------------------------------------------------------------
 
-    def handle(self, kind: int, a: int, b: int, now: float) -> None:
-        """Process one popped heap entry that happened at `now`."""
+    def handle(self, event: SimEvent) -> None:
+        """Process one popped heap entry (it happens at `event.at_s`)."""
+        now, kind, _, subject, tag = event
         if kind == TICK:
-            inst = self.instances[a]
-            if inst.version != b:
+            inst = self.instances[subject]
+            if inst.version != tag:
                 return
             inst.sync(now)
             job = inst.slot
@@ -108,13 +130,16 @@ class Executor:
                 self._finish(req, now)
             self.wake(inst)
         elif kind == CHUNK:
-            job = self.jobs.get(a)
-            if job is not None and job.running and job.seq == b:
+            job = self.jobs.get(subject)
+            if job is not None and job.running and job.seq == tag:
                 self._chunk_done(job, now)
         elif kind == TRANSFER:
-            self.out.append(ev.KVTransferDone(str(a), self.instances[b].instance_id, True, now))
-        elif kind == MIXED and self.instances[a].mixed_seq == b:
-            self._mixed_done(self.instances[a], now)
+            dst = self.instances[tag].instance_id
+            self.out.append(ev.KVTransferDone(str(subject), dst, True, now))
+        elif kind == MIXED:
+            inst = self.instances[subject]
+            if inst.mixed_seq == tag:
+                self._mixed_done(inst, now)
 
     def _chunk_done(self, job: PrefillJob, now: float) -> None:
         group = [self.instances[i] for i in job.group]

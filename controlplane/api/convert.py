@@ -346,7 +346,14 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
     body: ReportBody
     if kind == "chunk_done":
         c = event.chunk_done
-        body = ChunkDone(c.chunk_index, c.chunks_total, c.duration_s)
+        body = ChunkDone(
+            c.chunk_index,
+            c.chunks_total,
+            c.duration_s,
+            c.iteration,
+            c.iteration_tokens,
+            c.chunk_tokens,
+        )
     elif kind == "prefill_done":
         body = PrefillFinished(event.prefill_done.first_token_id)
     elif kind == "paused":
@@ -407,6 +414,7 @@ def command_to_proto(command: AgentCommand, seq: int) -> cluster_pb2.ControlMess
                 cluster_pb2.Colocate(
                     prefill=_prefill_to_proto(order.prefill),
                     iteration_prefill_budget_tokens=order.iteration_prefill_budget_tokens,
+                    mixed_batch_tokens=order.mixed_batch_tokens,
                 )
             )
         case PauseOrder():

@@ -167,6 +167,9 @@ LIMITS: dict[str, Limit] = {
     _V1 + "PrefillChunkDone.chunks_total": _COUNT,
     _V1 + "PrefillChunkDone.tokens_done": _U32,
     _V1 + "PrefillChunkDone.duration_s": _DURATION,
+    _V1 + "PrefillChunkDone.iteration": Number(0, 2**53),  # exact in a JSON detail
+    _V1 + "PrefillChunkDone.iteration_tokens": _U32,
+    _V1 + "PrefillChunkDone.chunk_tokens": _U32,
     _V1 + "PrefillDone.prompt_tokens": _U32,
     _V1 + "PrefillDone.first_token_id": _U32,  # stored packed uint32
     _V1 + "Paused.chunks_done": _COUNT,

@@ -19,7 +19,9 @@ Data-plane semantics the drivers implement (the simulator's cost model and the a
   those prefills in start order, each at most `chunk_tokens`, until `mixed_batch_tokens` tokens
   in all (decodes included); no prefill slot is taken. The live agent runs any Colocate as a
   prefill of `min(chunk_tokens, iteration_prefill_budget_tokens)`-token chunks in its engine,
-  which mixes prefills and decodes this way under its own `max_batch_tokens`.
+  which mixes prefills and decodes this way; `mixed_batch_tokens` travels with the command
+  (`Colocate.mixed_batch_tokens` on the wire) and caps each engine iteration while the prefill
+  runs (the engine's own `max_batch_tokens`, which sizes its activation memory, if smaller).
 - `Pause` takes effect at the next chunk boundary: the chunk in flight completes (and is
   reported by PrefillChunkDone), the KV stays resident, then the instances' prefill slots are
   free. The core counts the slots as free as soon as it issues the Pause, so a `StartPrefill`

@@ -10,7 +10,6 @@ the policy files speak: place a short on the best instance of some slots, pick a
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 
@@ -104,9 +103,7 @@ class BasePolicy:
         out.extend(self._state.pending)
         self._state.pending.clear()
         st = self._state
-        expiries = st.refusal_expiries
-        while expiries and expiries[0] <= now_s:
-            heapq.heappop(expiries)  # a refusal may have lapsed: placements retry
+        if st.pop_lapsed_refusals(now_s):  # a refused placement may be retried
             st.dirty = True
             self._transfers_blocked = self._long_blocked = None
         self._start_decodes(out)
@@ -114,7 +111,7 @@ class BasePolicy:
         if st.dirty or now_s >= self._wake_at_s:
             self._plan(now_s, out)
             st.dirty = False
-            self._wake_at_s = min(self._next_timer_s(now_s), expiries[0] if expiries else math.inf)
+            self._wake_at_s = min(self._next_timer_s(now_s), st.next_refusal_lapse_s())
         return Decision(tuple(out))
 
     def check_admission(self, spec: RequestSpec) -> AdmissionVerdict:
@@ -183,11 +180,8 @@ class BasePolicy:
 
     def _expire_deadlines(self, now_s: float) -> None:
         st = self._state
-        while st.deadlines and st.deadlines[0][0] <= now_s:
-            _, _, request_id = heapq.heappop(st.deadlines)
-            req = st.requests.get(request_id)
-            if req is not None and not req.state.is_terminal:
-                st.cancel(req, lifecycle.FAIL, "deadline exceeded", now_s)
+        for req in st.pop_expired_deadlines(now_s):
+            st.cancel(req, lifecycle.FAIL, "deadline exceeded", now_s)
 
     def _reject_admissions(self, out: list[Action]) -> None:
         st = self._state

@@ -1,16 +1,13 @@
 """Domain errors of the scheduling core, each carrying a stable `ErrorCode`.
 
 The API layer (controlplane/api/errors.py) maps codes to gRPC status codes; the core never
-knows about gRPC.
+knows about gRPC. `IllegalTransitionError` lives with the rules that raise it
+(controlplane/core/lifecycle.py), so this module imports nothing of the core.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from controlplane.core.types import RequestState
 
 
 class ErrorCode(IntEnum):
@@ -41,23 +38,6 @@ class InvalidArgumentError(CoreError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}")
         self.field = field
-
-
-class IllegalTransitionError(CoreError):
-    """A lifecycle rule refused to move `request_id` from `from_state` to `to_state`."""
-
-    def __init__(
-        self, request_id: str, from_state: RequestState, to_state: RequestState, rule: str
-    ) -> None:
-        super().__init__(
-            ErrorCode.ILLEGAL_TRANSITION,
-            f"request {request_id!r}: illegal transition {from_state.value} -> "
-            f"{to_state.value} (rule {rule})",
-        )
-        self.request_id = request_id
-        self.from_state = from_state
-        self.to_state = to_state
-        self.rule = rule
 
 
 class KvCapacityError(CoreError):

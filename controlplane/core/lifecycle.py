@@ -18,12 +18,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.core.errors import IllegalTransitionError
+from controlplane.core.errors import CoreError, ErrorCode
 from controlplane.core.types import RequestState
 
 _S = RequestState
 _RUNNING = frozenset({_S.PREFILLING, _S.PAUSED, _S.TRANSFERRING_KV, _S.DECODING})
 _NON_TERMINAL = _RUNNING | {_S.QUEUED}
+
+
+class IllegalTransitionError(CoreError):
+    """A lifecycle rule refused to move `request_id` from `from_state` to `to_state`."""
+
+    def __init__(
+        self, request_id: str, from_state: RequestState, to_state: RequestState, rule: str
+    ) -> None:
+        super().__init__(
+            ErrorCode.ILLEGAL_TRANSITION,
+            f"request {request_id!r}: illegal transition {from_state.value} -> "
+            f"{to_state.value} (rule {rule})",
+        )
+        self.request_id = request_id
+        self.from_state = from_state
+        self.to_state = to_state
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ both.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 
 from controlplane.core import lifecycle
@@ -101,7 +100,7 @@ def _arrived(state: ClusterState, event: RequestArrived, admission: Admission) -
     state.counts[(request_class, _S.QUEUED)] += 1
     state.enqueue(req)
     if spec.deadline_s is not None:
-        heapq.heappush(state.deadlines, (spec.deadline_s, req.seq, spec.request_id))
+        state.add_deadline(req)
     verdict = admission(spec)
     if not verdict.ok:
         state.to_reject.append((spec.request_id, verdict.reason))

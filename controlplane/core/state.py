@@ -13,8 +13,10 @@ to do; only this module changes state. Invariants (checked by the property tests
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from controlplane.core import lifecycle
 from controlplane.core.accounting import KvLedger, split_tokens
@@ -38,8 +40,35 @@ from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
 _LONG = RequestClass.LONG
-VictimEntry = tuple[int, float, int, str, int]
 _S = RequestState
+
+
+class VictimEntry(NamedTuple):
+    """A running long prefill that may be paused; `running_longs` orders them best victim
+    first: fewest instances idled by the pause, least paused so far, newest."""
+
+    sp_degree: int  # instances of its prefill group
+    paused_total_s: float  # paused so far when pushed
+    neg_seq: int  # -admission seq: newest first
+    request_id: str
+    preemptions: int  # its pause count when pushed; a later pause makes the entry stale
+
+
+class PauseDeadline(NamedTuple):
+    """When a paused request reaches the starvation bound (`pause_deadlines`, earliest first)."""
+
+    at_s: float
+    seq: int  # admission seq: ties in admission order
+    request_id: str
+    preemptions: int  # its pause count when paused; a later pause makes the entry stale
+
+
+class Deadline(NamedTuple):
+    """A request's deadline (`deadlines`, earliest first)."""
+
+    at_s: float
+    seq: int  # admission seq: ties in admission order
+    request_id: str
 
 
 class ClusterState:
@@ -65,12 +94,11 @@ class ClusterState:
         self.pending: list[Action] = []  # actions produced while observing (Cancel)
         self.completed: list[str] = []  # became terminal since take_completed()
         self.resumable: set[str] = set()  # paused requests whose group may be free now
-        # Preemption candidates, best victim first: fewest instances idled by the pause, least
-        # paused so far, newest: (sp degree, paused_total_s, -seq, request id, preemptions).
-        self.running_longs: list[VictimEntry] = []
-        # When a paused request reaches the starvation bound: (time, seq, id, preemptions).
-        self.pause_deadlines: list[tuple[float, int, str, int]] = []
-        self.deadlines: list[tuple[float, int, str]] = []  # request deadlines
+        # Heaps; entries may be stale (checked when popped). Read them through the methods of
+        # "timers and victims" below.
+        self.running_longs: list[VictimEntry] = []  # preemption candidates, best first
+        self.pause_deadlines: list[PauseDeadline] = []  # starvation bounds of paused requests
+        self.deadlines: list[Deadline] = []  # request deadlines
         self.refusal_expiries: list[float] = []  # when refusal backoffs end (a plan timer)
         self.next_seq = 0
         # Set by anything that may let a waiting request start: an instance re-offered, a
@@ -220,7 +248,7 @@ class ClusterState:
             if req.is_protected:
                 inst.held_for = req.request_id
         left_s = max(0.0, self.config.max_pause_s - req.paused_total_s)
-        entry = (now_s + left_s, req.seq, req.request_id, req.num_preemptions)
+        entry = PauseDeadline(now_s + left_s, req.seq, req.request_id, req.num_preemptions)
         heapq.heappush(self.pause_deadlines, entry)
         self.refresh(req.prefill_ids)
         return Pause(req.request_id, req.prefill_ids, reason)
@@ -445,6 +473,76 @@ class ClusterState:
         del req.refusals[instance_id]
         return False
 
+    # ---- timers and victims ----------------------------------------------------------------
+
+    def add_deadline(self, req: RequestRecord) -> None:
+        """Fail `req` when its spec's deadline passes (see `pop_expired_deadlines`)."""
+        assert req.spec.deadline_s is not None, f"{req.request_id} has no deadline"
+        heapq.heappush(self.deadlines, Deadline(req.spec.deadline_s, req.seq, req.request_id))
+
+    def pop_expired_deadlines(self, now_s: float) -> list[RequestRecord]:
+        """Live requests whose deadline is at or before `now_s`, earliest first (removed)."""
+        heap, out = self.deadlines, []
+        while heap and heap[0].at_s <= now_s:
+            req = self.requests.get(heapq.heappop(heap).request_id)
+            if req is not None and not req.state.is_terminal:
+                out.append(req)
+        return out
+
+    def pop_starving(self, now_s: float) -> list[RequestRecord]:
+        """Paused requests whose starvation bound (`max_pause_s` of pauses) is at or before
+        `now_s` and that were not resumed and paused again since, earliest first (removed)."""
+        heap, out = self.pause_deadlines, []
+        while heap and heap[0].at_s <= now_s:
+            entry = heapq.heappop(heap)
+            req = self.requests.get(entry.request_id)
+            if (
+                req is not None
+                and req.state is _S.PAUSED
+                and req.num_preemptions == entry.preemptions
+            ):
+                out.append(req)
+        return out
+
+    def next_starvation_s(self) -> float:
+        """When the earliest pending starvation bound falls (inf: none; may be stale)."""
+        return self.pause_deadlines[0].at_s if self.pause_deadlines else math.inf
+
+    def pop_lapsed_refusals(self, now_s: float) -> bool:
+        """Drop the refusal backoffs ended at or before `now_s`; True when one did (a refused
+        placement may be retried)."""
+        expiries, lapsed = self.refusal_expiries, False
+        while expiries and expiries[0] <= now_s:
+            heapq.heappop(expiries)
+            lapsed = True
+        return lapsed
+
+    def next_refusal_lapse_s(self) -> float:
+        """When the earliest refusal backoff ends (inf: none)."""
+        return self.refusal_expiries[0] if self.refusal_expiries else math.inf
+
+    def pop_victim(self) -> tuple[VictimEntry, RequestRecord] | None:
+        """The best running long prefill that may be paused (still PREFILLING, not paused
+        since it was pushed, preemptible), removed from `running_longs`; stale entries popped
+        on the way are dropped. None when there is none. Give back the ones not paused with
+        `push_victim`."""
+        heap = self.running_longs
+        while heap:
+            entry = heapq.heappop(heap)
+            req = self.requests.get(entry.request_id)
+            if (
+                req is not None
+                and req.state is _S.PREFILLING
+                and req.num_preemptions == entry.preemptions
+                and self.preemptible(req)
+            ):
+                return entry, req
+        return None
+
+    def push_victim(self, entry: VictimEntry) -> None:
+        """Put back an entry `pop_victim` returned (its request was not paused)."""
+        heapq.heappush(self.running_longs, entry)
+
     def _terminate(
         self, req: RequestRecord, rule: lifecycle.TransitionRule, error: str, at_s: float
     ) -> None:
@@ -477,7 +575,7 @@ class ClusterState:
     def _push_running_long(self, req: RequestRecord) -> None:
         if not self.config.preemption:
             return
-        entry = (
+        entry = VictimEntry(
             len(req.prefill_ids),
             req.paused_total_s,
             -req.seq,

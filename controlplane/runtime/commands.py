@@ -34,10 +34,13 @@ class PrefillOrder:
 
 @dataclass(frozen=True, slots=True)
 class ColocateOrder:
-    """Run a short prefill inside a long decode's iterations on its host (Colocate)."""
+    """Run a prefill inside the iterations of its host (Colocate): a short one beside a long
+    decode, or one of the host's mixed prefills (sarathi)."""
 
     prefill: PrefillOrder  # instance_ids == (host,)
     iteration_prefill_budget_tokens: int  # prompt tokens per decode iteration at most
+    mixed_batch_tokens: int = 0  # > 0: the host's iterations take this many tokens in all at
+    # most while it prefills, decodes included (the policy's budget; see actions.Colocate)
 
 
 @dataclass(frozen=True, slots=True)

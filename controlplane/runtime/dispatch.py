@@ -75,7 +75,9 @@ def commands_for(
                 action.chunk_tokens,
                 action.decode_in_place,
             )
-            order = ColocateOrder(prefill, action.iteration_prefill_budget_tokens)
+            order = ColocateOrder(
+                prefill, action.iteration_prefill_budget_tokens, action.mixed_batch_tokens
+            )
             nodes = (action.host_instance_id,)
         case Pause():
             order, nodes = PauseOrder(rid), action.instance_ids

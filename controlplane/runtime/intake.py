@@ -78,6 +78,10 @@ class Intake:
                     "num_chunks": body.chunks_total,
                     "duration_s": body.duration_s,
                 }
+                if body.iteration:  # one worker iteration: its chunks share it
+                    details["iteration"] = body.iteration
+                    details["iteration_tokens"] = body.iteration_tokens
+                    details["chunk_tokens"] = body.chunk_tokens
                 self._note(rid, _K.PREFILL_CHUNK_DONE, at, report.instance_id, details)
             case PrefillFinished():
                 self.events.append(PrefillDone(rid, at))

@@ -13,6 +13,9 @@ class ChunkDone:
     chunk_index: int  # 0-based
     chunks_total: int  # chunks the agent planned
     duration_s: float  # how long the chunk ran
+    iteration: int = 0  # the worker iteration that ran it (0: not reported)
+    iteration_tokens: int = 0  # tokens that iteration ran, decodes + every prefill chunk
+    chunk_tokens: int = 0  # prompt tokens of this chunk (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)

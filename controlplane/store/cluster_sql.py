@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from controlplane.core.types import InstanceRole, InstanceSpec
+from controlplane.core.types import InstanceRole
 from controlplane.store import codec, keys
 from controlplane.store.errors import NotFound
 from controlplane.store.records import (
@@ -98,36 +98,6 @@ class ClusterSqlMixin:
                 "updated_s": instance.updated_s,
             },
         )
-
-    def set_instance_state(self, instance_id: str, state: InstanceState, at_s: float) -> None:
-        """See Repository.set_instance_state."""
-        statement = (
-            _instances.update()
-            .where(_instances.c.id == instance_id)
-            .values(state=InstanceState(state).value, updated_s=at_s)
-        )
-        with self.uow.scope(write=True) as connection:
-            if connection.execute(statement).rowcount != 1:
-                raise NotFound(f"instance {instance_id!r} not found")
-
-    def list_instances(self, node_id: str | None = None) -> list[InstanceRecord]:
-        """See Repository.list_instances."""
-        query = select(_instances).order_by(_instances.c.id)
-        if node_id is not None:
-            query = query.where(_instances.c.node_id == node_id)
-        with self.uow.scope(write=False) as connection:
-            rows = connection.execute(query).all()
-        return [
-            InstanceRecord(
-                spec=InstanceSpec(
-                    r.id, r.node_id, InstanceRole(r.role), r.tp, r.kv_capacity_tokens
-                ),
-                state=InstanceState(r.state),
-                device_indices=codec.split_ints(r.device_indices),
-                updated_s=r.updated_s,
-            )
-            for r in rows
-        ]
 
     def create_api_key(
         self, role: ApiKeyRole, tenant: str, at_s: float

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from sqlalchemy import String
 
-from controlplane.core.types import ClassStats, RequestClass, RequestState
 from controlplane.store.records import ListOrder
 from controlplane.store.tables import metadata
 
@@ -136,25 +135,6 @@ def decode_page_token(token: str, order: ListOrder) -> tuple[float, str]:
     if token_order != order.value:
         raise ValueError(f"page_token: from a listing in {token_order} order, not {order.value}")
     return arrival_s, request_id
-
-
-def build_class_stats(
-    counts: dict[tuple[RequestClass, RequestState], int], queued_tokens: dict[RequestClass, int]
-) -> tuple[ClassStats, ...]:
-    """ClassStats per class (SHORT first) from counts by (class, state) and queued tokens."""
-    return tuple(
-        ClassStats(
-            request_class=cls,
-            queued=counts.get((cls, RequestState.QUEUED), 0),
-            prefilling=counts.get((cls, RequestState.PREFILLING), 0),
-            paused=counts.get((cls, RequestState.PAUSED), 0),
-            transferring_kv=counts.get((cls, RequestState.TRANSFERRING_KV), 0),
-            decoding=counts.get((cls, RequestState.DECODING), 0),
-            finished_total=counts.get((cls, RequestState.FINISHED), 0),
-            queued_tokens=queued_tokens.get(cls, 0),
-        )
-        for cls in (RequestClass.SHORT, RequestClass.LONG)
-    )
 
 
 def check_token_chunk(start_index: int, token_ids: Sequence[int]) -> None:

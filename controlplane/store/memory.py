@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from controlplane.core.types import ClassStats, RequestClass, RequestState, RequestView
+from controlplane.core.types import RequestState, RequestView
 from controlplane.store import codec, keys
 from controlplane.store.errors import AlreadyExists, NotFound
 from controlplane.store.records import (
@@ -182,20 +182,6 @@ class InMemoryRepository(Repository):
                     first_token_s=_first(stored.first_token_s, view.first_token_s),
                 )
 
-    def class_stats(self) -> tuple[ClassStats, ...]:
-        """See Repository.class_stats."""
-        counts: dict[tuple[RequestClass, RequestState], int] = {}
-        queued_tokens: dict[RequestClass, int] = {}
-        with self.transaction():
-            for view in self.views.values():
-                key = (view.request_class, view.state)
-                counts[key] = counts.get(key, 0) + 1
-                if view.state is RequestState.QUEUED:
-                    queued_tokens[view.request_class] = (
-                        queued_tokens.get(view.request_class, 0) + view.spec.prompt_tokens
-                    )
-        return codec.build_class_stats(counts, queued_tokens)
-
     # -- generated tokens ---------------------------------------------------------------
 
     def append_output_tokens(
@@ -218,11 +204,6 @@ class InMemoryRepository(Repository):
             chunks = self.tokens.get(request_id, {})
             ordered = [chunks[start] for start in sorted(chunks)]
         return tuple(token for chunk in ordered for token in chunk)[from_index:]
-
-    def discard_output_tokens(self, request_id: str) -> None:
-        """See Repository.discard_output_tokens."""
-        with self.transaction(write=True):
-            self.tokens.pop(request_id, None)
 
     # -- timeline ------------------------------------------------------------------------
 
@@ -277,24 +258,6 @@ class InMemoryRepository(Repository):
         with self.transaction(write=True):
             self._node(instance.spec.node_id)
             self.instances[instance.spec.instance_id] = instance
-
-    def set_instance_state(self, instance_id: str, state: InstanceState, at_s: float) -> None:
-        """See Repository.set_instance_state."""
-        with self.transaction(write=True):
-            if instance_id not in self.instances:
-                raise NotFound(f"instance {instance_id!r} not found")
-            self.instances[instance_id] = dataclasses.replace(
-                self.instances[instance_id], state=state, updated_s=at_s
-            )
-
-    def list_instances(self, node_id: str | None = None) -> list[InstanceRecord]:
-        """See Repository.list_instances."""
-        with self.transaction():
-            return [
-                self.instances[i]
-                for i in sorted(self.instances)
-                if node_id is None or self.instances[i].spec.node_id == node_id
-            ]
 
     def _node(self, node_id: str) -> NodeRecord:
         if node_id not in self.nodes:

@@ -124,7 +124,8 @@ class RequestEventKind(StrEnum):
     REQUEUED = "requeued"  # back in the queue; details: reason
     PREFILL_STARTED = "prefill_started"  # details: sp_degree, num_chunks, first_chunk_index
     COLOCATED = "colocated"  # short prefill inside a long decode; details: budget_tokens
-    PREFILL_CHUNK_DONE = "prefill_chunk_done"  # details: chunk_index, num_chunks
+    PREFILL_CHUNK_DONE = "prefill_chunk_done"  # details: chunk_index, num_chunks, duration_s
+    # (+ iteration, iteration_tokens, chunk_tokens when the worker reports its iteration)
     PAUSED = "paused"  # details: reason, chunks_done
     RESUMED = "resumed"  # details: reason, paused_s
     PREFILL_DONE = "prefill_done"

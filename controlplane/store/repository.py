@@ -20,13 +20,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from controlplane.core.types import ClassStats, RequestView
+from controlplane.core.types import RequestView
 from controlplane.store.records import (
     AddResult,
     ApiKeyRecord,
     ApiKeyRole,
     InstanceRecord,
-    InstanceState,
     ListOrder,
     NewRequest,
     NodeRecord,
@@ -148,14 +147,6 @@ class Repository(ABC):
                 caller's transaction rolls back).
         """
 
-    @abstractmethod
-    def class_stats(self) -> tuple[ClassStats, ...]:
-        """Counts by class and state for Watch: one entry per RequestClass, SHORT first.
-
-        `finished_total` counts every FINISHED request stored; `queued_tokens` sums the prompt
-        tokens of QUEUED ones.
-        """
-
     # -- generated tokens ---------------------------------------------------------------
 
     @abstractmethod
@@ -176,10 +167,6 @@ class Repository(ABC):
     @abstractmethod
     def get_output_tokens(self, request_id: str, from_index: int = 0) -> tuple[int, ...]:
         """Generated token ids from `from_index` on (empty for an unknown request)."""
-
-    @abstractmethod
-    def discard_output_tokens(self, request_id: str) -> None:
-        """Forget every generated token of the request (it restarts from scratch)."""
 
     # -- timeline ------------------------------------------------------------------------
 
@@ -228,18 +215,6 @@ class Repository(ABC):
         Raises:
             NotFound: its node is not registered.
         """
-
-    @abstractmethod
-    def set_instance_state(self, instance_id: str, state: InstanceState, at_s: float) -> None:
-        """Change one instance's serving state.
-
-        Raises:
-            NotFound: no instance has this id.
-        """
-
-    @abstractmethod
-    def list_instances(self, node_id: str | None = None) -> list[InstanceRecord]:
-        """Instances (of one node when `node_id` is given), sorted by id."""
 
     # -- API keys ------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from sqlalchemy import Engine, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from controlplane.core.types import (
-    ClassStats,
     RequestClass,
     RequestSpec,
     RequestState,
@@ -334,24 +333,6 @@ class SqlRepository(ClusterSqlMixin, Repository):
                 if missing:
                     raise NotFound(f"requests not found: {missing}")
 
-    def class_stats(self) -> tuple[ClassStats, ...]:
-        """See Repository.class_stats."""
-        query = select(
-            _requests.c.request_class,
-            _requests.c.state,
-            func.count(),
-            func.coalesce(func.sum(_requests.c.prompt_tokens), 0),
-        ).group_by(_requests.c.request_class, _requests.c.state)
-        counts: dict[tuple[RequestClass, RequestState], int] = {}
-        queued_tokens: dict[RequestClass, int] = {}
-        with self.uow.scope(write=False) as connection:
-            for request_class, state, count, tokens in connection.execute(query):
-                key = (RequestClass(request_class), RequestState(state))
-                counts[key] = int(count)
-                if key[1] is RequestState.QUEUED:
-                    queued_tokens[key[0]] = int(tokens)
-        return codec.build_class_stats(counts, queued_tokens)
-
     # -- generated tokens ---------------------------------------------------------------
 
     def append_output_tokens(
@@ -376,11 +357,6 @@ class SqlRepository(ClusterSqlMixin, Repository):
         with self.uow.scope(write=False) as connection:
             chunks = connection.execute(query).scalars().all()
         return codec.unpack_token_ids(b"".join(chunks))[from_index:]
-
-    def discard_output_tokens(self, request_id: str) -> None:
-        """See Repository.discard_output_tokens."""
-        with self.uow.scope(write=True) as connection:
-            connection.execute(_tokens.delete().where(_tokens.c.request_id == request_id))
 
     # -- timeline ------------------------------------------------------------------------
 

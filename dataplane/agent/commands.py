@@ -22,6 +22,9 @@ Semantics on the wire (kept in step with protos/pecsched/v1/cluster.proto):
   members finish.
 * Colocate runs the short prefill on `prefill.instance_ids[0]` with chunks of at most
   `iteration_prefill_budget_tokens`, inside the iterations of whatever that worker runs.
+  `mixed_batch_tokens` > 0 (sarathi's mixed prefills) also bounds, while it prefills, every
+  iteration of that worker to that many tokens in all, decodes included (the engine's own
+  `max_batch_tokens` still applies: the smaller wins).
 * Pause / Resume act at the next chunk boundary; Pause answers `Paused(chunks_done)`. A Pause
   that arrives after the prefill ended is dropped (unanswered): only prefills pause.
 * TransferKv: the transport follows the topology (`dataplane.worker.transfers`): between two
@@ -127,10 +130,11 @@ class CommandRouter:
             if kind == "start_prefill":
                 self._start_prefill(step, command.start_prefill, None)
             elif kind == "colocate":
-                budget = command.colocate.iteration_prefill_budget_tokens
+                colocate = command.colocate
+                budget = colocate.iteration_prefill_budget_tokens
                 if budget < 1:
                     raise CommandError("colocate.iteration_prefill_budget_tokens must be >= 1")
-                self._start_prefill(step, command.colocate.prefill, budget)
+                self._start_prefill(step, colocate.prefill, budget, colocate.mixed_batch_tokens)
             elif kind == "pause":
                 self._to_holders(step, rid, m.Pause(rid), "pause")
             elif kind == "resume":
@@ -157,7 +161,11 @@ class CommandRouter:
         return step
 
     def _start_prefill(
-        self, step: Step, cmd: cluster_pb2.StartPrefill, budget_tokens: int | None
+        self,
+        step: Step,
+        cmd: cluster_pb2.StartPrefill,
+        budget_tokens: int | None,
+        batch_tokens: int = 0,
     ) -> None:
         if not cmd.request_id:
             raise CommandError("request_id must not be empty")
@@ -206,6 +214,7 @@ class CommandRouter:
                 sampling=sampling,
                 chunk_tokens=chunk,
                 decode_in_place=cmd.decode_in_place,
+                batch_tokens=batch_tokens,
             ),
         )
 

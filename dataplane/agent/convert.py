@@ -71,6 +71,9 @@ def report_to_event(
                 chunks_total=report.chunks_total,
                 tokens_done=report.tokens_done,
                 duration_s=report.duration_s,
+                iteration=report.iteration,
+                iteration_tokens=report.iteration_tokens,
+                chunk_tokens=report.chunk_tokens,
             )
         )
     elif isinstance(report, m.PrefillDone):

@@ -24,8 +24,13 @@ attention batch, and the CUDA-graph input buffers are refilled, from the current
 
 `step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`;
 beyond that they take turns round robin), then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
-until `max_batch_tokens` is used. It returns the events of the iteration. All model work runs
+until the iteration's token budget is used: `max_batch_tokens`, or less while a PREFILLING
+request admitted with `batch_tokens` asks for less (the smallest such; a mixed prefill of the
+`sarathi` policy, whose per-iteration budget comes with the command). The budget counts the
+decodes too, one token each. It returns the events of the iteration. All model work runs
 inside `step()`, so every other call happens at a chunk boundary by construction.
+`num_iterations` and `last_iteration_tokens` count the iterations run and the tokens of the
+latest one.
 
 On CUDA, decodes use the Triton split-KV kernel where it runs (`split_kv_decode`), and
 decode-only iterations replay CUDA graphs (`dataplane.engine.cuda_graphs`) when the decode
@@ -106,6 +111,8 @@ class Engine:
         )
         self._requests: dict[str, RunningRequest] = {}
         self._decode_turn = 0  # round-robin offset when decodes exceed max_batch_seqs
+        self.num_iterations = 0  # iterations run (step() calls that ran a forward)
+        self.last_iteration_tokens = 0  # tokens of the latest iteration (decodes + chunks)
         self.graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None  # why CUDA graphs are off, when they were wanted
         if config.cuda_graphs and (use_flash or self.split_kv_decode):
@@ -139,16 +146,20 @@ class Engine:
         *,
         chunk_tokens: int | None = None,
         hold_after_prefill: bool = False,
+        batch_tokens: int | None = None,
     ) -> None:
         """Admit a request and reserve all its KV rows now; raises EngineError if it can't fit.
 
         `hold_after_prefill` keeps the request HELD after its first token (KV resident, not
-        decoded) so it can be exported to a decode worker.
+        decoded) so it can be exported to a decode worker. `batch_tokens`: while it prefills,
+        no iteration runs more tokens than this in all (decodes included; see `step`).
         """
         self._check_new(request_id, prompt_token_ids, sampling)
         chunk = self.config.chunk_tokens if chunk_tokens is None else chunk_tokens
         if chunk < 1:
             raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"chunk_tokens={chunk} < 1")
+        if batch_tokens is not None and batch_tokens < 1:
+            raise EngineError(EngineErrorCode.INVALID_ARGUMENT, f"batch_tokens={batch_tokens} < 1")
         rows = self.kv.reserve_movable(request_id, _kv_rows(len(prompt_token_ids), sampling))
         self._requests[request_id] = RunningRequest.new(
             request_id,
@@ -158,6 +169,7 @@ class Engine:
             chunk_tokens=chunk,
             hold_after_prefill=hold_after_prefill,
             device=self.device,
+            batch_tokens=batch_tokens,
         )
 
     def can_fit(self, num_prompt_tokens: int, max_new_tokens: int) -> bool:
@@ -274,22 +286,25 @@ class Engine:
         """Run one iteration (decodes first, then prefill chunks) and return its events."""
         cfg = self.config
         decodes = [r for r in self._requests.values() if r.state is RequestState.DECODING]
-        cap = min(cfg.max_batch_seqs, cfg.max_batch_tokens)
+        prefills = [r for r in self._requests.values() if r.state is RequestState.PREFILLING]
+        budget = min([cfg.max_batch_tokens] + [r.batch_tokens for r in prefills if r.batch_tokens])
+        cap = min(cfg.max_batch_seqs, budget)
         if len(decodes) > cap:  # more decodes than fit: take turns, round robin
             first = self._decode_turn % len(decodes)
             decodes = (decodes[first:] + decodes[:first])[:cap]
             self._decode_turn = first + cap
-        budget = cfg.max_batch_tokens - len(decodes)
+        budget -= len(decodes)
         chunks: list[tuple[RunningRequest, int]] = []
-        for req in self._requests.values():
+        for req in prefills:
             if budget <= 0 or len(decodes) + len(chunks) >= cfg.max_batch_seqs:
                 break
-            if req.state is RequestState.PREFILLING:
-                n = min(req.num_prompt_tokens - req.num_computed_tokens, req.chunk_tokens, budget)
-                chunks.append((req, n))
-                budget -= n
+            n = min(req.num_prompt_tokens - req.num_computed_tokens, req.chunk_tokens, budget)
+            chunks.append((req, n))
+            budget -= n
         if not decodes and not chunks:
             return []
+        self.num_iterations += 1
+        self.last_iteration_tokens = len(decodes) + sum(n for _, n in chunks)
         return self._run(decodes, chunks)
 
     def _run(

@@ -34,6 +34,7 @@ class RunningRequest:
     chunk_tokens: int  # prefill chunk size
     hold_after_prefill: bool  # stop in HELD after the first token
     state: RequestState
+    batch_tokens: int | None = None  # while it prefills: tokens per iteration at most, in all
     num_computed_tokens: int = 0  # token positions with KV written
     paused_from: RequestState | None = None  # state to return to on resume
     output_token_ids: list[int] = field(default_factory=list)  # generated tokens
@@ -49,6 +50,7 @@ class RunningRequest:
         chunk_tokens: int,
         hold_after_prefill: bool,
         device: torch.device,
+        batch_tokens: int | None = None,
     ) -> RunningRequest:
         """A freshly admitted request in PREFILLING with no KV written yet."""
         generator = None
@@ -64,6 +66,7 @@ class RunningRequest:
             chunk_tokens=chunk_tokens,
             hold_after_prefill=hold_after_prefill,
             state=RequestState.PREFILLING,
+            batch_tokens=batch_tokens,
         )
 
     @property

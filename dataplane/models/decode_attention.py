@@ -36,8 +36,8 @@ PROGRAMS_PER_SM = 2  # target first-kernel programs per multiprocessor
 def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_kv_tokens: int) -> int:
     """Splits per sequence: enough programs to fill the device, none shorter than
     MIN_SPLIT_TOKENS for the longest sequence (`max_kv_tokens` may be an upper bound)."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, num_seqs * num_kv_heads)
-    useful = triton.cdiv(max_kv_tokens, MIN_SPLIT_TOKENS)
+    wanted: int = triton.cdiv(PROGRAMS_PER_SM * num_sms, num_seqs * num_kv_heads)
+    useful: int = triton.cdiv(max_kv_tokens, MIN_SPLIT_TOKENS)
     return max(1, min(MAX_SPLITS, wanted, useful))
 
 

@@ -24,8 +24,12 @@ from dataplane.models.rope import apply_rope
 class Norm(Protocol):
     """An RMSNorm module: its weight and epsilon, and the torch forward."""
 
-    weight: torch.Tensor
     eps: float
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The per-channel scale (a Parameter in the module: read-only here)."""
+        ...
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized x, in x's dtype."""

@@ -23,6 +23,7 @@ class Prefill:
     sampling: SamplingParams  # max_new_tokens: tokens still to generate
     chunk_tokens: int  # prompt tokens per iteration for this request (>= 1)
     decode_in_place: bool  # decode here afterwards; False: hold the KV for a transfer
+    batch_tokens: int = 0  # > 0: while it prefills, tokens per iteration in all at most (mixed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,9 @@ class ChunkDone:
     chunks_total: int  # chunks the prompt takes at this request's chunk size
     tokens_done: int  # prompt tokens with KV resident
     duration_s: float  # wall time of the iteration that ran it
+    iteration: int = 0  # the engine iteration that ran it (from 1); 0: not reported (SP)
+    iteration_tokens: int = 0  # tokens that iteration ran (decodes + every prefill chunk)
+    chunk_tokens: int = 0  # prompt tokens of this chunk
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,6 +196,7 @@ class WorkerRuntime:
             cmd.sampling,
             chunk_tokens=cmd.chunk_tokens,
             hold_after_prefill=not cmd.decode_in_place,
+            batch_tokens=cmd.batch_tokens or None,
         )
         num_prompt = len(cmd.prompt_token_ids)
         self._tracked[cmd.request_id] = _Tracked(
@@ -407,6 +408,9 @@ class WorkerRuntime:
                         max(tracked.chunks_total, tracked.chunks_done),
                         event.num_prefilled_tokens,
                         duration_s,
+                        self.engine.num_iterations,
+                        self.engine.last_iteration_tokens,
+                        event.num_chunk_tokens,
                     )
                 )
             elif isinstance(event, ev.PrefillDone) and tracked is not None:

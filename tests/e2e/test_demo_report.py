@@ -11,8 +11,8 @@ import pytest
 
 from pecsched.demo import plot_short_queueing_delays
 from pecsched.loadgen import ClusterCounters, Measured, ReplayOutcome
-from pecsched.replay import ReplayReport, records_of
-from pecsched.replay_report import build_report, format_comparison
+from pecsched.replay import records_of
+from pecsched.replay_report import ReplayReport, build_report, format_comparison
 from sdk.types import RequestState
 from sim.workloads import Workload
 

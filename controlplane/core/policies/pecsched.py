@@ -48,9 +48,9 @@ The ablations are this class with one switch of `SchedulerConfig` flipped (see r
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
@@ -86,6 +86,13 @@ _MAX_COLOCATED_ITERATIONS = 8
 _WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
 
+class _ChunkMark(NamedTuple):
+    """A long prefill's chunk clock."""
+
+    started_s: float  # when its chunk in flight started
+    last_s: float  # how long its last chunk ran, start to end (NaN until one did)
+
+
 class PecSchedPolicy(BasePolicy):
     """PecSched; the config's switches give the ablations."""
 
@@ -101,9 +108,8 @@ class PecSchedPolicy(BasePolicy):
         self._aged_holder: str | None = None  # the aged long holding instances, if any
         self._decode_pool_peak = 0  # most SHORT_DECODE instances seen at once
         self._decode_batch = DecodeBatchEstimator(config.short_tbt_slo_s, config.max_decode_batch)
-        # long prefills: request -> (when its chunk in flight started, last chunk's seconds;
-        # NaN until one chunk ran start to end), to pause the one nearest a chunk boundary
-        self._chunk_marks: dict[str, tuple[float, float]] = {}
+        # long prefills' chunk clocks, to pause the one nearest a chunk boundary
+        self._chunk_marks: dict[str, _ChunkMark] = {}
         # shorts colocated on a decoder: request -> (start s, iterations, decoder batch then)
         self._colocated: dict[str, tuple[float, int, int]] = {}
 
@@ -114,8 +120,8 @@ class PecSchedPolicy(BasePolicy):
         for event in events:
             if isinstance(event, PrefillChunkDone):
                 mark = self._chunk_marks.get(event.request_id)
-                last_s = math.nan if mark is None else event.at_s - mark[0]
-                self._chunk_marks[event.request_id] = (event.at_s, last_s)
+                last_s = math.nan if mark is None else event.at_s - mark.started_s
+                self._chunk_marks[event.request_id] = _ChunkMark(event.at_s, last_s)
             elif isinstance(event, RequestCancelled | RequestFailed):
                 self._chunk_marks.pop(event.request_id, None)
                 self._colocated.pop(event.request_id, None)
@@ -266,7 +272,7 @@ class PecSchedPolicy(BasePolicy):
 
     def _next_timer_s(self, now_s: float) -> float:
         st, aging_s = self._state, self._config.long_aging_s
-        wake_s = st.pause_deadlines[0][0] if st.pause_deadlines else math.inf
+        wake_s = st.next_starvation_s()
         oldest = self._head(_LONG)
         if aging_s is not None and oldest is not None:
             aged_s = oldest.spec.arrival_s + aging_s
@@ -450,21 +456,15 @@ class PecSchedPolicy(BasePolicy):
         instance with room for `req`, the one whose chunk in flight should end first (none
         whose chunk should end after `ends_by_s`)."""
         st = self._state
-        heap = st.running_longs
         kept: list[VictimEntry] = []
         found: tuple[float, int, RequestRecord, InstanceRecord] | None = None
-        while heap and len(kept) < _MAX_VICTIMS_TRIED:
-            entry = heapq.heappop(heap)
-            victim = st.requests.get(entry[3])
+        while len(kept) < _MAX_VICTIMS_TRIED and (popped := st.pop_victim()) is not None:
+            entry, victim = popped
             if (
-                victim is None
-                or victim.state is not RequestState.PREFILLING
-                or victim.num_preemptions != entry[4]
-                or not st.preemptible(victim)
-                or victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
+                victim.chunks_done + 1 >= victim.chunks_total  # last chunk in flight
                 or st.instances[victim.prefill_ids[0]].role is _DECODE  # colocated on a decoder
             ):
-                continue  # stale for good
+                continue  # never a victim again
             kept.append(entry)
             if not st.pause_due(victim):
                 continue  # not before its duty cycle's chunks ran
@@ -484,30 +484,22 @@ class PecSchedPolicy(BasePolicy):
             if boundary[0] <= ends_by_s and (found is None or boundary[:2] < found[:2]):
                 found = boundary
         for entry in kept:
-            if found is None or entry[3] != found[2].request_id:
-                heapq.heappush(heap, entry)
+            if found is None or entry.request_id != found[2].request_id:
+                st.push_victim(entry)
         return None if found is None else (found[2], found[3])
 
     def _chunk_end_s(self, req: RequestRecord) -> float:
         """When `req`'s chunk in flight should end, from its last chunk's length (inf when
         no chunk ran start to end since it started)."""
         mark = self._chunk_marks.get(req.request_id)
-        if mark is None or math.isnan(mark[1]):
+        if mark is None or math.isnan(mark.last_s):
             return math.inf
-        return mark[0] + mark[1]
+        return mark.started_s + mark.last_s
 
     def _protect_starving(self, now_s: float) -> None:
         st = self._state
-        heap = st.pause_deadlines
-        while heap and heap[0][0] <= now_s:
-            _, _, request_id, preemptions = heapq.heappop(heap)
-            req = st.requests.get(request_id)
-            if (
-                req is not None
-                and req.state is RequestState.PAUSED
-                and req.num_preemptions == preemptions
-            ):
-                st.protect(req)
+        for req in st.pop_starving(now_s):
+            st.protect(req)
 
     def _resume_paused(self, now_s: float, out: list[Action]) -> None:
         st = self._state
@@ -524,4 +516,4 @@ class PecSchedPolicy(BasePolicy):
                 out.append(st.resume(req, now_s, why))
                 mark = self._chunk_marks.get(req.request_id)
                 if mark is not None:
-                    self._chunk_marks[req.request_id] = (now_s, mark[1])
+                    self._chunk_marks[req.request_id] = _ChunkMark(now_s, mark.last_s)

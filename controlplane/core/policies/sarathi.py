@@ -14,7 +14,10 @@ favour). Nothing is preempted; every request decodes where it prefilled (no disa
 Routing (the cluster router in front of the engines): requests leave one queue first come first
 served; each goes to the instance with the fewest outstanding prefill tokens (prompt tokens of
 its prefills in flight), then the fewest decodes, that has a free prefill place of its kind, KV
-room for prompt + output and a decode place. The instances sit in a heap by that key, corrected
+room for prompt + output and a sequence place: its decodes plus prefills in flight stay below
+`max_decode_batch` (vLLM `max_num_seqs` counts both; the engine's `max_batch_seqs` bounds the
+sequences of one iteration, so every sequence then runs in each iteration, as the simulator
+prices it). The instances sit in a heap by that key, corrected
 lazily: an entry whose instance's key has grown is pushed back with the new key when popped, and
 an instance whose key may have shrunk (a prefill settled, a request ended on it) gets a fresh
 entry, so a request costs O(log n) per instance looked at, not a scan of every instance. The router binds a request only once an instance
@@ -32,6 +35,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
@@ -51,6 +55,16 @@ from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import InstanceRole, RequestClass, RequestState
 
 
+class _RouteKey(NamedTuple):
+    """An instance's place in the router's heap: least prompt tokens of partial prefills
+    first, then fewest decodes, then the seeded tiebreak."""
+
+    prompt_tokens: int  # of the partial prefills admitted to it
+    num_decoding: int
+    tiebreak: float
+    instance_id: str
+
+
 class SarathiPolicy(BasePolicy):
     """Mixed prefill/decode batches on every instance, routed by outstanding prefill tokens."""
 
@@ -62,8 +76,8 @@ class SarathiPolicy(BasePolicy):
         self._num_settled = 0  # mixed prefills ended (each frees a place)
         self._num_failed = 0  # stats["failed"] when the flights were last checked
         self._blocked: tuple[str, int, int, int, int] | None = None  # _route_key() of a miss
-        # router heap: (outstanding prompt tokens, decodes, tiebreak, instance id) when pushed
-        self._heap: list[tuple[int, int, float, str]] = []
+        # router heap: each instance's key when pushed (stale entries are skipped)
+        self._heap: list[_RouteKey] = []
         self._shrunk: set[str] = set()  # instances whose key may be below their heap entries'
         self._rebuild = True  # instances came or went: rebuild the heap from scratch
 
@@ -193,11 +207,11 @@ class SarathiPolicy(BasePolicy):
             return None  # every place of its kind is taken (O(1) while saturated)
         self._refresh_heap()
         heap = self._heap
-        passed: set[tuple[int, int, float, str]] = set()  # looked at: pushed back after
+        passed: set[_RouteKey] = set()  # looked at: pushed back after
         found: InstanceRecord | None = None
         while heap:
             entry = heapq.heappop(heap)
-            inst = st.instances.get(entry[3])
+            inst = st.instances.get(entry.instance_id)
             if inst is None:
                 continue  # gone
             key = self._key(inst)
@@ -219,7 +233,7 @@ class SarathiPolicy(BasePolicy):
                 )
                 or inst.prefill_id is not None
                 or inst.held_for is not None
-                or len(inst.decoding) >= cfg.max_decode_batch
+                or len(inst.decoding) + (0 if load is None else load.num) >= cfg.max_decode_batch
                 or not st.ledger.can_allocate(inst.instance_id, need)
             ):
                 found = inst
@@ -228,10 +242,10 @@ class SarathiPolicy(BasePolicy):
             heapq.heappush(heap, entry)
         return found
 
-    def _key(self, inst: InstanceRecord) -> tuple[int, int, float, str]:
+    def _key(self, inst: InstanceRecord) -> _RouteKey:
         load = self._load.get(inst.instance_id)
         tokens = 0 if load is None else load.prompt_tokens
-        return (tokens, len(inst.decoding), inst.tiebreak, inst.instance_id)
+        return _RouteKey(tokens, len(inst.decoding), inst.tiebreak, inst.instance_id)
 
     def _refresh_heap(self) -> None:
         """Fresh entries for the instances whose key may have shrunk (all after a rebuild)."""

@@ -256,10 +256,21 @@ class PrefillChunkDone(_message.Message):
     CHUNKS_TOTAL_FIELD_NUMBER: _builtins.int
     TOKENS_DONE_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    ITERATION_TOKENS_FIELD_NUMBER: _builtins.int
+    CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
     chunk_index: _builtins.int
     chunks_total: _builtins.int
     tokens_done: _builtins.int
     duration_s: _builtins.float
+    iteration: _builtins.int
+    """The worker's iteration that ran this chunk (counting from 1; chunks of several prefills
+    run in one iteration share it; 0: not reported, e.g. an SP group's chunk).
+    """
+    iteration_tokens: _builtins.int
+    """Tokens that whole iteration ran: its decodes plus every prefill chunk in it."""
+    chunk_tokens: _builtins.int
+    """Prompt tokens of this chunk."""
     def __init__(
         self,
         *,
@@ -267,10 +278,13 @@ class PrefillChunkDone(_message.Message):
         chunks_total: _builtins.int = ...,
         tokens_done: _builtins.int = ...,
         duration_s: _builtins.float = ...,
+        iteration: _builtins.int = ...,
+        iteration_tokens: _builtins.int = ...,
+        chunk_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_index", b"chunk_index", "chunks_total", b"chunks_total", "duration_s", b"duration_s", "tokens_done", b"tokens_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_index", b"chunk_index", "chunk_tokens", b"chunk_tokens", "chunks_total", b"chunks_total", "duration_s", b"duration_s", "iteration", b"iteration", "iteration_tokens", b"iteration_tokens", "tokens_done", b"tokens_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,8 +754,15 @@ class Colocate(_message.Message):
 
     PREFILL_FIELD_NUMBER: _builtins.int
     ITERATION_PREFILL_BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    MIXED_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     iteration_prefill_budget_tokens: _builtins.int
     """Prefill tokens per iteration, bounding the long request's time between tokens."""
+    mixed_batch_tokens: _builtins.int
+    """> 0: a mixed prefill (sarathi, vLLM-v1 style): every iteration of the host that runs this
+    prefill takes at most this many tokens in all, decodes first, then the host's prefills in
+    admission order (the control plane's per-iteration budget; the engine never exceeds its
+    own --max-batch-tokens either, which sizes its activation memory). 0: no such bound.
+    """
     @_builtins.property
     def prefill(self) -> Global___StartPrefill: ...
     def __init__(
@@ -749,10 +770,11 @@ class Colocate(_message.Message):
         *,
         prefill: Global___StartPrefill | None = ...,
         iteration_prefill_budget_tokens: _builtins.int = ...,
+        mixed_batch_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prefill", b"prefill"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["iteration_prefill_budget_tokens", b"iteration_prefill_budget_tokens", "prefill", b"prefill"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iteration_prefill_budget_tokens", b"iteration_prefill_budget_tokens", "mixed_batch_tokens", b"mixed_batch_tokens", "prefill", b"prefill"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,21 @@ async def wait_all_final(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not final after {timeout_s}s: {[views[r] for r in pending][:3]}")
         await asyncio.sleep(0.05)
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 30.0
+) -> None:
+    """Wait until `condition()` (sync or async) holds; AssertionError naming `what` after
+    `timeout_s`. Checks every 20 ms on the running loop."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.02)
 
 
 async def generate_all(

@@ -3,13 +3,13 @@ text prompts refused for models with their own tokenizer."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
 import pytest
 from cp_harness import (
     GENERAL,
+    eventually,
     make_config,
     migrated_db,
     start_control_plane,
@@ -90,26 +90,29 @@ async def test_watch_cancel_running_and_deadline(tmp_path):
         running = (await stub.Submit(submit_request([1, 2], 50))).request_id
         deadline = seconds_to_timestamp(time.time() + 0.3)
         doomed = (await stub.Submit(submit_request([3, 4], 50, deadline=deadline))).request_id
-        for _ in range(100):
+
+        async def decoding() -> bool:
             view = await stub.Get(inference_pb2.GetRequest(request_id=running))
-            if view.output_tokens >= 2:
-                break
-            await asyncio.sleep(0.02)
+            return view.output_tokens >= 2
+
+        await eventually(decoding, "the first request decodes")
         watch = stub.Watch(inference_pb2.WatchRequest(interval_s=0.1))
         snapshot = await watch.read()
         watch.cancel()
         # Execute
         cancelled = await stub.Cancel(inference_pb2.CancelRequest(request_id=running))
         views = await wait_all_final(stub, [running, doomed])
-        await asyncio.sleep(0.1)
+        await eventually(
+            lambda: any(
+                c.WhichOneof("kind") == "cancel" and c.cancel.request_id == running
+                for c in agent.commands
+            ),
+            "the agent got a Cancel for the cancelled request",
+        )
         # Assert
         assert snapshot.policy == "fifo" and [i.instance_id for i in snapshot.instances] == ["a0"]
         assert cancelled.state == common_pb2.REQUEST_STATE_CANCELLED
         assert "cancelled by admin" in cancelled.error
-        assert any(
-            c.WhichOneof("kind") == "cancel" and c.cancel.request_id == running
-            for c in agent.commands
-        )
         assert views[doomed].state == common_pb2.REQUEST_STATE_FAILED
         assert "deadline" in views[doomed].error
     finally:

@@ -17,6 +17,7 @@ import pytest
 from cp_harness import (
     GENERAL,
     ControlPlane,
+    eventually,
     make_config,
     migrated_db,
     start_control_plane,
@@ -245,7 +246,9 @@ async def test_the_port_opens_before_recovery_and_calls_wait_for_it(tmp_path):
         # Execute
         before = (await health.Check(health_pb2.HealthCheckRequest())).status
         submit = asyncio.ensure_future(stub.Submit(submit_request([3, 4], 3)))
-        await asyncio.sleep(0.3)
+        await eventually(
+            lambda: runtime.admission.prompt_bytes() > 0, "the submit waits in the runtime"
+        )
         waited = not submit.done()
         recovered = await runtime.start()
         reply = await asyncio.wait_for(submit, 10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 
 import grpc
@@ -11,6 +10,7 @@ from cp_harness import (
     GENERAL,
     SHORT_DECODE,
     TEST_SCHEDULER,
+    eventually,
     generate_all,
     make_config,
     migrated_db,
@@ -42,12 +42,12 @@ async def test_short_request_pauses_long_prefill_which_resumes_and_finishes(tmp_
     try:
         # Execute
         long_id = (await stub.Submit(submit_request(long_prompt, 4))).request_id
-        for _ in range(100):
+
+        async def long_ran_a_chunk() -> bool:  # before that it may not be paused
             view = await stub.Get(inference_pb2.GetRequest(request_id=long_id))
-            if view.state == common_pb2.REQUEST_STATE_PREFILLING:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+            return view.state == common_pb2.REQUEST_STATE_PREFILLING and view.chunks_done >= 1
+
+        await eventually(long_ran_a_chunk, "the long request prefilled a chunk")
         short_id = (await stub.Submit(submit_request(short_prompt, 4))).request_id
         views = await wait_all_final(stub, [long_id, short_id])
         # Assert

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cp_harness import migrated_db, submit_request
+from cp_harness import eventually, migrated_db, submit_request
 
 from protos.pecsched.v1 import inference_pb2_grpc
 
@@ -73,14 +73,26 @@ async def test_metrics_port_serves_prometheus_text_and_sigterm_exits_cleanly(tmp
         async with grpc.aio.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             await stub.Submit(submit_request(list(range(10)), 2))
-        await asyncio.sleep(1.2)  # the gauges refresh with the next snapshot (1 s)
+        expected = (
+            'pecsched_submits_total{result="created"} 1',
+            'pecsched_queue_depth{request_class="short"} 1',  # with the next snapshot (1 s)
+            'pecsched_tokens_total{kind="prompt",request_class="short"} 10',
+        )
+
         # Execute
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url).read())
-        text = body.decode()
+        async def scrape() -> str:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(metrics_url).read())
+            return body.decode()
+
+        async def all_exported() -> bool:
+            text = await scrape()
+            return all(line in text for line in expected)
+
+        await eventually(all_exported, "the submit in the exported metrics")
         # Assert
-        assert 'pecsched_submits_total{result="created"} 1' in text
-        assert 'pecsched_queue_depth{request_class="short"} 1' in text
-        assert 'pecsched_tokens_total{kind="prompt",request_class="short"} 10' in text
+        text = await scrape()
+        for line in expected:
+            assert line in text
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cp_harness import GENERAL, generate_all, migrated_db, submit_request, wait_all_final
+from cp_harness import (
+    GENERAL,
+    eventually,
+    generate_all,
+    migrated_db,
+    submit_request,
+    wait_all_final,
+)
 from cp_sim_agent import SimAgent, expected_token
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -61,11 +68,12 @@ async def test_sigkill_and_restart_finishes_every_acknowledged_request(tmp_path)
     stub = inference_pb2_grpc.InferenceStub(channel)
     prompts = [[i % 256, 5, 6] for i in range(12)]
     ids = [(await stub.Submit(submit_request(p, 16))).request_id for p in prompts]
-    for _ in range(300):
+
+    async def first_decodes() -> bool:
         view = await stub.Get(inference_pb2.GetRequest(request_id=ids[0]))
-        if view.output_tokens >= 4:
-            break
-        await asyncio.sleep(0.02)
+        return view.output_tokens >= 4
+
+    await eventually(first_decodes, "the first request decoded 4 tokens")
     await channel.close()
     # Execute
     first.send_signal(signal.SIGKILL)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from cp_harness import (
     GENERAL,
+    eventually,
     make_config,
     migrated_db,
     start_control_plane,
@@ -54,7 +53,10 @@ async def test_spans_link_client_control_plane_and_agent(tmp_path):
         await agent.stop()
         await cp.stop()  # flushes the control plane's spans
         agent_telemetry.shutdown()
-        await asyncio.sleep(0.1)
+        await eventually(
+            lambda: {"agent.execute", tm.SPAN_SUBMIT} <= {s.name for s in receiver.spans},
+            "the agent's and the control plane's spans at the receiver",
+        )
         # Assert
         spans = [s for s in receiver.spans if s.trace_id.hex() == CLIENT_TRACE_ID]
         by_id = {s.span_id.hex(): s for s in spans}

@@ -137,6 +137,24 @@ def test_offsets_after_requeue_and_prompt_length() -> None:
     assert finished.finished.output_tokens == 4
 
 
+def test_a_mixed_colocate_hands_its_batch_budget_to_the_worker_and_chunks_report_it() -> None:
+    core, ports = make_core()
+    attach(core)
+    start = cluster_pb2.StartPrefill(
+        request_id="r", prompt_token_ids=[1] * 40, instance_ids=["n1/1"], max_new_tokens=4,
+        decode_in_place=True, chunk_tokens=32,
+    )  # fmt: skip
+    budget = {"iteration_prefill_budget_tokens": 16, "mixed_batch_tokens": 24}
+    command(core, colocate=cluster_pb2.Colocate(prefill=start, **budget))  # type: ignore[arg-type]
+    index, sent = ports.worker[-1]
+    core.handle(WorkerSaid(1, 0, m.ChunkDone("r", 0, 3, 16, 0.1, 7, 21, 16)))
+    (event,) = ports.events()
+    assert index == 1 and isinstance(sent, m.Prefill)
+    assert (sent.chunk_tokens, sent.batch_tokens) == (16, 24)
+    c = event.chunk_done
+    assert (c.iteration, c.iteration_tokens, c.chunk_tokens, c.tokens_done) == (7, 21, 16, 16)
+
+
 def test_cancel_answers_once_after_every_holder_replied() -> None:
     core, ports = make_core()
     attach(core)

@@ -113,6 +113,21 @@ def test_prefill_command_fields():
     assert (p.group_id, p.rendezvous_address) == ("g", "n:1")
 
 
+def test_colocate_command_carries_the_mixed_batch_budget():
+    order = ColocateOrder(PREFILL, 64, 2048)
+    c = convert.command_to_proto(AgentCommand("n", order, "r", None), 1).command.colocate
+    assert (c.iteration_prefill_budget_tokens, c.mixed_batch_tokens) == (64, 2048)
+
+
+def test_chunk_event_keeps_its_iteration():
+    chunk = cluster_pb2.PrefillChunkDone(
+        chunk_index=1, chunks_total=3, duration_s=0.5, iteration=9, iteration_tokens=30,
+        chunk_tokens=12,
+    )  # fmt: skip
+    body = convert.report_from_proto(cluster_pb2.Event(chunk_done=chunk), "n", 1.0).body
+    assert body == ChunkDone(1, 3, 0.5, 9, 30, 12)
+
+
 @pytest.mark.parametrize(
     ("event", "body"),
     [

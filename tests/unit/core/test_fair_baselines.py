@@ -63,6 +63,27 @@ def test_sarathi_limits_partial_prefills_and_lets_shorts_pass_a_waiting_long() -
     assert policy.request_view("L1").state is RequestState.QUEUED
 
 
+def test_sarathi_counts_prefills_in_flight_and_decodes_against_the_sequence_limit() -> None:
+    # Prepare: one instance of 3 sequences at most; one request decodes there
+    policy = make_policy(
+        "sarathi", instances=make_instances(1, kv_capacity_tokens=100_000), max_decode_batch=3
+    )
+    dp = FakeDataPlane(policy)
+    dp.submit(make_request("d", prompt_tokens=100, max_new_tokens=1_000))
+    dp.step()
+    while policy.request_view("d").state is not RequestState.DECODING:
+        dp.step()
+
+    # Execute: three shorts arrive together
+    for k in range(3):
+        dp.submit(make_request(f"s{k}", prompt_tokens=500, arrival_s=dp.now_s))
+    started = [a.request_id for a in dp.step().actions]
+
+    # Assert: one decode + two prefills fill the 3 places (vLLM max_num_seqs); s2 waits
+    assert started == ["s0", "s1"]
+    assert policy.request_view("s2").state is RequestState.QUEUED
+
+
 def test_sarathi_routes_to_the_least_outstanding_prefill_tokens() -> None:
     # Prepare: two instances, a long prefilling on one of them
     policy = make_policy("sarathi", instances=make_instances(2, kv_capacity_tokens=100_000))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from controlplane.core import lifecycle
-from controlplane.core.errors import ErrorCode, IllegalTransitionError
+from controlplane.core.errors import ErrorCode
+from controlplane.core.lifecycle import IllegalTransitionError
 from controlplane.core.types import RequestState
 
 _PAIRS = [(rule, state) for rule in lifecycle.RULES for state in RequestState]

@@ -124,6 +124,39 @@ def test_requests_in_mixed_batches_at_different_lengths_equal_transformers(oracl
     assert outputs == {f"r{i}": wants[i] for i in range(len(lengths))}
 
 
+def test_a_mixed_prefills_batch_tokens_bound_every_iteration_it_runs_in(oracle: Oracle) -> None:
+    # Prepare: an engine of 64 tokens per iteration; a decode, then a long and a short prompt
+    # admitted with a 20-token budget (sarathi's): decodes first, then chunks in admission order.
+    prompts = {
+        "d": oracle.prompt(60, 5),
+        "long": oracle.prompt(61, 70),
+        "short": oracle.prompt(62, 9),
+    }
+    wants = {rid: oracle.greedy(p, NEW_TOKENS) for rid, p in prompts.items()}
+    engine = oracle.engine(chunk_tokens=64, max_batch_tokens=64)
+    engine.add_request("d", prompts["d"], SamplingParams(max_new_tokens=NEW_TOKENS))
+    engine.step()
+    for rid, chunk in (("long", 12), ("short", 64)):
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
+        engine.add_request(rid, prompts[rid], sampling, chunk_tokens=chunk, batch_tokens=20)
+    steps: list[tuple[int, dict[str, int]]] = []  # (iteration tokens, chunk tokens by request)
+
+    def on_step(_: int, events: list[EngineEvent]) -> None:
+        chunks = {e.request_id: e.num_chunk_tokens for e in events if isinstance(e, ChunkDone)}
+        steps.append((engine.last_iteration_tokens, chunks))
+
+    # Execute
+    outputs = oracle.run(engine, on_step)
+
+    # Assert: 1 decode + 12 (long's chunk) + 7 of the short (the budget's rest), then the rest.
+    assert outputs == wants
+    assert steps[0] == (20, {"long": 12, "short": 7})
+    assert steps[1] == (15, {"long": 12, "short": 2})  # the decode, a chunk, the short's rest
+    prefilling = [tokens for tokens, chunks in steps if chunks]
+    assert max(prefilling) <= 20 and sum(c.get("long", 0) for _, c in steps) == 70
+    assert engine.num_iterations == 1 + len(steps)
+
+
 def test_eos_stops_a_request_and_frees_its_kv(oracle: Oracle) -> None:
     # Prepare: make the reference's 4th token the end-of-sequence token.
     prompt = oracle.prompt(30, 12)

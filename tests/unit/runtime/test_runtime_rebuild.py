@@ -26,9 +26,11 @@ class FaultyRepository(InMemoryRepository):
         self.fail_updates = False
         self.fail_changes = False  # only updates that change a request (recovery's are empty)
         self.fail_adds = False
+        self.num_failed_updates = 0
 
     def update_requests(self, views):  # type: ignore[no-untyped-def]
         if self.fail_updates or (self.fail_changes and views):
+            self.num_failed_updates += 1
             raise Unavailable("database unavailable: disk full")
         super().update_requests(views)
 
@@ -77,9 +79,8 @@ async def test_a_failed_tick_rolls_back_and_the_runtime_rebuilds_once_the_databa
     repo.fail_updates = True
     # Execute: the cancel makes the tick update a request, which fails; so does every rebuild
     cancel = asyncio.ensure_future(runtime.cancel("r0", "test"))
-    while runtime.serving:
+    while repo.num_failed_updates < 3:  # the tick, then two rebuilds, failed
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
     waited = not cancel.done()
     rolled_back = repo.get_request("r0").state
     repo.fail_updates = False

@@ -64,7 +64,7 @@ def test_concurrent_writers_wait_for_the_lock_instead_of_failing(tmp_path: Path)
         try:
             for i in range(25):
                 with repo.transaction(write=True):
-                    repo.class_stats()
+                    repo.unfinished_requests()
                     repo.add_request(make_new_request(f"w{worker}-{i}", arrival_s=float(i)))
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
