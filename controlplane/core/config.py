@@ -120,9 +120,11 @@ class SchedulerConfig:
         metadata={
             "help": "pecsched, with colocation (long_decode_sharing=colocate) and "
             "disaggregation: a short prefill may run inside a short-decode instance's "
-            "iterations (colocation_budget_tokens a step) while its batch is below the TBT "
-            "target's, and decode there (tried after open general instances, before a long "
-            "decode's instance or a preemption)"
+            "iterations while its batch is below the TBT target's, and decode there (tried "
+            "after open general instances, before a long decode's instance or a preemption); "
+            "at most colocation_budget_tokens a step, fewer when the step would exceed "
+            "short_tbt_slo_s (priced from the decodes and colocations observed), none when "
+            "the prefill would need more than 8 steps"
         },
     )
     lend_decoder_to_longs: bool = field(

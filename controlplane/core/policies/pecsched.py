@@ -17,7 +17,9 @@ Each schedule():
    cannot take them) until the held ones can take it. Shorts keep every other instance.
 3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
    an open general instance (most free KV); colocated on a short-decode instance whose batch
-   is below the TBT target's, decoding there (`short_decode_colocation`); an instance
+   is below the TBT target's, decoding there (`short_decode_colocation`; its prompt tokens a
+   step priced so each iteration stays within `short_tbt_slo_s`, none when that takes more
+   than `_MAX_COLOCATED_ITERATIONS` steps); an instance
    decoding a long request (Colocate with a per-iteration prefill budget, or a stalling
    StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
    colocation on decoders); an instance whose long prefill is already paused; else, with
@@ -78,6 +80,9 @@ _DECODE_BOUND = (RequestState.PREFILLING, RequestState.TRANSFERRING_KV, RequestS
 # long20-bursty and Azure Mistral-7B points of bench/paper_eval.py -35 to -50%, every seed)
 _MAX_VICTIMS_TRIED = 32
 _DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
+# most iterations a short prefill colocated on a decoder may take (each within the TBT target:
+# under a second at 0.1 s); a longer one goes to a long decode's instance or a preemption
+_MAX_COLOCATED_ITERATIONS = 8
 _WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
 
 
@@ -105,6 +110,8 @@ class PecSchedPolicy(BasePolicy):
         self._decode_batch = DecodeBatchEstimator(config.short_tbt_slo_s, config.max_decode_batch)
         # long prefills' chunk clocks, to pause the one nearest a chunk boundary
         self._chunk_marks: dict[str, _ChunkMark] = {}
+        # shorts colocated on a decoder: request -> (start s, iterations, decoder batch then)
+        self._colocated: dict[str, tuple[float, int, int]] = {}
 
     def observe(self, events: Sequence[Event]) -> None:
         """Apply events, then learn from them: long prefills' chunk clocks (`_chunk_marks`)
@@ -117,9 +124,12 @@ class PecSchedPolicy(BasePolicy):
                 self._chunk_marks[event.request_id] = _ChunkMark(event.at_s, last_s)
             elif isinstance(event, RequestCancelled | RequestFailed):
                 self._chunk_marks.pop(event.request_id, None)
+                self._colocated.pop(event.request_id, None)
                 self._decode_batch.forget(event.request_id)
             elif isinstance(event, KVTransferDone | PrefillDone | RequestFinished):
                 self._chunk_marks.pop(event.request_id, None)
+                if isinstance(event, PrefillDone):
+                    self._learn_colocation(event)
                 self._learn_decode(event)
 
     def _learn_decode(self, event: KVTransferDone | PrefillDone | RequestFinished) -> None:
@@ -137,6 +147,17 @@ class PecSchedPolicy(BasePolicy):
             self._decode_batch.decode_ended(req.request_id, event.at_s, req.output_tokens, batch)
         else:
             self._decode_batch.decode_started(req.request_id, event.at_s, len(inst.decoding))
+
+    def _learn_colocation(self, event: PrefillDone) -> None:
+        """A short colocated on a decoder finished its prefill: price its iterations."""
+        started = self._colocated.pop(event.request_id, None)
+        req = self._state.requests.get(event.request_id)
+        if started is None or req is None:
+            return
+        start_s, iterations, batch = started
+        self._decode_batch.colocated_prefill_ran(
+            event.at_s - start_s, req.spec.prompt_tokens, iterations, batch
+        )
 
     def _decode_batch_limit(self) -> int:
         """Shorts one short-decode instance takes: the learned batch within the TBT target."""
@@ -303,20 +324,39 @@ class PecSchedPolicy(BasePolicy):
 
     def _colocate_on_decoder(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         """With colocation and disaggregation, prefill `req` inside the decode iterations of a
-        short-decode instance whose batch is below the TBT target's (`colocation_budget_tokens`
-        a step), then decode it there: decoder slack serves short prefills before any long
-        request is slowed. One colocated prefill per decoder at a time."""
+        short-decode instance whose batch is below the TBT target's, then decode it there:
+        decoder slack serves short prefills before any long request is slowed. Its budget a
+        step (at most `colocation_budget_tokens`) keeps each iteration within the TBT target,
+        priced by `DecodeBatchEstimator.colocation_budget`; a decoder where the prefill would
+        need more than `_MAX_COLOCATED_ITERATIONS` steps at that budget is passed over. One
+        colocated prefill per decoder at a time."""
         st = self._state
-        limit = self._decode_batch.batch_limit()
+        estimator = self._decode_batch
+        limit = estimator.batch_limit()
         need = req.spec.total_tokens
+        prompt = req.spec.prompt_tokens
         for inst in self._decoders_open_to(req, now_s, self._config.short_decode_colocation):
-            if len(inst.decoding) < limit and st.ledger.can_allocate(inst.instance_id, need):
-                reason = f"colocated on short-decode instance {inst.instance_id}"
-                action = st.start_prefill(
-                    req, [inst], decode_in_place=True, now_s=now_s, reason=reason, colocate=True
-                )
-                out.append(action)
-                return True
+            batch = len(inst.decoding)
+            if batch >= limit or not st.ledger.can_allocate(inst.instance_id, need):
+                continue
+            budget = estimator.colocation_budget(batch, self._config.colocation_budget_tokens)
+            if budget < 1 or budget * _MAX_COLOCATED_ITERATIONS < prompt:
+                continue
+            reason = (
+                f"colocated on short-decode instance {inst.instance_id} ({budget} tokens a step)"
+            )
+            action = st.start_prefill(
+                req,
+                [inst],
+                decode_in_place=True,
+                now_s=now_s,
+                reason=reason,
+                colocate=True,
+                colocate_budget_tokens=budget,
+            )
+            out.append(action)
+            self._colocated[req.request_id] = (now_s, -(-prompt // budget), batch)
+            return True
         return False
 
     def _decoders_open_to(
