@@ -203,18 +203,24 @@ class PecSchedPolicy(BasePolicy):
                 budget_pairs = cfg.chunk_budget_token_pairs or cfg.chunk_tokens**2
                 budget = max(16, budget_pairs // max(1, req.spec.prompt_tokens) // 16)
                 reason = f"lent short-decode instance {inst.instance_id} ({budget} tokens a step)"
-                action = st.start_prefill(
-                    req,
-                    [inst],
-                    decode_in_place=True,
-                    now_s=now_s,
-                    reason=reason,
-                    colocate=True,
-                    colocate_budget_tokens=budget,
-                )
-                out.append(action)
+                out.append(self._colocate(req, inst, budget, reason, now_s))
                 return True
         return False
+
+    def _colocate(
+        self, req: RequestRecord, inst: InstanceRecord, budget: int, reason: str, now_s: float
+    ) -> Action:
+        """Prefill `req` on the decoder `inst`, `budget` prompt tokens per step beside its
+        decodes, and decode it there."""
+        return self._state.start_prefill(
+            req,
+            [inst],
+            decode_in_place=True,
+            now_s=now_s,
+            reason=reason,
+            colocate=True,
+            colocate_budget_tokens=budget,
+        )
 
     def _balance_short_decode(self, now_s: float, out: list[Action]) -> None:
         """Demand-sized short-decode pool: `_decoders_needed()` instances, never fewer than one
@@ -345,16 +351,7 @@ class PecSchedPolicy(BasePolicy):
             reason = (
                 f"colocated on short-decode instance {inst.instance_id} ({budget} tokens a step)"
             )
-            action = st.start_prefill(
-                req,
-                [inst],
-                decode_in_place=True,
-                now_s=now_s,
-                reason=reason,
-                colocate=True,
-                colocate_budget_tokens=budget,
-            )
-            out.append(action)
+            out.append(self._colocate(req, inst, budget, reason, now_s))
             self._colocated[req.request_id] = (now_s, -(-prompt // budget), batch)
             return True
         return False
