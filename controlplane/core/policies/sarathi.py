@@ -27,7 +27,8 @@ finds no place otherwise stops the queue.
 
 A prompt whose KV no single instance holds runs as `fifo` runs it: a chunked SP prefill over the
 fewest instances that hold it, then decodes there. Its instances are gathered one by one as their
-mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve it).
+mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve it); only ones
+that leave a group within `max_sp_degree` able to hold it are held.
 """
 
 from __future__ import annotations
@@ -262,28 +263,53 @@ class SarathiPolicy(BasePolicy):
         self._shrunk.clear()
 
     def _place_sp(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
-        """Hold drained instances until they can hold `req`'s KV, then SP-prefill it there."""
+        """Hold drained instances until they can hold `req`'s KV, then SP-prefill it there.
+
+        Only instances that leave a group of at most `max_sp_degree` able to hold the KV are
+        held (largest first), so holds never fill the cap with instances too small for it;
+        holds that can no longer complete (an instance went down) are released.
+        """
         cfg, st = self._config, self._state
         held = [st.instances[i] for i in req.held_ids if i in st.instances]
         need = req.spec.total_tokens
+        if held and not self._can_complete(held, need):
+            st.release_holds(req)
+            held = []
         capacity = sum(st.ledger.capacity(i.instance_id) for i in held)
-        if capacity < need:
-            for inst in self._drained():
-                if len(held) >= cfg.max_sp_degree or capacity >= need:
-                    break
+        for inst in self._drained():
+            if len(held) >= cfg.max_sp_degree or capacity >= need:
+                break
+            if self._can_complete([*held, inst], need):
                 st.hold(req, inst)
                 held.append(inst)
                 capacity += st.ledger.capacity(inst.instance_id)
-        if sum(st.ledger.free_tokens(i.instance_id) for i in held) < need:
-            return False  # the held instances' decodes still hold KV: they finish
+        if capacity < need or sum(st.ledger.free_tokens(i.instance_id) for i in held) < need:
+            return False  # the rest of its group, or the held ones' KV, is still busy
         group = rank_order(st.release_holds(req))
         reason = f"SP group of {len(group)} holding {need} KV tokens (too long for one)"
         out.append(st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason))
         return True
 
+    def _can_complete(self, group: list[InstanceRecord], need: int) -> bool:
+        """True when `group` plus the largest other GENERAL instances, `max_sp_degree` in all,
+        have `need` KV tokens of capacity."""
+        st = self._state
+        ids = {i.instance_id for i in group}
+        others = sorted(
+            (
+                st.ledger.capacity(iid)
+                for iid, inst in st.instances.items()
+                if inst.role is InstanceRole.GENERAL and iid not in ids
+            ),
+            reverse=True,
+        )
+        room = self._config.max_sp_degree - len(group)
+        capacity = sum(st.ledger.capacity(iid) for iid in ids) + sum(others[: max(room, 0)])
+        return room >= 0 and capacity >= need
+
     def _drained(self) -> list[InstanceRecord]:
-        """GENERAL instances free for an SP prefill (no prefill in flight, not held), most free
-        KV first."""
+        """GENERAL instances free for an SP prefill (no prefill in flight, not held), largest
+        KV capacity first, then most free KV."""
         st = self._state
         free = [
             inst
@@ -293,7 +319,14 @@ class SarathiPolicy(BasePolicy):
             and inst.held_for is None
             and not self._load.get(inst.instance_id, _Load()).num
         ]
-        return sorted(free, key=lambda i: (-st.ledger.free_tokens(i.instance_id), i.tiebreak))
+        return sorted(
+            free,
+            key=lambda i: (
+                -st.ledger.capacity(i.instance_id),
+                -st.ledger.free_tokens(i.instance_id),
+                i.tiebreak,
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
