@@ -81,6 +81,7 @@ class SarathiPolicy(BasePolicy):
         self._heap: list[_RouteKey] = []
         self._shrunk: set[str] = set()  # instances whose key may be below their heap entries'
         self._rebuild = True  # instances came or went: rebuild the heap from scratch
+        self._sp_holder: str | None = None  # the request the SP holds were last taken for
 
     def observe(self, events: Sequence[Event]) -> None:
         """Apply events (see BasePolicy); free the places of mixed prefills that ended; note
@@ -267,9 +268,15 @@ class SarathiPolicy(BasePolicy):
 
         Only instances that leave a group of at most `max_sp_degree` able to hold the KV are
         held (largest first), so holds never fill the cap with instances too small for it;
-        holds that can no longer complete (an instance went down) are released.
+        holds that can no longer complete (an instance went down) are released. Only the oldest
+        (best) long holds: one that another long overtook (a higher priority) gives its holds
+        up, so two never each hold part of what both need (a deadlock).
         """
         cfg, st = self._config, self._state
+        former = st.requests.get(self._sp_holder) if self._sp_holder else None
+        if former is not None and former is not req and former.state is RequestState.QUEUED:
+            st.release_holds(former)
+        self._sp_holder = req.request_id
         held = [st.instances[i] for i in req.held_ids if i in st.instances]
         need = req.spec.total_tokens
         if held and not self._can_complete(held, need):

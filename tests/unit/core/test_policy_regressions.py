@@ -5,7 +5,7 @@ from __future__ import annotations
 from builders import make_instance, make_request
 from test_properties import Scenario, play
 
-from controlplane.core.types import InstanceRole, RequestState
+from controlplane.core.types import InstanceRole, InstanceSpec, RequestSpec, RequestState
 
 _CONFIG = {
     "chunk_tokens": 2_000,
@@ -60,3 +60,264 @@ def test_sarathi_sp_holds_only_instances_that_can_complete_the_group() -> None:
 
     # Execute / Assert
     assert _finished(sc) == ["r00", "r01"]
+
+
+def test_sarathi_sp_holds_go_to_the_best_long_only() -> None:
+    # Arrange: r17 (priority 0) held i1 for its SP group; r11 (priority 1, SP too) then
+    # overtook it and held i0: each held half of what both need, forever.
+    sc = Scenario(
+        policy="sarathi",
+        instances=(
+            InstanceSpec(
+                instance_id="i0",
+                node_id="n0",
+                role=InstanceRole.GENERAL,
+                tp=1,
+                kv_capacity_tokens=60000,
+            ),
+            InstanceSpec(
+                instance_id="i1",
+                node_id="n0",
+                role=InstanceRole.GENERAL,
+                tp=1,
+                kv_capacity_tokens=60000,
+            ),
+        ),
+        config={
+            "chunk_tokens": 8192,
+            "max_pause_s": 30.0,
+            "max_decode_batch": 3,
+            "long_aging_s": None,
+            "max_sp_degree": 2,
+            "max_kv_transfer_attempts": 3,
+        },
+        arrivals=(
+            (
+                0,
+                RequestSpec(
+                    request_id="r15",
+                    tenant="tenant",
+                    prompt_tokens=10100,
+                    max_new_tokens=26,
+                    priority=0,
+                    arrival_s=0.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                3,
+                RequestSpec(
+                    request_id="r01",
+                    tenant="tenant",
+                    prompt_tokens=5177,
+                    max_new_tokens=26,
+                    priority=0,
+                    arrival_s=3.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                4,
+                RequestSpec(
+                    request_id="r13",
+                    tenant="tenant",
+                    prompt_tokens=12265,
+                    max_new_tokens=12,
+                    priority=2,
+                    arrival_s=4.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                10,
+                RequestSpec(
+                    request_id="r03",
+                    tenant="tenant",
+                    prompt_tokens=3837,
+                    max_new_tokens=29,
+                    priority=2,
+                    arrival_s=10.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                10,
+                RequestSpec(
+                    request_id="r14",
+                    tenant="tenant",
+                    prompt_tokens=1369,
+                    max_new_tokens=22,
+                    priority=2,
+                    arrival_s=10.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                10,
+                RequestSpec(
+                    request_id="r16",
+                    tenant="tenant",
+                    prompt_tokens=1793,
+                    max_new_tokens=22,
+                    priority=0,
+                    arrival_s=10.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                13,
+                RequestSpec(
+                    request_id="r17",
+                    tenant="tenant",
+                    prompt_tokens=110181,
+                    max_new_tokens=3,
+                    priority=0,
+                    arrival_s=13.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                14,
+                RequestSpec(
+                    request_id="r12",
+                    tenant="tenant",
+                    prompt_tokens=6643,
+                    max_new_tokens=25,
+                    priority=2,
+                    arrival_s=14.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                20,
+                RequestSpec(
+                    request_id="r07",
+                    tenant="tenant",
+                    prompt_tokens=187,
+                    max_new_tokens=26,
+                    priority=1,
+                    arrival_s=20.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                24,
+                RequestSpec(
+                    request_id="r02",
+                    tenant="tenant",
+                    prompt_tokens=17811,
+                    max_new_tokens=21,
+                    priority=2,
+                    arrival_s=24.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                31,
+                RequestSpec(
+                    request_id="r00",
+                    tenant="tenant",
+                    prompt_tokens=654,
+                    max_new_tokens=12,
+                    priority=0,
+                    arrival_s=31.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                32,
+                RequestSpec(
+                    request_id="r08",
+                    tenant="tenant",
+                    prompt_tokens=728,
+                    max_new_tokens=29,
+                    priority=2,
+                    arrival_s=32.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                33,
+                RequestSpec(
+                    request_id="r10",
+                    tenant="tenant",
+                    prompt_tokens=7799,
+                    max_new_tokens=29,
+                    priority=2,
+                    arrival_s=33.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                34,
+                RequestSpec(
+                    request_id="r04",
+                    tenant="tenant",
+                    prompt_tokens=2,
+                    max_new_tokens=20,
+                    priority=0,
+                    arrival_s=34.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                34,
+                RequestSpec(
+                    request_id="r06",
+                    tenant="tenant",
+                    prompt_tokens=245,
+                    max_new_tokens=2,
+                    priority=1,
+                    arrival_s=34.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                35,
+                RequestSpec(
+                    request_id="r09",
+                    tenant="tenant",
+                    prompt_tokens=383,
+                    max_new_tokens=4,
+                    priority=2,
+                    arrival_s=35.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                38,
+                RequestSpec(
+                    request_id="r05",
+                    tenant="tenant",
+                    prompt_tokens=200000,
+                    max_new_tokens=29,
+                    priority=0,
+                    arrival_s=38.0,
+                    deadline_s=None,
+                ),
+            ),
+            (
+                39,
+                RequestSpec(
+                    request_id="r11",
+                    tenant="tenant",
+                    prompt_tokens=83148,
+                    max_new_tokens=25,
+                    priority=1,
+                    arrival_s=39.0,
+                    deadline_s=None,
+                ),
+            ),
+        ),
+        faults=(
+            (18, "fatal", 4),
+            (15, "fatal", 26),
+            (18, "cancel", 36),
+            (11, "fatal", 31),
+            (9, "fatal", 12),
+        ),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute / Assert
+    assert {"r11", "r17"} <= set(_finished(sc))
