@@ -121,11 +121,26 @@ class SarathiPolicy(BasePolicy):
                 req = short
             else:
                 return
+            self._yield_holds_to(req)
             if self._place(req, now_s, out) or self._reject_if_never_fits(req, out):
                 continue
             if req is short:
                 return
             longs_open = False
+
+    def _yield_holds_to(self, req: RequestRecord) -> None:
+        """Release the SP holds of a queued request that `req` goes before (a higher priority
+        arrived): holds must never keep a request with precedence waiting (a deadlock when it
+        needs the held instances, or when it is an SP long holding the rest of them)."""
+        holder = self._state.requests.get(self._sp_holder) if self._sp_holder else None
+        if (
+            holder is not None
+            and holder is not req
+            and holder.state is RequestState.QUEUED
+            and _key(req) < _key(holder)
+        ):
+            self._state.release_holds(holder)
+            self._sp_holder = None
 
     def _place(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         cfg, st = self._config, self._state
@@ -268,14 +283,10 @@ class SarathiPolicy(BasePolicy):
 
         Only instances that leave a group of at most `max_sp_degree` able to hold the KV are
         held (largest first), so holds never fill the cap with instances too small for it;
-        holds that can no longer complete (an instance went down) are released. Only the oldest
-        (best) long holds: one that another long overtook (a higher priority) gives its holds
-        up, so two never each hold part of what both need (a deadlock).
+        holds that can no longer complete (an instance went down) are released (and see
+        `_yield_holds_to`).
         """
         cfg, st = self._config, self._state
-        former = st.requests.get(self._sp_holder) if self._sp_holder else None
-        if former is not None and former is not req and former.state is RequestState.QUEUED:
-            st.release_holds(former)
         self._sp_holder = req.request_id
         held = [st.instances[i] for i in req.held_ids if i in st.instances]
         need = req.spec.total_tokens
