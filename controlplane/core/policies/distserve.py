@@ -10,10 +10,10 @@ Prefill instances serve one first-come-first-served queue for every length (head
 as DistServe's FCFS prefill scheduler): a prompt goes to the open prefill instance with the most
 free KV. Every request's KV is then transferred to the decode instance with the most free KV
 that holds prompt + output, and it decodes there in continuous batches: a prefill instance never
-decodes. The one exception is a request that no single decode instance can hold (prompt + output
-above one instance's KV: only prompts that need SP, which DistServe could not serve at all): it
-prefills on the fewest open prefill instances that hold it and decodes on that SP group, as in
-`fifo`.
+decodes. The one exception is a request that needs SP (which DistServe could not serve at all):
+one that no single decode instance can hold (prompt + output above its KV), or whose prompt no
+single prefill instance can hold. It prefills on the fewest open prefill instances that hold it
+and decodes on that SP group, as in `fifo`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ class DistServePolicy(BasePolicy):
                 return  # head-of-line: nothing overtakes the oldest request
 
     def _decodes_on_prefill_group(self, req: RequestRecord) -> bool:
-        decoders = self._state.census.capacities(_DECODE)
-        return not decoders or decoders[-1] < req.spec.total_tokens
+        """True when `req` needs an SP group of prefill instances: no decode instance holds its
+        KV, or no single prefill instance holds its prompt (it would wait for one forever)."""
+        census = self._state.census
+        decoders, prefillers = census.capacities(_DECODE), census.capacities(_PREFILL)
+        if not decoders or decoders[-1] < req.spec.total_tokens:
+            return True
+        return not prefillers or prefillers[-1] < req.spec.prompt_tokens
 
 
 def distserve_plan(config: SchedulerConfig) -> RolePlan:

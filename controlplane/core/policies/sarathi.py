@@ -27,7 +27,8 @@ finds no place otherwise stops the queue.
 
 A prompt whose KV no single instance holds runs as `fifo` runs it: a chunked SP prefill over the
 fewest instances that hold it, then decodes there. Its instances are gathered one by one as their
-mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve it).
+mixed prefills drain (held meanwhile, so a stream of short prompts cannot starve it); only ones
+that leave a group within `max_sp_degree` able to hold it are held.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class SarathiPolicy(BasePolicy):
         self._heap: list[_RouteKey] = []
         self._shrunk: set[str] = set()  # instances whose key may be below their heap entries'
         self._rebuild = True  # instances came or went: rebuild the heap from scratch
+        self._sp_holder: str | None = None  # the request the SP holds were last taken for
 
     def observe(self, events: Sequence[Event]) -> None:
         """Apply events (see BasePolicy); free the places of mixed prefills that ended; note
@@ -119,11 +121,26 @@ class SarathiPolicy(BasePolicy):
                 req = short
             else:
                 return
+            self._yield_holds_to(req)
             if self._place(req, now_s, out) or self._reject_if_never_fits(req, out):
                 continue
             if req is short:
                 return
             longs_open = False
+
+    def _yield_holds_to(self, req: RequestRecord) -> None:
+        """Release the SP holds of a queued request that `req` goes before (a higher priority
+        arrived): holds must never keep a request with precedence waiting (a deadlock when it
+        needs the held instances, or when it is an SP long holding the rest of them)."""
+        holder = self._state.requests.get(self._sp_holder) if self._sp_holder else None
+        if (
+            holder is not None
+            and holder is not req
+            and holder.state is RequestState.QUEUED
+            and _key(req) < _key(holder)
+        ):
+            self._state.release_holds(holder)
+            self._sp_holder = None
 
     def _place(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
         cfg, st = self._config, self._state
@@ -262,28 +279,55 @@ class SarathiPolicy(BasePolicy):
         self._shrunk.clear()
 
     def _place_sp(self, req: RequestRecord, now_s: float, out: list[Action]) -> bool:
-        """Hold drained instances until they can hold `req`'s KV, then SP-prefill it there."""
+        """Hold drained instances until they can hold `req`'s KV, then SP-prefill it there.
+
+        Only instances that leave a group of at most `max_sp_degree` able to hold the KV are
+        held (largest first), so holds never fill the cap with instances too small for it;
+        holds that can no longer complete (an instance went down) are released (and see
+        `_yield_holds_to`).
+        """
         cfg, st = self._config, self._state
+        self._sp_holder = req.request_id
         held = [st.instances[i] for i in req.held_ids if i in st.instances]
         need = req.spec.total_tokens
+        if held and not self._can_complete(held, need):
+            st.release_holds(req)
+            held = []
         capacity = sum(st.ledger.capacity(i.instance_id) for i in held)
-        if capacity < need:
-            for inst in self._drained():
-                if len(held) >= cfg.max_sp_degree or capacity >= need:
-                    break
+        for inst in self._drained():
+            if len(held) >= cfg.max_sp_degree or capacity >= need:
+                break
+            if self._can_complete([*held, inst], need):
                 st.hold(req, inst)
                 held.append(inst)
                 capacity += st.ledger.capacity(inst.instance_id)
-        if sum(st.ledger.free_tokens(i.instance_id) for i in held) < need:
-            return False  # the held instances' decodes still hold KV: they finish
+        if capacity < need or sum(st.ledger.free_tokens(i.instance_id) for i in held) < need:
+            return False  # the rest of its group, or the held ones' KV, is still busy
         group = rank_order(st.release_holds(req))
         reason = f"SP group of {len(group)} holding {need} KV tokens (too long for one)"
         out.append(st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason))
         return True
 
+    def _can_complete(self, group: list[InstanceRecord], need: int) -> bool:
+        """True when `group` plus the largest other GENERAL instances, `max_sp_degree` in all,
+        have `need` KV tokens of capacity."""
+        st = self._state
+        ids = {i.instance_id for i in group}
+        others = sorted(
+            (
+                st.ledger.capacity(iid)
+                for iid, inst in st.instances.items()
+                if inst.role is InstanceRole.GENERAL and iid not in ids
+            ),
+            reverse=True,
+        )
+        room = self._config.max_sp_degree - len(group)
+        capacity = sum(st.ledger.capacity(iid) for iid in ids) + sum(others[: max(room, 0)])
+        return room >= 0 and capacity >= need
+
     def _drained(self) -> list[InstanceRecord]:
-        """GENERAL instances free for an SP prefill (no prefill in flight, not held), most free
-        KV first."""
+        """GENERAL instances free for an SP prefill (no prefill in flight, not held), largest
+        KV capacity first, then most free KV."""
         st = self._state
         free = [
             inst
@@ -293,7 +337,14 @@ class SarathiPolicy(BasePolicy):
             and inst.held_for is None
             and not self._load.get(inst.instance_id, _Load()).num
         ]
-        return sorted(free, key=lambda i: (-st.ledger.free_tokens(i.instance_id), i.tiebreak))
+        return sorted(
+            free,
+            key=lambda i: (
+                -st.ledger.capacity(i.instance_id),
+                -st.ledger.free_tokens(i.instance_id),
+                i.tiebreak,
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
