@@ -1,10 +1,11 @@
 """A local cluster as child processes: the control plane and node agents on this machine.
 
 `LocalCluster` runs `pecsched db upgrade`, starts `pecsched controlplane`, any number of
-`pecsched agent`s and optionally `pecsched gateway` (the OpenAI HTTP endpoint) (each `sys.executable -m pecsched ...`, in its own process group so that its
-worker processes go with it), waits until the agents' instances are registered, and stops
-everything: SIGTERM, a grace period, then SIGKILL of the whole group. `pecsched up` and the
-end-to-end tests both use it. Each child's stdout and stderr go to `<log_dir>/<name>.log`.
+`pecsched agent`s and optionally `pecsched gateway` (the OpenAI HTTP endpoint), each as
+`sys.executable -m pecsched ...` in its own process group so that its worker processes go with
+it; waits until the agents' instances are registered; and stops everything: SIGTERM, a grace
+period, then SIGKILL of the whole group. `pecsched up` and the end-to-end tests both use it.
+Each child's stdout and stderr go to `<log_dir>/<name>.log`.
 """
 
 from __future__ import annotations

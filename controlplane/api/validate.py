@@ -1,16 +1,15 @@
 """Submit validation: a SubmitRequest -> a NewRequest, or ApiError naming the field.
 
-Checked here, before the request reaches the runtime: a prompt is present and non-empty (text
-and chat are tokenized by the served model's text codec, controlplane/text/, or refused when
-there is none), at most
-`max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling parameters
-in range; token ids below the vocabulary size when it is known (the Config's `vocab_size`, or
-what the agents of the served model reported, the smaller of both); the tenant is the caller's (client
-keys); the deadline lies in the future. Lengths, NUL characters and numeric ranges of every
-field were checked before (controlplane/api/limits.py). Whether the cluster could ever hold the
-request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the policy
-knows the cluster; whether a reused idempotency key asks for the same request, inside the tick
-too (controlplane/runtime/ticker.py).
+Checked here, before the request reaches the runtime: a prompt is present and non-empty (text and
+chat are tokenized by the served model's text codec, controlplane/text/, or refused when there is
+none), at most `max_prompt_tokens` long; 0 < max_new_tokens <= `max_new_tokens_limit`; sampling
+parameters in range; token ids below the vocabulary size when it is known (the Config's
+`vocab_size`, or what the agents of the served model reported, the smaller of both); the tenant is
+the caller's (client keys); the deadline lies in the future. Lengths, NUL characters and numeric
+ranges of every field were checked before (controlplane/api/limits.py). Whether the cluster could
+ever hold the request is checked by the policy inside the tick (PROMPT_TOO_LONG), because only the
+policy knows the cluster; whether a reused idempotency key asks for the same request, inside the
+tick too (controlplane/runtime/ticker.py).
 """
 
 from __future__ import annotations

@@ -14,23 +14,23 @@ Life of a request::
 
 KV rows: each request owns one contiguous movable range of the pool (`KVRange`), reserved at
 admission. When a new reservation fits the free total but no free extent, the pool is compacted
-(`KVCache.compact`): unpinned ranges slide down and the engine reads each request's start anew
-every step. Pinning rule: a request whose rows someone else may be reading or writing through
-views is pinned and never moves: from `begin_import` (`reserve_import`) until `finish_import` (or cancel), and from
-each `export_kv` until a matching `release_export` (or cancel / finish). Compaction runs only
-inside admission calls (`add_request`, `begin_import`/`reserve_import`, and fixed `KVCache.reserve` calls such as
-SP caches), never during `step()`. No other state caches offsets: every step builds its
-attention batch, and the CUDA-graph input buffers are refilled, from the current starts.
+(`KVCache.compact`): unpinned ranges slide down and the engine reads each request's start anew every
+step. Pinning rule: a request whose rows someone else may be reading or writing through views is
+pinned and never moves: from `begin_import` (`reserve_import`) until `finish_import` (or cancel),
+and from each `export_kv` until a matching `release_export` (or cancel / finish). Compaction runs
+only inside admission calls (`add_request`, `begin_import`/`reserve_import`, and fixed
+`KVCache.reserve` calls such as SP caches), never during `step()`. No other state caches offsets:
+every step builds its attention batch, and the CUDA-graph input buffers are refilled, from the
+current starts.
 
-`step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`;
-beyond that they take turns round robin), then prefill chunks of PREFILLING requests in admission order, each at most its chunk size,
-until the iteration's token budget is used: `max_batch_tokens`, or less while a PREFILLING
-request admitted with `batch_tokens` asks for less (the smallest such; a mixed prefill of the
-`sarathi` policy, whose per-iteration budget comes with the command). The budget counts the
-decodes too, one token each. It returns the events of the iteration. All model work runs
-inside `step()`, so every other call happens at a chunk boundary by construction.
-`num_iterations` and `last_iteration_tokens` count the iterations run and the tokens of the
-latest one.
+`step()` runs one iteration: one token for every DECODING request (up to `max_batch_seqs`; beyond
+that they take turns round robin), then prefill chunks of PREFILLING requests in admission order,
+each at most its chunk size, until the iteration's token budget is used: `max_batch_tokens`, or less
+while a PREFILLING request admitted with `batch_tokens` asks for less (the smallest such; a mixed
+prefill of the `sarathi` policy, whose per-iteration budget comes with the command). The budget
+counts the decodes too, one token each. It returns the events of the iteration. All model work runs
+inside `step()`, so every other call happens at a chunk boundary by construction. `num_iterations`
+and `last_iteration_tokens` count the iterations run and the tokens of the latest one.
 
 On CUDA, decodes use the Triton split-KV kernel where it runs (`split_kv_decode`), and
 decode-only iterations replay CUDA graphs (`dataplane.engine.cuda_graphs`) when the decode

@@ -2,12 +2,13 @@
 
 One tiny CPU worker started with `--max-batch-tokens 4096` serves a control plane whose
 `sarathi_batch_tokens` is 48: the budget travels with each mixed prefill
-(`Colocate.mixed_batch_tokens`), so no iteration runs more than 48 tokens while one prefills.
-Every prompt above `sarathi_long_prefill_tokens` (32) takes at most 32 tokens per iteration
-(vLLM's long_prefill_token_threshold); shorts submitted right after a long prompt join its
-iterations (vLLM-v1 / Sarathi-Serve mixed batches), where the long's 32 tokens and a short's 32
-would make 64: the budget, not the chunk caps, bounds those iterations. Iterations are read from the chunk events in `request_events` (each carries its
-worker iteration, that iteration's tokens and its own); every output equals transformers'.
+(`Colocate.mixed_batch_tokens`), so no iteration runs more than 48 tokens while one prefills. Every
+prompt above `sarathi_long_prefill_tokens` (32) takes at most 32 tokens per iteration (vLLM's
+long_prefill_token_threshold); shorts submitted right after a long prompt join its iterations
+(vLLM-v1 / Sarathi-Serve mixed batches), where the long's 32 tokens and a short's 32 would make 64:
+the budget, not the chunk caps, bounds those iterations. Iterations are read from the chunk events
+in `request_events` (each carries its worker iteration, that iteration's tokens and its own); every
+output equals transformers'.
 """
 
 from __future__ import annotations

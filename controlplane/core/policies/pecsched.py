@@ -26,11 +26,13 @@ Each schedule():
    `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
    instance may free up first; earlier with `short_preempt_early`: at once in a burst, when
    more shorts are queued than short prefills are running, else a victim whose chunk ends
-   before the delay would), pause a running long prefill and take one of its instances: among the first `_MAX_VICTIMS_TRIED` running longs in order (smallest SP group, least paused so far, newest;
-   never one on its last chunk), the one whose chunk in flight should end first (its last
-   chunk's length, observed), so the short waits least. With `disaggregation` a short
-   prefilled on a general instance decodes on the most loaded short-decode instance with room
-   after a KV transfer (bin packing lets spare members empty out); else where it prefilled.
+   before the delay would), pause a running long prefill and take one of its instances:
+   among the first `_MAX_VICTIMS_TRIED` running longs in order (smallest SP group, least
+   paused so far, newest; never one on its last chunk), the one whose chunk in flight should
+   end first (its last chunk's length, observed), so the short waits least. With
+   `disaggregation` a short prefilled on a general instance decodes on the most loaded
+   short-decode instance with room after a KV transfer (bin packing lets spare members empty
+   out); else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
 5. Long requests, first-come-first-served: the smallest SP group of open general instances
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),

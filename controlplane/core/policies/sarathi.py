@@ -12,18 +12,18 @@ threshold every policy uses), so a 1-4K prompt never waits for a long place (in 
 favour). Nothing is preempted; every request decodes where it prefilled (no disaggregation).
 
 Routing (the cluster router in front of the engines): requests leave one queue first come first
-served; each goes to the instance with the fewest outstanding prefill tokens (prompt tokens of
-its prefills in flight), then the fewest decodes, that has a free prefill place of its kind, KV
-room for prompt + output and a sequence place: its decodes plus prefills in flight stay below
+served; each goes to the instance with the fewest outstanding prefill tokens (prompt tokens of its
+prefills in flight), then the fewest decodes, that has a free prefill place of its kind, KV room for
+prompt + output and a sequence place: its decodes plus prefills in flight stay below
 `max_decode_batch` (vLLM `max_num_seqs` counts both; the engine's `max_batch_seqs` bounds the
-sequences of one iteration, so every sequence then runs in each iteration, as the simulator
-prices it). The instances sit in a heap by that key, corrected
-lazily: an entry whose instance's key has grown is pushed back with the new key when popped, and
-an instance whose key may have shrunk (a prefill settled, a request ended on it) gets a fresh
-entry, so a request costs O(log n) per instance looked at, not a scan of every instance. The router binds a request only once an instance
-can take it (late binding, a little better than a router that queues at the engines). A long
-prompt waiting for a long place does not hold back the shorter prompts behind it; a request that
-finds no place otherwise stops the queue.
+sequences of one iteration, so every sequence then runs in each iteration, as the simulator prices
+it). The instances sit in a heap by that key, corrected lazily: an entry whose instance's key has
+grown is pushed back with the new key when popped, and an instance whose key may have shrunk (a
+prefill settled, a request ended on it) gets a fresh entry, so a request costs O(log n) per instance
+looked at, not a scan of every instance. The router binds a request only once an instance can take
+it (late binding, a little better than a router that queues at the engines). A long prompt waiting
+for a long place does not hold back the shorter prompts behind it; a request that finds no place
+otherwise stops the queue.
 
 A prompt whose KV no single instance holds runs as `fifo` runs it: a chunked SP prefill over the
 fewest instances that hold it, then decodes there. Its instances are gathered one by one as their
