@@ -207,13 +207,6 @@ class SpJobs:
         """Free one job without collectives and without a report (a silent drop)."""
         self._drop(request_id)
 
-    def drop_all(self) -> list[str]:
-        """Free every job without collectives; returns their request ids."""
-        ids = list(self._jobs)
-        for rid in ids:
-            self._drop(rid)
-        return ids
-
     # ------------------------------------------------------------------ iteration
     def run_once(self) -> float:
         """One collective step of every live job (none while a join is pending: it keeps its
