@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _start(rid: str, tokens: list[int], max_new: int, in_place: bool = True) -> dict:
+def _start(
+    rid: str, tokens: list[int], max_new: int, in_place: bool = True, chunk_tokens: int = 0
+) -> dict:
     return {
         "start_prefill": cluster_pb2.StartPrefill(
             request_id=rid,
@@ -30,6 +32,7 @@ def _start(rid: str, tokens: list[int], max_new: int, in_place: bool = True) -> 
             instance_ids=["n2/0"],
             max_new_tokens=max_new,
             decode_in_place=in_place,
+            chunk_tokens=chunk_tokens,
         )
     }
 
@@ -80,7 +83,9 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
         cp2.command(**_start("held-in-drain", prompt(24, 20), 5, in_place=False))
         cp2.wait_event("held-in-drain", "prefill_done")
         cp2.command(**_start("drain-me", tokens, 200))
-        cp2.command(**_start("paused", prompt(23, 400), 5))
+        # 100 chunks of 4 tokens: the Pause right behind it lands long before the prefill ends
+        # (one chunk of 400 could finish first, and a Pause after the prefill goes unanswered)
+        cp2.command(**_start("paused", prompt(23, 400), 5, chunk_tokens=4))
         cp2.command(pause=cluster_pb2.Pause(request_id="paused"))
         cp2.wait_event("paused", "paused")
         cp2.wait_for(lambda: cp2.output("drain-me"), 30, "drain-me to decode")
