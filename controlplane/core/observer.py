@@ -127,6 +127,9 @@ def _instance_down(state: ClusterState, event: InstanceDown) -> None:
     affected = set(state.ledger.requests_on(instance_id)) | inst.decoding | inst.paused
     if inst.prefill_id is not None:
         affected.add(inst.prefill_id)
+    holder = state.requests.get(inst.held_for) if inst.held_for is not None else None
+    if holder is not None:  # a queued long holding it must gather afresh, without this id
+        holder.held_ids = tuple(i for i in holder.held_ids if i != instance_id)
     state.pool.remove(inst)
     state.ledger.remove_instance(instance_id)
     state.census.remove(inst.role, inst.spec)

@@ -166,3 +166,40 @@ def test_pecsched_chunks_run_once_each_despite_pauses(sc: Scenario) -> None:
     for view in dp.policy.take_completed():
         if view.state is RequestState.FINISHED and view.num_requeues == 0:
             assert dp.chunks_run[view.request_id] == list(range(view.chunks_total)), view
+
+
+def test_an_instance_that_went_down_while_held_is_held_once_when_back() -> None:
+    # Prepare: shrunk from a random draw. Two longs wait behind 23 one-token shorts; the aged
+    # long holds i0, i0 goes down and comes back up (a new record, free), and the long must not
+    # count the old hold and then hold i0 again (a group of [i0, i0, i2]: "i0 busy").
+    def req(k: int, prompt_tokens: int, max_new: int) -> RequestSpec:
+        return make_request(f"r{k:02d}", prompt_tokens=prompt_tokens, max_new_tokens=max_new)
+
+    longs = {8: 89_971, 17: 59_971}
+    arrivals = tuple((0, req(k, longs[k], 30) if k in longs else req(k, 1, 1)) for k in range(25))
+    sc = Scenario(
+        policy="pecsched",
+        instances=tuple(
+            make_instance(f"i{k}", node_id=f"n{k // 2}", kv_capacity_tokens=30_000)
+            for k in range(4)
+        )
+        + (make_instance("i4", node_id="n2", kv_capacity_tokens=60_000),),
+        config={
+            "chunk_tokens": 2_000,
+            "max_pause_s": 0.0,
+            "max_decode_batch": 1,
+            "long_aging_s": 5.0,
+            "max_sp_degree": 8,
+            "max_kv_transfer_attempts": 1,
+        },
+        arrivals=arrivals,
+        faults=((6, "down", 0),),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute
+    dp = play(sc)
+
+    # Assert
+    assert dp.policy.num_active_requests() == 0
+    assert {v.state for v in dp.policy.take_completed()} == {RequestState.FINISHED}
