@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
@@ -37,10 +35,17 @@ from pathlib import Path
 
 import grpc
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from controlplane_server import (  # noqa: E402
+    cpu_s,
+    create_schema,
+    drop_schema,
+    spawn_controlplane,
+    stop_process,
+)
 
 from controlplane.core.config import SchedulerConfig  # noqa: E402
 from controlplane.core.events import (  # noqa: E402  # noqa: E402
@@ -61,13 +66,6 @@ from protos.pecsched.v1 import (  # noqa: E402  # noqa: E402
     inference_pb2,
     inference_pb2_grpc,
 )
-
-
-def _cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all threads), or of its thread `tid`."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -158,30 +156,15 @@ async def _fast_agent(target: str, node_id: str, num_instances: int, stop: async
 
 
 async def _spawn_controlplane(db_url: str, tree: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane",
-            "--db",
-            db_url,
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            "fifo",
-            "--no-auth",
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=tree,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(tree),
+    process = spawn_controlplane(
+        tree,
+        db_url,
+        "127.0.0.1:0",
+        {
             "PECSCHED_MAX_ACTIVE_REQUESTS": "1000000",
             "PECSCHED_MAX_ACTIVE_REQUESTS_PER_TENANT": "1000000",
         },
+        pipe_stdout=True,
     )
     assert process.stdout is not None
     line = await asyncio.to_thread(process.stdout.readline)
@@ -234,16 +217,15 @@ async def submit_load(
                     latencies.append(time.perf_counter() - started)
 
             pid = process.pid
-            started, cpu_before, main_before = time.perf_counter(), _cpu_s(pid), _cpu_s(pid, pid)
+            started, cpu_before, main_before = time.perf_counter(), cpu_s(pid), cpu_s(pid, pid)
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
-            cpu = _cpu_s(pid) - cpu_before
-            main_cpu = _cpu_s(pid, pid) - main_before
+            cpu = cpu_s(pid) - cpu_before
+            main_cpu = cpu_s(pid, pid) - main_before
     finally:
         stop.set()
         await asyncio.gather(*agents, return_exceptions=True)
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process, 30)
     return {
         "submits_per_s": len(latencies) / elapsed,
         "p50_ms": _pct(latencies, 0.50) * 1e3,
@@ -358,24 +340,11 @@ def _sqlite_db(directory: Path) -> str:
 
 
 def _postgres_db(server_url: str) -> tuple[str, str]:
-    schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    admin.dispose()
-    url = make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    rendered = url.render_as_string(hide_password=False)
-    engine = make_engine(rendered)
+    url, schema = create_schema(server_url, "bench")
+    engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
-    return rendered, schema
-
-
-def _drop_schema(server_url: str, schema: str) -> None:
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    return url, schema
 
 
 def main() -> int:
@@ -433,13 +402,13 @@ def main() -> int:
                         submit_load(url, args.seconds, args.concurrency, with_agents, tree)
                     )
                 finally:
-                    _drop_schema(args.postgres, schema)
+                    drop_schema(args.postgres, schema)
                 print(_row(round_index, "PostgreSQL", mode, name, result))
         url, schema = _postgres_db(args.postgres)
         try:
             reference = single_row_inserts(url, args.seconds)
         finally:
-            _drop_schema(args.postgres, schema)
+            drop_schema(args.postgres, schema)
         print(
             f"| {round_index + 1} | PostgreSQL | reference: single-row durable inserts | | "
             f"{reference:,.0f} | | |"
