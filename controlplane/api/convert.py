@@ -360,9 +360,9 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
         body = Paused(event.paused.chunks_done)
     elif kind == "kv_transfer":
         t = event.kv_transfer
-        status = _TRANSFER_FROM_PROTO.get(t.state, TransferState.PENDING)
+        state = _TRANSFER_FROM_PROTO.get(t.state, TransferState.PENDING)
         body = KvTransferUpdate(
-            t.transfer_id, status, t.destination_instance_id, t.bytes, t.duration_s, t.error
+            t.transfer_id, state, t.destination_instance_id, t.bytes, t.duration_s, t.error
         )
     elif kind == "tokens":
         body = Tokens(event.tokens.start_index, tuple(event.tokens.token_ids))

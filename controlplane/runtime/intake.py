@@ -118,10 +118,10 @@ class Intake:
         if info is None or info.request_id != report.request_id:
             self.num_stale += 1
             return False
-        if body.status not in (TransferState.DONE, TransferState.FAILED):
+        if body.state not in (TransferState.DONE, TransferState.FAILED):
             return True
         del st.transfers[body.transfer_id]
-        ok = body.status is TransferState.DONE
+        ok = body.state is TransferState.DONE
         rid, dst, at = info.request_id, info.destination_instance_id, report.received_s
         self.events.append(KVTransferDone(rid, dst, ok, at, body.error))
         if ok:

@@ -46,7 +46,7 @@ class KvTransferUpdate:
     """A KV transfer moved on; DONE and FAILED end it."""
 
     transfer_id: str
-    status: TransferState
+    state: TransferState
     destination_instance_id: str
     num_bytes: int
     duration_s: float

@@ -161,7 +161,7 @@ def test_transfer_event_and_event_without_kind():
         ),
     )
     body = convert.report_from_proto(event, "n", 1.0).body
-    assert isinstance(body, KvTransferUpdate) and body.status is TransferState.FAILED
+    assert isinstance(body, KvTransferUpdate) and body.state is TransferState.FAILED
     with pytest.raises(ApiError):
         convert.report_from_proto(cluster_pb2.Event(request_id="r"), "n", 1.0)
 
