@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
@@ -37,10 +35,18 @@ from pathlib import Path
 
 import grpc
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from controlplane_fast_agent import fast_agent  # noqa: E402
+from controlplane_server import (  # noqa: E402
+    cpu_s,
+    create_schema,
+    drop_schema,
+    spawn_controlplane,
+    stop_process,
+)
 
 from controlplane.core.config import SchedulerConfig  # noqa: E402
 from controlplane.core.events import (  # noqa: E402  # noqa: E402
@@ -55,19 +61,9 @@ from controlplane.core.types import InstanceRole, InstanceSpec, RequestSpec  # n
 from controlplane.store import migrate  # noqa: E402
 from controlplane.store.engine import make_engine  # noqa: E402
 from protos.pecsched.v1 import (  # noqa: E402  # noqa: E402
-    cluster_pb2,
-    cluster_pb2_grpc,
-    common_pb2,
     inference_pb2,
     inference_pb2_grpc,
 )
-
-
-def _cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all threads), or of its thread `tid`."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -75,113 +71,19 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# ---- simulated agent -------------------------------------------------------------------------
-
-
-async def _fast_agent(target: str, node_id: str, num_instances: int, stop: asyncio.Event) -> None:
-    """Attach and finish every StartPrefill at once (prefill done, one token, finished)."""
-    queue: asyncio.Queue[cluster_pb2.AgentMessage | None] = asyncio.Queue()
-    seq = 0
-
-    def send(**body: object) -> None:
-        nonlocal seq
-        seq += 1
-        queue.put_nowait(cluster_pb2.AgentMessage(seq=seq, **body))  # type: ignore[arg-type]
-
-    async def outgoing():  # type: ignore[no-untyped-def]
-        while (message := await queue.get()) is not None:
-            yield message
-
-    send(
-        register=cluster_pb2.Register(
-            node_id=node_id,
-            model="tiny",
-            instances=[
-                cluster_pb2.InstanceSpec(
-                    instance_id=f"{node_id}/{i}",
-                    role=common_pb2.INSTANCE_ROLE_GENERAL,
-                    tp=1,
-                    kv_capacity_tokens=1_000_000,
-                )
-                for i in range(num_instances)
-            ],
-        )
-    )
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = cluster_pb2_grpc.ClusterStub(channel).Attach(outgoing())
-        registered = (await call.read()).registered
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(registered.heartbeat_interval_s / 2)
-                send(heartbeat=cluster_pb2.Heartbeat())
-
-        beating = asyncio.ensure_future(beat())
-        reader = asyncio.ensure_future(call.read())
-        stopper = asyncio.ensure_future(stop.wait())
-        while True:
-            done, _ = await asyncio.wait((reader, stopper), return_when=asyncio.FIRST_COMPLETED)
-            if stopper in done or reader.result() is grpc.aio.EOF:
-                break
-            message = reader.result()
-            reader = asyncio.ensure_future(call.read())
-            if message.command.WhichOneof("kind") != "start_prefill":
-                continue
-            prefill = message.command.start_prefill
-            rid, iid = prefill.request_id, prefill.instance_ids[0]
-            send(
-                event=cluster_pb2.Event(
-                    request_id=rid,
-                    instance_id=iid,
-                    prefill_done=cluster_pb2.PrefillDone(first_token_id=65),
-                )
-            )
-            send(
-                event=cluster_pb2.Event(
-                    request_id=rid,
-                    instance_id=iid,
-                    tokens=cluster_pb2.Tokens(start_index=0, token_ids=[65]),
-                )
-            )
-            send(
-                event=cluster_pb2.Event(
-                    request_id=rid, instance_id=iid, finished=cluster_pb2.Finished(output_tokens=1)
-                )
-            )
-        reader.cancel()
-        beating.cancel()
-        queue.put_nowait(None)
-        call.cancel()
-
-
 # ---- submit load -----------------------------------------------------------------------------
 
 
 async def _spawn_controlplane(db_url: str, tree: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane",
-            "--db",
-            db_url,
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            "fifo",
-            "--no-auth",
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=tree,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(tree),
+    process = spawn_controlplane(
+        tree,
+        db_url,
+        "127.0.0.1:0",
+        {
             "PECSCHED_MAX_ACTIVE_REQUESTS": "1000000",
             "PECSCHED_MAX_ACTIVE_REQUESTS_PER_TENANT": "1000000",
         },
+        pipe_stdout=True,
     )
     assert process.stdout is not None
     line = await asyncio.to_thread(process.stdout.readline)
@@ -214,7 +116,7 @@ async def submit_load(
         process, target = await _spawn_controlplane(db_url, tree)
     stop = asyncio.Event()
     agents = [
-        asyncio.ensure_future(_fast_agent(target, f"node-{i}", 8, stop))
+        asyncio.ensure_future(fast_agent(target, f"node-{i}", 8, stop))
         for i in range(2 if with_agents else 0)
     ]
     latencies: list[float] = []
@@ -234,16 +136,15 @@ async def submit_load(
                     latencies.append(time.perf_counter() - started)
 
             pid = process.pid
-            started, cpu_before, main_before = time.perf_counter(), _cpu_s(pid), _cpu_s(pid, pid)
+            started, cpu_before, main_before = time.perf_counter(), cpu_s(pid), cpu_s(pid, pid)
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
-            cpu = _cpu_s(pid) - cpu_before
-            main_cpu = _cpu_s(pid, pid) - main_before
+            cpu = cpu_s(pid) - cpu_before
+            main_cpu = cpu_s(pid, pid) - main_before
     finally:
         stop.set()
         await asyncio.gather(*agents, return_exceptions=True)
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process, 30)
     return {
         "submits_per_s": len(latencies) / elapsed,
         "p50_ms": _pct(latencies, 0.50) * 1e3,
@@ -358,24 +259,11 @@ def _sqlite_db(directory: Path) -> str:
 
 
 def _postgres_db(server_url: str) -> tuple[str, str]:
-    schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    admin.dispose()
-    url = make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    rendered = url.render_as_string(hide_password=False)
-    engine = make_engine(rendered)
+    url, schema = create_schema(server_url, "bench")
+    engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
-    return rendered, schema
-
-
-def _drop_schema(server_url: str, schema: str) -> None:
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    return url, schema
 
 
 def main() -> int:
@@ -395,16 +283,7 @@ def main() -> int:
         asyncio.run(_serve_noop())
         return 0
     if not args.skip_decision:
-        print("| benchmark | result |\n|---|---|")
-        for name in ("pecsched", "sarathi"):
-            decision = decision_time(name)
-            print(
-                f"| decision, {name}, 1,000 instances, 10,000 queued (3,000 steps) | "
-                f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
-                f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
-                f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
-                f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |\n"
-            )
+        _print_decisions()
     if args.skip_sql:
         return 0
     trees = [("this tree", REPO_ROOT)]
@@ -433,13 +312,13 @@ def main() -> int:
                         submit_load(url, args.seconds, args.concurrency, with_agents, tree)
                     )
                 finally:
-                    _drop_schema(args.postgres, schema)
+                    drop_schema(args.postgres, schema)
                 print(_row(round_index, "PostgreSQL", mode, name, result))
         url, schema = _postgres_db(args.postgres)
         try:
             reference = single_row_inserts(url, args.seconds)
         finally:
-            _drop_schema(args.postgres, schema)
+            drop_schema(args.postgres, schema)
         print(
             f"| {round_index + 1} | PostgreSQL | reference: single-row durable inserts | | "
             f"{reference:,.0f} | | |"
@@ -447,6 +326,20 @@ def main() -> int:
         floor = asyncio.run(submit_load("noop", args.seconds, args.concurrency))
         print(_row(round_index, "none", "reference: no-op Submit servicer", "", floor))
     return 0
+
+
+def _print_decisions() -> None:
+    """The decision-time table of the pecsched and sarathi policies."""
+    print("| benchmark | result |\n|---|---|")
+    for name in ("pecsched", "sarathi"):
+        decision = decision_time(name)
+        print(
+            f"| decision, {name}, 1,000 instances, 10,000 queued (3,000 steps) | "
+            f"wall p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us, "
+            f"mean {decision['mean_us']:.0f} us; CPU p50 {decision['cpu_p50_us']:.0f} us, "
+            f"p99 {decision['cpu_p99_us']:.0f} us; first decision placing "
+            f"{decision['first_actions']} requests {decision['first_decision_ms']:.0f} ms |\n"
+        )
 
 
 def _row(round_index: int, database: str, mode: str, tree: str, r: dict[str, float]) -> str:

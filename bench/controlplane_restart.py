@@ -20,10 +20,7 @@ round recover only queued ones; the first start of each tree is reported apart).
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from controlplane_server import (  # noqa: E402
+    cpu_s,
+    create_schema,
+    drop_schema,
+    spawn_controlplane,
+    stop_process,
+)
 
 from controlplane.core.types import RequestClass, RequestSpec, RequestState  # noqa: E402
 from controlplane.store import migrate  # noqa: E402
@@ -84,12 +89,6 @@ def fill(db_url: str, num_requests: int, prompt_tokens: int, running_share: floa
     engine.dispose()
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,25 +103,7 @@ def time_to_serving(
     the CPU time says more about the code than the wall time)."""
     port = _free_port()
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane",
-            "--db",
-            db_url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--policy",
-            "fifo",
-            "--no-auth",
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=tree,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-    )
+    process = spawn_controlplane(tree, db_url, f"127.0.0.1:{port}")
     port_open_s = 0.0
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=_FAST_RECONNECT) as channel:
@@ -137,12 +118,11 @@ def time_to_serving(
                     continue
                 port_open_s = port_open_s or time.perf_counter() - started
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return port_open_s, time.perf_counter() - started, _cpu_s(process.pid)
+                    return port_open_s, time.perf_counter() - started, cpu_s(process.pid)
                 time.sleep(0.005)
         raise TimeoutError(f"not SERVING within {timeout_s} s")
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        stop_process(process, 60)
 
 
 def main() -> int:
@@ -161,7 +141,7 @@ def main() -> int:
         if args.sqlite:
             db_url = f"sqlite:///{Path(directory) / 'restart.db'}"
         else:
-            db_url, schema = _postgres_schema(args.postgres)
+            db_url, schema = create_schema(args.postgres, "restart")
         try:
             fill(db_url, args.requests, args.prompt_tokens, args.running_share)
             trees = [("this tree", REPO_ROOT)]
@@ -183,30 +163,8 @@ def main() -> int:
                     )
         finally:
             if schema:
-                _drop_schema(args.postgres, schema)
+                drop_schema(args.postgres, schema)
     return 0
-
-
-def _postgres_schema(server_url: str) -> tuple[str, str]:
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-
-    schema = f"restart_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    admin.dispose()
-    url = make_url(server_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return url.render_as_string(hide_password=False), schema
-
-
-def _drop_schema(server_url: str, schema: str) -> None:
-    from sqlalchemy import text
-
-    admin = make_engine(server_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane.config import Config, load_config
+
+if TYPE_CHECKING:  # the modules load when serving, not for `--help`
+    import grpc
+    from sqlalchemy import Engine
+
+    from controlplane.core.policy import Policy
+    from controlplane.text.codec import TextCodec
 
 _log = logging.getLogger("controlplane")
 
@@ -84,19 +92,24 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
-async def serve(config: Config) -> int:
-    """Build everything from `config` and serve until SIGTERM/SIGINT or a fatal error."""
-    from controlplane.api.auth import Authenticator
-    from controlplane.api.metrics_http import MetricsHttpServer
-    from controlplane.api.server import ApiServer, tls_credentials
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Parts:
+    """What `serve` builds from the Config before anything listens."""
+
+    policy: Policy
+    text_codec: TextCodec | None
+    engine: Engine
+    tls: grpc.ServerCredentials | None
+
+
+def _prepare(config: Config) -> _Parts | int:
+    """The parts, or the exit code after printing why not: 2 for a bad setting or file, 3 for
+    a stale schema, 1 for an unreachable database."""
+    from controlplane.api.server import tls_credentials
     from controlplane.core.policies.registry import make_policy
-    from controlplane.runtime.clock import SystemClock
-    from controlplane.runtime.loop import Runtime
     from controlplane.store import migrate
     from controlplane.store.engine import make_engine
     from controlplane.store.errors import SchemaOutdated, StoreError
-    from controlplane.store.sql_repository import SqlRepository
-    from controlplane.telemetry import Telemetry
     from controlplane.text.codec import load_text_codec
 
     try:
@@ -116,11 +129,27 @@ async def serve(config: Config) -> int:
     except StoreError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
-    repo = SqlRepository(engine)
+    return _Parts(policy, text_codec, engine, tls)
+
+
+async def serve(config: Config) -> int:
+    """Build everything from `config` and serve until SIGTERM/SIGINT or a fatal error."""
+    from controlplane.api.auth import Authenticator
+    from controlplane.api.metrics_http import MetricsHttpServer
+    from controlplane.api.server import ApiServer
+    from controlplane.runtime.clock import SystemClock
+    from controlplane.runtime.loop import Runtime
+    from controlplane.store.sql_repository import SqlRepository
+    from controlplane.telemetry import Telemetry
+
+    parts = _prepare(config)
+    if isinstance(parts, int):
+        return parts
+    repo = SqlRepository(parts.engine)
     telemetry = Telemetry.otlp(config.otlp_endpoint) if config.otlp_endpoint else Telemetry.noop()
-    runtime = Runtime(config, policy, repo, telemetry, SystemClock())
+    runtime = Runtime(config, parts.policy, repo, telemetry, SystemClock())
     authenticator = Authenticator(repo if config.auth_enabled else None, None)
-    api = ApiServer(runtime, authenticator, config.listen, text_codec, tls)
+    api = ApiServer(runtime, authenticator, config.listen, parts.text_codec, parts.tls)
     port = await api.start()  # health NOT_SERVING until recovery ends; calls wait for it
     recovered = await runtime.start()
     metrics = None
@@ -138,21 +167,26 @@ async def serve(config: Config) -> int:
         config.policy,
         recovered,
         "on" if config.auth_enabled else "OFF",
-        text_codec.name if text_codec is not None else "none (token ids only)",
+        parts.text_codec.name if parts.text_codec is not None else "none (token ids only)",
     )
     print(f"pecsched controlplane listening on {host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signal()
     await api.stop()
     if metrics is not None:
         await metrics.stop()
     await runtime.stop()
     telemetry.shutdown()
-    engine.dispose()
+    parts.engine.dispose()
     return 0
+
+
+async def _until_signal() -> None:
+    """Return at the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdk.client import Client
+    from sdk.types import Prompt
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 _STATES = (
@@ -163,20 +164,10 @@ def _parse_token_ids(raw: str) -> list[int]:
 def _submit(args: argparse.Namespace) -> int:
     from datetime import datetime, timedelta
 
-    from sdk.types import ChatMessage, Prompt, RequestState, Sampling
+    from sdk.types import Sampling
 
     def body(client: Client) -> int:
-        if (args.text is None) == (args.token_ids is None):
-            raise ValueError("give the prompt either as TEXT or as --token-ids, not both")
-        if args.chat and args.text is None:
-            raise ValueError("--chat needs the prompt as TEXT")
-        prompt: Prompt = (
-            _parse_token_ids(args.token_ids)
-            if args.text is None
-            else [ChatMessage("user", args.text)]
-            if args.chat
-            else args.text
-        )
+        prompt = _prompt_of(args)
         deadline = None
         if args.deadline_s is not None:
             deadline = datetime.now(UTC) + timedelta(seconds=args.deadline_s)
@@ -196,32 +187,58 @@ def _submit(args: argparse.Namespace) -> int:
                 print(ack.request_id)
             return 0
         if args.json:
-            result = client.result(ack.request_id)
-            _print_json(
-                {
-                    "request_id": result.request_id,
-                    "token_ids": list(result.token_ids),
-                    "text": result.text,
-                    "state": result.state.value,
-                    "error": result.error,
-                }
-            )
-            return 0 if result.state is RequestState.FINISHED else 1
-        # Human output: stream the text as it arrives, then a summary line.
-        num_tokens, final = 0, RequestState.UNSPECIFIED
-        error = ""
-        for chunk in client.generate(ack.request_id):
-            num_tokens += len(chunk.token_ids)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            if chunk.final_state is not None:
-                final, error = chunk.final_state, chunk.error
-        print()
-        suffix = f": {error}" if error else ""
-        print(f"request {ack.request_id} {final.value}, {num_tokens} tokens{suffix}")
-        return 0 if final is RequestState.FINISHED else 1
+            return _print_result_json(client, ack.request_id)
+        return _stream_text(client, ack.request_id)
 
     return _run(args, body)
+
+
+def _prompt_of(args: argparse.Namespace) -> Prompt:
+    """The prompt `submit` was given: TEXT (as one user message with --chat) or --token-ids."""
+    from sdk.types import ChatMessage
+
+    if (args.text is None) == (args.token_ids is None):
+        raise ValueError("give the prompt either as TEXT or as --token-ids, not both")
+    if args.chat and args.text is None:
+        raise ValueError("--chat needs the prompt as TEXT")
+    if args.text is None:
+        return _parse_token_ids(args.token_ids)
+    return [ChatMessage("user", args.text)] if args.chat else args.text
+
+
+def _print_result_json(client: Client, request_id: str) -> int:
+    """Wait for the request's result and print it as JSON; 0 when it finished."""
+    from sdk.types import RequestState
+
+    result = client.result(request_id)
+    _print_json(
+        {
+            "request_id": result.request_id,
+            "token_ids": list(result.token_ids),
+            "text": result.text,
+            "state": result.state.value,
+            "error": result.error,
+        }
+    )
+    return 0 if result.state is RequestState.FINISHED else 1
+
+
+def _stream_text(client: Client, request_id: str) -> int:
+    """Human output: stream the text as it arrives, then a summary line; 0 when it finished."""
+    from sdk.types import RequestState
+
+    num_tokens, final = 0, RequestState.UNSPECIFIED
+    error = ""
+    for chunk in client.generate(request_id):
+        num_tokens += len(chunk.token_ids)
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.final_state is not None:
+            final, error = chunk.final_state, chunk.error
+    print()
+    suffix = f": {error}" if error else ""
+    print(f"request {request_id} {final.value}, {num_tokens} tokens{suffix}")
+    return 0 if final is RequestState.FINISHED else 1
 
 
 def _status(args: argparse.Namespace) -> int:

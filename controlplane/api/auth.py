@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -186,27 +186,25 @@ def _authenticating(auth: Authenticator, handler: Any, what: str) -> Any:
             unary_unary, deserialize, handler.response_serializer
         )
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Any) -> Any:
-            await _enter(auth, context)
-            async for item in inner_us(request, context):
-                yield item
-
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, deserialize, handler.response_serializer
+            _streaming(auth, handler.unary_stream), deserialize, handler.response_serializer
         )
     assert handler.stream_stream is not None, "no client-streaming-only methods are served"
-    inner_ss = handler.stream_stream
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(auth, handler.stream_stream), deserialize, handler.response_serializer
+    )
 
-    async def stream_stream(request_iterator: Any, context: Any) -> Any:
+
+def _streaming(auth: Authenticator, inner: Any) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    """A server-streaming method (`inner`: unary-stream or stream-stream, its first argument
+    the request or the request iterator) authenticating before it runs."""
+
+    async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
         await _enter(auth, context)
-        async for item in inner_ss(request_iterator, context):
+        async for item in inner(request, context):
             yield item
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, deserialize, handler.response_serializer
-    )
+    return streaming
 
 
 async def _enter(auth: Authenticator, context: Any) -> None:

@@ -37,15 +37,15 @@ from controlplane.runtime.inputs import NodeJoin
 from controlplane.runtime.reports import (
     AgentReport,
     Cancelled,
-    ChunkDone,
     Failed,
     Finished,
+    KvTransferUpdate,
     Paused,
-    PrefillFinished,
+    PrefillChunkDone,
+    PrefillDone,
     ReportBody,
-    TokensOut,
-    TransferProgress,
-    TransferStatus,
+    Tokens,
+    TransferState,
 )
 from controlplane.store.records import (
     InstanceRecord,
@@ -84,10 +84,10 @@ _ROLE_TO_PROTO = {
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
 _SP_TO_PROTO = {SpKind.ULYSSES: common_pb2.SP_KIND_ULYSSES, SpKind.RING: common_pb2.SP_KIND_RING}
 _TRANSFER_FROM_PROTO = {
-    common_pb2.TRANSFER_STATE_PENDING: TransferStatus.PENDING,
-    common_pb2.TRANSFER_STATE_TRANSFERRING: TransferStatus.TRANSFERRING,
-    common_pb2.TRANSFER_STATE_DONE: TransferStatus.DONE,
-    common_pb2.TRANSFER_STATE_FAILED: TransferStatus.FAILED,
+    common_pb2.TRANSFER_STATE_PENDING: TransferState.PENDING,
+    common_pb2.TRANSFER_STATE_TRANSFERRING: TransferState.TRANSFERRING,
+    common_pb2.TRANSFER_STATE_DONE: TransferState.DONE,
+    common_pb2.TRANSFER_STATE_FAILED: TransferState.FAILED,
 }
 
 MAX_ID_CHARS = 256
@@ -346,7 +346,7 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
     body: ReportBody
     if kind == "chunk_done":
         c = event.chunk_done
-        body = ChunkDone(
+        body = PrefillChunkDone(
             c.chunk_index,
             c.chunks_total,
             c.duration_s,
@@ -355,17 +355,17 @@ def report_from_proto(event: cluster_pb2.Event, node_id: str, received_s: float)
             c.chunk_tokens,
         )
     elif kind == "prefill_done":
-        body = PrefillFinished(event.prefill_done.first_token_id)
+        body = PrefillDone(event.prefill_done.first_token_id)
     elif kind == "paused":
         body = Paused(event.paused.chunks_done)
     elif kind == "kv_transfer":
         t = event.kv_transfer
-        status = _TRANSFER_FROM_PROTO.get(t.state, TransferStatus.PENDING)
-        body = TransferProgress(
-            t.transfer_id, status, t.destination_instance_id, t.bytes, t.duration_s, t.error
+        state = _TRANSFER_FROM_PROTO.get(t.state, TransferState.PENDING)
+        body = KvTransferUpdate(
+            t.transfer_id, state, t.destination_instance_id, t.bytes, t.duration_s, t.error
         )
     elif kind == "tokens":
-        body = TokensOut(event.tokens.start_index, tuple(event.tokens.token_ids))
+        body = Tokens(event.tokens.start_index, tuple(event.tokens.token_ids))
     elif kind == "finished":
         body = Finished(event.finished.output_tokens, event.finished.reason)
     elif kind == "failed":

@@ -67,56 +67,68 @@ def commands_for(
             )
             nodes = action.instance_ids
         case Colocate():
-            prefill = _prefill(
-                state,
-                rid,
-                (action.host_instance_id,),
-                sp_kind,
-                action.chunk_tokens,
-                action.decode_in_place,
-            )
-            order = ColocateOrder(
-                prefill, action.iteration_prefill_budget_tokens, action.mixed_batch_tokens
-            )
-            nodes = (action.host_instance_id,)
+            order, nodes = _colocate(action, state, sp_kind), (action.host_instance_id,)
         case Pause():
             order, nodes = PauseOrder(rid), action.instance_ids
         case Resume():
             order, nodes = ResumeOrder(rid), action.instance_ids
         case TransferKV():
-            record = state.requests[rid]
-            record.attempts += 1
-            transfer_id = f"{rid}/{state.epoch}/t{record.attempts}"
-            src, dst = action.src_instance_id, action.dst_instance_id
-            expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
-            state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
-            order = TransferOrder(
-                rid,
-                transfer_id,
-                src,
-                dst,
-                group_id=transfer_id,
-                rendezvous_address=state.rendezvous.get(state.instance_node.get(src, ""), ""),
-                timeout_s=transfer_timeout_s,
-            )
-            nodes = (src, dst)
+            order = _transfer(action, state, transfer_timeout_s, now_s)
+            nodes = (action.src_instance_id, action.dst_instance_id)
         case StartDecode():
-            record = state.requests[rid]
-            order = DecodeOrder(
-                rid,
-                action.instance_id,
-                record.last_transfer,
-                record.inputs.max_new_tokens,
-                record.inputs.sampling,
-                tuple(record.log.ids),
-            )
-            nodes = (action.instance_id,)
+            order, nodes = _decode(action, state), (action.instance_id,)
         case Cancel():
             order, nodes = CancelOrder(rid), action.instance_ids
         case Reject():
             return []
     node_ids = sorted({state.instance_node[i] for i in nodes if i in state.instance_node})
     return [AgentCommand(node_id, order, rid, trace) for node_id in node_ids]
+
+
+def _colocate(action: Colocate, state: RuntimeState, sp_kind: SpKind) -> ColocateOrder:
+    prefill = _prefill(
+        state,
+        action.request_id,
+        (action.host_instance_id,),
+        sp_kind,
+        action.chunk_tokens,
+        action.decode_in_place,
+    )
+    return ColocateOrder(prefill, action.iteration_prefill_budget_tokens, action.mixed_batch_tokens)
+
+
+def _transfer(
+    action: TransferKV, state: RuntimeState, transfer_timeout_s: float, now_s: float
+) -> TransferOrder:
+    """A new transfer id for the request's next attempt, tracked until it expires."""
+    rid = action.request_id
+    record = state.requests[rid]
+    record.attempts += 1
+    transfer_id = f"{rid}/{state.epoch}/t{record.attempts}"
+    src, dst = action.src_instance_id, action.dst_instance_id
+    expires_s = now_s + 1.5 * transfer_timeout_s + TRANSFER_GRACE_S
+    state.transfers[transfer_id] = TransferInfo(rid, src, dst, expires_s)
+    return TransferOrder(
+        rid,
+        transfer_id,
+        src,
+        dst,
+        group_id=transfer_id,
+        rendezvous_address=state.rendezvous.get(state.instance_node.get(src, ""), ""),
+        timeout_s=transfer_timeout_s,
+    )
+
+
+def _decode(action: StartDecode, state: RuntimeState) -> DecodeOrder:
+    record = state.requests[action.request_id]
+    return DecodeOrder(
+        action.request_id,
+        action.instance_id,
+        record.last_transfer,
+        record.inputs.max_new_tokens,
+        record.inputs.sampling,
+        tuple(record.log.ids),
+    )
 
 
 def _prefill(

@@ -24,17 +24,16 @@ from controlplane.core.events import (
     RequestFinished,
     TokensGenerated,
 )
+from controlplane.runtime import reports
 from controlplane.runtime.reports import (
     AgentReport,
     Cancelled,
-    ChunkDone,
     Failed,
     Finished,
+    KvTransferUpdate,
     Paused,
-    PrefillFinished,
-    TokensOut,
-    TransferProgress,
-    TransferStatus,
+    Tokens,
+    TransferState,
 )
 from controlplane.runtime.state import RuntimeState
 from controlplane.store.records import DetailValue, RequestEvent, RequestEventKind
@@ -65,13 +64,13 @@ class Intake:
         log = record.log
         at = report.received_s
         body = report.body
-        if isinstance(body, TransferProgress):
+        if isinstance(body, KvTransferUpdate):
             return self._transfer(report, body)
         if not self._about_placement(report):
             self.num_stale += 1
             return False
         match body:
-            case ChunkDone():
+            case reports.PrefillChunkDone():
                 self.events.append(PrefillChunkDone(rid, body.chunk_index, at))
                 details: dict[str, DetailValue] = {
                     "chunk_index": body.chunk_index,
@@ -83,14 +82,14 @@ class Intake:
                     details["iteration_tokens"] = body.iteration_tokens
                     details["chunk_tokens"] = body.chunk_tokens
                 self._note(rid, _K.PREFILL_CHUNK_DONE, at, report.instance_id, details)
-            case PrefillFinished():
+            case reports.PrefillDone():
                 self.events.append(PrefillDone(rid, at))
                 self._note(rid, _K.PREFILL_DONE, at, report.instance_id, {})
                 base = len(log.ids) if record.gen_base is None else record.gen_base
                 self._tokens(rid, base, (body.first_token_id,), at)
             case Paused():
                 self.events.append(PrefillPaused(rid, body.chunks_done, at))
-            case TokensOut():
+            case Tokens():
                 self._tokens(rid, body.start_index, body.token_ids, at)
             case Finished():
                 self.events.append(RequestFinished(rid, at))
@@ -113,16 +112,16 @@ class Intake:
         node_of = self._state.instance_node
         return any(node_of.get(iid) == report.node_id for iid in placement)
 
-    def _transfer(self, report: AgentReport, body: TransferProgress) -> bool:
+    def _transfer(self, report: AgentReport, body: KvTransferUpdate) -> bool:
         st = self._state
         info = st.transfers.get(body.transfer_id)
         if info is None or info.request_id != report.request_id:
             self.num_stale += 1
             return False
-        if body.status not in (TransferStatus.DONE, TransferStatus.FAILED):
+        if body.state not in (TransferState.DONE, TransferState.FAILED):
             return True
         del st.transfers[body.transfer_id]
-        ok = body.status is TransferStatus.DONE
+        ok = body.state is TransferState.DONE
         rid, dst, at = info.request_id, info.destination_instance_id, report.received_s
         self.events.append(KVTransferDone(rid, dst, ok, at, body.error))
         if ok:

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkDone:
+class PrefillChunkDone:
     """A prefill chunk finished on the whole SP group (reported by rank 0)."""
 
     chunk_index: int  # 0-based
@@ -19,7 +19,7 @@ class ChunkDone:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillFinished:
+class PrefillDone:
     """The whole prompt is prefilled; `first_token_id` is output token `len(generated)`."""
 
     first_token_id: int
@@ -32,7 +32,7 @@ class Paused:
     chunks_done: int
 
 
-class TransferStatus(StrEnum):
+class TransferState(StrEnum):
     """Progress of a KV transfer (mirrors pecsched.v1.TransferState)."""
 
     PENDING = "pending"
@@ -42,11 +42,11 @@ class TransferStatus(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class TransferProgress:
+class KvTransferUpdate:
     """A KV transfer moved on; DONE and FAILED end it."""
 
     transfer_id: str
-    status: TransferStatus
+    state: TransferState
     destination_instance_id: str
     num_bytes: int
     duration_s: float
@@ -54,7 +54,7 @@ class TransferProgress:
 
 
 @dataclass(frozen=True, slots=True)
-class TokensOut:
+class Tokens:
     """Generated tokens `start_index ..` of the request's output."""
 
     start_index: int
@@ -83,11 +83,11 @@ class Cancelled:
 
 
 ReportBody = (
-    ChunkDone
-    | PrefillFinished
+    PrefillChunkDone
+    | PrefillDone
     | Paused
-    | TransferProgress
-    | TokensOut
+    | KvTransferUpdate
+    | Tokens
     | Finished
     | Failed
     | Cancelled

@@ -37,7 +37,7 @@ from controlplane.runtime.inputs import (
     TickOutput,
 )
 from controlplane.runtime.intake import Intake
-from controlplane.runtime.reports import AgentReport, TransferProgress, TransferStatus
+from controlplane.runtime.reports import AgentReport, KvTransferUpdate, TransferState
 from controlplane.runtime.state import RequestInputs, RuntimeState, Tracked, packed_ids
 from controlplane.runtime.tokens import TokenLog
 from controlplane.store.errors import NotFound
@@ -223,9 +223,9 @@ class Ticker:
                     "",
                     info.request_id,
                     info.source_instance_id,
-                    TransferProgress(
+                    KvTransferUpdate(
                         transfer_id,
-                        TransferStatus.FAILED,
+                        TransferState.FAILED,
                         info.destination_instance_id,
                         0,
                         0.0,
@@ -360,7 +360,7 @@ class Ticker:
 
     def _report_span(self, report: AgentReport) -> None:
         kind = type(report.body).__name__
-        if kind == "TokensOut":
+        if kind == "Tokens":
             return
         span = self.telemetry.start_span(
             f"{tm.SPAN_AGENT_EVENT}.{kind}",

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
 from dataplane.engine.types import SamplingParams
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2, common_pb2
@@ -63,58 +69,86 @@ def report_to_event(
     `offset_tokens` (tokens generated before a re-queue) is added to output indices and counts;
     `prompt_tokens` is the request's original prompt length for PrefillDone.
     """
-    event = cluster_pb2.Event(instance_id=instance_id, at_s=at_s)
-    if isinstance(report, m.ChunkDone):
-        event.chunk_done.CopyFrom(
-            cluster_pb2.PrefillChunkDone(
-                chunk_index=report.chunk_index,
-                chunks_total=report.chunks_total,
-                tokens_done=report.tokens_done,
-                duration_s=report.duration_s,
-                iteration=report.iteration,
-                iteration_tokens=report.iteration_tokens,
-                chunk_tokens=report.chunk_tokens,
-            )
-        )
-    elif isinstance(report, m.PrefillDone):
-        event.prefill_done.CopyFrom(
-            cluster_pb2.PrefillDone(
-                prompt_tokens=prompt_tokens, first_token_id=report.first_token_id
-            )
-        )
-    elif isinstance(report, m.Paused):
-        event.paused.CopyFrom(cluster_pb2.Paused(chunks_done=report.chunks_done))
-    elif isinstance(report, m.Tokens):
-        event.tokens.CopyFrom(
-            cluster_pb2.Tokens(
-                start_index=report.start_index + offset_tokens, token_ids=list(report.token_ids)
-            )
-        )
-    elif isinstance(report, m.Finished):
-        event.finished.CopyFrom(
-            cluster_pb2.Finished(
-                output_tokens=report.output_tokens + offset_tokens, reason=report.reason
-            )
-        )
-    elif isinstance(report, m.Failed):
-        event.failed.CopyFrom(failed_proto(report.error, report.retryable))
-    elif isinstance(report, m.Cancelled):
-        event.cancelled.CopyFrom(cluster_pb2.Cancelled())
-    elif isinstance(report, m.TransferUpdate):
-        event.kv_transfer.CopyFrom(
-            cluster_pb2.KvTransferUpdate(
-                transfer_id=report.transfer_id,
-                state=_TRANSFER_TO_PROTO[report.state],
-                destination_instance_id=destination_instance_id,
-                bytes=report.num_bytes,
-                duration_s=report.duration_s,
-                error=report.error,
-            )
-        )
-    else:
+    to_body = _EVENT_BODIES.get(type(report))
+    if to_body is None:
         return None
-    event.request_id = report.request_id
+    field, body = to_body(report, _Context(offset_tokens, prompt_tokens, destination_instance_id))
+    event = cluster_pb2.Event(instance_id=instance_id, at_s=at_s)
+    getattr(event, field).CopyFrom(body)
+    event.request_id = report.request_id  # type: ignore[union-attr]  # every report above has one
     return event
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What an event body needs beyond its report (see `report_to_event`)."""
+
+    offset_tokens: int
+    prompt_tokens: int
+    destination_instance_id: str
+
+
+def _chunk_done(r: m.ChunkDone, c: _Context) -> tuple[str, Message]:
+    return "chunk_done", cluster_pb2.PrefillChunkDone(
+        chunk_index=r.chunk_index,
+        chunks_total=r.chunks_total,
+        tokens_done=r.tokens_done,
+        duration_s=r.duration_s,
+        iteration=r.iteration,
+        iteration_tokens=r.iteration_tokens,
+        chunk_tokens=r.chunk_tokens,
+    )
+
+
+def _prefill_done(r: m.PrefillDone, c: _Context) -> tuple[str, Message]:
+    body = cluster_pb2.PrefillDone(prompt_tokens=c.prompt_tokens, first_token_id=r.first_token_id)
+    return "prefill_done", body
+
+
+def _paused(r: m.Paused, c: _Context) -> tuple[str, Message]:
+    return "paused", cluster_pb2.Paused(chunks_done=r.chunks_done)
+
+
+def _tokens(r: m.Tokens, c: _Context) -> tuple[str, Message]:
+    start = r.start_index + c.offset_tokens
+    return "tokens", cluster_pb2.Tokens(start_index=start, token_ids=list(r.token_ids))
+
+
+def _finished(r: m.Finished, c: _Context) -> tuple[str, Message]:
+    output_tokens = r.output_tokens + c.offset_tokens
+    return "finished", cluster_pb2.Finished(output_tokens=output_tokens, reason=r.reason)
+
+
+def _failed(r: m.Failed, c: _Context) -> tuple[str, Message]:
+    return "failed", failed_proto(r.error, r.retryable)
+
+
+def _cancelled(r: m.Cancelled, c: _Context) -> tuple[str, Message]:
+    return "cancelled", cluster_pb2.Cancelled()
+
+
+def _kv_transfer(r: m.TransferUpdate, c: _Context) -> tuple[str, Message]:
+    return "kv_transfer", cluster_pb2.KvTransferUpdate(
+        transfer_id=r.transfer_id,
+        state=_TRANSFER_TO_PROTO[r.state],
+        destination_instance_id=c.destination_instance_id,
+        bytes=r.num_bytes,
+        duration_s=r.duration_s,
+        error=r.error,
+    )
+
+
+# report type -> the Event's field and body; a report type not here is no event
+_EVENT_BODIES: dict[type, Callable[[Any, _Context], tuple[str, Message]]] = {
+    m.ChunkDone: _chunk_done,
+    m.PrefillDone: _prefill_done,
+    m.Paused: _paused,
+    m.Tokens: _tokens,
+    m.Finished: _finished,
+    m.Failed: _failed,
+    m.Cancelled: _cancelled,
+    m.TransferUpdate: _kv_transfer,
+}
 
 
 def failed_proto(error: str, retryable: bool) -> cluster_pb2.Failed:

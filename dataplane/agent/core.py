@@ -23,10 +23,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from dataplane.agent import convert
-from dataplane.agent.commands import CommandRouter, Node, Step, request_id_of
+from dataplane.agent.commands import CommandRouter
 from dataplane.agent.config import AgentConfig
 from dataplane.agent.link import Connected, ControlIn, Disconnected
 from dataplane.agent.routes import RequestTable
+from dataplane.agent.steps import Node, Step, request_id_of
 from dataplane.agent.supervisor import WorkerDied, WorkerSaid
 from dataplane.agent.tracing import WorkSpans, command_span
 from dataplane.worker import messages as m

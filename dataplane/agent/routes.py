@@ -1,6 +1,6 @@
 """The agent's request table: where each request lives on this node, which Cancels are still
 unanswered, and which KV transfers this node takes part in. Plain data with no I/O; only the
-command router (`dataplane.agent.commands`) changes it."""
+command router (`dataplane.agent.commands`) and its parts (`prefills`, `transfers`) change it."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from dataplane.agent.commands import Step
+from dataplane.agent.steps import Step
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2
 

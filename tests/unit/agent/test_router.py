@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 
-from dataplane.agent.commands import CommandRouter, Node, Step
+from dataplane.agent.commands import CommandRouter
 from dataplane.agent.routes import RequestTable, Route
+from dataplane.agent.steps import Node, Step
 from dataplane.worker import messages as m
 from protos.pecsched.v1 import cluster_pb2
 

@@ -20,14 +20,14 @@ from controlplane.runtime.commands import (
 )
 from controlplane.runtime.reports import (
     Cancelled,
-    ChunkDone,
     Failed,
     Finished,
+    KvTransferUpdate,
     Paused,
-    PrefillFinished,
-    TokensOut,
-    TransferProgress,
-    TransferStatus,
+    PrefillChunkDone,
+    PrefillDone,
+    Tokens,
+    TransferState,
 )
 from controlplane.store.records import SamplingParams
 from controlplane.telemetry import TraceContext
@@ -125,19 +125,22 @@ def test_chunk_event_keeps_its_iteration():
         chunk_tokens=12,
     )  # fmt: skip
     body = convert.report_from_proto(cluster_pb2.Event(chunk_done=chunk), "n", 1.0).body
-    assert body == ChunkDone(1, 3, 0.5, 9, 30, 12)
+    assert body == PrefillChunkDone(1, 3, 0.5, 9, 30, 12)
 
 
 @pytest.mark.parametrize(
     ("event", "body"),
     [
-        (cluster_pb2.Event(chunk_done=cluster_pb2.PrefillChunkDone(chunk_index=2)), ChunkDone),
+        (
+            cluster_pb2.Event(chunk_done=cluster_pb2.PrefillChunkDone(chunk_index=2)),
+            PrefillChunkDone,
+        ),
         (
             cluster_pb2.Event(prefill_done=cluster_pb2.PrefillDone(first_token_id=4)),
-            PrefillFinished,
+            PrefillDone,
         ),
         (cluster_pb2.Event(paused=cluster_pb2.Paused(chunks_done=1)), Paused),
-        (cluster_pb2.Event(tokens=cluster_pb2.Tokens(start_index=1, token_ids=[3])), TokensOut),
+        (cluster_pb2.Event(tokens=cluster_pb2.Tokens(start_index=1, token_ids=[3])), Tokens),
         (cluster_pb2.Event(finished=cluster_pb2.Finished(output_tokens=2)), Finished),
         (cluster_pb2.Event(failed=cluster_pb2.Failed(error="x", retryable=True)), Failed),
         (cluster_pb2.Event(cancelled=cluster_pb2.Cancelled()), Cancelled),
@@ -158,7 +161,7 @@ def test_transfer_event_and_event_without_kind():
         ),
     )
     body = convert.report_from_proto(event, "n", 1.0).body
-    assert isinstance(body, TransferProgress) and body.status is TransferStatus.FAILED
+    assert isinstance(body, KvTransferUpdate) and body.state is TransferState.FAILED
     with pytest.raises(ApiError):
         convert.report_from_proto(cluster_pb2.Event(request_id="r"), "n", 1.0)
 

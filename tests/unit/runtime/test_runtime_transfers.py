@@ -8,7 +8,7 @@ from controlplane.core.types import InstanceRole, InstanceSpec, RequestClass, Re
 from controlplane.core.types import RequestState as S
 from controlplane.runtime.commands import DecodeOrder, PrefillOrder, TransferOrder
 from controlplane.runtime.inputs import Happening, NodeJoin, NodeLeave, PendingSubmit, TickInput
-from controlplane.runtime.reports import AgentReport, Failed, PrefillFinished
+from controlplane.runtime.reports import AgentReport, Failed, PrefillDone
 from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.store.memory import InMemoryRepository
@@ -69,7 +69,7 @@ class Cluster:
         return self.prefill_done(1.0)
 
     def prefill_done(self, now_s: float, instance_id: str = "b0") -> TransferOrder:
-        orders = self.tick(now_s, self.report(instance_id, PrefillFinished(7), now_s))
+        orders = self.tick(now_s, self.report(instance_id, PrefillDone(7), now_s))
         order = orders[0]  # one per node: the source's and the destination's
         assert orders == [order, order], orders
         assert isinstance(order, TransferOrder) and order.destination_instance_id == "a1"
