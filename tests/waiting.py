@@ -19,8 +19,11 @@ T = TypeVar("T")
 POLL_S = 0.01  # between checks: short enough not to slow a test, long enough not to spin
 
 
-def wait_until(predicate: Callable[[], T], what: str, timeout_s: float = 30.0) -> T:
-    """Return `predicate()`'s first truthy value, checked every POLL_S on this thread.
+def wait_until(
+    predicate: Callable[[], T], what: str, timeout_s: float = 30.0, poll_s: float = POLL_S
+) -> T:
+    """Return `predicate()`'s first truthy value, checked every `poll_s` on this thread (a
+    predicate may drive what it waits for: step a worker, poll a transfer).
 
     Raises:
         AssertionError: naming `what` and the last value, after `timeout_s`.
@@ -32,7 +35,7 @@ def wait_until(predicate: Callable[[], T], what: str, timeout_s: float = 30.0) -
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s} s: {what}; last: {value!r}")
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
 async def eventually(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from dist_utils import WorkerPool, shared_pool
+from waiting import wait_until
 
 from dataplane.engine.engine import Engine, EngineConfig
 from dataplane.engine.types import Finished, KVExport, SamplingParams
@@ -60,14 +61,18 @@ def _run_to_end(engine: Engine) -> tuple[int, ...]:
 def _poll_until_final(
     transfer: KVSender | KVReceiver, limit_s: float = 60.0
 ) -> tuple[TransferState, float]:
-    start = time.monotonic()
     worst_poll_s = 0.0
-    while transfer.state not in (TransferState.DONE, TransferState.FAILED):
+
+    def polled_final() -> bool:
+        nonlocal worst_poll_s
+        if transfer.state in (TransferState.DONE, TransferState.FAILED):
+            return True
         t0 = time.monotonic()
         transfer.poll()
         worst_poll_s = max(worst_poll_s, time.monotonic() - t0)
-        assert time.monotonic() - start < limit_s, "transfer hung"
-        time.sleep(0.001)
+        return False
+
+    wait_until(polled_final, "the transfer final (hung?)", limit_s, poll_s=0.001)
     return transfer.state, worst_poll_s
 
 
@@ -82,7 +87,9 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
     if group.rank == 0:
         export = _prefill_and_export(engine, "r1")
         if mode == "sender_stuck":
-            time.sleep(4.0)  # alive but silent: the receiver must time out
+            # the scenario, not a wait: alive but silent past the receiver's 1.5 s timeout (no
+            # channel tells this process when the receiver gave up)
+            time.sleep(4.0)
             return None
         if mode == "sender_dies":  # a hand-driven sender that dies after layer 0's keys
             raw = torch.frombuffer(bytearray(metadata_to_bytes(export.metadata)), dtype=torch.uint8)
@@ -120,7 +127,9 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
     if state is TransferState.DONE:
         return state, _run_to_end(engine), worst_poll_s
     if mode == "no_room":
-        time.sleep(3.0)  # keep the pair group alive: the sender must fail on its own
+        # the scenario, not a wait: the pair group stays alive while the sender fails on its
+        # own (no channel tells this process when it did)
+        time.sleep(3.0)
         return state, receiver.failure()
     freed = engine.num_free_kv_tokens == free_before and engine.num_requests == 0
     return state, receiver.failure(), elapsed_s, freed, _serve_short(engine)
