@@ -5,6 +5,10 @@ decode `token_s` per token. Output token number i of a request is `expected_toke
 so a test can check that continuation after a re-queue or restart produced the right output.
 Only rank 0 of an SP group (instance_ids[0]) reports; KV transfer progress is reported by the
 source. `on_command` lets a test observe every command (e.g. to echo its trace context).
+
+This is the one fake agent over the wire: control-plane tests use it (or a real agent), and
+`Reattaching` keeps one node attached across control-plane failures. The policy-level fake
+(tests/unit/core/fake_dataplane.py) drives a core policy without a control plane.
 """
 
 from __future__ import annotations
