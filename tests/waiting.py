@@ -52,7 +52,7 @@ async def eventually(
         result = condition()
         value = await result if inspect.isawaitable(result) else result
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not within {timeout_s} s: {what}; last: {value!r}")
         await asyncio.sleep(POLL_S)
