@@ -52,7 +52,10 @@ def _sender_main(port: int, key: str, mode: str, results: Any) -> None:
     if mode == "abort":
         sender.abort()
     wait_until(
-        lambda: sender.poll() is not TransferState.TRANSFERRING, "the send ended", poll_s=0.001
+        lambda: sender.poll() is not TransferState.TRANSFERRING,
+        "the send ended (its own timeout is 30 s)",
+        90,
+        poll_s=0.001,
     )
     results.put((sender.state.name, sender.num_bytes, sender.failure()))
 
@@ -81,7 +84,8 @@ def _receive(engine: Engine, store: Any, key: str, timeout_s: float) -> IpcKVRec
     )
     wait_until(
         lambda: receiver.poll() in (TransferState.DONE, TransferState.FAILED),
-        "the receive ended",
+        f"the receive ended (its own timeout is {timeout_s} s)",
+        timeout_s + 60,
         poll_s=0.001,
     )
     return receiver
