@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from pecsched.cluster import AgentSpec, ClusterSpec, LocalCluster, free_port
 from sdk.client import Client
@@ -183,14 +184,12 @@ def wait_for(
     poll_s: float = 0.005,
 ) -> RequestInfo:
     """Poll Get until `condition(info)`; fails the test with the last state on timeout."""
-    deadline = time.monotonic() + timeout_s
-    info = client.get(request_id)
-    while not condition(info):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{request_id}: condition not met in {timeout_s} s; last: {info}")
-        time.sleep(poll_s)
+
+    def met() -> RequestInfo | None:
         info = client.get(request_id)
-    return info
+        return info if condition(info) else None
+
+    return wait_until(met, f"{request_id}: condition", timeout_s, poll_s)
 
 
 def wait_idle(cluster: Cluster, timeout_s: float = 30.0) -> None:

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 from e2e_cluster import Cluster, Reference, prompt_ids, start_cluster, tiny_agent
+from waiting import wait_until
 
 from sdk.types import GenerateResult, RequestInfo, RequestState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 OUTPUT_TOKENS = 300
+
+FINAL = ("finished", "cancelled", "failed")  # request states in the database
 
 
 def _runs_on(info: RequestInfo, prefix: str) -> bool:
@@ -32,15 +35,13 @@ def _runs_on(info: RequestInfo, prefix: str) -> bool:
 
 
 def _settled_states(cluster: Cluster, timeout_s: float = 10.0) -> dict[str, str]:
-    """Request states in the database once none is active (or after `timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """Request states in the database once none is active (fails after `timeout_s`)."""
+
+    def settled() -> dict[str, str]:
         states = dict(cluster.query("SELECT id, state FROM requests"))
-        if all(s in ("finished", "cancelled", "failed") for s in states.values()):
-            return states
-        if time.monotonic() > deadline:
-            return states
-        time.sleep(0.2)
+        return states if all(s in FINAL for s in states.values()) else {}
+
+    return wait_until(settled, "every request settled in the database", timeout_s)
 
 
 def test_agent_sigkill_requests_finish_on_the_other_agent(
@@ -58,12 +59,11 @@ def test_agent_sigkill_requests_finish_on_the_other_agent(
     try:
         with cluster.client() as client:
             ids = [client.submit(p, max_new_tokens=OUTPUT_TOKENS).request_id for p in prompts]
-            deadline = time.monotonic() + 60
-            victims: list[str] = []
-            while not victims and time.monotonic() < deadline:
-                infos = [client.get(rid) for rid in ids]
-                victims = [i.request_id for i in infos if _runs_on(i, "node-a/")]
-            assert victims, "no request observed running on node-a"
+            victims = wait_until(
+                lambda: [rid for rid in ids if _runs_on(client.get(rid), "node-a/")],
+                "a request running on node-a",
+                60,
+            )
 
             # Execute
             cluster.local.kill_agent("node-a")
@@ -108,15 +108,15 @@ def test_controlplane_sigkill_restart_every_acknowledged_request_finishes(
             ]
             # Token streams open across the restart: the SDK must resume each one.
             futures = [pool.submit(client.result, a.request_id, timeout_s=240) for a in acks]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if sum(client.get(a.request_id).output_tokens for a in acks) >= 20:
-                    break
-                time.sleep(0.01)
+            wait_until(
+                lambda: sum(client.get(a.request_id).output_tokens for a in acks) >= 20,
+                "20 tokens decoded before the restart",
+                60,
+            )
 
             # Execute
             cluster.local.kill_controlplane()
-            time.sleep(1.0)
+            time.sleep(1.0)  # the outage itself (the scenario, not a wait): streams retry
             cluster.local.start_controlplane()
             cluster.local.wait_ready(3, timeout_s=120)
             results: list[GenerateResult] = [f.result() for f in futures]

@@ -9,7 +9,6 @@ by transformers' tokenizer on the same directory.
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import pytest
 from e2e_cluster import Cluster, Reference, start_cluster
 from tokenizer_dir import write_chat_tokenizer
 from transformers import AutoTokenizer
+from waiting import wait_until
 
 from pecsched.cluster import AgentSpec, free_port
-from sdk.types import RequestState
+from sdk.types import RequestInfo, RequestState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -172,13 +172,13 @@ def test_errors_have_openai_shapes_and_codes(cluster):
 
 def _wait_cancelled(cluster: Cluster, request_id: str) -> None:
     with cluster.admin_client() as admin:
-        deadline = time.monotonic() + 30.0
-        info = admin.get(request_id)
-        while info.state is not RequestState.CANCELLED:
-            assert not info.state.is_terminal, info
-            assert time.monotonic() < deadline, info
-            time.sleep(0.05)
+
+        def ended() -> RequestInfo | None:
             info = admin.get(request_id)
+            return info if info.state.is_terminal else None
+
+        info = wait_until(ended, f"{request_id} cancelled", 30)
+        assert info.state is RequestState.CANCELLED, info
 
 
 def test_disconnected_callers_have_their_requests_cancelled(cluster):

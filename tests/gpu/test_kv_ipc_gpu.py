@@ -8,11 +8,11 @@ process. Both build the same seeded `tiny` model in bfloat16.
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from typing import Any
 
 import pytest
 import torch
+from waiting import wait_until
 
 from dataplane.engine.engine import Engine, EngineConfig
 from dataplane.engine.types import Finished, SamplingParams, TokenGenerated
@@ -51,8 +51,12 @@ def _sender_main(port: int, key: str, mode: str, results: Any) -> None:
     )
     if mode == "abort":
         sender.abort()
-    while sender.poll() is TransferState.TRANSFERRING:
-        time.sleep(0.001)
+    wait_until(
+        lambda: sender.poll() is not TransferState.TRANSFERRING,
+        "the send ended (its own timeout is 30 s)",
+        90,
+        poll_s=0.001,
+    )
     results.put((sender.state.name, sender.num_bytes, sender.failure()))
 
 
@@ -78,8 +82,12 @@ def _receive(engine: Engine, store: Any, key: str, timeout_s: float) -> IpcKVRec
         engine.cancel,
         timeout_s=timeout_s,
     )
-    while receiver.poll() not in (TransferState.DONE, TransferState.FAILED):
-        time.sleep(0.001)
+    wait_until(
+        lambda: receiver.poll() in (TransferState.DONE, TransferState.FAILED),
+        f"the receive ended (its own timeout is {timeout_s} s)",
+        timeout_s + 60,
+        poll_s=0.001,
+    )
     return receiver
 
 

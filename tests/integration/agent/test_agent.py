@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,15 @@ def start(rid: str, tokens: list[int], instance: str, max_new: int, **extra: obj
         **extra,
     }
     return {"start_prefill": cluster_pb2.StartPrefill(**fields)}
+
+
+def run_probe(live: LiveAgent, rid: str, instance: str) -> None:
+    """A sequence point on `instance`: a short request run to its end there. Its worker went
+    through several iterations before the end was reported, and whatever a held or paused
+    request did in them was reported before it (one ordered stream)."""
+    live.cp.command(**start(rid, prompt(99, 8), instance, 4))
+    end = live.cp.wait_end(rid)
+    assert end.HasField("finished"), end
 
 
 def kinds(live: LiveAgent, rid: str) -> list[str]:
@@ -130,7 +138,7 @@ def test_prefill_transfer_then_decode_on_short_decode_instance(
     expected = reference.greedy(tokens, 10)
     live.cp.command(**start("disagg", tokens, "n1/0", 10, decode_in_place=False))
     live.cp.wait_event("disagg", "prefill_done")
-    time.sleep(0.3)
+    run_probe(live, "disagg-probe-1", "n1/0")
     assert live.cp.output("disagg") == expected[:1], "held requests must not decode"
     # Execute
     live.cp.command(
@@ -152,7 +160,7 @@ def test_prefill_transfer_then_decode_on_short_decode_instance(
         30,
         "transfer DONE",
     )
-    time.sleep(0.3)
+    run_probe(live, "disagg-probe-2", "n1/1")
     assert live.cp.output("disagg") == expected[:1], "no decode before StartDecode"
     live.cp.command(
         start_decode=cluster_pb2.StartDecode(request_id="disagg", transfer_id="t-disagg")
@@ -258,7 +266,7 @@ def test_sp_prefill_over_two_workers_pauses_resumes_and_decodes_on_the_group(
     )  # fmt: skip
     live.cp.command(pause=cluster_pb2.Pause(request_id=rid))
     paused = live.cp.wait_event(rid, "paused").paused
-    time.sleep(0.3)
+    run_probe(live, f"{rid}-probe", "n1/0")  # a short served while the long one is paused
     chunks_while_paused = kinds(live, rid).count("chunk_done")
     live.cp.command(resume=cluster_pb2.Resume(request_id=rid))
     end = live.cp.wait_end(rid, 60)

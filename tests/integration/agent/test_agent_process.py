@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -90,12 +89,12 @@ def test_reattach_after_restart_then_drain_on_sigterm(tmp_path: Path, reference:
         cp2.wait_event("paused", "paused")
         cp2.wait_for(lambda: cp2.output("drain-me"), 30, "drain-me to decode")
         agent.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        # the drain began: it hands the paused request back at once
+        handed_back = cp2.wait_event("paused", "failed").failed
         cp2.command(**_start("too-late", tokens, 3))
 
         # Assert 2
         assert agent.wait(timeout=120) == 0
-        handed_back = cp2.wait_event("paused", "failed").failed
         assert handed_back.retryable and "draining" in handed_back.error
         assert cp2.wait_end("drain-me").HasField("finished")
         assert cp2.output("drain-me") == reference.greedy(tokens, 200)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 from sqlalchemy import Engine
+from waiting import eventually
 
 from controlplane.api.auth import Authenticator
 from controlplane.api.server import ApiServer, tls_credentials
@@ -124,35 +122,22 @@ async def wait_all_final(
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, inference_pb2.Request]:
     """Poll Get until every request is in a final state; returns the last views."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
     views: dict[str, inference_pb2.Request] = {}
-    while True:
+
+    async def all_final() -> bool:
         for rid in request_ids:
             if rid not in views or views[rid].state not in FINAL_STATES:
                 views[rid] = await stub.Get(
                     inference_pb2.GetRequest(request_id=rid), metadata=metadata
                 )
-        pending = [r for r in request_ids if views[r].state not in FINAL_STATES]
-        if not pending:
-            return views
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not final after {timeout_s}s: {[views[r] for r in pending][:3]}")
-        await asyncio.sleep(0.05)
+        return all(views[r].state in FINAL_STATES for r in request_ids)
 
-
-async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 30.0
-) -> None:
-    """Wait until `condition()` (sync or async) holds; AssertionError naming `what` after
-    `timeout_s`. Checks every 20 ms on the running loop."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = condition()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
+    try:
+        await eventually(all_final, "every request final", timeout_s)
+    except AssertionError as e:
+        pending = [v for v in views.values() if v.state not in FINAL_STATES]
+        raise AssertionError(f"{e}: {pending[:3]}") from None
+    return views
 
 
 async def generate_all(

@@ -5,6 +5,10 @@ decode `token_s` per token. Output token number i of a request is `expected_toke
 so a test can check that continuation after a re-queue or restart produced the right output.
 Only rank 0 of an SP group (instance_ids[0]) reports; KV transfer progress is reported by the
 source. `on_command` lets a test observe every command (e.g. to echo its trace context).
+
+This is the one fake agent over the wire: control-plane tests use it (or a real agent), and
+`Reattaching` keeps one node attached across control-plane failures. The policy-level fake
+(tests/unit/core/fake_dataplane.py) drives a core policy without a control plane.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class SimAgent:
     async def _beat(self) -> None:
         interval = self.registered.heartbeat_interval_s if self.registered else 1.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval)  # the heartbeat period (simulated timing, not a wait)
             loads = [
                 cluster_pb2.InstanceLoad(instance_id=i, busy_s=0.01) for i, _, _ in self.instances
             ]
@@ -246,7 +250,7 @@ class SimAgent:
         total = len(work.prompt) + len(work.generated)
         chunks = -(-total // max(1, work.chunk_tokens))
         for index in range(chunks):
-            await asyncio.sleep(self.chunk_s)
+            await asyncio.sleep(self.chunk_s)  # a chunk's compute (simulated timing, not a wait)
             last = index == chunks - 1
             if not last:
                 self._event(
@@ -271,7 +275,7 @@ class SimAgent:
             await self._decode(rid, rank0, work)
 
     async def _transfer(self, t: cluster_pb2.TransferKv) -> None:
-        await asyncio.sleep(self.transfer_s)
+        await asyncio.sleep(self.transfer_s)  # the copy (simulated timing, not a wait)
         self._event(
             t.request_id,
             t.source_instance_id,
@@ -286,7 +290,7 @@ class SimAgent:
 
     async def _decode(self, rid: str, instance: str, work: _Work) -> None:
         while len(work.generated) < work.max_new_tokens:
-            await asyncio.sleep(self.token_s)
+            await asyncio.sleep(self.token_s)  # a decode step (simulated timing, not a wait)
             index = len(work.generated)
             work.generated.append(expected_token(work.prompt, index))
             self._event(
@@ -300,3 +304,32 @@ class SimAgent:
             finished=cluster_pb2.Finished(output_tokens=len(work.generated), reason="length"),
         )
         self._work.pop(rid, None)
+
+
+class Reattaching:
+    """SimAgents of one node, one after another: a new one attaches whenever the last one's
+    stream ended or its attach was refused, as a real agent reconnects. `make()` builds each."""
+
+    RETRY_S = 0.05  # back-off after a refused attach (a real agent's, so it does not spin)
+
+    def __init__(self, make: Callable[[], SimAgent]) -> None:
+        self.num_attaches = 0  # attaches that got Registered
+        self._make = make
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            agent = self._make()
+            try:
+                await agent.start()
+                self.num_attaches += 1
+                await agent.ended.wait()
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(self.RETRY_S)  # the back-off itself, not a wait
+            finally:
+                await agent.stop()
+
+    async def stop(self) -> None:
+        """Stop attaching and drop the current agent."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

@@ -19,6 +19,7 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent, expected_token
+from waiting import eventually
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -26,15 +27,18 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def _wait_running_on(stub, ids, node_prefix: str) -> None:
-    for _ in range(200):
+    """Wait until one of `ids` decodes on an instance whose id starts with `node_prefix`."""
+
+    async def decoding_there() -> bool:
         for rid in ids:
             view = await stub.Get(inference_pb2.GetRequest(request_id=rid))
             if view.state == common_pb2.REQUEST_STATE_DECODING and any(
                 i.startswith(node_prefix) for i in view.instance_ids
             ):
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError("no request started decoding")
+                return True
+        return False
+
+    await eventually(decoding_there, f"a request decoding on node {node_prefix}")
 
 
 @pytest.mark.parametrize("how", ["stream closed", "heartbeats missed"])

@@ -9,7 +9,6 @@ import grpc
 import pytest
 from cp_harness import (
     GENERAL,
-    eventually,
     make_config,
     migrated_db,
     start_control_plane,
@@ -17,6 +16,7 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent
+from waiting import eventually
 
 from controlplane.api.convert import seconds_to_timestamp
 from controlplane.config import TextTokenizer

@@ -11,24 +11,25 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
 from cp_harness import (
     GENERAL,
     ControlPlane,
-    eventually,
     make_config,
     migrated_db,
     start_control_plane,
     submit_request,
     wait_all_final,
 )
-from cp_sim_agent import SimAgent
+from cp_sim_agent import Reattaching, SimAgent
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from integration.store.postgres import SERVER_URL, unique_database
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from waiting import eventually
 
 from controlplane.api.auth import Authenticator
 from controlplane.api.server import ApiServer
@@ -49,41 +50,41 @@ SUBMITS_EACH = 10
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-class Agent:
-    """A sim agent that re-attaches whenever its stream ends (as real agents do)."""
+@dataclass
+class Flood:
+    """What the flood and the watcher saw, for the faults to sequence on."""
 
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.num_attaches = 0
-        self._task = asyncio.create_task(self._run())
+    acknowledged: dict[str, str] = field(default_factory=dict)  # idempotency key -> request id
+    statuses: list[int] = field(default_factory=list)  # health statuses, in the order streamed
+    faults_started: asyncio.Event = field(default_factory=asyncio.Event)  # the last one began
 
-    async def _run(self) -> None:
-        while True:
-            agent = SimAgent(self.target, "node-a", [("a0", GENERAL, 100_000)], token_s=0.001)
-            try:
-                await agent.start()
-                self.num_attaches += 1
-                await agent.ended.wait()
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.05)
-            finally:
-                await agent.stop()
+    async def until_acknowledged(self, count: int) -> None:
+        """Wait until `count` submits were acknowledged."""
+        await eventually(lambda: len(self.acknowledged) >= count, f"{count} submits acknowledged")
 
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    async def until_not_serving(self, since: int) -> None:
+        """Wait until health said NOT_SERVING after the first `since` statuses."""
+        await eventually(
+            lambda: NOT_SERVING in self.statuses[since:], "health NOT_SERVING during the fault"
+        )
 
 
-async def flood(stub: inference_pb2_grpc.InferenceStub) -> tuple[dict[str, str], int]:
-    """Submit with idempotency keys, retrying UNAVAILABLE like the SDK; returns key -> id of
-    every acknowledged submit and how many attempts were refused as retryable."""
-    acknowledged: dict[str, str] = {}
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TOTAL = NUM_SUBMITTERS * SUBMITS_EACH
+
+
+async def flood(stub: inference_pb2_grpc.InferenceStub, state: Flood) -> int:
+    """Submit with idempotency keys, retrying UNAVAILABLE like the SDK, into
+    `state.acknowledged`; returns how many attempts were refused as retryable. Each submitter's
+    last submit waits until the last fault began, so the flood spans every fault."""
     refused = 0
 
     async def one(worker: int) -> None:
         nonlocal refused
         for i in range(SUBMITS_EACH):
             key = f"w{worker}-{i}"
+            if i == SUBMITS_EACH - 1:
+                await state.faults_started.wait()
             while True:
                 try:
                     reply = await stub.Submit(
@@ -92,55 +93,55 @@ async def flood(stub: inference_pb2_grpc.InferenceStub) -> tuple[dict[str, str],
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() in _RETRYABLE, exc
                     refused += 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # the SDK's retry back-off (scenario, not a wait)
                     continue
-                assert acknowledged.setdefault(key, reply.request_id) == reply.request_id
+                assert state.acknowledged.setdefault(key, reply.request_id) == reply.request_id
                 break
+            # a paced flood, not a burst: submits keep coming while a fault is injected
             await asyncio.sleep(0.02)
 
     await asyncio.gather(*(one(w) for w in range(NUM_SUBMITTERS)))
-    return acknowledged, refused
+    return refused
 
 
-async def watch_health(channel: grpc.aio.Channel, seen: set[int], stop: asyncio.Event) -> None:
-    """Record every health status until `stop`."""
+async def watch_health(channel: grpc.aio.Channel, state: Flood) -> None:
+    """Record every health status the server streams, until cancelled."""
     health = health_pb2_grpc.HealthStub(channel)
-    while not stop.is_set():
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        seen.add(reply.status)
-        await asyncio.sleep(0.02)
+    async for reply in health.Watch(health_pb2.HealthCheckRequest(service="")):
+        state.statuses.append(reply.status)
 
 
 async def run_with_faults(
-    cp: ControlPlane, inject: Callable[[], Awaitable[None]], rows: Callable[[], list[str]]
+    cp: ControlPlane, inject: Callable[[Flood], Awaitable[None]], rows: Callable[[], list[str]]
 ) -> None:
-    """Flood while `inject` runs; then check every acknowledged request finished exactly once."""
-    agent = Agent(cp.target)
+    """Flood while `inject` runs (it sets `faults_started` when the last fault begins); then
+    check every acknowledged request finished exactly once."""
+    agent = Reattaching(
+        lambda: SimAgent(cp.target, "node-a", [("a0", GENERAL, 100_000)], token_s=0.001)
+    )
     channel = grpc.aio.insecure_channel(cp.target)
     stub = inference_pb2_grpc.InferenceStub(channel)
-    seen: set[int] = set()
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(watch_health(channel, seen, stop))
+    state = Flood()
+    watcher = asyncio.create_task(watch_health(channel, state))
     try:
         # Execute
-        (acknowledged, _), _ = await asyncio.gather(flood(stub), inject())
+        await asyncio.gather(flood(stub, state), inject(state))
+        acknowledged = state.acknowledged
         views = await wait_all_final(stub, list(acknowledged.values()), timeout_s=60)
         # the last rebuild may still be backing off when the database is back
         await asyncio.wait_for(cp.runtime.until_serving(), timeout=30)
-        stop.set()
-        await watcher
         stored = rows()
         # Assert: nothing acknowledged lost, nothing duplicated, serving again
-        assert len(acknowledged) == NUM_SUBMITTERS * SUBMITS_EACH
+        assert len(acknowledged) == TOTAL
         assert all(v.state == common_pb2.REQUEST_STATE_FINISHED for v in views.values())
         assert all(v.output_tokens == 3 for v in views.values())
         assert sorted(stored) == sorted(acknowledged.values())  # one row per key
         assert sum(cp.runtime.metrics.rebuilds.values.values()) >= 1
-        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        assert NOT_SERVING in state.statuses
         assert cp.runtime.serving and agent.num_attaches >= 2
     finally:
-        stop.set()
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await agent.stop()
         await channel.close()
         await cp.stop()
@@ -180,13 +181,16 @@ async def test_killed_postgres_connections_mid_flood_lose_and_duplicate_nothing(
         cp = await start_control_plane(make_config(url))
         killed: list[int] = []
 
-        async def inject() -> None:
-            for _ in range(3):  # connections die; reconnecting works at once
-                await asyncio.sleep(0.4)
+        async def inject(state: Flood) -> None:
+            for k in range(1, 4):  # connections die; reconnecting works at once
+                await state.until_acknowledged(k * TOTAL // 5)
                 killed.append(await asyncio.to_thread(_kill_sessions, SERVER_URL, name))
+            await state.until_acknowledged(4 * TOTAL // 5)
+            since = len(state.statuses)
             await asyncio.to_thread(_allow_connections, SERVER_URL, name, False)
             killed.append(await asyncio.to_thread(_kill_sessions, SERVER_URL, name))
-            await asyncio.sleep(1.0)  # the database is away
+            state.faults_started.set()
+            await state.until_not_serving(since)  # the database is away until that was seen
             await asyncio.to_thread(_allow_connections, SERVER_URL, name, True)
 
         def rows() -> list[str]:
@@ -210,12 +214,15 @@ async def test_a_locked_sqlite_database_mid_flood_loses_and_duplicates_nothing(t
         make_config(url), engine=make_engine(url, sqlite_busy_timeout_ms=100)
     )
 
-    async def inject() -> None:
-        for hold_s in (0.5, 1.0):
-            await asyncio.sleep(0.4)
+    async def inject(state: Flood) -> None:
+        for k in (1, 2):  # the lock is held until the control plane said NOT_SERVING
+            await state.until_acknowledged(k * TOTAL // 3)
+            since = len(state.statuses)
             locker = sqlite3.connect(path, timeout=10, isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")
-            await asyncio.sleep(hold_s)
+            if k == 2:
+                state.faults_started.set()
+            await state.until_not_serving(since)
             locker.execute("ROLLBACK")
             locker.close()
 

@@ -10,7 +10,6 @@ from cp_harness import (
     GENERAL,
     SHORT_DECODE,
     TEST_SCHEDULER,
-    eventually,
     generate_all,
     make_config,
     migrated_db,
@@ -19,6 +18,7 @@ from cp_harness import (
     wait_all_final,
 )
 from cp_sim_agent import SimAgent, expected_token
+from waiting import eventually
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 

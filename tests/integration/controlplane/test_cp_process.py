@@ -12,7 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cp_harness import eventually, migrated_db, submit_request
+from cp_harness import migrated_db, submit_request
+from waiting import eventually
 
 from protos.pecsched.v1 import inference_pb2_grpc
 

@@ -14,13 +14,13 @@ import grpc
 import pytest
 from cp_harness import (
     GENERAL,
-    eventually,
     generate_all,
     migrated_db,
     submit_request,
     wait_all_final,
 )
 from cp_sim_agent import SimAgent, expected_token
+from waiting import eventually
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 from cp_harness import GENERAL, make_config, migrated_db, start_control_plane, submit_request
 from cp_sim_agent import SimAgent, expected_token
+from waiting import eventually
 
 from controlplane.store.records import ApiKeyRole
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -42,6 +45,29 @@ def _context_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
         if "Context" in text or "never retrieved" in text:
             found.append(text)
     return found
+
+
+async def _decoded(stub: inference_pb2_grpc.InferenceStub, rid: str, metadata: Any) -> bool:
+    """The request decoded 500 tokens (1 s at a token per 2 ms): its unread stream and the
+    Watch beside it (a snapshot per 50 ms) have had time to fill the client's window."""
+    view = await stub.Get(inference_pb2.GetRequest(request_id=rid), metadata=metadata)
+    return view.output_tokens >= 500
+
+
+def _generators_closed() -> Callable[[], bool]:
+    """A condition: three checks in a row (each after a collection, on a later loop turn) found
+    no generator close pending. asyncio closes an abandoned async generator in a task it
+    schedules when the generator is collected."""
+    quiet = 0
+
+    def check() -> bool:
+        nonlocal quiet
+        gc.collect()
+        closing = [t for t in asyncio.all_tasks() if "athrow" in type(t.get_coro()).__name__]
+        quiet = 0 if closing else quiet + 1
+        return quiet >= 3
+
+    return check
 
 
 async def test_streams_end_and_cancel_without_context_errors(tmp_path, caplog):
@@ -77,13 +103,14 @@ async def test_streams_end_and_cancel_without_context_errors(tmp_path, caplog):
                 generate = stub.Generate(request, metadata=as_client)
                 watch = stub.Watch(inference_pb2.WatchRequest(interval_s=0.05), metadata=as_admin)
                 first_chunk, first_snapshot = await generate.read(), await watch.read()
-                await asyncio.sleep(1.0)
+                await eventually(
+                    lambda rid=long.request_id: _decoded(stub, rid, as_client),
+                    "the unread streams fill (500 tokens decoded, at least 1 s of snapshots)",
+                )
                 generate.cancel()
                 watch.cancel()
             # asyncio closes the abandoned generators; a failed close is logged on collection
-            for _ in range(3):
-                await asyncio.sleep(0.2)
-                gc.collect()
+            await eventually(_generators_closed(), "the abandoned stream generators closed")
 
         # Assert
         assert final == common_pb2.REQUEST_STATE_FINISHED

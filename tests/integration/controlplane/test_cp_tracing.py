@@ -6,7 +6,6 @@ import grpc
 import pytest
 from cp_harness import (
     GENERAL,
-    eventually,
     make_config,
     migrated_db,
     start_control_plane,
@@ -15,6 +14,7 @@ from cp_harness import (
 )
 from cp_sim_agent import SimAgent
 from otlp_receiver import OtlpReceiver
+from waiting import eventually
 
 from controlplane import telemetry as tm
 from protos.pecsched.v1 import inference_pb2_grpc

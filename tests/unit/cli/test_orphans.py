@@ -6,19 +6,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from waiting import wait_until
 
 from pecsched.orphans import PARENT_PID_ENV
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 
+# The child lives until its parent dies (the scenario; 60 s bounds a leak if that breaks).
 CHILD = (
     "from pecsched.orphans import die_with_parent; die_with_parent(); "
     "import time; print('armed', flush=True); time.sleep(60)"
 )
-# The parent starts the child as LocalCluster does (no preexec_fn), prints its pid, then waits.
+# The parent starts the child as LocalCluster does (no preexec_fn), prints its pid, then lives
+# until the test kills it (the scenario; 60 s bounds a leak).
 PARENT = f"""
 import os, subprocess, sys, time
 child = subprocess.Popen(
@@ -48,10 +50,7 @@ def test_the_child_is_killed_when_its_parent_is_killed() -> None:
         assert not _gone(child_pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not _gone(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _gone(child_pid), "the child outlived its SIGKILLed parent"
+        wait_until(lambda: _gone(child_pid), "the child to die with its SIGKILLed parent", 10)
     finally:
         parent.kill()
 

@@ -5,6 +5,12 @@ takes effect after that chunk), a KV transfer started in the previous step compl
 decoding request generates `tokens_per_step` tokens. Faults (transfer failures, instance
 deaths, cancels, retryable failures) are injected by the caller through `inject` or the seeded
 `fault_rate`. After each schedule() the caller may check the invariants with `check_invariants`.
+
+Why it is not SimAgent (tests/integration/controlplane/cp_sim_agent.py, the one agent over the
+wire): it works a layer below, on a core `Policy` alone (events in, actions out; no runtime,
+store or gRPC) in virtual time, so the core's property and determinism tests run thousands of
+seeded steps in milliseconds and replay exactly. SimAgent plays the Attach protocol against a
+running control plane in real time.
 """
 
 from __future__ import annotations

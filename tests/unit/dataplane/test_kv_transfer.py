@@ -7,17 +7,19 @@ import json
 import os
 import struct
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 from dist_utils import WorkerPool, shared_pool
+from waiting import wait_until
 
 from dataplane.engine.engine import Engine, EngineConfig
 from dataplane.engine.types import Finished, KVExport, SamplingParams
 from dataplane.models.loading import random_model
 from dataplane.models.presets import preset_config
-from dataplane.parallel.groups import Group
+from dataplane.parallel.groups import Group, GroupManager
 from dataplane.parallel.kv_transfer import (
     KVReceiver,
     KVSender,
@@ -60,14 +62,18 @@ def _run_to_end(engine: Engine) -> tuple[int, ...]:
 def _poll_until_final(
     transfer: KVSender | KVReceiver, limit_s: float = 60.0
 ) -> tuple[TransferState, float]:
-    start = time.monotonic()
     worst_poll_s = 0.0
-    while transfer.state not in (TransferState.DONE, TransferState.FAILED):
+
+    def polled_final() -> bool:
+        nonlocal worst_poll_s
+        if transfer.state in (TransferState.DONE, TransferState.FAILED):
+            return True
         t0 = time.monotonic()
         transfer.poll()
         worst_poll_s = max(worst_poll_s, time.monotonic() - t0)
-        assert time.monotonic() - start < limit_s, "transfer hung"
-        time.sleep(0.001)
+        return False
+
+    wait_until(polled_final, "the transfer final (hung?)", limit_s, poll_s=0.001)
     return transfer.state, worst_poll_s
 
 
@@ -76,13 +82,23 @@ def _serve_short(engine: Engine) -> tuple[int, ...]:
     return _run_to_end(engine)
 
 
-def _transfer_job(group: Group, _: Any, mode: str) -> Any:
+def _signal(group: Group, manager: GroupManager, name: str) -> None:
+    """Tell the other rank that `name` happened (a key in the pool's shared store)."""
+    manager.store.set(f"{group.group_id}/{name}", "1")
+
+
+def _until(group: Group, manager: GroupManager, name: str) -> None:
+    """Wait until the other rank signalled `name`."""
+    manager.store.wait([f"{group.group_id}/{name}"], timedelta(seconds=60))
+
+
+def _transfer_job(group: Group, manager: GroupManager, mode: str) -> Any:
     torch.set_num_threads(1)
     engine = _engine()
     if group.rank == 0:
         export = _prefill_and_export(engine, "r1")
         if mode == "sender_stuck":
-            time.sleep(4.0)  # alive but silent: the receiver must time out
+            _until(group, manager, "receiver-ended")  # alive but silent until it timed out
             return None
         if mode == "sender_dies":  # a hand-driven sender that dies after layer 0's keys
             raw = torch.frombuffer(bytearray(metadata_to_bytes(export.metadata)), dtype=torch.uint8)
@@ -93,7 +109,9 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
         t0 = time.monotonic()
         state, _ = _poll_until_final(sender)
         if mode == "no_room":
-            return state, sender.failure(), time.monotonic() - t0
+            elapsed_s = time.monotonic() - t0
+            _signal(group, manager, "sender-ended")
+            return state, sender.failure(), elapsed_s
         engine.resume("r1")  # decode in place for the reference tokens
         return state, _run_to_end(engine)
     if mode == "no_room":  # the decode worker is full: begin_import refuses
@@ -117,10 +135,12 @@ def _transfer_job(group: Group, _: Any, mode: str) -> Any:
     else:
         state, worst_poll_s = _poll_until_final(receiver)
     elapsed_s = time.monotonic() - t0
+    if mode == "sender_stuck":
+        _signal(group, manager, "receiver-ended")
     if state is TransferState.DONE:
         return state, _run_to_end(engine), worst_poll_s
     if mode == "no_room":
-        time.sleep(3.0)  # keep the pair group alive: the sender must fail on its own
+        _until(group, manager, "sender-ended")  # the group lives on: the sender fails on its own
         return state, receiver.failure()
     freed = engine.num_free_kv_tokens == free_before and engine.num_requests == 0
     return state, receiver.failure(), elapsed_s, freed, _serve_short(engine)

@@ -5,7 +5,6 @@ worker does while it joins an SP group whose other member never comes."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 import torch
+from waiting import wait_until
 
 from dataplane.engine.engine import Engine, EngineConfig
 from dataplane.engine.types import SamplingParams
@@ -74,12 +74,16 @@ def pair() -> Iterator[tuple[Worker, Worker, str]]:
 
 
 def run_until(workers: list[Worker], done: Callable[[], object], limit_s: float = 60.0) -> None:
-    start = time.monotonic()
-    while not done():
-        assert time.monotonic() - start < limit_s, "no progress"
+    """Step `workers` until `done()`; fails after `limit_s`."""
+
+    def stepped() -> object:
+        if done():
+            return True
         for worker in workers:
             worker.step()
-        time.sleep(0.001)
+        return False
+
+    wait_until(stepped, "progress", limit_s, poll_s=0.001)
 
 
 def test_decode_in_place_aborts_the_send_whose_destination_was_lost(
@@ -156,10 +160,8 @@ def test_a_superseded_receive_never_fails_the_request_its_successor_delivered(
     run_until([src, dst], lambda: dst.of(m.TransferUpdate))
     dst.handle(m.StartDecode("r"))
     run_until([dst], lambda: dst.of(m.Finished))
-    deadline_s = time.monotonic() + stale_timeout_s + 0.5
-    while time.monotonic() < deadline_s:  # well past t1's own deadline
-        dst.step()
-        time.sleep(0.01)
+    # every transfer retired: a t1 still live would end (and be reported) by its deadline first
+    run_until([dst], lambda: not dst.runtime.has_work())
     # Assert: r decoded to the end on w1 and nothing was ever said about t1
     assert [(u.transfer_id, u.state) for u in dst.of(m.TransferUpdate)] == [("t2", "done")]
     assert [f.output_tokens for f in dst.of(m.Finished)] == [SAMPLING.max_new_tokens]
@@ -193,9 +195,7 @@ def test_an_sp_group_paused_after_its_last_chunk_decodes_to_the_end(
 
     def member(worker: Worker) -> None:
         worker.handle(cmd)
-        while worker.runtime.joining:
-            worker.step()
-            time.sleep(0.001)
+        run_until([worker], lambda: not worker.runtime.joining)
         for _ in range(num_chunks):
             worker.step()
         worker.handle(m.Pause("r"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from waiting import eventually
 
 from controlplane.config import Config
 from controlplane.core.policies.registry import make_policy
@@ -79,8 +80,7 @@ async def test_a_failed_tick_rolls_back_and_the_runtime_rebuilds_once_the_databa
     repo.fail_updates = True
     # Execute: the cancel makes the tick update a request, which fails; so does every rebuild
     cancel = asyncio.ensure_future(runtime.cancel("r0", "test"))
-    while repo.num_failed_updates < 3:  # the tick, then two rebuilds, failed
-        await asyncio.sleep(0.01)
+    await eventually(lambda: repo.num_failed_updates >= 3, "the tick, then two rebuilds, failed")
     waited = not cancel.done()
     rolled_back = repo.get_request("r0").state
     repo.fail_updates = False
@@ -104,8 +104,7 @@ async def test_a_submit_whose_tick_fails_twice_gets_unavailable_and_the_runtime_
     with pytest.raises(Unavailable):
         await asyncio.wait_for(runtime.submit(_pending(0)), 10)
     repo.fail_adds = False
-    while not runtime.serving:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(runtime.until_serving(), 30)
     again = await runtime.submit(_pending(1))
     # Assert
     assert again.created and repo.get_request("r1").state is RequestState.QUEUED
@@ -125,8 +124,7 @@ async def test_a_cancel_whose_tick_fails_after_every_rebuild_fails_instead_of_lo
     with pytest.raises(Unavailable):
         await asyncio.wait_for(runtime.cancel("r0", "test"), 10)
     repo.fail_changes = False
-    while not runtime.serving:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(runtime.until_serving(), 30)
     # Assert
     assert sum(runtime.metrics.rebuilds.values.values()) == 2
     assert repo.get_request("r0").state is RequestState.QUEUED

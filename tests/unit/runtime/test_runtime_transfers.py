@@ -28,7 +28,12 @@ TIMEOUT_S = 60.0  # the agents' transfer timeout; the runtime gives up after 1.5
 
 class Cluster:
     """A ticker over node-b (b0, b1: general) and node-a (a1: short decode); one short
-    request "r"."""
+    request "r".
+
+    Not a fake data plane: the test writes the agents' reports itself, at the tick's level
+    (`AgentReport`s in, orders out) with time passed in, so a transfer's expiry (1.5 x 60 s +
+    1 s) is reached without waiting for it. The agent over the wire is played by SimAgent
+    (tests/integration/controlplane/cp_sim_agent.py) against a whole control plane."""
 
     def __init__(self) -> None:
         self.repo = InMemoryRepository()

@@ -98,7 +98,7 @@ class FakeControlPlane(inference_pb2_grpc.InferenceServicer):
             self.calls.append(Call(method, request, metadata, time.monotonic()))
         if self.api_key is not None and metadata.get("authorization") != f"Bearer {self.api_key}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
-        time.sleep(self.delay_s.get(method, 0.0))
+        time.sleep(self.delay_s.get(method, 0.0))  # scripted latency (the scenario, not a wait)
 
     def _fail_if_scripted(self, method: str, context: grpc.ServicerContext) -> Failure | None:
         queue = self.failures.get(method)
@@ -160,7 +160,7 @@ class FakeControlPlane(inference_pb2_grpc.InferenceServicer):
                     return
                 context.abort(grpc.StatusCode.UNAVAILABLE, "agent connection lost")
             ids = tokens[begin : begin + self.chunk_size]
-            time.sleep(self.chunk_interval_s)
+            time.sleep(self.chunk_interval_s)  # a decode's pace (the scenario, not a wait)
             self.num_chunks_sent += 1
             is_last = begin + self.chunk_size >= len(tokens)
             yield inference_pb2.TokenChunk(
@@ -247,4 +247,4 @@ class FakeControlPlane(inference_pb2_grpc.InferenceServicer):
             snapshot.at.FromSeconds(1_700_000_000 + num_sent)
             yield snapshot
             num_sent += 1
-            time.sleep(request.interval_s or 1.0)
+            time.sleep(request.interval_s or 1.0)  # the asked interval, as the real server

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 from sdk_fake_control_plane import API_KEY, Failure, FakeControlPlane, output_tokens, token_text
+from waiting import wait_until
 
 from protos.pecsched.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from sdk.client import Client
@@ -441,10 +442,9 @@ def test_generate_survives_a_control_plane_restart(fake: FakeControlPlane) -> No
     servers = [first]
 
     def restart() -> None:
-        while fake.num_chunks_sent < 3:
-            time.sleep(0.005)
+        wait_until(lambda: fake.num_chunks_sent >= 3, "3 chunks streamed", poll_s=0.005)
         first.stop(grace=None)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the outage itself (the scenario, not a wait): the client retries
         servers.append(start(f"127.0.0.1:{port}")[0])
 
     restarter = threading.Thread(target=restart)
