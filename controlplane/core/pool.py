@@ -3,8 +3,9 @@
 SHORT_DECODE pools also keep a second heap ordered the other way (most loaded first), so
 KV transfers can be bin-packed onto busy decode instances and spare ones empty out.
 
-Heaps use lazy invalidation: every refresh bumps the instance's version and pushes a fresh
-entry; entries whose version is stale are skipped when met. Heaps are rebuilt when stale
+Heaps use lazy invalidation: every refresh gives the instance a new version and pushes a fresh
+entry; entries whose version is stale are skipped when met. Versions come from one counter per
+pool, so the entries of an instance that went down never match the record of its return. Heaps are rebuilt when stale
 entries dominate, so memory stays O(instances) and each operation is O(log instances).
 """
 
@@ -30,6 +31,7 @@ class InstancePool:
         self._instances: dict[str, InstanceRecord] = {}
         self._heaps: dict[_HeapKey, list[_Entry]] = {}
         self._num_entries = 0
+        self._versions = 0  # the last version handed out, to any instance
         self.num_offers: dict[tuple[InstanceRole, Slot], int] = {}  # pushes per pool, ever
         self.total_offers = 0  # pushes in any pool, ever
 
@@ -41,13 +43,13 @@ class InstancePool:
     def remove(self, inst: InstanceRecord) -> None:
         """Stop offering `inst`; its heap entries become stale."""
         del self._instances[inst.instance_id]
-        inst.version += 1
+        self._bump(inst)
         inst.slot = Slot.BUSY
 
     def change_role(self, inst: InstanceRecord, role: InstanceRole) -> None:
         """Give `inst` another role and offer it in that role's pools."""
         inst.role = role
-        inst.version += 1
+        self._bump(inst)
         inst.slot = Slot.BUSY
         inst.offered_free = -1  # forces a fresh offer
         self.refresh(inst)
@@ -75,7 +77,7 @@ class InstancePool:
         free = 0 if slot is Slot.BUSY else self._ledger.free_tokens(instance_id)
         if slot is inst.slot and free == inst.offered_free:
             return  # its heap entry (if any) is still exact
-        inst.version += 1
+        self._bump(inst)
         inst.slot = slot
         inst.offered_free = free
         if slot is Slot.BUSY:
@@ -128,6 +130,10 @@ class InstancePool:
             heapq.heappush(self._heaps[key], entry)
             self._num_entries += 1
         return [inst for _, inst in found]
+
+    def _bump(self, inst: InstanceRecord) -> None:
+        self._versions += 1
+        inst.version = self._versions
 
     def _valid(self, entry: _Entry) -> InstanceRecord | None:
         inst = self._instances.get(entry[2])

@@ -141,7 +141,7 @@ class InstanceRecord:
         self.held_for: str | None = None  # request it is held for (resume or aged start)
         self.slot = Slot.BUSY  # pool it is offered in (kept by InstancePool)
         self.offered_free = 0  # free KV tokens in its current heap entry (kept by InstancePool)
-        self.version = 0  # bumped on every pool refresh; stale heap entries are skipped
+        self.version = 0  # set by the pool on every refresh; stale heap entries are skipped
 
     def to_view(self, kv_used_tokens: int, request_ids: tuple[str, ...]) -> InstanceView:
         """Immutable snapshot (KV numbers come from the ledger)."""

@@ -203,3 +203,27 @@ def test_an_instance_that_went_down_while_held_is_held_once_when_back() -> None:
     # Assert
     assert dp.policy.num_active_requests() == 0
     assert {v.state for v in dp.policy.take_completed()} == {RequestState.FINISHED}
+
+
+def test_an_instance_back_up_is_offered_once() -> None:
+    # Prepare: shrunk from a random draw. i1 goes down and comes back at once (a new record):
+    # the heap entries of its old record must not pass for the new one's, or a long request's
+    # SP group of 2 is [i1, i1] ("i1 busy").
+    sc = Scenario(
+        policy="pecsched",
+        instances=(
+            make_instance("i0", node_id="n0", kv_capacity_tokens=30_000),
+            make_instance("i1", node_id="n0", kv_capacity_tokens=60_000),
+            make_instance("i2", node_id="n1", kv_capacity_tokens=30_000),
+        ),
+        config={"chunk_tokens": 2_000, "max_decode_batch": 1, "max_sp_degree": 2},
+        arrivals=((1, make_request("r06", prompt_tokens=4_096, arrival_s=1.0)),),
+        faults=((0, "down", 1), (0, "down", 1)),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute
+    dp = play(sc)
+
+    # Assert
+    assert [v.state for v in dp.policy.take_completed()] == [RequestState.FINISHED]
