@@ -1,43 +1,20 @@
 """Carrying out a policy's actions on simulated instances, and the completions they cause.
 
 `Executor` owns the instances (`sim.instances`), the live prefill jobs and the event heap of one
-simulation; `sim.engine.Engine` drives it. Heap entries are `SimEvent`s. Completions append
-the `controlplane.core` events the policy will observe to `out`.
+simulation; `sim.engine.Engine` drives it. Heap entries are `SimEvent`s (`sim.events`).
+Completions append the `controlplane.core` events the policy will observe to `out`.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from typing import NamedTuple
 
 from controlplane.core import actions as act
 from controlplane.core import events as ev
 from sim.cost_model import CostModel, causal_pairs
+from sim.events import CHUNK, MIXED, TICK, TRANSFER, SimEvent
 from sim.instances import INF, PrefillJob, SimInstance
-
-# Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers, mixed
-# iteration ends.
-TICK, CHUNK, TRANSFER, MIXED = 0, 1, 2, 3
-
-
-class SimEvent(NamedTuple):
-    """A completion due at `at_s`; the heap orders them by time, then kind, then push order.
-
-    kind      subject            tag
-    TICK      instance index     the instance's `version` it was computed for (milestone due)
-    CHUNK     request index      the prefill job's `seq` (its chunk in flight ends)
-    TRANSFER  request index      destination instance index (the KV arrived there)
-    MIXED     instance index     the instance's `mixed_seq` (its mixed iteration ends)
-    A TICK, CHUNK or MIXED whose tag is no longer current is stale and ignored.
-    """
-
-    at_s: float
-    kind: int  # TICK, CHUNK, TRANSFER or MIXED
-    seq: int  # push order: ties keep it
-    subject: int
-    tag: int
-
 
 # SimEvent(...) without the keyword handling of a named tuple's __new__ (half its cost).
 _new_event = tuple.__new__
