@@ -3,8 +3,9 @@
 Requests, instances, the KV ledger, role census, instance pool, class queues and counters of
 one policy, with the small operations every primitive of `ClusterState` (controlplane.core.state)
 builds on: validated state moves with per-class counters, queueing, re-offering instances,
-holds and role changes. The timers and pause candidates live in their own objects
-(`Preemption`, `RefusalBackoff`, `Deadlines`) and are read through the methods here.
+holds and role changes; and the `ClusterView` snapshot. The timers and pause candidates live
+in their own objects (`Preemption`, `RefusalBackoff`, `Deadlines`), read through the methods
+here.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from controlplane.core.records import InstanceRecord, RequestRecord
 from controlplane.core.refusals import RefusalBackoff
 from controlplane.core.roles import RoleCensus, RolePlan
 from controlplane.core.tiebreak import Tiebreak
-from controlplane.core.types import InstanceRole, RequestClass, RequestState
+from controlplane.core.types import (
+    ClassStats,
+    ClusterView,
+    InstanceRole,
+    RequestClass,
+    RequestState,
+)
 
 _LONG = RequestClass.LONG
+_S = RequestState
 
 
 class StateBook:
@@ -101,6 +109,39 @@ class StateBook:
         else:
             self.transfer_wait.append(request_id)
         self.transfer_wait_joins += 1
+
+    def snapshot(self, policy_name: str, now_s: float) -> ClusterView:
+        """Queues, per-class counts, instances and totals at `now_s` (changes nothing)."""
+        classes = tuple(
+            ClassStats(
+                request_class=c,
+                queued=self.counts[(c, _S.QUEUED)],
+                prefilling=self.counts[(c, _S.PREFILLING)],
+                paused=self.counts[(c, _S.PAUSED)],
+                transferring_kv=self.counts[(c, _S.TRANSFERRING_KV)],
+                decoding=self.counts[(c, _S.DECODING)],
+                finished_total=self.counts[(c, _S.FINISHED)],
+                queued_tokens=self.queued_tokens[c],
+            )
+            for c in RequestClass
+        )
+        instances = tuple(
+            self.instances[i].to_view(self.ledger.used(i), self.ledger.requests_on(i))
+            for i in sorted(self.instances)
+        )
+        stats = self.stats
+        return ClusterView(
+            at_s=now_s,
+            policy=policy_name,
+            classes=classes,
+            instances=instances,
+            preemptions_total=stats["preemptions"],
+            colocations_total=stats["colocations"],
+            decode_stalls_total=stats["decode_stalls"],
+            kv_transfers_total=stats["kv_transfers"],
+            cancelled_total=stats["cancelled"],
+            failed_total=stats["failed"],
+        )
 
     # ---- instance bookkeeping --------------------------------------------------------------
 
