@@ -1,7 +1,7 @@
 """`pecsched sim`: replay traces through the simulator under one or more policies.
 
-The only module of `sim` that reads files or writes outputs. Imports only argparse at import
-time; the simulator loads inside the handler.
+The only module of `sim` that reads files or writes outputs; its flags are in `sim.cli_args`.
+Imports only argparse at import time; the simulator loads inside the handler.
 """
 
 from __future__ import annotations
@@ -13,49 +13,14 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from sim.cli_args import BASELINE_KNOBS, add_arguments, knob_field, policy_names
+
 if TYPE_CHECKING:
     from controlplane.core.config import SchedulerConfig
+    from sim.cost_model import CostModel
     from sim.engine import ClusterSpec
     from sim.report import PolicyResult
     from sim.workloads import Workload
-
-MAIN_POLICIES = ("fifo", "reservation", "priority", "pecsched")
-ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
-# the baselines' knobs: (flag, metavar, help); each sets the SchedulerConfig field of its name
-BASELINE_KNOBS = (
-    (
-        "--sarathi-batch-tokens",
-        "N",
-        "sarathi: tokens per iteration, decodes + prefill chunks (vLLM max_num_batched_tokens; "
-        "default 2048)",
-    ),
-    (
-        "--sarathi-long-prefill-tokens",
-        "N",
-        "sarathi: most tokens per iteration of a prompt longer than N (vLLM "
-        "long_prefill_token_threshold; default 512)",
-    ),
-    (
-        "--sarathi-max-partial-prefills",
-        "N",
-        "sarathi: prefills in flight per instance (vLLM max_num_partial_prefills; default 4)",
-    ),
-    (
-        "--sarathi-max-long-partial-prefills",
-        "N",
-        "sarathi: LONG prefills in flight per instance (vLLM max_long_partial_prefills; default 1)",
-    ),
-    (
-        "--distserve-decode-instances",
-        "N",
-        "distserve: decode instances, 1 to all but one (default: 1/16 of the GPUs, at least one)",
-    ),
-)
-
-
-def knob_field(flag: str) -> str:
-    """The SchedulerConfig field a BASELINE_KNOBS flag sets (`--a-b` -> `a_b`)."""
-    return flag.removeprefix("--").replace("-", "_")
 
 
 def register(subparsers: Any) -> None:
@@ -66,127 +31,8 @@ def register(subparsers: Any) -> None:
         description="Replay Azure LLM traces on a simulated cluster under each policy; print a "
         "table, optionally write JSON and a PNG of paper-style plots.",
     )
-    p.add_argument(
-        "--trace",
-        action="append",
-        metavar="FILE",
-        help="Azure trace CSV (repeat to merge by timestamp); default: both bundled Azure 2023 "
-        "traces (code + conversation)",
-    )
-    p.add_argument(
-        "--long-rescale",
-        default="100000:500000",
-        metavar="LOW:HIGH",
-        help="map prompts >= 4096 tokens into [LOW, HIGH] ('none' keeps them)",
-    )
-    p.add_argument("--long-rescale-mode", choices=("minmax", "quantile"), default="minmax")
-    scale = p.add_mutually_exclusive_group()
-    scale.add_argument(
-        "--time-scale",
-        type=float,
-        metavar="F",
-        help="multiply inter-arrival times by F (F < 1 compresses)",
-    )
-    scale.add_argument("--rate", type=float, metavar="R", help="target mean arrival rate (req/s)")
-    p.add_argument("--max-requests", type=int, metavar="N", help="keep the first N requests")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
-    p.add_argument("--gpu", required=True, help="GPU type: a100 or h100")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="mistral-7b, phi-3-14b, yi-34b, llama-3.1-70b, llama-3-8b, llama-3.2-1b",
-    )
-    p.add_argument("--tp", type=int, help="GPUs per instance (default: the paper's TP)")
-    p.add_argument(
-        "--policy",
-        required=True,
-        help="comma-separated policy names, or 'all' (the four policies) or 'all+ablations'",
-    )
-    p.add_argument(
-        "--long-reserved-instances",
-        type=int,
-        metavar="N",
-        help="reservation: instances kept for long requests (default: sized for "
-        "the longest request)",
-    )
-    p.add_argument(
-        "--short-decode-instances",
-        type=int,
-        metavar="N",
-        help="pecsched: exactly N short-decode instances (default: the paper's GPU share), "
-        "e.g. to match a live cluster's roles",
-    )
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="the policies' tie-break seed")
-    seeds.add_argument(
-        "--seeds",
-        type=seed_list,
-        metavar="S1,S2,...",
-        help="run every policy once per seed (results carry `seed`)",
-    )
-    p.add_argument(
-        "--slo-ttft-s",
-        type=float,
-        metavar="S",
-        help="SLO attainment: a short's time to first token within S (default 1)",
-    )
-    p.add_argument(
-        "--slo-tbt-s",
-        type=float,
-        metavar="S",
-        help="SLO attainment: a short's per-request p99 time between tokens within S (default 0.1)",
-    )
-    p.add_argument(
-        "--short-tbt-slo-s",
-        type=float,
-        default=0.1,
-        metavar="S",
-        help="pecsched: short decodes' time-between-tokens target; the short-decode pool "
-        "keeps the instances that meet it (default 0.1)",
-    )
-    for flag, metavar, text in BASELINE_KNOBS:
-        p.add_argument(flag, type=int, metavar=metavar, help=text)
-    p.add_argument(
-        "--jobs",
-        type=int,
-        metavar="N",
-        help="policies simulated in parallel processes (default: one per CPU)",
-    )
-    p.add_argument(
-        "--calibration",
-        metavar="FILE",
-        help="measured iteration times (JSON) to fit the cost model to",
-    )
-    p.add_argument("--json", metavar="OUT", help="write results as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="write paper-style plots")
+    add_arguments(p)
     p.set_defaults(handler=_handle)
-
-
-def seed_list(spec: str) -> list[int]:
-    """Parse a --seeds value: distinct comma-separated integers."""
-    try:
-        seeds = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3, got {spec!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct integers like 1,2,3, got {spec!r}")
-    return seeds
-
-
-def policy_names(spec: str) -> list[str]:
-    """Expand a --policy value into registry names, in order."""
-    names: list[str] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "all":
-            names += MAIN_POLICIES
-        elif part == "all+ablations":
-            names += MAIN_POLICIES + ABLATIONS
-        elif part:
-            names.append(part)
-    if not names:
-        raise ValueError("--policy: no policy named")
-    return list(dict.fromkeys(names))
 
 
 def _run_one(
@@ -214,18 +60,63 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from controlplane.core.config import SchedulerConfig
-    from controlplane.core.types import RequestClass, classify
-    from sim import workloads as wl
-    from sim.calibration import calibration_error, fit_efficiency, load_calibration
-    from sim.cost_model import CostModel
     from sim.engine import ClusterSpec
-    from sim.hardware import PAPER_TP, gpu_spec, model_shape
-    from sim.metrics import DEFAULT_SLO_TBT_S, DEFAULT_SLO_TTFT_S
     from sim.plots import plot_results
-    from sim.report import result_to_dict, table
+    from sim.report import table
 
     names = policy_names(args.policy)
+    workload = _workload(args)
+    cost, model_name, tp, calibration_report = _cost_model(args)
+    cluster = ClusterSpec(args.gpus, cost)
+    config, knobs = _scheduler_config(args)
+    n_long = _num_long(workload, config)
+    print(
+        f"workload: {len(workload)} requests ({n_long} long) over {workload.duration_s:.0f} s "
+        f"({workload.rate_rps:.2f} req/s); cluster: {args.gpus} x {args.gpu}, {model_name} "
+        f"tp={tp} ({cluster.num_instances} instances)",
+        flush=True,
+    )
+    seeds: list[int] = args.seeds or [args.seed]
+    slo_s = _slo_s(args)
+    results = _simulate(workload, cluster, config, names, seeds, slo_s, args.jobs)
+    print(table(results))
+    if args.json:
+        config_out: dict[str, Any] = {
+            "traces": args.trace,
+            "long_rescale": args.long_rescale,
+            "long_rescale_mode": args.long_rescale_mode,
+            "time_scale": args.time_scale,
+            "rate": args.rate,
+            "max_requests": args.max_requests,
+            "short_decode_instances": args.short_decode_instances,
+            "baseline_knobs": knobs,
+            "gpus": args.gpus,
+            "gpu": args.gpu,
+            "model": model_name,
+            "tp": tp,
+            "instances": cluster.num_instances,
+            "policies": names,
+            "seed": seeds[0],
+            "seeds": seeds,
+            "slo_ttft_s": args.slo_ttft_s,
+            "slo_tbt_s": args.slo_tbt_s,
+            "num_requests": len(workload),
+            "num_long": n_long,
+            "efficiency": _efficiency(cost),
+            "calibration": calibration_report,
+        }
+        _write_json(args.json, config_out, results)
+    if args.plot:
+        title = f"{model_name} on {args.gpus} x {args.gpu}, {len(workload)} requests"
+        plot_results(results, args.plot, title)
+    return 0
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    """The trace(s) with the requested rescaling, time scaling and cut (sets `args.trace`
+    to the default traces when none was given)."""
+    from sim import workloads as wl
+
     args.trace = args.trace or [str(p) for p in wl.AZURE_TRACES]
     workload = wl.load_azure_traces(args.trace)
     if args.long_rescale != "none":
@@ -242,34 +133,51 @@ def _run(args: argparse.Namespace) -> int:
         workload = wl.set_rate(workload, args.rate)
     if args.max_requests is not None:
         workload = wl.head(workload, args.max_requests)
+    return workload
+
+
+def _cost_model(args: argparse.Namespace) -> tuple[CostModel, str, int, dict[str, Any] | None]:
+    """(cost model, model name, tp, calibration report or None): fitted to `--calibration`
+    when given (and the fit printed)."""
+    from sim.calibration import calibration_error, fit_efficiency, load_calibration
+    from sim.cost_model import CostModel
+    from sim.hardware import PAPER_TP, gpu_spec, model_shape
 
     model = model_shape(args.model)
     tp = args.tp if args.tp is not None else PAPER_TP.get(model.name, 1)
     cost = CostModel(model, gpu_spec(args.gpu), tp)
-    calibration_report: dict[str, Any] | None = None
-    if args.calibration:
-        calibration = load_calibration(args.calibration)
-        before = calibration_error(cost, calibration)
-        cost = cost.with_efficiency(fit_efficiency(cost, calibration))
-        after = calibration_error(cost, calibration)
-        calibration_report = {
-            "file": args.calibration,
-            "measured_on": {"gpu": calibration.gpu, "model": calibration.model},
-            "efficiency": {
-                "mfu": cost.efficiency.mfu,
-                "bw_eff": cost.efficiency.bw_eff,
-                "overhead_s": cost.efficiency.overhead_s,
-            },
-            "mean_abs_rel_error_before": before.mean_abs_rel,
-            "mean_abs_rel_error_after": after.mean_abs_rel,
-            "max_abs_rel_error_after": after.max_abs_rel,
-        }
-        print(
-            f"calibration: fitted mfu={cost.efficiency.mfu:.3f} "
-            f"bw_eff={cost.efficiency.bw_eff:.3f} overhead={cost.efficiency.overhead_s * 1e3:.2f} "
-            f"ms; mean |error| {before.mean_abs_rel:.1%} -> {after.mean_abs_rel:.1%}"
-        )
-    cluster = ClusterSpec(args.gpus, cost)
+    if not args.calibration:
+        return cost, model.name, tp, None
+    calibration = load_calibration(args.calibration)
+    before = calibration_error(cost, calibration)
+    cost = cost.with_efficiency(fit_efficiency(cost, calibration))
+    after = calibration_error(cost, calibration)
+    report = {
+        "file": args.calibration,
+        "measured_on": {"gpu": calibration.gpu, "model": calibration.model},
+        "efficiency": _efficiency(cost),
+        "mean_abs_rel_error_before": before.mean_abs_rel,
+        "mean_abs_rel_error_after": after.mean_abs_rel,
+        "max_abs_rel_error_after": after.max_abs_rel,
+    }
+    print(
+        f"calibration: fitted mfu={cost.efficiency.mfu:.3f} "
+        f"bw_eff={cost.efficiency.bw_eff:.3f} overhead={cost.efficiency.overhead_s * 1e3:.2f} "
+        f"ms; mean |error| {before.mean_abs_rel:.1%} -> {after.mean_abs_rel:.1%}"
+    )
+    return cost, model.name, tp, report
+
+
+def _efficiency(cost: CostModel) -> dict[str, float]:
+    """The cost model's efficiency factors, as written to JSON."""
+    eff = cost.efficiency
+    return {"mfu": eff.mfu, "bw_eff": eff.bw_eff, "overhead_s": eff.overhead_s}
+
+
+def _scheduler_config(args: argparse.Namespace) -> tuple[SchedulerConfig, dict[str, int]]:
+    """The policies' config from the flags, and the baseline knobs that were set."""
+    from controlplane.core.config import SchedulerConfig
+
     knobs = {
         knob_field(flag): getattr(args, knob_field(flag))
         for flag, _, _ in BASELINE_KNOBS
@@ -281,29 +189,47 @@ def _run(args: argparse.Namespace) -> int:
         short_tbt_slo_s=args.short_tbt_slo_s,
         **knobs,
     )
+    return config, knobs
 
-    n_long = sum(
+
+def _num_long(workload: Workload, config: SchedulerConfig) -> int:
+    """Requests of `workload` the policies classify LONG."""
+    from controlplane.core.types import RequestClass, classify
+
+    return sum(
         classify(int(p), config.short_threshold_tokens) is RequestClass.LONG
         for p in workload.prompt_tokens
     )
-    print(
-        f"workload: {len(workload)} requests ({n_long} long) over {workload.duration_s:.0f} s "
-        f"({workload.rate_rps:.2f} req/s); cluster: {args.gpus} x {args.gpu}, {model.name} "
-        f"tp={tp} ({cluster.num_instances} instances)",
-        flush=True,
-    )
-    seeds: list[int] = args.seeds or [args.seed]
-    runs = [(name, seed) for name in names for seed in seeds]
+
+
+def _slo_s(args: argparse.Namespace) -> tuple[float, float]:
+    """(TTFT, TBT) SLOs, defaults filled into `args`; both must be > 0."""
+    from sim.metrics import DEFAULT_SLO_TBT_S, DEFAULT_SLO_TTFT_S
+
     if args.slo_ttft_s is None:
         args.slo_ttft_s = DEFAULT_SLO_TTFT_S
     if args.slo_tbt_s is None:
         args.slo_tbt_s = DEFAULT_SLO_TBT_S
     if args.slo_ttft_s <= 0 or args.slo_tbt_s <= 0:
         raise ValueError("--slo-ttft-s and --slo-tbt-s must be > 0")
-    slo_s = (args.slo_ttft_s, args.slo_tbt_s)
-    jobs = max(1, min(len(runs), args.jobs or os.cpu_count() or 1))
+    return (args.slo_ttft_s, args.slo_tbt_s)
+
+
+def _simulate(
+    workload: Workload,
+    cluster: ClusterSpec,
+    config: SchedulerConfig,
+    names: list[str],
+    seeds: list[int],
+    slo_s: tuple[float, float],
+    jobs: int | None,
+) -> list[PolicyResult]:
+    """Every (policy, seed) run, in parallel processes, results in (policy, seed) order;
+    prints each as it completes in that order."""
+    runs = [(name, seed) for name in names for seed in seeds]
+    workers = max(1, min(len(runs), jobs or os.cpu_count() or 1))
     results = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [
             pool.submit(_run_one, workload, cluster, name, config, seed, slo_s)
             for name, seed in runs
@@ -316,45 +242,14 @@ def _run(args: argparse.Namespace) -> int:
                 f"  {label}: simulated {result.summary.makespan_s:.0f} s in {result.wall_s:.1f} s",
                 flush=True,
             )
-    print(table(results))
+    return results
 
-    if args.json:
-        config_out: dict[str, Any] = {
-            "traces": args.trace,
-            "long_rescale": args.long_rescale,
-            "long_rescale_mode": args.long_rescale_mode,
-            "time_scale": args.time_scale,
-            "rate": args.rate,
-            "max_requests": args.max_requests,
-            "short_decode_instances": args.short_decode_instances,
-            "baseline_knobs": knobs,
-            "gpus": args.gpus,
-            "gpu": args.gpu,
-            "model": model.name,
-            "tp": tp,
-            "instances": cluster.num_instances,
-            "policies": names,
-            "seed": seeds[0],
-            "seeds": seeds,
-            "slo_ttft_s": args.slo_ttft_s,
-            "slo_tbt_s": args.slo_tbt_s,
-            "num_requests": len(workload),
-            "num_long": n_long,
-            "efficiency": {
-                "mfu": cost.efficiency.mfu,
-                "bw_eff": cost.efficiency.bw_eff,
-                "overhead_s": cost.efficiency.overhead_s,
-            },
-            "calibration": calibration_report,
-        }
-        payload = {"config": config_out, "results": [result_to_dict(r) for r in results]}
-        with open(args.json, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-    if args.plot:
-        plot_results(
-            results,
-            args.plot,
-            f"{model.name} on {args.gpus} x {args.gpu}, {len(workload)} requests",
-        )
-    return 0
+
+def _write_json(path: str, config_out: dict[str, Any], results: list[PolicyResult]) -> None:
+    """Write the run's config and every result to `path` (indented JSON, newline-terminated)."""
+    from sim.report import result_to_dict
+
+    payload = {"config": config_out, "results": [result_to_dict(r) for r in results]}
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")

@@ -109,57 +109,22 @@ class Engine:
         self.max_idle_s = max_idle_s
         self.batch_window_s = batch_window_s
         self.num_events = 0
+        self._n = len(self.arrival)  # requests in the workload
+        self._next_arrival = 0  # index of the next request to arrive (run)
+        self._idle_since = INF  # when the engine last had only ticks to process (run)
 
     def run(self) -> SimRun:
         """Simulate until every request is terminal and nothing is in flight."""
         policy, x = self.policy, self.x
-        policy.observe(
-            [
-                ev.InstanceUp(
-                    InstanceSpec(
-                        inst.instance_id,
-                        f"node{inst.node:04d}",
-                        InstanceRole.GENERAL,
-                        self.cost.tp,
-                        self.cost.kv_capacity_tokens,
-                    ),
-                    0.0,
-                )
-                for inst in x.instances
-            ]
-        )
-        n = len(self.arrival)
-        nxt = 0
+        policy.observe(self._instances_up())
+        self._next_arrival = 0
+        self._idle_since = INF
         calls = 0
         policy_wall = 0.0
         now = 0.0
-        idle_since = INF  # when the engine last had nothing but ticks to process
-        heap = x.heap
-        while True:
-            x.drop_stale()
-            t_next = min(heap[0].at_s if heap else INF, self.arrival[nxt] if nxt < n else INF)
-            if x.active > 0:
-                if t_next == INF:
-                    idle_since = min(idle_since, now)
-                    if now - idle_since > self.max_idle_s:
-                        break  # only ticks for a long while: the policy is stuck
-                else:
-                    idle_since = INF
-                t_next = min(t_next, now + self.tick_s)
-            if t_next == INF:
-                break
-            window = self.batch_window_s
-            now = max(now, math.ceil(t_next / window) * window) if window > 0 else t_next
-            while heap and heap[0].at_s <= now:
-                self.num_events += 1
-                x.handle(heapq.heappop(heap))
-            while nxt < n and self.arrival[nxt] <= now:
-                t = self.arrival[nxt]
-                spec = RequestSpec(str(nxt), "sim", x.prompt[nxt], x.output[nxt], 0, t)
-                x.out.append(ev.RequestArrived(spec, t))
-                self.num_events += 1
-                x.active += 1
-                nxt += 1
+        while (at_s := self._next_round_s(now)) is not None:
+            now = at_s
+            self._take_due(now)
             events, x.out = x.out, []
             start = time.perf_counter()
             if events:
@@ -183,6 +148,58 @@ class Engine:
             policy_wall,
             tuple(x.log) if x.log is not None else (),
         )
+
+    def _instances_up(self) -> list[ev.Event]:
+        """InstanceUp at 0 for every simulated instance, all GENERAL."""
+        cost = self.cost
+        return [
+            ev.InstanceUp(
+                InstanceSpec(
+                    inst.instance_id,
+                    f"node{inst.node:04d}",
+                    InstanceRole.GENERAL,
+                    cost.tp,
+                    cost.kv_capacity_tokens,
+                ),
+                0.0,
+            )
+            for inst in self.x.instances
+        ]
+
+    def _next_round_s(self, now: float) -> float | None:
+        """When the next observe/schedule round happens (at a window's end when batching), or
+        None to stop: nothing left, or only ticks for longer than `max_idle_s` (stuck)."""
+        x, heap, nxt = self.x, self.x.heap, self._next_arrival
+        x.drop_stale()
+        t_next = min(heap[0].at_s if heap else INF, self.arrival[nxt] if nxt < self._n else INF)
+        if x.active > 0:
+            if t_next == INF:
+                self._idle_since = min(self._idle_since, now)
+                if now - self._idle_since > self.max_idle_s:
+                    return None  # only ticks for a long while: the policy is stuck
+            else:
+                self._idle_since = INF
+            t_next = min(t_next, now + self.tick_s)
+        if t_next == INF:
+            return None
+        window = self.batch_window_s
+        return max(now, math.ceil(t_next / window) * window) if window > 0 else t_next
+
+    def _take_due(self, now: float) -> None:
+        """Handle the completions due by `now`, then the arrivals (as RequestArrived)."""
+        x, heap = self.x, self.x.heap
+        while heap and heap[0].at_s <= now:
+            self.num_events += 1
+            x.handle(heapq.heappop(heap))
+        arrival, nxt = self.arrival, self._next_arrival
+        while nxt < self._n and arrival[nxt] <= now:
+            t = arrival[nxt]
+            spec = RequestSpec(str(nxt), "sim", x.prompt[nxt], x.output[nxt], 0, t)
+            x.out.append(ev.RequestArrived(spec, t))
+            self.num_events += 1
+            x.active += 1
+            nxt += 1
+        self._next_arrival = nxt
 
     def _records(self) -> RequestRecords:
         x = self.x

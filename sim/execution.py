@@ -1,43 +1,20 @@
 """Carrying out a policy's actions on simulated instances, and the completions they cause.
 
 `Executor` owns the instances (`sim.instances`), the live prefill jobs and the event heap of one
-simulation; `sim.engine.Engine` drives it. Heap entries are `SimEvent`s. Completions append
-the `controlplane.core` events the policy will observe to `out`.
+simulation; `sim.engine.Engine` drives it. Heap entries are `SimEvent`s (`sim.events`).
+Completions append the `controlplane.core` events the policy will observe to `out`.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from typing import NamedTuple
 
 from controlplane.core import actions as act
 from controlplane.core import events as ev
 from sim.cost_model import CostModel, causal_pairs
+from sim.events import CHUNK, MIXED, TICK, TRANSFER, SimEvent
 from sim.instances import INF, PrefillJob, SimInstance
-
-# Kind priorities at equal times: decode/colocation milestones, chunk ends, transfers, mixed
-# iteration ends.
-TICK, CHUNK, TRANSFER, MIXED = 0, 1, 2, 3
-
-
-class SimEvent(NamedTuple):
-    """A completion due at `at_s`; the heap orders them by time, then kind, then push order.
-
-    kind      subject            tag
-    TICK      instance index     the instance's `version` it was computed for (milestone due)
-    CHUNK     request index      the prefill job's `seq` (its chunk in flight ends)
-    TRANSFER  request index      destination instance index (the KV arrived there)
-    MIXED     instance index     the instance's `mixed_seq` (its mixed iteration ends)
-    A TICK, CHUNK or MIXED whose tag is no longer current is stale and ignored.
-    """
-
-    at_s: float
-    kind: int  # TICK, CHUNK, TRANSFER or MIXED
-    seq: int  # push order: ties keep it
-    subject: int
-    tag: int
-
 
 # SimEvent(...) without the keyword handling of a named tuple's __new__ (half its cost).
 _new_event = tuple.__new__
@@ -320,78 +297,95 @@ class Executor:
         """Carry out one action of a Decision at `now`."""
         if self.log is not None:
             self.log.append(f"{now:.6f} {action!r}")
-        if isinstance(action, act.StartPrefill):
-            req = int(action.request_id)
-            group = self._group(action.instance_ids)
-            job = PrefillJob(
-                req,
-                group,
-                self.prompt[req],
-                action.chunk_tokens,
-                action.num_chunks,
-                action.first_chunk_index,
-                action.decode_in_place,
-                action.sp_kind,
-                cross_node=len({self.instances[i].node for i in group}) > 1,
-            )
-            self.jobs[req] = job
-            self._try_start(job, now)
-        elif isinstance(action, act.Colocate) and action.mixed_batch_tokens:
-            req = int(action.request_id)
-            inst = self.by_id[action.host_instance_id]
-            assert inst.slot is None, f"mixed prefill {req} on {inst.instance_id}: slot taken"
-            job = PrefillJob(
-                req,
-                (inst.index,),
-                self.prompt[req],
-                action.chunk_tokens,
-                action.num_chunks,
-                0,
-                action.decode_in_place,
-                mixed_batch_tokens=action.mixed_batch_tokens,
-            )
-            self.jobs[req] = job
-            inst.mixed.append(job)
-            if inst.mixed_dt == INF or inst.mixed_start_s == now:  # (re)plan the iteration
-                self._run_mixed(inst, now)
-        elif isinstance(action, act.Colocate):
-            req = int(action.request_id)
-            host = self.by_id[action.host_instance_id].index
-            job = PrefillJob(
-                req,
-                (host,),
-                self.prompt[req],
-                action.chunk_tokens,
-                action.num_chunks,
-                0,
-                action.decode_in_place,
-                colocate_budget_tokens=action.iteration_prefill_budget_tokens,
-            )
-            self.jobs[req] = job
-            self._try_start(job, now)
-        elif isinstance(action, act.Pause):
-            req = int(action.request_id)
-            self.preempt[req] += 1
-            job = self.jobs[req]
-            job.pause_pending = True  # a running chunk completes first (see _chunk_done)
-            if not job.running:  # still waiting for its slots: it stops before any chunk
-                self.out.append(ev.PrefillPaused(action.request_id, job.next_chunk, now))
-        elif isinstance(action, act.Resume):
-            job = self.jobs[int(action.request_id)]
-            job.pause_pending = False
-            if not job.running:
-                self._try_start(job, now)
-        elif isinstance(action, act.TransferKV):
-            src = self.by_id[action.src_instance_id]
-            dst = self.by_id[action.dst_instance_id]
-            req = int(action.request_id)
-            duration = self.cost.kv_transfer_s(self.prompt[req] + 1, src.node != dst.node)
-            self.push(now + duration, TRANSFER, req, dst.index)
-        elif isinstance(action, act.StartDecode):
-            req = int(action.request_id)
-            self._start_decode(req, (self.by_id[action.instance_id].index,), now)
-        elif isinstance(action, act.Cancel | act.Reject):
-            self._drop(int(action.request_id), now)
+        match action:
+            case act.StartPrefill():
+                self._start_prefill(action, now)
+            case act.Colocate() if action.mixed_batch_tokens:
+                self._start_mixed(action, now)
+            case act.Colocate():
+                self._start_colocated(action, now)
+            case act.Pause():
+                self._pause(action, now)
+            case act.Resume():
+                job = self.jobs[int(action.request_id)]
+                job.pause_pending = False
+                if not job.running:
+                    self._try_start(job, now)
+            case act.TransferKV():
+                src = self.by_id[action.src_instance_id]
+                dst = self.by_id[action.dst_instance_id]
+                req = int(action.request_id)
+                duration = self.cost.kv_transfer_s(self.prompt[req] + 1, src.node != dst.node)
+                self.push(now + duration, TRANSFER, req, dst.index)
+            case act.StartDecode():
+                req = int(action.request_id)
+                self._start_decode(req, (self.by_id[action.instance_id].index,), now)
+            case act.Cancel() | act.Reject():
+                self._drop(int(action.request_id), now)
+
+    def _start_prefill(self, action: act.StartPrefill, now: float) -> None:
+        """A prefill on its SP group: it starts once every slot of the group is free."""
+        req = int(action.request_id)
+        group = self._group(action.instance_ids)
+        job = PrefillJob(
+            req,
+            group,
+            self.prompt[req],
+            action.chunk_tokens,
+            action.num_chunks,
+            action.first_chunk_index,
+            action.decode_in_place,
+            action.sp_kind,
+            cross_node=len({self.instances[i].node for i in group}) > 1,
+        )
+        self.jobs[req] = job
+        self._try_start(job, now)
+
+    def _start_mixed(self, action: act.Colocate, now: float) -> None:
+        """A prefill joining its host's mixed batches (sarathi); the slot stays free."""
+        req = int(action.request_id)
+        inst = self.by_id[action.host_instance_id]
+        assert inst.slot is None, f"mixed prefill {req} on {inst.instance_id}: slot taken"
+        job = PrefillJob(
+            req,
+            (inst.index,),
+            self.prompt[req],
+            action.chunk_tokens,
+            action.num_chunks,
+            0,
+            action.decode_in_place,
+            mixed_batch_tokens=action.mixed_batch_tokens,
+        )
+        self.jobs[req] = job
+        inst.mixed.append(job)
+        if inst.mixed_dt == INF or inst.mixed_start_s == now:  # (re)plan the iteration
+            self._run_mixed(inst, now)
+
+    def _start_colocated(self, action: act.Colocate, now: float) -> None:
+        """A prefill inside its host's decode iterations, a token budget per iteration."""
+        req = int(action.request_id)
+        host = self.by_id[action.host_instance_id].index
+        job = PrefillJob(
+            req,
+            (host,),
+            self.prompt[req],
+            action.chunk_tokens,
+            action.num_chunks,
+            0,
+            action.decode_in_place,
+            colocate_budget_tokens=action.iteration_prefill_budget_tokens,
+        )
+        self.jobs[req] = job
+        self._try_start(job, now)
+
+    def _pause(self, action: act.Pause, now: float) -> None:
+        """Stop a prefill at its next chunk boundary (at once when no chunk runs)."""
+        req = int(action.request_id)
+        self.preempt[req] += 1
+        job = self.jobs[req]
+        job.pause_pending = True  # a running chunk completes first (see _chunk_done)
+        if not job.running:  # still waiting for its slots: it stops before any chunk
+            self.out.append(ev.PrefillPaused(action.request_id, job.next_chunk, now))
 
     def _drop(self, req: int, now: float) -> None:
         """Stop all work of `req` (cancel or reject); it stays unfinished in the records."""

@@ -26,7 +26,6 @@ from controlplane.core.state import ClusterState
 from controlplane.core.tiebreak import Tiebreak
 from controlplane.core.types import (
     AdmissionVerdict,
-    ClassStats,
     ClusterView,
     InstanceRole,
     RequestClass,
@@ -133,36 +132,7 @@ class BasePolicy:
 
     def cluster_view(self, now_s: float) -> ClusterView:
         """Snapshot of queues and instances."""
-        st = self._state
-        classes = tuple(
-            ClassStats(
-                request_class=c,
-                queued=st.counts[(c, _S.QUEUED)],
-                prefilling=st.counts[(c, _S.PREFILLING)],
-                paused=st.counts[(c, _S.PAUSED)],
-                transferring_kv=st.counts[(c, _S.TRANSFERRING_KV)],
-                decoding=st.counts[(c, _S.DECODING)],
-                finished_total=st.counts[(c, _S.FINISHED)],
-                queued_tokens=st.queued_tokens[c],
-            )
-            for c in RequestClass
-        )
-        instances = tuple(
-            st.instances[i].to_view(st.ledger.used(i), st.ledger.requests_on(i))
-            for i in sorted(st.instances)
-        )
-        return ClusterView(
-            at_s=now_s,
-            policy=self._name,
-            classes=classes,
-            instances=instances,
-            preemptions_total=st.stats["preemptions"],
-            colocations_total=st.stats["colocations"],
-            decode_stalls_total=st.stats["decode_stalls"],
-            kv_transfers_total=st.stats["kv_transfers"],
-            cancelled_total=st.stats["cancelled"],
-            failed_total=st.stats["failed"],
-        )
+        return self._state.snapshot(self._name, now_s)
 
     def num_active_requests(self) -> int:
         """Requests not yet terminal."""

@@ -9,6 +9,7 @@ fixed settings on top.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -301,94 +302,11 @@ class SchedulerConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = {
-            "short_threshold_tokens": self.short_threshold_tokens,
-            "chunk_tokens": self.chunk_tokens,
-            "min_chunk_tokens": self.min_chunk_tokens,
-            "max_sp_degree": self.max_sp_degree,
-            "max_decode_batch": self.max_decode_batch,
-            "colocation_budget_tokens": self.colocation_budget_tokens,
-            "reservation_sized_for_tokens": self.reservation_sized_for_tokens,
-            "max_kv_transfer_attempts": self.max_kv_transfer_attempts,
-            "protected_duty_cycle_chunks": self.protected_duty_cycle_chunks or 1,
-            "sarathi_batch_tokens": self.sarathi_batch_tokens,
-            "sarathi_long_prefill_tokens": self.sarathi_long_prefill_tokens,
-            "sarathi_max_partial_prefills": self.sarathi_max_partial_prefills,
-            "sarathi_max_long_partial_prefills": self.sarathi_max_long_partial_prefills,
-            "reservation_attention_tokens": self.reservation_attention_tokens,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise InvalidArgumentError(name, f"must be >= 1, got {value}")
-        budget = self.chunk_budget_token_pairs
-        if budget is not None and budget < 1:
-            raise InvalidArgumentError("chunk_budget_token_pairs", f"must be >= 1, got {budget}")
-        tpi = self.target_prefill_tokens_per_instance
-        if tpi is not None and tpi < 1:
-            raise InvalidArgumentError(
-                "target_prefill_tokens_per_instance", f"must be >= 1, got {tpi}"
-            )
-        if not 0.0 <= self.short_decode_gpu_fraction < 1.0:
-            raise InvalidArgumentError(
-                "short_decode_gpu_fraction",
-                f"must be in [0, 1), got {self.short_decode_gpu_fraction}",
-            )
-        for name, count in (
-            ("distserve_decode_instances", self.distserve_decode_instances),
-            ("min_chunks_between_pauses", self.min_chunks_between_pauses),
-            ("num_short_decode_instances", self.num_short_decode_instances),
-            ("num_long_reserved_instances", self.num_long_reserved_instances),
-            ("max_preemptions_per_long", self.max_preemptions_per_long),
-        ):
-            if count is not None and count < 0:
-                raise InvalidArgumentError(name, f"must be >= 0, got {count}")
-        if self.sarathi_max_long_partial_prefills > self.sarathi_max_partial_prefills:
-            raise InvalidArgumentError(
-                "sarathi_max_long_partial_prefills",
-                f"must be <= sarathi_max_partial_prefills={self.sarathi_max_partial_prefills}, "
-                f"got {self.sarathi_max_long_partial_prefills}",
-            )
-        if not 0.0 <= self.distserve_decode_gpu_fraction < 1.0:
-            raise InvalidArgumentError(
-                "distserve_decode_gpu_fraction",
-                f"must be in [0, 1), got {self.distserve_decode_gpu_fraction}",
-            )
-        if not (math.isfinite(self.max_pause_s) and self.max_pause_s >= 0.0):
-            raise InvalidArgumentError(
-                "max_pause_s", f"must be finite and >= 0, got {self.max_pause_s}"
-            )
-        if not (
-            math.isfinite(self.refused_instance_backoff_s)
-            and self.refused_instance_backoff_s >= 0.0
-        ):
-            raise InvalidArgumentError(
-                "refused_instance_backoff_s",
-                f"must be finite and >= 0, got {self.refused_instance_backoff_s}",
-            )
-        if not (
-            math.isfinite(self.refused_instance_backoff_max_s)
-            and self.refused_instance_backoff_max_s >= self.refused_instance_backoff_s
-        ):
-            raise InvalidArgumentError(
-                "refused_instance_backoff_max_s",
-                f"must be finite and >= refused_instance_backoff_s="
-                f"{self.refused_instance_backoff_s}, got {self.refused_instance_backoff_max_s}",
-            )
-        if not (math.isfinite(self.short_preempt_delay_s) and self.short_preempt_delay_s >= 0.0):
-            raise InvalidArgumentError(
-                "short_preempt_delay_s",
-                f"must be finite and >= 0, got {self.short_preempt_delay_s}",
-            )
-        if not (math.isfinite(self.short_tbt_slo_s) and self.short_tbt_slo_s > 0.0):
-            raise InvalidArgumentError(
-                "short_tbt_slo_s", f"must be finite and > 0, got {self.short_tbt_slo_s}"
-            )
-        if self.long_aging_s is not None and not (
-            math.isfinite(self.long_aging_s) and self.long_aging_s >= 0.0
-        ):
-            raise InvalidArgumentError(
-                "long_aging_s", f"must be finite and >= 0 or None, got {self.long_aging_s}"
-            )
+        for name, must_be in _RULES:
+            value = getattr(self, name)
+            expected = must_be(value, self)
+            if expected is not None:
+                raise InvalidArgumentError(name, f"must be {expected}, got {value}")
 
     def prefill_chunk_tokens(self, prompt_tokens: int, sp_degree: int) -> int:
         """Chunk size of a prefill of `prompt_tokens` on `sp_degree` instances.
@@ -402,3 +320,89 @@ class SchedulerConfig:
             return self.chunk_tokens
         by_budget = budget * sp_degree // max(1, prompt_tokens)
         return max(min(self.min_chunk_tokens, self.chunk_tokens), min(by_budget, self.chunk_tokens))
+
+
+# ---- validation: one rule per field, checked in this order ---------------------------------
+
+# Each rule is the original comparison, so ill-typed values fail exactly as they always did.
+_Rule = Callable[..., str | None]  # (value, config) -> None when valid, else what it must be
+
+
+def _positive(value: float, config: SchedulerConfig) -> str | None:
+    return ">= 1" if value < 1 else None
+
+
+def _positive_if_set(value: float | None, config: SchedulerConfig) -> str | None:
+    return ">= 1" if (value or 1) < 1 else None  # 0 and None both mean "not set"
+
+
+def _positive_or_none(value: float | None, config: SchedulerConfig) -> str | None:
+    return ">= 1" if value is not None and value < 1 else None
+
+
+def _count_or_none(value: float | None, config: SchedulerConfig) -> str | None:
+    return ">= 0" if value is not None and value < 0 else None
+
+
+def _fraction(value: float, config: SchedulerConfig) -> str | None:
+    return "in [0, 1)" if not 0.0 <= value < 1.0 else None
+
+
+def _finite_non_negative(value: float, config: SchedulerConfig) -> str | None:
+    return "finite and >= 0" if not (math.isfinite(value) and value >= 0.0) else None
+
+
+def _finite_positive(value: float, config: SchedulerConfig) -> str | None:
+    return "finite and > 0" if not (math.isfinite(value) and value > 0.0) else None
+
+
+def _finite_non_negative_or_none(value: float | None, config: SchedulerConfig) -> str | None:
+    bad = value is not None and not (math.isfinite(value) and value >= 0.0)
+    return "finite and >= 0 or None" if bad else None
+
+
+def _at_most_partial_prefills(value: int, config: SchedulerConfig) -> str | None:
+    bound = config.sarathi_max_partial_prefills
+    return f"<= sarathi_max_partial_prefills={bound}" if value > bound else None
+
+
+def _backoff_cap(value: float, config: SchedulerConfig) -> str | None:
+    low = config.refused_instance_backoff_s
+    bad = not (math.isfinite(value) and value >= low)
+    return f"finite and >= refused_instance_backoff_s={low}" if bad else None
+
+
+_RULES: tuple[tuple[str, _Rule], ...] = (
+    ("short_threshold_tokens", _positive),
+    ("chunk_tokens", _positive),
+    ("min_chunk_tokens", _positive),
+    ("max_sp_degree", _positive),
+    ("max_decode_batch", _positive),
+    ("colocation_budget_tokens", _positive),
+    ("reservation_sized_for_tokens", _positive),
+    ("max_kv_transfer_attempts", _positive),
+    ("protected_duty_cycle_chunks", _positive_if_set),
+    ("sarathi_batch_tokens", _positive),
+    ("sarathi_long_prefill_tokens", _positive),
+    ("sarathi_max_partial_prefills", _positive),
+    ("sarathi_max_long_partial_prefills", _positive),
+    ("reservation_attention_tokens", _positive),
+    ("chunk_budget_token_pairs", _positive_or_none),
+    ("target_prefill_tokens_per_instance", _positive_or_none),
+    ("short_decode_gpu_fraction", _fraction),
+    ("distserve_decode_instances", _count_or_none),
+    ("min_chunks_between_pauses", _count_or_none),
+    ("num_short_decode_instances", _count_or_none),
+    ("num_long_reserved_instances", _count_or_none),
+    ("max_preemptions_per_long", _count_or_none),
+    ("sarathi_max_long_partial_prefills", _at_most_partial_prefills),
+    ("distserve_decode_gpu_fraction", _fraction),
+    ("max_pause_s", _finite_non_negative),
+    ("refused_instance_backoff_s", _finite_non_negative),
+    ("refused_instance_backoff_max_s", _backoff_cap),
+    ("short_preempt_delay_s", _finite_non_negative),
+    ("short_tbt_slo_s", _finite_positive),
+    ("long_aging_s", _finite_non_negative_or_none),
+)
+"""Every field's validity rule as (field, rule); a rule returns None when the value is valid,
+else what it must be (the error reads "must be <that>, got <value>")."""

@@ -1,8 +1,8 @@
-"""`ClusterState`: the bookkeeping every policy shares, and the primitives that change it.
+"""`ClusterState`: the primitives that change a policy's shared state (`StateBook`).
 
 Each primitive applies one lifecycle rule, keeps KV accounting, instance slots, queues and
 counters consistent, and returns the action the driver must carry out. Policies decide *what*
-to do; only this module changes state. Invariants (checked by the property tests):
+to do; only this module and its base change state. Invariants (checked by the property tests):
 
 - an instance's KV allocations never exceed its capacity (the ledger refuses);
 - a request holds at most one prefill slot per instance of its SP group, and appears in exactly
@@ -12,14 +12,10 @@ to do; only this module changes state. Invariants (checked by the property tests
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 from controlplane.core import lifecycle
-from controlplane.core.accounting import KvLedger, split_tokens
+from controlplane.core.accounting import split_tokens
 from controlplane.core.actions import (
     Action,
     Cancel,
@@ -31,120 +27,20 @@ from controlplane.core.actions import (
     StartPrefill,
     TransferKV,
 )
-from controlplane.core.config import SchedulerConfig
-from controlplane.core.pool import InstancePool
-from controlplane.core.queues import RequestQueue
+from controlplane.core.bookkeeping import StateBook
+from controlplane.core.preemption import VictimEntry
 from controlplane.core.records import InstanceRecord, RequestRecord
-from controlplane.core.roles import RoleCensus, RolePlan
-from controlplane.core.tiebreak import Tiebreak
-from controlplane.core.types import InstanceRole, RequestClass, RequestState
+from controlplane.core.types import RequestClass, RequestState
+
+__all__ = ["ClusterState", "VictimEntry"]  # VictimEntry: policies import it from here
 
 _LONG = RequestClass.LONG
 _S = RequestState
 
 
-class VictimEntry(NamedTuple):
-    """A running long prefill that may be paused; `running_longs` orders them best victim
-    first: fewest instances idled by the pause, least paused so far, newest."""
-
-    sp_degree: int  # instances of its prefill group
-    paused_total_s: float  # paused so far when pushed
-    neg_seq: int  # -admission seq: newest first
-    request_id: str
-    preemptions: int  # its pause count when pushed; a later pause makes the entry stale
-
-
-class PauseDeadline(NamedTuple):
-    """When a paused request reaches the starvation bound (`pause_deadlines`, earliest first)."""
-
-    at_s: float
-    seq: int  # admission seq: ties in admission order
-    request_id: str
-    preemptions: int  # its pause count when paused; a later pause makes the entry stale
-
-
-class Deadline(NamedTuple):
-    """A request's deadline (`deadlines`, earliest first)."""
-
-    at_s: float
-    seq: int  # admission seq: ties in admission order
-    request_id: str
-
-
-class ClusterState:
-    """Requests, instances, KV ledger, queues and indices of one policy."""
-
-    def __init__(self, config: SchedulerConfig, rng: Tiebreak, role_plan: RolePlan) -> None:
-        self.config = config
-        self.rng = rng
-        self.role_plan = role_plan
-        self.ledger = KvLedger()
-        self.pool = InstancePool(self.ledger, config.max_decode_batch)
-        self.census = RoleCensus()
-        self.requests: dict[str, RequestRecord] = {}
-        self.instances: dict[str, InstanceRecord] = {}
-        self.queues = {c: RequestQueue() for c in RequestClass}
-        self.queued_tokens: Counter[RequestClass] = Counter()
-        self.counts: Counter[tuple[RequestClass, RequestState]] = Counter()
-        self.stats: Counter[str] = Counter()
-        self.transfer_wait: deque[str] = deque()  # TRANSFERRING_KV requests without a dst
-        self.transfer_wait_joins = 0  # requests put in transfer_wait, ever
-        self.ready_to_decode: deque[str] = deque()  # KV arrived at dst; StartDecode next
-        self.to_reject: deque[tuple[str, str]] = deque()  # (request id, reason) from admission
-        self.pending: list[Action] = []  # actions produced while observing (Cancel)
-        self.completed: list[str] = []  # became terminal since take_completed()
-        self.resumable: set[str] = set()  # paused requests whose group may be free now
-        # Heaps; entries may be stale (checked when popped). Read them through the methods of
-        # "timers and victims" below.
-        self.running_longs: list[VictimEntry] = []  # preemption candidates, best first
-        self.pause_deadlines: list[PauseDeadline] = []  # starvation bounds of paused requests
-        self.deadlines: list[Deadline] = []  # request deadlines
-        self.refusal_expiries: list[float] = []  # when refusal backoffs end (a plan timer)
-        self.next_seq = 0
-        # Set by anything that may let a waiting request start: an instance re-offered, a
-        # request queued. schedule() skips planning while it is clear and no timer is due.
-        self.dirty = True
-
-    # ---- lifecycle bookkeeping -------------------------------------------------------------
-
-    def set_state(self, req: RequestRecord, rule: lifecycle.TransitionRule) -> None:
-        """Move `req` by `rule` (validated) and keep the per-class counters."""
-        new_state = lifecycle.transition(rule, req.request_id, req.state)
-        self.counts[(req.request_class, req.state)] -= 1
-        self.counts[(req.request_class, new_state)] += 1
-        req.state = new_state
-
-    def enqueue(self, req: RequestRecord) -> None:
-        """Put a QUEUED request in its class queue (admission order within a priority)."""
-        self.queues[req.request_class].push(req.request_id, (-req.spec.priority, req.seq))
-        self.queued_tokens[req.request_class] += req.spec.prompt_tokens
-        self.dirty = True
-
-    def dequeue(self, req: RequestRecord) -> None:
-        """Take a request out of its queue (no-op when it is not queued)."""
-        queue = self.queues[req.request_class]
-        if req.request_id in queue:
-            queue.remove(req.request_id)
-            self.queued_tokens[req.request_class] -= req.spec.prompt_tokens
-
-    def refresh(self, instance_ids: Iterable[str]) -> None:
-        """Re-offer instances after a change; paused requests on free slots may resume."""
-        for instance_id in instance_ids:
-            inst = self.instances.get(instance_id)
-            if inst is None:
-                continue
-            self.dirty = True
-            self.pool.refresh(inst)
-            if inst.prefill_id is None and inst.paused:
-                self.resumable.update(inst.paused)
-
-    def wait_for_transfer(self, request_id: str, *, front: bool = False) -> None:
-        """Queue a prefilled request for a KV transfer destination (front: a retry)."""
-        if front:
-            self.transfer_wait.appendleft(request_id)
-        else:
-            self.transfer_wait.append(request_id)
-        self.transfer_wait_joins += 1
+class ClusterState(StateBook):
+    """Requests, instances, KV ledger, queues and indices of one policy, and the primitives
+    that change them (each returns the action the driver must carry out)."""
 
     # ---- primitives returning actions ------------------------------------------------------
 
@@ -185,7 +81,7 @@ class ClusterState:
             req.first_scheduled_s = now_s
         req.resumed_at_chunk = 0
         if req.request_class is _LONG and self.preemptible(req):
-            self._push_running_long(req)
+            self.preemption.push_running(req)
         self.refresh(ids)
         if colocate:
             self.stats["colocations"] += 1
@@ -247,9 +143,7 @@ class ClusterState:
             inst.paused.add(req.request_id)
             if req.is_protected:
                 inst.held_for = req.request_id
-        left_s = max(0.0, self.config.max_pause_s - req.paused_total_s)
-        entry = PauseDeadline(now_s + left_s, req.seq, req.request_id, req.num_preemptions)
-        heapq.heappush(self.pause_deadlines, entry)
+        self.preemption.add_pause_deadline(req, now_s)
         self.refresh(req.prefill_ids)
         return Pause(req.request_id, req.prefill_ids, reason)
 
@@ -262,36 +156,6 @@ class ClusterState:
             self.refresh(req.prefill_ids)
             self.resumable.add(req.request_id)
 
-    def change_role(self, inst: InstanceRecord, role: InstanceRole) -> None:
-        """Move an idle instance to another role (census and pools follow)."""
-        assert not inst.decoding and inst.prefill_id is None, f"{inst.instance_id} is busy"
-        self.census.remove(inst.role, inst.spec)
-        self.census.add(role, inst.spec)
-        self.pool.change_role(inst, role)
-        self.stats["role_changes"] += 1
-        self.dirty = True
-
-    def hold(self, req: RequestRecord, inst: InstanceRecord) -> None:
-        """Keep `inst` free of new work until the queued `req` starts (starvation bound)."""
-        assert inst.held_for is None, f"{inst.instance_id} already held for {inst.held_for}"
-        inst.held_for = req.request_id
-        req.held_ids += (inst.instance_id,)
-        self.refresh((inst.instance_id,))
-
-    def release_holds(self, req: RequestRecord) -> list[InstanceRecord]:
-        """Stop holding instances for `req`; returns those still up, in hold order."""
-        held = [self.instances[i] for i in req.held_ids if i in self.instances]
-        req.held_ids = ()
-        for inst in held:
-            if inst.held_for == req.request_id:
-                inst.held_for = None
-        self.refresh(inst.instance_id for inst in held)
-        return held
-
-    def group_is_free(self, req: RequestRecord) -> bool:
-        """True when every instance of `req`'s prefill group has a free prefill slot."""
-        return all(self.instances[i].prefill_id is None for i in req.prefill_ids)
-
     def resume(self, req: RequestRecord, now_s: float, reason: str) -> Resume:
         """Resume a paused prefill on its (free) group."""
         self.set_state(req, lifecycle.RESUME)
@@ -302,24 +166,9 @@ class ClusterState:
             inst.prefill_id = req.request_id
         req.resumed_at_chunk = req.chunks_done
         if self.preemptible(req):
-            self._push_running_long(req)
+            self.preemption.push_running(req)
         self.refresh(req.prefill_ids)
         return Resume(req.request_id, req.prefill_ids, reason)
-
-    def preemptible(self, req: RequestRecord) -> bool:
-        """Whether `req` may ever be paused again (unprotected, or on the duty cycle)."""
-        return not req.is_protected or self.config.protected_duty_cycle_chunks is not None
-
-    def chunks_before_pause(self, req: RequestRecord) -> int:
-        """Chunks `req` must run after it (re)started before it may be paused: the duty cycle
-        when protected, else `min_chunks_between_pauses` (call only when `preemptible`)."""
-        if req.is_protected:
-            return self.config.protected_duty_cycle_chunks or 0
-        return self.config.min_chunks_between_pauses
-
-    def pause_due(self, req: RequestRecord) -> bool:
-        """A preemptible `req` has run enough chunks since it last (re)started to be paused."""
-        return req.chunks_done - req.resumed_at_chunk >= self.chunks_before_pause(req)
 
     def finish_prefill(self, req: RequestRecord, at_s: float) -> None:
         """Last chunk done: decode in place, or wait for a KV transfer destination."""
@@ -446,102 +295,7 @@ class ClusterState:
             self.pending.append(Cancel(req.request_id, instance_ids, f"requeued: {reason}"))
         return instance_ids
 
-    def remember_refusal(
-        self, req: RequestRecord, instance_ids: Iterable[str], at_s: float
-    ) -> None:
-        """`instance_ids` refused `req`: skip them for it until their free KV changes or its
-        back-off passes (see `refused`). The back-off of the k-th retryable failure in a row
-        is `refused_instance_backoff_s * 2**(k-1)`, at most `refused_instance_backoff_max_s`:
-        an instance that keeps refusing a request (e.g. KV fragmentation) is not offered it in
-        a tight loop. The one back-off rule of the live runtime and the simulator alike."""
-        req.failures_in_row += 1
-        config = self.config
-        backoff_s = config.refused_instance_backoff_s * 2.0 ** min(req.failures_in_row - 1, 32)
-        until_s = at_s + min(backoff_s, config.refused_instance_backoff_max_s)
-        for instance_id in instance_ids:
-            req.refusals[instance_id] = (self.ledger.free_tokens(instance_id), until_s)
-        heapq.heappush(self.refusal_expiries, until_s)
-
-    def refused(self, req: RequestRecord, instance_id: str, now_s: float) -> bool:
-        """True while `instance_id`'s refusal of `req` stands (same free KV, backoff running)."""
-        entry = req.refusals.get(instance_id)
-        if entry is None:
-            return False
-        free_then, until_s = entry
-        if now_s < until_s and self.ledger.free_tokens(instance_id) == free_then:
-            return True
-        del req.refusals[instance_id]
-        return False
-
-    # ---- timers and victims ----------------------------------------------------------------
-
-    def add_deadline(self, req: RequestRecord) -> None:
-        """Fail `req` when its spec's deadline passes (see `pop_expired_deadlines`)."""
-        assert req.spec.deadline_s is not None, f"{req.request_id} has no deadline"
-        heapq.heappush(self.deadlines, Deadline(req.spec.deadline_s, req.seq, req.request_id))
-
-    def pop_expired_deadlines(self, now_s: float) -> list[RequestRecord]:
-        """Live requests whose deadline is at or before `now_s`, earliest first (removed)."""
-        heap, out = self.deadlines, []
-        while heap and heap[0].at_s <= now_s:
-            req = self.requests.get(heapq.heappop(heap).request_id)
-            if req is not None and not req.state.is_terminal:
-                out.append(req)
-        return out
-
-    def pop_starving(self, now_s: float) -> list[RequestRecord]:
-        """Paused requests whose starvation bound (`max_pause_s` of pauses) is at or before
-        `now_s` and that were not resumed and paused again since, earliest first (removed)."""
-        heap, out = self.pause_deadlines, []
-        while heap and heap[0].at_s <= now_s:
-            entry = heapq.heappop(heap)
-            req = self.requests.get(entry.request_id)
-            if (
-                req is not None
-                and req.state is _S.PAUSED
-                and req.num_preemptions == entry.preemptions
-            ):
-                out.append(req)
-        return out
-
-    def next_starvation_s(self) -> float:
-        """When the earliest pending starvation bound falls (inf: none; may be stale)."""
-        return self.pause_deadlines[0].at_s if self.pause_deadlines else math.inf
-
-    def pop_lapsed_refusals(self, now_s: float) -> bool:
-        """Drop the refusal backoffs ended at or before `now_s`; True when one did (a refused
-        placement may be retried)."""
-        expiries, lapsed = self.refusal_expiries, False
-        while expiries and expiries[0] <= now_s:
-            heapq.heappop(expiries)
-            lapsed = True
-        return lapsed
-
-    def next_refusal_lapse_s(self) -> float:
-        """When the earliest refusal backoff ends (inf: none)."""
-        return self.refusal_expiries[0] if self.refusal_expiries else math.inf
-
-    def pop_victim(self) -> tuple[VictimEntry, RequestRecord] | None:
-        """The best running long prefill that may be paused (still PREFILLING, not paused
-        since it was pushed, preemptible), removed from `running_longs`; stale entries popped
-        on the way are dropped. None when there is none. Give back the ones not paused with
-        `push_victim`."""
-        heap = self.running_longs
-        while heap:
-            entry = heapq.heappop(heap)
-            req = self.requests.get(entry.request_id)
-            if (
-                req is not None
-                and req.state is _S.PREFILLING
-                and req.num_preemptions == entry.preemptions
-                and self.preemptible(req)
-            ):
-                return entry, req
-        return None
-
-    def push_victim(self, entry: VictimEntry) -> None:
-        """Put back an entry `pop_victim` returned (its request was not paused)."""
-        heapq.heappush(self.running_longs, entry)
+    # ---- internals -------------------------------------------------------------------------
 
     def _terminate(
         self, req: RequestRecord, rule: lifecycle.TransitionRule, error: str, at_s: float
@@ -563,23 +317,3 @@ class ClusterState:
             if inst.held_for == req.request_id:
                 inst.held_for = None
         self.resumable.discard(req.request_id)
-
-    def _add_decoder(self, req: RequestRecord, instance_ids: tuple[str, ...]) -> None:
-        req.decode_ids = instance_ids
-        for instance_id in instance_ids:
-            inst = self.instances[instance_id]
-            inst.decoding.add(req.request_id)
-            if req.request_class is _LONG:
-                inst.num_long_decoding += 1
-
-    def _push_running_long(self, req: RequestRecord) -> None:
-        if not self.config.preemption:
-            return
-        entry = VictimEntry(
-            len(req.prefill_ids),
-            req.paused_total_s,
-            -req.seq,
-            req.request_id,
-            req.num_preemptions,
-        )
-        heapq.heappush(self.running_longs, entry)
