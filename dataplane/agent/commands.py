@@ -167,7 +167,7 @@ class CommandRouter:
             return step
         instance_id = self.node.instance_id(index)
         destination = ""
-        if isinstance(report, m.TransferUpdate):
+        if isinstance(report, m.KvTransferUpdate):
             info = table.transfers.get(report.transfer_id)
             if info is None or not transfers.transfer_report(table, index, report):
                 return step
@@ -182,7 +182,7 @@ class CommandRouter:
                 step.send(other, m.Cancel(rid, silent=True))
         elif isinstance(report, m.Paused):
             route.paused = True
-        elif isinstance(report, m.ChunkDone):
+        elif isinstance(report, m.PrefillChunkDone):
             route.paused = False
         event = convert.report_to_event(
             report, instance_id, now_s, route.offset_tokens, route.prompt_tokens, destination
@@ -248,7 +248,9 @@ class CommandRouter:
         return step
 
 
-_Progress = m.ChunkDone | m.PrefillDone | m.Paused | m.Tokens | m.Finished  # rank 0 reports it
+_Progress = (
+    m.PrefillChunkDone | m.PrefillDone | m.Paused | m.Tokens | m.Finished
+)  # rank 0 reports it
 
 _HANDLERS: dict[str, _Handler] = {  # command kind -> what the router does with it
     "start_prefill": CommandRouter._start_prefill,

@@ -88,7 +88,7 @@ class _Context:
     destination_instance_id: str
 
 
-def _chunk_done(r: m.ChunkDone, c: _Context) -> tuple[str, Message]:
+def _chunk_done(r: m.PrefillChunkDone, c: _Context) -> tuple[str, Message]:
     return "chunk_done", cluster_pb2.PrefillChunkDone(
         chunk_index=r.chunk_index,
         chunks_total=r.chunks_total,
@@ -127,7 +127,7 @@ def _cancelled(r: m.Cancelled, c: _Context) -> tuple[str, Message]:
     return "cancelled", cluster_pb2.Cancelled()
 
 
-def _kv_transfer(r: m.TransferUpdate, c: _Context) -> tuple[str, Message]:
+def _kv_transfer(r: m.KvTransferUpdate, c: _Context) -> tuple[str, Message]:
     return "kv_transfer", cluster_pb2.KvTransferUpdate(
         transfer_id=r.transfer_id,
         state=_TRANSFER_TO_PROTO[r.state],
@@ -140,14 +140,14 @@ def _kv_transfer(r: m.TransferUpdate, c: _Context) -> tuple[str, Message]:
 
 # report type -> the Event's field and body; a report type not here is no event
 _EVENT_BODIES: dict[type, Callable[[Any, _Context], tuple[str, Message]]] = {
-    m.ChunkDone: _chunk_done,
+    m.PrefillChunkDone: _chunk_done,
     m.PrefillDone: _prefill_done,
     m.Paused: _paused,
     m.Tokens: _tokens,
     m.Finished: _finished,
     m.Failed: _failed,
     m.Cancelled: _cancelled,
-    m.TransferUpdate: _kv_transfer,
+    m.KvTransferUpdate: _kv_transfer,
 }
 
 

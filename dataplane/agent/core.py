@@ -252,7 +252,7 @@ class AgentCore:
         if isinstance(report, m.Load):
             self.loads[index] = report
             return
-        if isinstance(report, m.TransferUpdate):
+        if isinstance(report, m.KvTransferUpdate):
             self.spans.transfer_report(report)
         self._apply(self.router.on_report(index, report, self.clock()))
 

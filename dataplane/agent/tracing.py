@@ -106,7 +106,7 @@ class WorkSpans:
         for (rid, key), workers in opened.items():
             self._start(rid, key, parent, [self._instance_id(i) for i in workers])
 
-    def transfer_report(self, report: m.TransferUpdate) -> None:
+    def transfer_report(self, report: m.KvTransferUpdate) -> None:
         """One side of a transfer reported DONE or FAILED: end that side's span."""
         if report.state == "transferring":
             return

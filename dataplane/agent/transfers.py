@@ -77,7 +77,7 @@ def start_decode(step: Step, node: Node, table: RequestTable, cmd: cluster_pb2.S
     step.send(index, m.StartDecode(cmd.request_id))
 
 
-def transfer_report(table: RequestTable, index: int, report: m.TransferUpdate) -> bool:
+def transfer_report(table: RequestTable, index: int, report: m.KvTransferUpdate) -> bool:
     """Bookkeeping of worker `index`'s transfer report; True when it becomes an event."""
     if report.state == "failed":
         if not report.is_source:

@@ -118,7 +118,7 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkDone:
+class PrefillChunkDone:
     """A prefill chunk ran."""
 
     request_id: str
@@ -183,7 +183,7 @@ class Cancelled:
 
 
 @dataclass(frozen=True, slots=True)
-class TransferUpdate:
+class KvTransferUpdate:
     """Progress of a KV transfer as seen by this side (source or destination)."""
 
     request_id: str
@@ -207,13 +207,13 @@ class Load:
 
 WorkerReport = (
     Ready
-    | ChunkDone
+    | PrefillChunkDone
     | PrefillDone
     | Paused
     | Tokens
     | Finished
     | Failed
     | Cancelled
-    | TransferUpdate
+    | KvTransferUpdate
     | Load
 )

@@ -383,7 +383,7 @@ class WorkerRuntime:
 
     def _transfer_report(self, transfer: Transfer, state: str) -> None:
         self._reports.append(
-            m.TransferUpdate(
+            m.KvTransferUpdate(
                 request_id=transfer.key[0],
                 transfer_id=transfer.key[1],
                 state=state,
@@ -402,7 +402,7 @@ class WorkerRuntime:
             if isinstance(event, ev.ChunkDone) and tracked is not None:
                 tracked.chunks_done += 1
                 self._reports.append(
-                    m.ChunkDone(
+                    m.PrefillChunkDone(
                         rid,
                         tracked.chunks_done - 1,
                         max(tracked.chunks_total, tracked.chunks_done),

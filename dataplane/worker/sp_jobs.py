@@ -14,7 +14,7 @@ on once the prompt is done is dropped. A paused job issues no collectives;
 its KV (rows of the engine's pool) stays resident. Resume re-enters the agreement, which
 waits for the members that have not seen Resume yet.
 
-Rank 0 reports the progress (ChunkDone, PrefillDone, Tokens); every member reports Paused,
+Rank 0 reports the progress (PrefillChunkDone, PrefillDone, Tokens); every member reports Paused,
 Finished, Cancelled and Failed, so that the agent of each node in the group knows what its own
 members hold (it sends progress on from rank 0 only, and de-duplicates the rest). A failed
 collective (peer died, timeout) frees this member's KV and reports Failed(retryable).
@@ -253,7 +253,7 @@ class SpJobs:
             if job.is_reporter:
                 done = req.chunks[req.num_chunks_done - 1][1]  # (start, end) of this chunk
                 self._reports.append(
-                    m.ChunkDone(
+                    m.PrefillChunkDone(
                         rid,
                         req.num_chunks_done - 1,
                         req.num_chunks,

@@ -147,7 +147,7 @@ def test_a_mixed_colocate_hands_its_batch_budget_to_the_worker_and_chunks_report
     budget = {"iteration_prefill_budget_tokens": 16, "mixed_batch_tokens": 24}
     command(core, colocate=cluster_pb2.Colocate(prefill=start, **budget))  # type: ignore[arg-type]
     index, sent = ports.worker[-1]
-    core.handle(WorkerSaid(1, 0, m.ChunkDone("r", 0, 3, 16, 0.1, 7, 21, 16)))
+    core.handle(WorkerSaid(1, 0, m.PrefillChunkDone("r", 0, 3, 16, 0.1, 7, 21, 16)))
     (event,) = ports.events()
     assert index == 1 and isinstance(sent, m.Prefill)
     assert (sent.chunk_tokens, sent.batch_tokens) == (16, 24)
@@ -179,9 +179,9 @@ def test_transfer_events_transferring_from_source_done_from_destination_failed_o
     sends = [c for _, c in ports.worker if isinstance(c, m.SendKv | m.RecvKv)]
     assert [type(c).__name__ for c in sends] == ["SendKv", "RecvKv"]
     assert sends[0].group_id == "kv/t" and sends[0].store_address == "127.0.0.1:9"
-    core.handle(WorkerSaid(0, 0, m.TransferUpdate("r", "t", "transferring", True, 0, 0.0, "")))
-    core.handle(WorkerSaid(0, 0, m.TransferUpdate("r", "t", "done", True, 10, 0.1, "")))
-    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "done", False, 10, 0.1, "")))
+    core.handle(WorkerSaid(0, 0, m.KvTransferUpdate("r", "t", "transferring", True, 0, 0.0, "")))
+    core.handle(WorkerSaid(0, 0, m.KvTransferUpdate("r", "t", "done", True, 10, 0.1, "")))
+    core.handle(WorkerSaid(1, 0, m.KvTransferUpdate("r", "t", "done", False, 10, 0.1, "")))
     states = [e.kv_transfer.state for e in ports.events()]
     assert states == [2, 3]  # TRANSFERRING, DONE
     assert all(e.instance_id == "n1/0" for e in ports.events())
@@ -203,7 +203,7 @@ def test_request_placed_again_right_after_a_cancel_runs_and_old_reports_are_drop
     # Execute: the control plane's re-queue, then the receiver's answers, oldest first
     command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="r"))
     prefill(core, "r", ["n1/0"])
-    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
+    core.handle(WorkerSaid(1, 0, m.KvTransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
     core.handle(WorkerSaid(1, 0, m.Cancelled("r")))
     core.handle(WorkerSaid(0, 0, m.PrefillDone("r", 3, 7)))
     # Assert
@@ -222,7 +222,7 @@ def test_failed_receive_leaves_no_route_behind() -> None:
     )
     command(core, transfer_kv=transfer)
     # Execute: the receive fails; later the request is prefilled here from scratch
-    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
+    core.handle(WorkerSaid(1, 0, m.KvTransferUpdate("r", "t", "failed", False, 0, 0.1, "gone")))
     prefill(core, "r", ["n1/1"])
     # Assert
     assert [e.WhichOneof("kind") for e in ports.events()] == ["kv_transfer"]
@@ -431,11 +431,13 @@ def test_transfers_are_forgotten_with_their_requests_at_the_next_heartbeat() -> 
         command(core, transfer_kv=kv)
     for index, is_source in ((0, True), (1, False)):
         core.handle(
-            WorkerSaid(index, 0, m.TransferUpdate("done", "done/t1", "done", is_source, 1, 0.1, ""))
+            WorkerSaid(
+                index, 0, m.KvTransferUpdate("done", "done/t1", "done", is_source, 1, 0.1, "")
+            )
         )
     core.handle(WorkerSaid(1, 0, m.Finished("done", 2, "length")))
     core.handle(
-        WorkerSaid(1, 0, m.TransferUpdate("failed", "failed/t1", "failed", False, 0, 0.1, "x"))
+        WorkerSaid(1, 0, m.KvTransferUpdate("failed", "failed/t1", "failed", False, 0, 0.1, "x"))
     )
     command(core, cancel=cluster_pb2.CancelRequestCommand(request_id="failed"))
     assert core.table.failed_transfers == {"failed/t1"}

@@ -64,8 +64,8 @@ def test_prefill_chunks_and_decode_in_place_are_spans_under_the_command(
     core, _ = traced_core(exporter)
     # Execute: a traced StartPrefill, two chunks, the first token, decode to the end
     prefill(core, "r", ["n1/0"])
-    core.handle(WorkerSaid(0, 0, m.ChunkDone("r", 0, 2, 2, 0.25)))
-    core.handle(WorkerSaid(0, 0, m.ChunkDone("r", 1, 2, 3, 0.5)))
+    core.handle(WorkerSaid(0, 0, m.PrefillChunkDone("r", 0, 2, 2, 0.25)))
+    core.handle(WorkerSaid(0, 0, m.PrefillChunkDone("r", 1, 2, 3, 0.5)))
     core.handle(WorkerSaid(0, 0, m.PrefillDone("r", 3, 7)))
     assert "worker.decode" not in by_name(exporter), "decode runs until Finished"
     core.handle(WorkerSaid(0, 0, m.Finished("r", 4, "length")))
@@ -105,8 +105,8 @@ def test_pause_and_transfer_sides_end_on_the_workers_answers(
         request_id="r", transfer_id="t", source_instance_id="n1/0", destination_instance_id="n1/1"
     )
     command(core, transfer_kv=kv, trace=TRACE)
-    core.handle(WorkerSaid(0, 0, m.TransferUpdate("r", "t", "done", True, 640, 0.1, "")))
-    core.handle(WorkerSaid(1, 0, m.TransferUpdate("r", "t", "done", False, 640, 0.1, "")))
+    core.handle(WorkerSaid(0, 0, m.KvTransferUpdate("r", "t", "done", True, 640, 0.1, "")))
+    core.handle(WorkerSaid(1, 0, m.KvTransferUpdate("r", "t", "done", False, 640, 0.1, "")))
     command(core, start_decode=cluster_pb2.StartDecode(request_id="r", transfer_id="t"))
     core.handle(WorkerSaid(1, 0, m.Finished("r", 4, "eos")))
     # Assert

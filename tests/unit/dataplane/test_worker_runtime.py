@@ -96,8 +96,8 @@ def test_decode_in_place_aborts_the_send_whose_destination_was_lost(
     run_until([src], lambda: src.of(m.PrefillDone))
     src.handle(m.SendKv("r", "t1", "g1", "w1", address, TIMEOUT_S))
     dst.handle(m.RecvKv("r", "t1", "g1", "w0", address, TIMEOUT_S))
-    run_until([dst], lambda: dst.of(m.TransferUpdate))
-    assert [u.state for u in dst.of(m.TransferUpdate)] == ["done"]
+    run_until([dst], lambda: dst.of(m.KvTransferUpdate))
+    assert [u.state for u in dst.of(m.KvTransferUpdate)] == ["done"]
     # Execute: the control plane decodes where it prefilled
     src.handle(m.StartDecode("r"))
     run_until([src], lambda: not src.runtime.has_work())
@@ -110,7 +110,7 @@ def test_decode_in_place_aborts_the_send_whose_destination_was_lost(
     tokens = [t for r in src.of(m.Tokens) for t in r.token_ids]
     expected = [t for r in dst.of(m.Tokens) for t in r.token_ids]
     assert tokens[1:] == expected and len(tokens) == SAMPLING.max_new_tokens
-    states = [u.state for u in src.of(m.TransferUpdate)]
+    states = [u.state for u in src.of(m.KvTransferUpdate)]
     assert "done" not in states, states
 
 
@@ -128,13 +128,13 @@ def test_transfers_of_a_pair_run_in_order_over_one_persistent_group(
     for i, rid in enumerate(rids):
         src.handle(m.SendKv(rid, f"t{i}", f"g{i}", "w1", address, TIMEOUT_S))
         dst.handle(m.RecvKv(rid, f"t{i}", f"g{i}", "w0", address, TIMEOUT_S))
-    run_until([src, dst], lambda: len(dst.of(m.TransferUpdate)) == len(rids))
+    run_until([src, dst], lambda: len(dst.of(m.KvTransferUpdate)) == len(rids))
     for rid in rids:
         dst.handle(m.StartDecode(rid))
     run_until([src, dst], lambda: len(dst.of(m.Finished)) == len(rids))
     # Assert: every transfer landed, one at a time over the group the first one created, which
     # stays up for the next transfer (no communicator per transfer)
-    assert [(u.request_id, u.state) for u in dst.of(m.TransferUpdate)] == [
+    assert [(u.request_id, u.state) for u in dst.of(m.KvTransferUpdate)] == [
         (rid, "done") for rid in rids
     ]
     assert src.manager.group_ids() == dst.manager.group_ids() == ("g0",)
@@ -157,13 +157,13 @@ def test_a_superseded_receive_never_fails_the_request_its_successor_delivered(
     # Execute
     src.handle(m.SendKv("r", "t2", "g2", "w1", address, TIMEOUT_S))
     dst.handle(m.RecvKv("r", "t2", "g2", "w0", address, TIMEOUT_S))
-    run_until([src, dst], lambda: dst.of(m.TransferUpdate))
+    run_until([src, dst], lambda: dst.of(m.KvTransferUpdate))
     dst.handle(m.StartDecode("r"))
     run_until([dst], lambda: dst.of(m.Finished))
     # every transfer retired: a t1 still live would end (and be reported) by its deadline first
     run_until([dst], lambda: not dst.runtime.has_work())
     # Assert: r decoded to the end on w1 and nothing was ever said about t1
-    assert [(u.transfer_id, u.state) for u in dst.of(m.TransferUpdate)] == [("t2", "done")]
+    assert [(u.transfer_id, u.state) for u in dst.of(m.KvTransferUpdate)] == [("t2", "done")]
     assert [f.output_tokens for f in dst.of(m.Finished)] == [SAMPLING.max_new_tokens]
     assert not dst.of(m.Failed)
 
