@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, select, text, tuple_
@@ -54,6 +55,11 @@ from controlplane.store.request_rows import (
 )
 from controlplane.store.sql_session import SqlUnitOfWork, copy_rows, fetch_binary
 from controlplane.store.tables import UNFINISHED_PREDICATE
+
+# Arrival order of rows whose first columns are VIEW_COLUMNS: (arrival_s, id).
+_ARRIVAL_ORDER = itemgetter(
+    *([column.name for column in VIEW_COLUMNS].index(name) for name in ("arrival_s", "id"))
+)
 
 
 class SqlRepository(ClusterSqlMixin, Repository):
@@ -217,8 +223,10 @@ class SqlRepository(ClusterSqlMixin, Repository):
             return [view_from_row(row) for row in connection.execute(query)]
 
     def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
-        """See Repository.unfinished_with_inputs: two queries, both served by the partial
-        index on unfinished requests."""
+        """See Repository.unfinished_with_inputs: two queries, both filtered by the predicate
+        of the partial index on unfinished requests. The rows are put in arrival order here,
+        not by the database: 18K rows of 1 KiB prompts are a sort PostgreSQL spills to disk
+        (default work_mem), and a few milliseconds of Python."""
         unfinished = text(UNFINISHED_PREDICATE)
         requests = self._select_view.add_columns(*INPUT_COLUMNS).where(unfinished)
         tokens = (
@@ -229,28 +237,28 @@ class SqlRepository(ClusterSqlMixin, Repository):
         )
         with self.uow.scope(write=False) as connection:
             chunks: dict[str, list[bytes]] = {}
-            for request_id, packed in connection.execute(tokens):
+            for request_id, packed in connection.execute(tokens).all():
                 chunks.setdefault(request_id, []).append(packed)
-            ordered = requests.order_by(REQUESTS.c.arrival_s, REQUESTS.c.id)
-            rows: Sequence[Any]
+            rows: list[Any]
             if self._is_postgres:  # 18K prompts of 1 KiB: 10-20% faster than hex-encoded
-                rows = fetch_binary(connection, str(ordered.compile(dialect=self._dialect)))
+                rows = fetch_binary(connection, str(requests.compile(dialect=self._dialect)))
             else:
-                rows = connection.execute(ordered).all()
-            views = len(VIEW_COLUMNS)
-            loaded = []
-            for row in rows:
-                prompt, temperature, top_p, seed, stop_at_eos = row[views:]
-                output = chunks.get(row[0])
-                loaded.append(
-                    UnfinishedRequest(
-                        view_from_row(row),
-                        codec.unpack_token_array(prompt),
-                        SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
-                        codec.unpack_token_ids(b"".join(output)) if output else (),
-                    )
+                rows = list(connection.execute(requests).all())
+        rows.sort(key=_ARRIVAL_ORDER)
+        views = len(VIEW_COLUMNS)
+        loaded = []
+        for row in rows:
+            prompt, temperature, top_p, seed, stop_at_eos = row[views:]
+            output = chunks.get(row[0])
+            loaded.append(
+                UnfinishedRequest(
+                    view_from_row(row),
+                    codec.unpack_token_array(prompt),
+                    SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
+                    codec.unpack_token_ids(b"".join(output)) if output else (),
                 )
-            return loaded
+            )
+        return loaded
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests.
