@@ -11,17 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
-from controlplane.core.types import (
-    RequestClass,
-    RequestSpec,
-    RequestState,
-    RequestView,
-)
+from controlplane.core.types import RequestView
 from controlplane.store import codec
 from controlplane.store.cluster_sql import ClusterSqlMixin
 from controlplane.store.errors import NotFound
@@ -38,76 +34,32 @@ from controlplane.store.records import (
     UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
+from controlplane.store.request_rows import (
+    EVENT_COLUMNS,
+    EVENTS,
+    INPUT_COLUMNS,
+    INSERT_COLUMNS,
+    MUTABLE,
+    PG_UPDATE_SQL,
+    REQUESTS,
+    SET_ONCE,
+    TOKENS,
+    UPDATE_ARRAYS,
+    VIEW_COLUMNS,
+    insert_row,
+    placeholder,
+    queued_view,
+    sampling_from_row,
+    update_params,
+    view_from_row,
+)
 from controlplane.store.sql_session import SqlUnitOfWork, copy_rows, fetch_binary
-from controlplane.store.tables import UNFINISHED_PREDICATE, metadata
+from controlplane.store.tables import UNFINISHED_PREDICATE
 
-_requests = metadata.tables["requests"]
-_tokens = metadata.tables["request_tokens"]
-_events = metadata.tables["request_events"]
-
-# Columns a RequestView is built from (the prompt blob is left out).
-_VIEW_COLUMNS = tuple(
-    _requests.c[name]
-    for name in (
-        "id tenant request_class state prompt_tokens max_new_tokens priority arrival_s "
-        "deadline_s first_scheduled_s prefill_done_s first_token_s finished_s chunks_done "
-        "chunks_total num_preemptions num_requeues paused_total_s prefill_instance_ids "
-        "decode_instance_ids output_tokens error"
-    ).split()
+# Arrival order of rows whose first columns are VIEW_COLUMNS: (arrival_s, id).
+_ARRIVAL_ORDER = itemgetter(
+    *([column.name for column in VIEW_COLUMNS].index(name) for name in ("arrival_s", "id"))
 )
-# Columns of what the data plane needs beyond the view.
-_INPUT_COLUMNS = tuple(
-    _requests.c[name] for name in "prompt_token_ids temperature top_p seed stop_at_eos".split()
-)
-_MUTABLE = (
-    "state prefill_done_s finished_s chunks_done chunks_total num_preemptions num_requeues "
-    "paused_total_s prefill_instance_ids decode_instance_ids output_tokens error"
-).split()
-_SET_ONCE = ("first_scheduled_s", "first_token_s")
-# The columns of `requests` in the order `_insert_row` fills them.
-_INSERT_COLUMNS = tuple(
-    "id tenant request_class state prompt_token_ids prompt_tokens max_new_tokens temperature "
-    "top_p seed stop_at_eos priority deadline_s idempotency_key output_tokens error "
-    "num_preemptions num_requeues paused_total_s prefill_instance_ids decode_instance_ids "
-    "chunks_done chunks_total arrival_s first_scheduled_s prefill_done_s first_token_s "
-    "finished_s".split()
-)
-assert _INSERT_COLUMNS == tuple(c.name for c in _requests.columns), "a column was added"
-# The batch UPDATE of PostgreSQL: one array parameter per column, joined on the id.
-_UPDATE_ARRAYS = (
-    ("id", "text"),
-    ("state", "text"),
-    ("prefill_done_s", "float8"),
-    ("finished_s", "float8"),
-    ("chunks_done", "int"),
-    ("chunks_total", "int"),
-    ("num_preemptions", "int"),
-    ("num_requeues", "int"),
-    ("paused_total_s", "float8"),
-    ("prefill_instance_ids", "text"),
-    ("decode_instance_ids", "text"),
-    ("output_tokens", "int"),
-    ("error", "text"),
-    ("first_scheduled_s", "float8"),
-    ("first_token_s", "float8"),
-)
-assert [n for n, _ in _UPDATE_ARRAYS] == ["id", *_MUTABLE, *_SET_ONCE], "every updated column"
-_PG_UPDATE_SQL = (
-    "UPDATE requests SET "
-    + ", ".join(
-        f"{name} = COALESCE(requests.{name}, u.{name})"
-        if name in _SET_ONCE
-        else f"{name} = u.{name}"
-        for name, _ in _UPDATE_ARRAYS[1:]
-    )
-    + " FROM unnest("
-    + ", ".join(f"%s::{sql_type}[]" for _, sql_type in _UPDATE_ARRAYS)
-    + ") AS u("
-    + ", ".join(name for name, _ in _UPDATE_ARRAYS)
-    + ") WHERE requests.id = u.id"
-)
-_EVENT_COLUMNS = ("request_id", "kind", "at_s", "instance_id", "details")
-_QUEUED = RequestState.QUEUED.value
 
 
 class SqlRepository(ClusterSqlMixin, Repository):
@@ -119,25 +71,25 @@ class SqlRepository(ClusterSqlMixin, Repository):
         self._dialect = engine.dialect
         dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._dialect_insert = dialect_insert
-        self._insert_request = dialect_insert(_requests).on_conflict_do_nothing(
+        self._insert_request = dialect_insert(REQUESTS).on_conflict_do_nothing(
             index_elements=["tenant", "idempotency_key"]
         )
-        self._insert_returning = self._insert_request.returning(_requests.c.id)
+        self._insert_returning = self._insert_request.returning(REQUESTS.c.id)
         # The batch path bypasses SQLAlchemy's multi-row VALUES rewrite: the driver's own
         # executemany reuses one short prepared statement (a long multi-row text is re-parsed
         # by psycopg on every call).
         self._insert_many_sql = (
-            f"INSERT INTO requests ({', '.join(_INSERT_COLUMNS)}) VALUES "
-            f"({', '.join(_placeholder(engine.dialect.name, c) for c in _INSERT_COLUMNS)}) "
+            f"INSERT INTO requests ({', '.join(INSERT_COLUMNS)}) VALUES "
+            f"({', '.join(placeholder(engine.dialect.name, c) for c in INSERT_COLUMNS)}) "
             "ON CONFLICT (tenant, idempotency_key) DO NOTHING"
         )
-        values: dict[str, Any] = {name: bindparam(f"b_{name}") for name in _MUTABLE}
-        for name in _SET_ONCE:
-            values[name] = func.coalesce(_requests.c[name], bindparam(f"b_{name}"))
+        values: dict[str, Any] = {name: bindparam(f"b_{name}") for name in MUTABLE}
+        for name in SET_ONCE:
+            values[name] = func.coalesce(REQUESTS.c[name], bindparam(f"b_{name}"))
         self._update_request = (
-            _requests.update().where(_requests.c.id == bindparam("b_id")).values(**values)
+            REQUESTS.update().where(REQUESTS.c.id == bindparam("b_id")).values(**values)
         )
-        self._select_view = select(*_VIEW_COLUMNS)
+        self._select_view = select(*VIEW_COLUMNS)
 
     def transaction(self, *, write: bool = False) -> AbstractContextManager[Any]:
         """See Repository.transaction."""
@@ -147,11 +99,11 @@ class SqlRepository(ClusterSqlMixin, Repository):
 
     def add_request(self, new: NewRequest) -> AddResult:
         """See Repository.add_request."""
-        row = dict(zip(_INSERT_COLUMNS, _insert_row(new), strict=True))
+        row = dict(zip(INSERT_COLUMNS, insert_row(new), strict=True))
         with self.uow.scope(write=True) as connection:
             inserted = connection.execute(self._insert_returning, row).first()
             if inserted is not None:
-                return AddResult(_queued_view(new), True)
+                return AddResult(queued_view(new), True)
             return AddResult(self._by_keys(connection, [new])[0], False)
 
     def add_requests(self, news: Sequence[NewRequest]) -> list[AddResult]:
@@ -167,13 +119,13 @@ class SqlRepository(ClusterSqlMixin, Repository):
         keyed = [new for new in news if new.idempotency_key is not None]
         with self.uow.scope(write=True) as connection:
             if self._is_postgres:
-                unkeyed = [_insert_row(new) for new in news if new.idempotency_key is None]
-                copy_rows(connection, "requests", _INSERT_COLUMNS, unkeyed)
+                unkeyed = [insert_row(new) for new in news if new.idempotency_key is None]
+                copy_rows(connection, "requests", INSERT_COLUMNS, unkeyed)
                 if keyed:
-                    rows = [_insert_row(new) for new in keyed]
+                    rows = [insert_row(new) for new in keyed]
                     connection.exec_driver_sql(self._insert_many_sql, rows)
             else:
-                connection.exec_driver_sql(self._insert_many_sql, [_insert_row(n) for n in news])
+                connection.exec_driver_sql(self._insert_many_sql, [insert_row(n) for n in news])
             stored = iter(self._by_keys(connection, keyed)) if keyed else iter(())
             results = []
             claimed: set[str] = set()
@@ -182,7 +134,7 @@ class SqlRepository(ClusterSqlMixin, Repository):
                 request_id = new.spec.request_id
                 if view is None or (view.request_id == request_id and request_id not in claimed):
                     claimed.add(request_id)
-                    results.append(AddResult(_queued_view(new), True))
+                    results.append(AddResult(queued_view(new), True))
                 else:
                     results.append(AddResult(view, False))
             return results
@@ -191,11 +143,11 @@ class SqlRepository(ClusterSqlMixin, Repository):
         """Views of the stored requests matching each new request's (tenant, key)."""
         pairs = [(n.spec.tenant, n.idempotency_key) for n in news]
         rows = connection.execute(
-            self._select_view.add_columns(_requests.c.idempotency_key).where(
-                tuple_(_requests.c.tenant, _requests.c.idempotency_key).in_(pairs)
+            self._select_view.add_columns(REQUESTS.c.idempotency_key).where(
+                tuple_(REQUESTS.c.tenant, REQUESTS.c.idempotency_key).in_(pairs)
             )
         ).all()
-        by_key = {(row.tenant, row.idempotency_key): _view_from_row(row) for row in rows}
+        by_key = {(row.tenant, row.idempotency_key): view_from_row(row) for row in rows}
         assert len(by_key) == len(set(pairs)), f"idempotent replays without a stored row: {pairs}"
         return [by_key[pair] for pair in pairs]
 
@@ -203,22 +155,22 @@ class SqlRepository(ClusterSqlMixin, Repository):
         """See Repository.get_request."""
         with self.uow.scope(write=False) as connection:
             row = connection.execute(
-                self._select_view.where(_requests.c.id == request_id)
+                self._select_view.where(REQUESTS.c.id == request_id)
             ).one_or_none()
         if row is None:
             raise NotFound(f"request {request_id!r} not found")
-        return _view_from_row(row)
+        return view_from_row(row)
 
     def get_request_inputs(self, request_id: str) -> RequestInputs:
         """See Repository.get_request_inputs."""
-        query = select(*_INPUT_COLUMNS, _requests.c.idempotency_key)
+        query = select(*INPUT_COLUMNS, REQUESTS.c.idempotency_key)
         with self.uow.scope(write=False) as connection:
-            row = connection.execute(query.where(_requests.c.id == request_id)).one_or_none()
+            row = connection.execute(query.where(REQUESTS.c.id == request_id)).one_or_none()
         if row is None:
             raise NotFound(f"request {request_id!r} not found")
         return RequestInputs(
             codec.unpack_token_ids(row.prompt_token_ids),
-            _sampling_from_row(row),
+            sampling_from_row(row),
             row.idempotency_key,
         )
 
@@ -239,23 +191,23 @@ class SqlRepository(ClusterSqlMixin, Repository):
         codec.check_page_size(page_size)
         query = self._select_view
         if request_filter.states:
-            query = query.where(_requests.c.state.in_(sorted(request_filter.states)))
+            query = query.where(REQUESTS.c.state.in_(sorted(request_filter.states)))
         if request_filter.request_class is not None:
-            query = query.where(_requests.c.request_class == request_filter.request_class.value)
+            query = query.where(REQUESTS.c.request_class == request_filter.request_class.value)
         if request_filter.tenant is not None:
-            query = query.where(_requests.c.tenant == request_filter.tenant)
-        key = tuple_(_requests.c.arrival_s, _requests.c.id)
+            query = query.where(REQUESTS.c.tenant == request_filter.tenant)
+        key = tuple_(REQUESTS.c.arrival_s, REQUESTS.c.id)
         newest_first = order is ListOrder.NEWEST_FIRST
         if page_token:
             after = codec.decode_page_token(page_token, order)
             query = query.where(key < after if newest_first else key > after)
         if newest_first:
-            query = query.order_by(_requests.c.arrival_s.desc(), _requests.c.id.desc())
+            query = query.order_by(REQUESTS.c.arrival_s.desc(), REQUESTS.c.id.desc())
         else:
-            query = query.order_by(_requests.c.arrival_s, _requests.c.id)
+            query = query.order_by(REQUESTS.c.arrival_s, REQUESTS.c.id)
         with self.uow.scope(write=False) as connection:
             rows = connection.execute(query.limit(page_size + 1)).all()
-        views = tuple(_view_from_row(row) for row in rows[:page_size])
+        views = tuple(view_from_row(row) for row in rows[:page_size])
         next_token = ""
         if len(rows) > page_size:
             last = views[-1]
@@ -265,46 +217,48 @@ class SqlRepository(ClusterSqlMixin, Repository):
     def unfinished_requests(self) -> list[RequestView]:
         """See Repository.unfinished_requests."""
         query = self._select_view.where(text(UNFINISHED_PREDICATE)).order_by(
-            _requests.c.arrival_s, _requests.c.id
+            REQUESTS.c.arrival_s, REQUESTS.c.id
         )
         with self.uow.scope(write=False) as connection:
-            return [_view_from_row(row) for row in connection.execute(query)]
+            return [view_from_row(row) for row in connection.execute(query)]
 
     def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
-        """See Repository.unfinished_with_inputs: two queries, both served by the partial
-        index on unfinished requests."""
+        """See Repository.unfinished_with_inputs: two queries, both filtered by the predicate
+        of the partial index on unfinished requests. The rows are put in arrival order here,
+        not by the database: 18K rows of 1 KiB prompts are a sort PostgreSQL spills to disk
+        (default work_mem), and a few milliseconds of Python."""
         unfinished = text(UNFINISHED_PREDICATE)
-        requests = self._select_view.add_columns(*_INPUT_COLUMNS).where(unfinished)
+        requests = self._select_view.add_columns(*INPUT_COLUMNS).where(unfinished)
         tokens = (
-            select(_tokens.c.request_id, _tokens.c.token_ids)
-            .join(_requests, _requests.c.id == _tokens.c.request_id)
+            select(TOKENS.c.request_id, TOKENS.c.token_ids)
+            .join(REQUESTS, REQUESTS.c.id == TOKENS.c.request_id)
             .where(unfinished)
-            .order_by(_tokens.c.request_id, _tokens.c.start_index)
+            .order_by(TOKENS.c.request_id, TOKENS.c.start_index)
         )
         with self.uow.scope(write=False) as connection:
             chunks: dict[str, list[bytes]] = {}
-            for request_id, packed in connection.execute(tokens):
+            for request_id, packed in connection.execute(tokens).all():
                 chunks.setdefault(request_id, []).append(packed)
-            ordered = requests.order_by(_requests.c.arrival_s, _requests.c.id)
-            rows: Sequence[Any]
+            rows: list[Any]
             if self._is_postgres:  # 18K prompts of 1 KiB: 10-20% faster than hex-encoded
-                rows = fetch_binary(connection, str(ordered.compile(dialect=self._dialect)))
+                rows = fetch_binary(connection, str(requests.compile(dialect=self._dialect)))
             else:
-                rows = connection.execute(ordered).all()
-            views = len(_VIEW_COLUMNS)
-            loaded = []
-            for row in rows:
-                prompt, temperature, top_p, seed, stop_at_eos = row[views:]
-                output = chunks.get(row[0])
-                loaded.append(
-                    UnfinishedRequest(
-                        _view_from_row(row),
-                        codec.unpack_token_array(prompt),
-                        SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
-                        codec.unpack_token_ids(b"".join(output)) if output else (),
-                    )
+                rows = list(connection.execute(requests).all())
+        rows.sort(key=_ARRIVAL_ORDER)
+        views = len(VIEW_COLUMNS)
+        loaded = []
+        for row in rows:
+            prompt, temperature, top_p, seed, stop_at_eos = row[views:]
+            output = chunks.get(row[0])
+            loaded.append(
+                UnfinishedRequest(
+                    view_from_row(row),
+                    codec.unpack_token_array(prompt),
+                    SamplingParams(temperature, top_p, codec.seed_from_db(seed), stop_at_eos),
+                    codec.unpack_token_ids(b"".join(output)) if output else (),
                 )
-            return loaded
+            )
+        return loaded
 
     def update_requests(self, views: Sequence[RequestView]) -> None:
         """See Repository.update_requests.
@@ -315,17 +269,17 @@ class SqlRepository(ClusterSqlMixin, Repository):
         if not views:
             return
         latest = {view.request_id: view for view in views}  # the last view of an id wins
-        params = [_update_params(view) for view in latest.values()]
+        params = [update_params(view) for view in latest.values()]
         with self.uow.scope(write=True) as connection:
             if self._is_postgres:
-                columns = [[p[f"b_{name}"] for p in params] for name, _ in _UPDATE_ARRAYS]
-                updated = connection.exec_driver_sql(_PG_UPDATE_SQL, tuple(columns)).rowcount
+                columns = [[p[f"b_{name}"] for p in params] for name, _ in UPDATE_ARRAYS]
+                updated = connection.exec_driver_sql(PG_UPDATE_SQL, tuple(columns)).rowcount
             else:
                 updated = connection.execute(self._update_request, params).rowcount
             if updated != len(latest):
                 ids = list(latest)
                 found = set(
-                    connection.execute(select(_requests.c.id).where(_requests.c.id.in_(ids)))
+                    connection.execute(select(REQUESTS.c.id).where(REQUESTS.c.id.in_(ids)))
                     .scalars()
                     .all()
                 )
@@ -343,16 +297,16 @@ class SqlRepository(ClusterSqlMixin, Repository):
         packed = codec.pack_token_ids(token_ids, "token_ids")
         with self.uow.scope(write=True) as connection:
             connection.execute(
-                _tokens.insert(),
+                TOKENS.insert(),
                 {"request_id": request_id, "start_index": start_index, "token_ids": packed},
             )
 
     def get_output_tokens(self, request_id: str, from_index: int = 0) -> tuple[int, ...]:
         """See Repository.get_output_tokens."""
         query = (
-            select(_tokens.c.token_ids)
-            .where(_tokens.c.request_id == request_id)
-            .order_by(_tokens.c.start_index)
+            select(TOKENS.c.token_ids)
+            .where(TOKENS.c.request_id == request_id)
+            .order_by(TOKENS.c.start_index)
         )
         with self.uow.scope(write=False) as connection:
             chunks = connection.execute(query).scalars().all()
@@ -376,10 +330,10 @@ class SqlRepository(ClusterSqlMixin, Repository):
                     )
                     for event in events
                 ]
-                copy_rows(connection, "request_events", _EVENT_COLUMNS, rows)
+                copy_rows(connection, "request_events", EVENT_COLUMNS, rows)
                 return
             connection.execute(
-                _events.insert(),
+                EVENTS.insert(),
                 [
                     {
                         "request_id": event.request_id,
@@ -395,137 +349,12 @@ class SqlRepository(ClusterSqlMixin, Repository):
     def list_events(self, request_id: str) -> list[RequestEvent]:
         """See Repository.list_events."""
         query = (
-            select(_events.c.kind, _events.c.at_s, _events.c.instance_id, _events.c.details)
-            .where(_events.c.request_id == request_id)
-            .order_by(_events.c.id)
+            select(EVENTS.c.kind, EVENTS.c.at_s, EVENTS.c.instance_id, EVENTS.c.details)
+            .where(EVENTS.c.request_id == request_id)
+            .order_by(EVENTS.c.id)
         )
         with self.uow.scope(write=False) as connection:
             return [
                 RequestEvent(request_id, RequestEventKind(kind), at_s, instance_id, details)
                 for kind, at_s, instance_id, details in connection.execute(query)
             ]
-
-
-def _placeholder(dialect: str, column: str) -> str:
-    """A positional parameter in the driver's style; blobs go to psycopg in binary (`%b`)."""
-    if dialect != "postgresql":
-        return "?"
-    return "%b" if column == "prompt_token_ids" else "%s"
-
-
-def _insert_row(new: NewRequest) -> tuple[Any, ...]:
-    """The row of a new request, in `_INSERT_COLUMNS` order."""
-    spec = new.spec
-    sampling = new.sampling
-    return (
-        spec.request_id,
-        spec.tenant,
-        new.request_class.value,
-        _QUEUED,
-        codec.pack_token_ids(new.prompt_token_ids, "prompt_token_ids"),
-        spec.prompt_tokens,
-        spec.max_new_tokens,
-        sampling.temperature,
-        sampling.top_p,
-        codec.seed_to_db(sampling.seed),
-        sampling.stop_at_eos,
-        spec.priority,
-        spec.deadline_s,
-        new.idempotency_key,
-        0,  # output_tokens
-        None,  # error
-        0,  # num_preemptions
-        0,  # num_requeues
-        0.0,  # paused_total_s
-        "",  # prefill_instance_ids
-        "",  # decode_instance_ids
-        0,  # chunks_done
-        0,  # chunks_total
-        spec.arrival_s,
-        None,  # first_scheduled_s
-        None,  # prefill_done_s
-        None,  # first_token_s
-        None,  # finished_s
-    )
-
-
-def _queued_view(new: NewRequest) -> RequestView:
-    return RequestView(new.spec, new.request_class, RequestState.QUEUED)
-
-
-def _update_params(view: RequestView) -> dict[str, Any]:
-    return {
-        "b_id": view.request_id,
-        "b_state": view.state.value,
-        "b_first_scheduled_s": view.first_scheduled_s,
-        "b_prefill_done_s": view.prefill_done_s,
-        "b_first_token_s": view.first_token_s,
-        "b_finished_s": view.finished_s,
-        "b_chunks_done": view.chunks_done,
-        "b_chunks_total": view.chunks_total,
-        "b_num_preemptions": view.num_preemptions,
-        "b_num_requeues": view.num_requeues,
-        "b_paused_total_s": view.paused_total_s,
-        "b_prefill_instance_ids": codec.join_ids(view.prefill_instance_ids, "prefill_instance_ids"),
-        "b_decode_instance_ids": codec.join_ids(view.decode_instance_ids, "decode_instance_ids"),
-        "b_output_tokens": view.output_tokens,
-        "b_error": view.error or None,
-    }
-
-
-def _sampling_from_row(row: Any) -> SamplingParams:
-    return SamplingParams(row.temperature, row.top_p, codec.seed_from_db(row.seed), row.stop_at_eos)
-
-
-_CLASSES = {c.value: c for c in RequestClass}
-_STATES = {s.value: s for s in RequestState}
-
-
-def _view_from_row(row: Sequence[Any]) -> RequestView:
-    """The view of a row whose first columns are `_VIEW_COLUMNS` (read by position: recovery
-    builds one per unfinished request)."""
-    (
-        request_id,
-        tenant,
-        request_class,
-        state,
-        prompt_tokens,
-        max_new_tokens,
-        priority,
-        arrival_s,
-        deadline_s,
-        first_scheduled_s,
-        prefill_done_s,
-        first_token_s,
-        finished_s,
-        chunks_done,
-        chunks_total,
-        num_preemptions,
-        num_requeues,
-        paused_total_s,
-        prefill_instance_ids,
-        decode_instance_ids,
-        output_tokens,
-        error,
-    ) = row[: len(_VIEW_COLUMNS)]
-    spec = RequestSpec(
-        request_id, tenant, prompt_tokens, max_new_tokens, priority, arrival_s, deadline_s
-    )
-    return RequestView(
-        spec=spec,
-        request_class=_CLASSES[request_class],
-        state=_STATES[state],
-        first_scheduled_s=first_scheduled_s,
-        prefill_done_s=prefill_done_s,
-        first_token_s=first_token_s,
-        finished_s=finished_s,
-        chunks_done=chunks_done,
-        chunks_total=chunks_total,
-        num_preemptions=num_preemptions,
-        num_requeues=num_requeues,
-        paused_total_s=paused_total_s,
-        prefill_instance_ids=codec.split_ids(prefill_instance_ids),
-        decode_instance_ids=codec.split_ids(decode_instance_ids),
-        output_tokens=output_tokens,
-        error=error or "",
-    )

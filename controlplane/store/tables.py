@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the control plane's state, all in one `metadata`.
+"""SQLAlchemy Core tables of the control plane's state, all in one `metadata`.
 
 Conventions (docs/sql.md documents them for operators):
 - Times are float seconds since the Unix epoch on the control plane's clock (`*_s` columns);
@@ -8,19 +8,19 @@ Conventions (docs/sql.md documents them for operators):
 - Generated tokens are stored in append-only chunks (`request_tokens`) so appending never
   rewrites what was stored before.
 
-ORM rows never leave `controlplane/store`: repositories convert them into core types.
+Rows never leave `controlplane/store`: repositories convert them into core types. The tables
+are Core `Table`s: the ORM is never imported (it would add ~0.1 s to every start).
 Alembic migrations (migrations/) are generated from this metadata and tested equal to it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     Double,
     ForeignKey,
     Index,
@@ -28,11 +28,11 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Constraint names are deterministic so migrations (SQLite batch mode included) can address them.
 NAMING_CONVENTION = {
@@ -76,156 +76,138 @@ UNFINISHED_PREDICATE = f"NOT ({_one_of('state', TERMINAL_REQUEST_STATES)})"
 _UNFINISHED = text(UNFINISHED_PREDICATE)
 
 
-class Base(DeclarativeBase):
-    """Declarative base holding the single `metadata` of the control plane."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map: dict[Any, Any] = {}
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class RequestRow(Base):
-    """One inference request: what was asked, where it is, and when each milestone happened."""
-
-    __tablename__ = "requests"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(128))
-    request_class: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(24))
+# One inference request: what was asked, where it is, and when each milestone happened.
+Table(
+    "requests",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("request_class", String(16), nullable=False),
+    Column("state", String(24), nullable=False),
     # Prompt token ids, packed little-endian uint32.
-    prompt_token_ids: Mapped[bytes] = mapped_column(LargeBinary)
-    prompt_tokens: Mapped[int] = mapped_column(Integer)
-    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    Column("prompt_token_ids", LargeBinary, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("max_new_tokens", Integer, nullable=False),
     # Sampling: temperature 0 = greedy; top_p 0 = disabled; seed stored as signed 64-bit.
-    temperature: Mapped[float] = mapped_column(Double)
-    top_p: Mapped[float] = mapped_column(Double)
-    seed: Mapped[int] = mapped_column(BigInteger)
-    stop_at_eos: Mapped[bool] = mapped_column(Boolean)
-    priority: Mapped[int] = mapped_column(Integer)
-    deadline_s: Mapped[float | None] = mapped_column(Double)
+    Column("temperature", Double, nullable=False),
+    Column("top_p", Double, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("stop_at_eos", Boolean, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("deadline_s", Double),
     # Client-chosen key making Submit idempotent; unique per tenant, NULL when not given.
-    idempotency_key: Mapped[str | None] = mapped_column(String(128))
-    output_tokens: Mapped[int] = mapped_column(Integer)
+    Column("idempotency_key", String(128)),
+    Column("output_tokens", Integer, nullable=False),
     # Why it FAILED or was CANCELLED; NULL otherwise.
-    error: Mapped[str | None] = mapped_column(Text)
-    num_preemptions: Mapped[int] = mapped_column(Integer)
-    num_requeues: Mapped[int] = mapped_column(Integer)
+    Column("error", Text),
+    Column("num_preemptions", Integer, nullable=False),
+    Column("num_requeues", Integer, nullable=False),
     # Seconds spent PAUSED (completed pauses).
-    paused_total_s: Mapped[float] = mapped_column(Double)
+    Column("paused_total_s", Double, nullable=False),
     # Instances it runs on now, comma-separated in rank order ('' when none).
-    prefill_instance_ids: Mapped[str] = mapped_column(Text)
-    decode_instance_ids: Mapped[str] = mapped_column(Text)
+    Column("prefill_instance_ids", Text, nullable=False),
+    Column("decode_instance_ids", Text, nullable=False),
     # Prefill chunks finished / planned in the current attempt.
-    chunks_done: Mapped[int] = mapped_column(Integer)
-    chunks_total: Mapped[int] = mapped_column(Integer)
-    arrival_s: Mapped[float] = mapped_column(Double)
-    first_scheduled_s: Mapped[float | None] = mapped_column(Double)
-    prefill_done_s: Mapped[float | None] = mapped_column(Double)
-    first_token_s: Mapped[float | None] = mapped_column(Double)
-    finished_s: Mapped[float | None] = mapped_column(Double)
-
-    __table_args__ = (
-        UniqueConstraint("tenant", "idempotency_key"),
-        CheckConstraint(_one_of("state", REQUEST_STATES), name="state"),
-        CheckConstraint(_one_of("request_class", REQUEST_CLASSES), name="request_class"),
-        CheckConstraint("prompt_tokens > 0 AND max_new_tokens > 0", name="token_counts"),
-        # Listing per tenant by arrival, either direction (keyset pagination on (arrival_s, id);
-        # the List RPC scans it backwards, newest first).
-        Index(None, "tenant", "arrival_s", "id"),
-        # Listing everything by arrival, either direction; time-window admin queries.
-        Index(None, "arrival_s", "id"),
-        # Watch counters by class and state.
-        Index(None, "request_class", "state"),
-        # Recovery after restart and the live queue: only unfinished rows are indexed.
-        Index(
-            "ix_requests_unfinished",
-            "arrival_s",
-            "id",
-            sqlite_where=_UNFINISHED,
-            postgresql_where=_UNFINISHED,
-        ),
-    )
+    Column("chunks_done", Integer, nullable=False),
+    Column("chunks_total", Integer, nullable=False),
+    Column("arrival_s", Double, nullable=False),
+    Column("first_scheduled_s", Double),
+    Column("prefill_done_s", Double),
+    Column("first_token_s", Double),
+    Column("finished_s", Double),
+    UniqueConstraint("tenant", "idempotency_key"),
+    CheckConstraint(_one_of("state", REQUEST_STATES), name="state"),
+    CheckConstraint(_one_of("request_class", REQUEST_CLASSES), name="request_class"),
+    CheckConstraint("prompt_tokens > 0 AND max_new_tokens > 0", name="token_counts"),
+    # Listing per tenant by arrival, either direction (keyset pagination on (arrival_s, id);
+    # the List RPC scans it backwards, newest first).
+    Index(None, "tenant", "arrival_s", "id"),
+    # Listing everything by arrival, either direction; time-window admin queries.
+    Index(None, "arrival_s", "id"),
+    # Watch counters by class and state.
+    Index(None, "request_class", "state"),
+    # Recovery after restart and the live queue: only unfinished rows are indexed.
+    Index(
+        "ix_requests_unfinished",
+        "arrival_s",
+        "id",
+        sqlite_where=_UNFINISHED,
+        postgresql_where=_UNFINISHED,
+    ),
+)
 
 
-class RequestTokensRow(Base):
-    """A chunk of generated token ids of one request, starting at `start_index`."""
-
-    __tablename__ = "request_tokens"
-
-    request_id: Mapped[str] = mapped_column(
-        ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True
-    )
-    start_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+# A chunk of generated token ids of one request, starting at `start_index`.
+Table(
+    "request_tokens",
+    metadata,
+    Column("request_id", ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True),
+    Column("start_index", Integer, primary_key=True),
     # Token ids, packed little-endian uint32.
-    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    Column("token_ids", LargeBinary, nullable=False),
+)
 
 
-class RequestEventRow(Base):
-    """One entry of a request's lifecycle timeline (queued, chunk done, paused, ... finished)."""
-
-    __tablename__ = "request_events"
-
-    id: Mapped[int] = mapped_column(_EVENT_ID, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(32))
-    at_s: Mapped[float] = mapped_column(Double)
-    instance_id: Mapped[str | None] = mapped_column(String(64))
+# One entry of a request's lifecycle timeline (queued, chunk done, paused, ... finished).
+Table(
+    "request_events",
+    metadata,
+    Column("id", _EVENT_ID, primary_key=True, autoincrement=True),
+    Column("request_id", ForeignKey("requests.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("at_s", Double, nullable=False),
+    Column("instance_id", String(64)),
     # Kind-specific detail: reason, chunk index, bytes, duration_s, error, ...
-    details: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-    __table_args__ = (Index(None, "request_id", "id"),)
-
-
-class NodeRow(Base):
-    """A machine running one agent."""
-
-    __tablename__ = "nodes"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    address: Mapped[str] = mapped_column(String(256))
-    state: Mapped[str] = mapped_column(String(16))
-    registered_s: Mapped[float] = mapped_column(Double)
-    last_heartbeat_s: Mapped[float] = mapped_column(Double)
-
-    __table_args__ = (CheckConstraint(_one_of("state", NODE_STATES), name="state"),)
+    Column("details", JSON, nullable=False),
+    Index(None, "request_id", "id"),
+)
 
 
-class InstanceRow(Base):
-    """One model replica on `tp` devices of one node."""
+# A machine running one agent.
+Table(
+    "nodes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("address", String(256), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("registered_s", Double, nullable=False),
+    Column("last_heartbeat_s", Double, nullable=False),
+    CheckConstraint(_one_of("state", NODE_STATES), name="state"),
+)
 
-    __tablename__ = "instances"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
-    role: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16))
-    tp: Mapped[int] = mapped_column(Integer)
+# One model replica on `tp` devices of one node.
+Table(
+    "instances",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("node_id", ForeignKey("nodes.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("tp", Integer, nullable=False),
     # Device (GPU) indices on the node, one per tensor-parallel rank, comma-separated.
-    device_indices: Mapped[str] = mapped_column(String(256))
-    kv_capacity_tokens: Mapped[int] = mapped_column(BigInteger)
-    updated_s: Mapped[float] = mapped_column(Double)
-
-    __table_args__ = (
-        CheckConstraint(_one_of("role", INSTANCE_ROLES), name="role"),
-        CheckConstraint(_one_of("state", INSTANCE_STATES), name="state"),
-        CheckConstraint("tp > 0", name="tp"),
-    )
+    Column("device_indices", String(256), nullable=False),
+    Column("kv_capacity_tokens", BigInteger, nullable=False),
+    Column("updated_s", Double, nullable=False),
+    CheckConstraint(_one_of("role", INSTANCE_ROLES), name="role"),
+    CheckConstraint(_one_of("state", INSTANCE_STATES), name="state"),
+    CheckConstraint("tp > 0", name="tp"),
+)
 
 
-class ApiKeyRow(Base):
-    """An API key: only the SHA-256 of the (high-entropy) secret is stored."""
-
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+# An API key: only the SHA-256 of the (high-entropy) secret is stored.
+Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
     # Hex SHA-256 of the whole key string the client sends.
-    key_sha256: Mapped[str] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(16))
-    tenant: Mapped[str] = mapped_column(String(128))
-    created_s: Mapped[float] = mapped_column(Double)
-    revoked_s: Mapped[float | None] = mapped_column(Double)
-
-    __table_args__ = (CheckConstraint(_one_of("role", API_KEY_ROLES), name="role"),)
-
-
-metadata = Base.metadata
+    Column("key_sha256", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("tenant", String(128), nullable=False),
+    Column("created_s", Double, nullable=False),
+    Column("revoked_s", Double),
+    CheckConstraint(_one_of("role", API_KEY_ROLES), name="role"),
+)

@@ -69,6 +69,8 @@ def _fill(repo: SqlRepository) -> None:
 
 def test_exactly_one_head() -> None:
     assert len(SCRIPTS.get_heads()) == 1
+    # The start-up check reads the head without Alembic: it must find Alembic's.
+    assert migrate.head_revision() == SCRIPTS.get_current_head()
 
 
 def test_every_revision_is_dated_documented_and_reversible() -> None:
