@@ -146,15 +146,11 @@ class InMemoryRepository(Repository):
             next_token = codec.encode_page_token(order, last.spec.arrival_s, last.request_id)
         return RequestPage(page, next_token)
 
-    def unfinished_requests(self) -> list[RequestView]:
-        """See Repository.unfinished_requests."""
-        with self.transaction():
-            unfinished = [v for v in self.views.values() if not v.state.is_terminal]
-        return sorted(unfinished, key=lambda v: (v.spec.arrival_s, v.request_id))
-
     def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
         """See Repository.unfinished_with_inputs."""
         with self.transaction():
+            unfinished = [v for v in self.views.values() if not v.state.is_terminal]
+            unfinished.sort(key=lambda v: (v.spec.arrival_s, v.request_id))
             return [
                 UnfinishedRequest(
                     view,
@@ -162,7 +158,7 @@ class InMemoryRepository(Repository):
                     self.inputs[view.request_id].sampling,
                     self.get_output_tokens(view.request_id),
                 )
-                for view in self.unfinished_requests()
+                for view in unfinished
             ]
 
     def update_requests(self, views: Sequence[RequestView]) -> None:

@@ -126,10 +126,6 @@ class Repository(ABC):
         """
 
     @abstractmethod
-    def unfinished_requests(self) -> list[RequestView]:
-        """Every request not in a terminal state, in arrival order (recovery after restart)."""
-
-    @abstractmethod
     def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
         """Every request not in a terminal state with its prompt, sampling and stored output
         tokens, in arrival order: what recovery after a restart reads (in a few statements,

@@ -214,14 +214,6 @@ class SqlRepository(ClusterSqlMixin, Repository):
             next_token = codec.encode_page_token(order, last.spec.arrival_s, last.request_id)
         return RequestPage(views, next_token)
 
-    def unfinished_requests(self) -> list[RequestView]:
-        """See Repository.unfinished_requests."""
-        query = self._select_view.where(text(UNFINISHED_PREDICATE)).order_by(
-            REQUESTS.c.arrival_s, REQUESTS.c.id
-        )
-        with self.uow.scope(write=False) as connection:
-            return [view_from_row(row) for row in connection.execute(query)]
-
     def unfinished_with_inputs(self) -> list[UnfinishedRequest]:
         """See Repository.unfinished_with_inputs: two queries, both filtered by the predicate
         of the partial index on unfinished requests. The rows are put in arrival order here,

@@ -63,7 +63,7 @@ async def test_submits_commit_together_and_recover_after_restart():
     recovered = await again.start()
     # Assert
     assert all(o.created and o.view is not None for o in outcomes)
-    assert len(repo.unfinished_requests()) == 50 and recovered == 50
+    assert len(repo.unfinished_with_inputs()) == 50 and recovered == 50
     assert again.policy.num_active_requests() == 50
     assert runtime.metrics.tick.counts  # ticks were measured
     ticks = sum(c[-1] for c in runtime.metrics.tick.counts.values())

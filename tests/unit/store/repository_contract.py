@@ -382,7 +382,7 @@ class RepositoryContract(ABC):
         )
         repo.update_requests([running(views[3], state=RequestState.PAUSED)])
 
-        unfinished = repo.unfinished_requests()
+        unfinished = [u.view for u in repo.unfinished_with_inputs()]
 
         assert [v.request_id for v in unfinished] == ["r4", "r3"]
         assert unfinished[1].state is RequestState.PAUSED

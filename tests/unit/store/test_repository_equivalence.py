@@ -101,7 +101,7 @@ def test_memory_and_sql_agree(
         assert oldest_first == _all_pages(sql, request_filter, page_size, ListOrder.OLDEST_FIRST)
         assert newest_first == _all_pages(sql, request_filter, page_size, ListOrder.NEWEST_FIRST)
         assert newest_first == oldest_first[::-1]
-        assert memory.unfinished_requests() == sql.unfinished_requests()
+        assert memory.unfinished_with_inputs() == sql.unfinished_with_inputs()
     finally:
         engine.dispose()
 

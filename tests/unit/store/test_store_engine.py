@@ -64,7 +64,7 @@ def test_concurrent_writers_wait_for_the_lock_instead_of_failing(tmp_path: Path)
         try:
             for i in range(25):
                 with repo.transaction(write=True):
-                    repo.unfinished_requests()
+                    repo.unfinished_with_inputs()
                     repo.add_request(make_new_request(f"w{worker}-{i}", arrival_s=float(i)))
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
@@ -77,7 +77,7 @@ def test_concurrent_writers_wait_for_the_lock_instead_of_failing(tmp_path: Path)
         thread.start()
     for thread in threads:
         thread.join()
-    count = len(own.unfinished_requests())
+    count = len(own.unfinished_with_inputs())
     for engine in engines:
         engine.dispose()
 
@@ -111,7 +111,7 @@ def test_memory_repository_is_isolated_per_instance() -> None:
 
     first.add_request(make_new_request("r1"))
 
-    assert second.unfinished_requests() == []
+    assert second.unfinished_with_inputs() == []
 
 
 def test_a_write_statement_in_a_read_only_scope_fails() -> None:
