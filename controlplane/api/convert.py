@@ -48,10 +48,10 @@ from controlplane.runtime.reports import (
     TransferState,
 )
 from controlplane.store.records import (
-    InstanceRecord,
     InstanceState,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
     RequestFilter,
     SamplingParams,
 )
@@ -292,7 +292,7 @@ def registration_from_proto(
             "register.instances: an agent must register at least one instance",
             field="register.instances",
         )
-    records: list[InstanceRecord] = []
+    records: list[RegisteredInstance] = []
     for i, spec in enumerate(register.instances):
         field = f"register.instances[{i}]"
         role = _ROLE_FROM_PROTO.get(spec.role, InstanceRole.GENERAL)
@@ -306,7 +306,7 @@ def registration_from_proto(
                 tp,
                 spec.kv_capacity_tokens,
             )
-            records.append(InstanceRecord(core_spec, InstanceState.UP, devices, now_s))
+            records.append(RegisteredInstance(core_spec, InstanceState.UP, devices, now_s))
         except ValueError as exc:
             raise ApiError(ApiErrorCode.PROTOCOL_VIOLATION, f"{field}: {exc}", field=field) from exc
     ids = tuple(r.spec.instance_id for r in records)

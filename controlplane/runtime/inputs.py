@@ -8,7 +8,7 @@ from controlplane.core.types import ClusterView, RequestView
 from controlplane.runtime.commands import AgentCommand
 from controlplane.runtime.reports import AgentReport
 from controlplane.runtime.tokens import TokenLog
-from controlplane.store.records import InstanceRecord, NewRequest, NodeRecord
+from controlplane.store.records import NewRequest, NodeRecord, RegisteredInstance
 from controlplane.telemetry import TraceContext
 
 
@@ -33,7 +33,7 @@ class NodeJoin:
     """An agent registered its node and instances."""
 
     node: NodeRecord
-    instances: tuple[InstanceRecord, ...]
+    instances: tuple[RegisteredInstance, ...]
     rendezvous_address: str
 
 

@@ -12,10 +12,10 @@ from controlplane.store.errors import NotFound
 from controlplane.store.records import (
     ApiKeyRecord,
     ApiKeyRole,
-    InstanceRecord,
     InstanceState,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
 )
 from controlplane.store.sql_session import SqlUnitOfWork
 from controlplane.store.tables import metadata
@@ -82,7 +82,7 @@ class ClusterSqlMixin:
             for r in rows
         ]
 
-    def upsert_instance(self, instance: InstanceRecord) -> None:
+    def upsert_instance(self, instance: RegisteredInstance) -> None:
         """See Repository.upsert_instance."""
         spec = instance.spec
         self._upsert(

@@ -22,16 +22,16 @@ from controlplane.store.records import (
     AddResult,
     ApiKeyRecord,
     ApiKeyRole,
-    InstanceRecord,
     InstanceState,
     ListOrder,
     NewRequest,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
     RequestEvent,
     RequestFilter,
-    RequestInputs,
     RequestPage,
+    StoredInputs,
     UnfinishedRequest,
 )
 from controlplane.store.repository import ReadOnlyTransactionError, Repository
@@ -44,12 +44,12 @@ class InMemoryRepository(Repository):
 
     def __init__(self) -> None:
         self.views: dict[str, RequestView] = {}
-        self.inputs: dict[str, RequestInputs] = {}
+        self.inputs: dict[str, StoredInputs] = {}
         self.keys_by_tenant: dict[tuple[str, str], str] = {}  # (tenant, key) -> request id
         self.tokens: dict[str, dict[int, tuple[int, ...]]] = {}  # id -> start -> chunk
         self.events: dict[str, list[RequestEvent]] = {}
         self.nodes: dict[str, NodeRecord] = {}
-        self.instances: dict[str, InstanceRecord] = {}
+        self.instances: dict[str, RegisteredInstance] = {}
         self.api: dict[str, tuple[ApiKeyRecord, str]] = {}  # key id -> (record, sha256)
         self._lock = threading.RLock()
         # Per context: None outside a transaction, else whether the open one may write.
@@ -97,7 +97,7 @@ class InMemoryRepository(Repository):
                     raise AlreadyExists(f"request {spec.request_id!r} exists already")
                 view = RequestView(spec, new.request_class, RequestState.QUEUED)
                 self.views[spec.request_id] = view
-                self.inputs[spec.request_id] = RequestInputs(
+                self.inputs[spec.request_id] = StoredInputs(
                     tuple(new.prompt_token_ids), new.sampling, new.idempotency_key
                 )
                 if key is not None:
@@ -112,7 +112,7 @@ class InMemoryRepository(Repository):
                 raise NotFound(f"request {request_id!r} not found")
             return self.views[request_id]
 
-    def get_request_inputs(self, request_id: str) -> RequestInputs:
+    def get_request_inputs(self, request_id: str) -> StoredInputs:
         """See Repository.get_request_inputs."""
         with self.transaction():
             if request_id not in self.inputs:
@@ -248,7 +248,7 @@ class InMemoryRepository(Repository):
         with self.transaction():
             return [self.nodes[node_id] for node_id in sorted(self.nodes)]
 
-    def upsert_instance(self, instance: InstanceRecord) -> None:
+    def upsert_instance(self, instance: RegisteredInstance) -> None:
         """See Repository.upsert_instance."""
         codec.join_ids([instance.spec.instance_id], "instance_id")
         with self.transaction(write=True):

@@ -75,7 +75,7 @@ class AddResult:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestInputs:
+class StoredInputs:
     """What the data plane needs to (re)run a request."""
 
     prompt_token_ids: tuple[int, ...]  # the prompt
@@ -177,7 +177,7 @@ class NodeRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceRecord:
+class RegisteredInstance:
     """An instance as registered, with its placement and serving state."""
 
     spec: InstanceSpec  # id, node, role, tp, KV capacity

@@ -25,14 +25,14 @@ from controlplane.store.records import (
     AddResult,
     ApiKeyRecord,
     ApiKeyRole,
-    InstanceRecord,
     ListOrder,
     NewRequest,
     NodeRecord,
+    RegisteredInstance,
     RequestEvent,
     RequestFilter,
-    RequestInputs,
     RequestPage,
+    StoredInputs,
     UnfinishedRequest,
 )
 
@@ -86,7 +86,7 @@ class Repository(ABC):
         """
 
     @abstractmethod
-    def get_request_inputs(self, request_id: str) -> RequestInputs:
+    def get_request_inputs(self, request_id: str) -> StoredInputs:
         """Prompt token ids, sampling and idempotency key of one request.
 
         Raises:
@@ -205,7 +205,7 @@ class Repository(ABC):
         """Every node, sorted by id."""
 
     @abstractmethod
-    def upsert_instance(self, instance: InstanceRecord) -> None:
+    def upsert_instance(self, instance: RegisteredInstance) -> None:
         """Insert the instance or replace every field of the stored one.
 
         Raises:

@@ -28,9 +28,9 @@ from controlplane.store.records import (
     RequestEvent,
     RequestEventKind,
     RequestFilter,
-    RequestInputs,
     RequestPage,
     SamplingParams,
+    StoredInputs,
     UnfinishedRequest,
 )
 from controlplane.store.repository import Repository
@@ -161,14 +161,14 @@ class SqlRepository(ClusterSqlMixin, Repository):
             raise NotFound(f"request {request_id!r} not found")
         return view_from_row(row)
 
-    def get_request_inputs(self, request_id: str) -> RequestInputs:
+    def get_request_inputs(self, request_id: str) -> StoredInputs:
         """See Repository.get_request_inputs."""
         query = select(*INPUT_COLUMNS, REQUESTS.c.idempotency_key)
         with self.uow.scope(write=False) as connection:
             row = connection.execute(query.where(REQUESTS.c.id == request_id)).one_or_none()
         if row is None:
             raise NotFound(f"request {request_id!r} not found")
-        return RequestInputs(
+        return StoredInputs(
             codec.unpack_token_ids(row.prompt_token_ids),
             sampling_from_row(row),
             row.idempotency_key,

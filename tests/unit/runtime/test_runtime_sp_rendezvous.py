@@ -12,11 +12,11 @@ from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.store.memory import InMemoryRepository
 from controlplane.store.records import (
-    InstanceRecord,
     InstanceState,
     NewRequest,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
 )
 from controlplane.telemetry import Telemetry
 
@@ -35,7 +35,7 @@ def test_members_meet_at_the_store_of_the_first_member_whose_node_has_one() -> N
 def join(node_id: str, store: str, *instance_ids: str) -> NodeJoin:
     """A node with general instances of 4096 KV tokens each, its store at `store`."""
     records = tuple(
-        InstanceRecord(
+        RegisteredInstance(
             InstanceSpec(iid, node_id, InstanceRole.GENERAL, 1, 4096), InstanceState.UP, (), 0.0
         )
         for iid in instance_ids

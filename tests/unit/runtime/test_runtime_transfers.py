@@ -13,11 +13,11 @@ from controlplane.runtime.state import RuntimeState
 from controlplane.runtime.ticker import Ticker
 from controlplane.store.memory import InMemoryRepository
 from controlplane.store.records import (
-    InstanceRecord,
     InstanceState,
     NewRequest,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
 )
 from controlplane.telemetry import Telemetry
 
@@ -87,7 +87,7 @@ class Cluster:
 def join(node_id: str, *instances: tuple[str, InstanceRole, int]) -> NodeJoin:
     """A node with instances (id, registered role, KV capacity)."""
     records = tuple(
-        InstanceRecord(InstanceSpec(iid, node_id, role, 1, kv), InstanceState.UP, (), 0.0)
+        RegisteredInstance(InstanceSpec(iid, node_id, role, 1, kv), InstanceState.UP, (), 0.0)
         for iid, role, kv in instances
     )
     node = NodeRecord(node_id, "127.0.0.1:1", NodeState.UP, 0.0, 0.0)

@@ -24,12 +24,12 @@ from controlplane.store import codec
 from controlplane.store.errors import AlreadyExists, NotFound
 from controlplane.store.records import (
     ApiKeyRole,
-    InstanceRecord,
     InstanceState,
     ListOrder,
     NewRequest,
     NodeRecord,
     NodeState,
+    RegisteredInstance,
     RequestEvent,
     RequestEventKind,
     RequestFilter,
@@ -66,10 +66,10 @@ def make_node(node_id: str = "node-a", *, at_s: float = 1.0) -> NodeRecord:
     return NodeRecord(node_id, f"{node_id}:7000", NodeState.UP, at_s, at_s)
 
 
-def make_instance(instance_id: str, node_id: str = "node-a", *, tp: int = 1) -> InstanceRecord:
+def make_instance(instance_id: str, node_id: str = "node-a", *, tp: int = 1) -> RegisteredInstance:
     """An UP general instance on `node_id` using devices 0..tp-1."""
     spec = InstanceSpec(instance_id, node_id, InstanceRole.GENERAL, tp, 100_000)
-    return InstanceRecord(spec, InstanceState.UP, tuple(range(tp)), 1.0)
+    return RegisteredInstance(spec, InstanceState.UP, tuple(range(tp)), 1.0)
 
 
 def running(view: RequestView, **changes: object) -> RequestView:
