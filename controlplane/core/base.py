@@ -213,13 +213,18 @@ class BasePolicy:
         )
 
     def _place_transfer(self, req: RequestRecord, now_s: float) -> Action | None:
-        """TransferKV to a short-decode instance (or decode where prefilled), None if no room."""
+        """TransferKV to a short-decode instance (or decode where prefilled), None if no room.
+
+        It decodes where prefilled when no short-decode instance could ever hold it (the pool
+        shrank or lost its large members since the prefill started) or transfers kept failing.
+        """
         st = self._state
-        no_pool = st.census.count(_ROLE.SHORT_DECODE) == 0
-        if no_pool or req.transfer_attempts >= self._config.max_kv_transfer_attempts:
+        decoders = st.census.capacities(_ROLE.SHORT_DECODE)
+        never_fits = not decoders or decoders[-1] < req.spec.total_tokens
+        if never_fits or req.transfer_attempts >= self._config.max_kv_transfer_attempts:
             if not st.ledger.can_allocate(req.prefill_ids[0], req.spec.max_new_tokens):
                 return None
-            why = "no short-decode instance" if no_pool else "KV transfers kept failing"
+            why = "no short-decode instance holds it" if never_fits else "KV transfers kept failing"
             return st.start_decode(req, f"decode where prefilled: {why}")
         dst = self._transfer_target(req, now_s)
         if dst is None:

@@ -227,3 +227,42 @@ def test_an_instance_back_up_is_offered_once() -> None:
 
     # Assert
     assert [v.state for v in dp.policy.take_completed()] == [RequestState.FINISHED]
+
+
+def test_a_prefill_whose_decode_instance_went_down_decodes_where_it_was_prefilled() -> None:
+    # Prepare: shrunk from a random draw. distserve starts the long r06 for a transfer to the
+    # large decode instance i1; i1 goes down, and the decode instance left (i4) can never hold
+    # it: it must decode where it was prefilled, not wait for a transfer forever.
+    sc = Scenario(
+        policy="distserve",
+        instances=tuple(
+            make_instance(f"i{k}", node_id=f"n{k // 2}", kv_capacity_tokens=kv)
+            for k, kv in enumerate((30_000, 120_000, 30_000, 120_000))
+        )
+        + (
+            make_instance(
+                "i4", node_id="n2", kv_capacity_tokens=30_000, role=InstanceRole.SHORT_DECODE
+            ),
+        ),
+        config={
+            "chunk_tokens": 2_000,
+            "max_pause_s": 0.0,
+            "max_decode_batch": 1,
+            "long_aging_s": None,
+            "max_sp_degree": 1,
+            "max_kv_transfer_attempts": 1,
+        },
+        arrivals=(
+            (0, make_request("r04", prompt_tokens=215, max_new_tokens=15)),
+            (0, make_request("r06", prompt_tokens=63_394, max_new_tokens=27)),
+        ),
+        faults=((2, "down", 1),),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute
+    dp = play(sc)
+
+    # Assert
+    states = {v.request_id: v.state for v in dp.policy.take_completed()}
+    assert states == {"r04": RequestState.FINISHED, "r06": RequestState.FINISHED}
