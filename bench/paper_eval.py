@@ -22,7 +22,8 @@ Every (suite, model, load) point runs under every registered policy and seed: fi
 pecsched, sarathi; reservation over a sweep of reserve sizes up to all-but-one instance;
 distserve over a sweep of decode-instance counts; the PecSched ablations at loads >= 0.5 of
 the azure suite. Then a 10,000-GPU run measures the simulator at scale. Runs are independent
-and go through a process pool; `paper_eval_doc` writes the document.
+and go through a process pool; `paper_eval_doc` writes the document, each missed target with a
+sentence generated from the run's own numbers (`paper_eval_explain`).
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def workload_of(job: Job) -> wl.Workload:
 
 
 def run_job(job: Job) -> tuple[Job, dict[str, Any], float]:
-    """Run one simulation: the job, its `pecsched sim --json` result and its CPU seconds."""
+    """Run one simulation: the job, its `pecsched sim --json` result (plus, on 32 GPUs, its
+    `diagnosis`: `paper_eval_diag`, from a decision log for the EXPLAINED policies) and its CPU
+    seconds."""
     started = time.process_time()
     config = _CONFIG
     if job.knob:
