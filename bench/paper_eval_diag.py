@@ -6,9 +6,9 @@ records and (when logged) its decision log, stored with each run of `bench/paper
   paused (between each Pause and the next Resume of its prefill) and the rest (running:
   prefill chunks, decode), in seconds, and the mean preemptions per long.
 * `short_tail` (decision log only): the shorts whose queueing delay is at or above the run's
-  p99, counted by how the policy placed them (the reason of their StartPrefill / Colocate:
-  `PATHS`), with their mean wait for the decision and from the decision to the first
-  prefill execution (for a preempting short: the victim's chunk in flight).
+  p99 and above 0, counted by how the policy placed them (the reason of their StartPrefill /
+  Colocate: `PATHS`), with their mean wait for the decision and from the decision to the
+  first prefill execution (for a preempting short: the victim's chunk in flight).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _short_tail(records: RequestRecords, started: dict[int, tuple[float, str]]) 
     if not len(short):
         return {}
     threshold = float(np.percentile(delay, 99))
-    tail = short[delay >= threshold]
+    tail = short[(delay >= threshold) & (delay > 0)]  # (none waited: no tail)
     paths: Counter[str] = Counter()
     decide, execute = [], []
     for i in tail.tolist():
