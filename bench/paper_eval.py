@@ -22,7 +22,8 @@ Every (suite, model, load) point runs under every registered policy and seed: fi
 pecsched, sarathi; reservation over a sweep of reserve sizes up to all-but-one instance;
 distserve over a sweep of decode-instance counts; the PecSched ablations at loads >= 0.5 of
 the azure suite. Then a 10,000-GPU run measures the simulator at scale. Runs are independent
-and go through a process pool; `paper_eval_doc` writes the document.
+and go through a process pool; `paper_eval_doc` writes the document, each missed target with a
+sentence generated from the run's own numbers (`paper_eval_explain`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from paper_eval_diag import diagnose  # noqa: E402
 from paper_eval_report import Run  # noqa: E402
 
 from controlplane.core.config import SchedulerConfig  # noqa: E402
@@ -59,6 +61,7 @@ PAPER_MODELS = ("mistral-7b", "phi-3-14b", "yi-34b", "llama-3.1-70b")
 GPUS_32 = 32
 SINGLE = ("fifo", "priority", "pecsched", "sarathi")  # run once per point and seed
 ABLATIONS = ("pecsched-no-preempt", "pecsched-no-disagg", "pecsched-no-coloc", "pecsched-ring")
+EXPLAINED = ("pecsched",)  # runs whose decisions are logged for the short-tail breakdown
 ABLATION_MIN_LOAD = 0.5  # ablations run at azure loads from here up
 RESERVE_KNOB = "num_long_reserved_instances"
 DISTSERVE_KNOB = "distserve_decode_instances"  # the distserve split (decode instances)
@@ -154,21 +157,28 @@ def workload_of(job: Job) -> wl.Workload:
 
 
 def run_job(job: Job) -> tuple[Job, dict[str, Any], float]:
-    """Run one simulation: the job, its `pecsched sim --json` result and its CPU seconds."""
+    """Run one simulation: the job, its `pecsched sim --json` result (plus, on 32 GPUs, its
+    `diagnosis`: `paper_eval_diag`, from a decision log for the EXPLAINED policies) and its CPU
+    seconds."""
     started = time.process_time()
     config = _CONFIG
     if job.knob:
         override: dict[str, Any] = {job.knob: job.knob_value}
         config = replace(config, **override)
+    explained = job.policy in EXPLAINED and job.gpus == GPUS_32
     outcome = run_policy(
         workload_of(job),
         ClusterSpec(job.gpus, cost_of(job.model)),
         job.policy,
         config,
         job.seed,
+        log_decisions=explained,
         batch_window_s=job.batch_window_s,
     )
-    return job, result_to_dict(outcome.result), time.process_time() - started
+    result = result_to_dict(outcome.result)
+    if job.gpus == GPUS_32:
+        result["diagnosis"] = diagnose(outcome.run.records, outcome.run.decisions)
+    return job, result, time.process_time() - started
 
 
 def sweep(instances: int, fractions: tuple[float, ...]) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from paper_eval_explain import explain
 from paper_eval_report import (
     COLUMNS,
     CONTENTION_P99_S,
@@ -86,6 +87,7 @@ def _targets(points: list[Point]) -> list[str]:
         "|---|---|" + "---|" * len(TARGET_NAMES),
     ]
     met = total = 0
+    misses: list[str] = []
     for p in points:
         if not p.contended or "pecsched" not in p.results:
             continue
@@ -93,10 +95,16 @@ def _targets(points: list[Point]) -> list[str]:
         met += sum(1 for c in checks if c is not None and c.met)
         total += sum(1 for c in checks if c is not None)
         lines.append(f"| {p.label} | {p.regime()} | " + " | ".join(map(_cell, checks)) + " |")
+        for i, check in enumerate(checks):
+            if check is not None and not check.met:
+                misses.append(f"- {p.label}, {TARGET_NAMES[i]}: {check.text}; {explain(p, i)}")
     if total == 0:
         lines += ["", "No point was contended, so no target was checked."]
     else:
         lines += ["", f"{met} of {total} target checks met on every seed."]
+    if misses:
+        lines += ["", "Why each missed target is missed (generated from the worst seed's run):"]
+        lines += ["", *misses]
     print("\n".join(lines), flush=True)  # the targets, met or missed, on stdout too
     return lines + [""]
 

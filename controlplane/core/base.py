@@ -332,8 +332,18 @@ class BasePolicy:
         ids = ", ".join(i.instance_id for i in group)
         reason = f"SP group of {len(group)} holding {req.spec.total_tokens} KV tokens: {ids}"
         st = self._state
-        out.append(st.start_prefill(req, group, decode_in_place=True, now_s=now_s, reason=reason))
+        chunk = self._long_chunk_tokens(req, group)
+        out.append(
+            st.start_prefill(
+                req, group, decode_in_place=True, now_s=now_s, reason=reason, chunk_tokens=chunk
+            )
+        )
         return True
+
+    def _long_chunk_tokens(self, req: RequestRecord, group: Sequence[InstanceRecord]) -> int | None:
+        """Chunk size of a long prefill started on `group`; None: the config's rule
+        (`SchedulerConfig.prefill_chunk_tokens` at the group's size)."""
+        return None
 
     def _select_group(
         self, req: RequestRecord, role: InstanceRole, now_s: float

@@ -54,12 +54,14 @@ class ClusterState(StateBook):
         reason: str,
         colocate: bool = False,
         colocate_budget_tokens: int | None = None,
+        chunk_tokens: int | None = None,
     ) -> Action:
         """Start `req`'s prefill on `group` (rank order), reserving its KV there.
 
         KV reserved: prompt + max_new_tokens when it decodes in place, else the prompt only.
         `colocate` makes it a budgeted Colocate on group[0] (a host decoding a long request):
         `colocate_budget_tokens` prompt tokens a step, else `colocation_budget_tokens`.
+        `chunk_tokens`: its chunk size, else `config.prefill_chunk_tokens` at the group's size.
         """
         spec = req.spec
         need = spec.total_tokens if decode_in_place else spec.prompt_tokens
@@ -71,7 +73,7 @@ class ClusterState(StateBook):
             inst.prefill_id = req.request_id
         self.dequeue(req)
         self.set_state(req, lifecycle.START_PREFILL)
-        chunk = self.config.prefill_chunk_tokens(spec.prompt_tokens, len(ids))
+        chunk = chunk_tokens or self.config.prefill_chunk_tokens(spec.prompt_tokens, len(ids))
         req.prefill_ids = ids
         req.decode_ids = ()
         req.decode_in_place = decode_in_place

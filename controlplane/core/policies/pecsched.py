@@ -38,8 +38,10 @@ Each schedule():
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
    widened with `widen_sp_when_idle` to the long's share of the open general instances (the
    queued longs share them; one plus one per running short prefill stay open for shorts), up
-   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`), decoding in place on the
-   same group. Shorts take widened groups back by preemption at chunk boundaries. A long no
+   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`; a widened group's chunk is
+   the one of the fewest instances that hold its KV, so its members' chunks end sooner),
+   decoding in place on the same group. Shorts take widened groups back by preemption at chunk
+   boundaries. A long no
    group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
    prefills inside that decoder's iterations at a small budget a step and decodes there,
    only while the decoder's batch is below half the TBT target's (never paused; the decoder
@@ -86,6 +88,17 @@ _DECODERS_TRIED = 4  # short-decode instances examined per colocation attempt
 # under a second at 0.1 s); a longer one goes to a long decode's instance or a preemption
 _MAX_COLOCATED_ITERATIONS = 8
 _WIDEN_SCAN = 64  # most open instances counted (and kept for shorts) when widening an SP group
+
+
+def kv_base_degree(free_tokens: Sequence[int], need_tokens: int) -> int:
+    """The fewest of a group's instances (`free_tokens`: their free KV, most first) whose free
+    KV holds `need_tokens`; the whole group when none do."""
+    held = 0
+    for degree, free in enumerate(free_tokens, start=1):
+        held += free
+        if held >= need_tokens:
+            return degree
+    return len(free_tokens)
 
 
 class _ChunkMark(NamedTuple):
@@ -273,6 +286,19 @@ class PecSchedPolicy(BasePolicy):
         limit = min(cfg.max_sp_degree * queued, _WIDEN_SCAN) + reserve
         share = (len(st.pool.top(_GENERAL, Slot.OPEN, limit)) - reserve) // queued
         return max(wanted, min(cfg.max_sp_degree, share))
+
+    def _long_chunk_tokens(self, req: RequestRecord, group: Sequence[InstanceRecord]) -> int | None:
+        """A group widened beyond the instances that hold `req`'s KV (`kv_base_degree`) gets
+        the chunk of that base degree, not of its width: each member's chunk runs about
+        width / base times shorter, so a short that preempts the group waits less for its
+        boundary, for more chunks (measured: BENCHMARKS.md, "Short queueing on TP4 models at
+        light load"). None (the config's rule) for a group of its base size."""
+        st = self._state
+        free = sorted((st.ledger.free_tokens(i.instance_id) for i in group), reverse=True)
+        base = kv_base_degree(free, req.spec.total_tokens)
+        if base >= len(group):
+            return None
+        return self._config.prefill_chunk_tokens(req.spec.prompt_tokens, base)
 
     def _is_empty(self, inst: InstanceRecord) -> bool:
         st = self._state
