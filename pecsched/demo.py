@@ -83,6 +83,7 @@ def run_demo(
     Returns 0 when every request of both runs finished, else 1.
     """
     import asyncio
+    import time
 
     from pecsched.demo_load import plan_demo_load
     from pecsched.replay import run_replay
@@ -91,6 +92,7 @@ def run_demo(
     policies = [BASELINE_POLICY, args.policy] if args.policy != BASELINE_POLICY else [args.policy]
     options = _replay_options(args)
     servers = min(cluster.spec.num_instances, parallel_devices)
+    started = time.monotonic()
     reports: list[tuple[str, ReplayReport]] = []
     for policy in policies:
         if cluster.spec.policy != policy:
@@ -121,6 +123,9 @@ def run_demo(
     plot_path = Path(args.log_dir).resolve() / PLOT_NAME
     plot_short_queueing_delays([(name, r.short_queueing_delay_s) for name, r in reports], plot_path)
     print(f"plot of the short queueing delays: {plot_path}", flush=True)
+    print(
+        f"demo part (calibration, both runs, plot): {time.monotonic() - started:.0f} s", flush=True
+    )
     return 0 if all(r.num_failed == 0 for _, r in reports) else 1
 
 

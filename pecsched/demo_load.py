@@ -8,7 +8,8 @@ CPU (workers that share a core add no compute) or the GPUs on cuda. A request's 
 service time alone on one idle instance, measured just before the baseline's run on the
 cluster itself under the baseline policy: a few of the trace's short requests one at a time
 (their mean serves for every short) and one long prompt at each end of the long range (a long
-is interpolated between them by prompt length). At 70% the cluster is busy but stable, so
+takes the power of its prompt length fitted through the two: attention makes a long prefill
+grow faster than its length). At 70% the cluster is busy but stable, so
 queues form behind long prefills (contention, where policies differ) and both runs drain. The
 probes also warm every path the replays use, so neither policy runs on cold workers.
 """
@@ -47,13 +48,13 @@ class ServiceModel:
 
     def work_s(self, prompt_tokens: IntArray, is_long: BoolArray) -> float:
         """Total service seconds of requests with these prompt lengths and classes: shorts at
-        the mean, longs linearly between (and beyond) the two long probes."""
+        the mean, longs on the power law t = t0 (p / p0)^k through the two long probes."""
         import numpy as np
 
         prompt = np.asarray(prompt_tokens, dtype=np.float64)
         (p0, t0), (p1, t1) = self.long_low, self.long_high
-        slope = (t1 - t0) / (p1 - p0) if p1 != p0 else t1 / max(p1, 1)
-        longs = np.maximum(t0 + (prompt - p0) * slope, 0.0)
+        exponent = math.log(t1 / t0) / math.log(p1 / p0) if p1 != p0 and t0 > 0 < t1 else 1.0
+        longs = t0 * (np.maximum(prompt, 1.0) / p0) ** exponent
         return float(np.where(is_long, longs, self.short_s).sum())
 
 
