@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 BASELINE_POLICY = "fifo"
 DEMO_DURATION_S = 60.0  # seconds of (compressed) arrivals replayed under each policy
 PLOT_NAME = "demo-short-queueing-delay.png"
+_DEVICE_NAMES = {"cpu": "CPU cores", "cuda": "GPUs"}
 _PLOT_FLOOR_S = 1e-3  # a log axis cannot show 0: shorter delays are drawn at 1 ms
 
 
@@ -103,8 +104,10 @@ def run_demo(
             load = asyncio.run(plan_demo_load(_traces(args), options, cluster.spec.target, servers))
             options.time_scale = load.time_scale
             print(
-                f"demo: {' vs '.join(policies)} on {cluster.spec.num_instances} instances "
-                f"({parallel_devices} {args.device} devices)\n{load.describe(options.duration)}",
+                f"demo: the same requests under {' and '.join(policies)} on "
+                f"{cluster.spec.num_instances} {cluster.spec.agents[0].model} workers sharing "
+                f"{parallel_devices} {_DEVICE_NAMES[args.device]} (1 torch thread each on cpu)\n"
+                f"{load.describe(options.duration)}",
                 flush=True,
             )
         status = status_line()

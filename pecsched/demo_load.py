@@ -7,11 +7,12 @@ cluster's parallel capacity over the window: work(slice(f)) = TARGET_BUSY x wind
 CPU (workers that share a core add no compute) or the GPUs on cuda. A request's work is its
 service time alone on one idle instance, measured just before the baseline's run on the
 cluster itself under the baseline policy: a few of the trace's short requests one at a time
-(their mean serves for every short) and one long prompt at each end of the long range (a long
-takes the power of its prompt length fitted through the two: attention makes a long prefill
-grow faster than its length). At 70% the cluster is busy but stable, so
-queues form behind long prefills (contention, where policies differ) and both runs drain. The
-probes also warm every path the replays use, so neither policy runs on cold workers.
+(their median serves for every short, so a burst of another job on the machine does not set
+the rate) and one long prompt at each end of the long range (a long takes the power law of
+its prompt length fitted through the two: attention makes a long prefill grow faster than its
+length). At 70% the cluster is busy but stable, so queues form behind long prefills
+(contention, where policies differ) and both runs drain. The probes also
+warm every path the replays use, so neither policy runs on cold workers.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ _BISECT_STEPS = 60
 class ServiceModel:
     """Service times alone on one idle instance (seconds), measured by `calibrate`."""
 
-    short_s: float  # mean over the short probes
+    short_s: float  # median over the short probes
     long_low: tuple[int, float]  # (prompt tokens, service time) of the shorter long probe
     long_high: tuple[int, float]  # the same for the longer one
 
     def work_s(self, prompt_tokens: IntArray, is_long: BoolArray) -> float:
         """Total service seconds of requests with these prompt lengths and classes: shorts at
-        the mean, longs on the power law t = t0 (p / p0)^k through the two long probes."""
+        the median, longs on the power law t = t0 (p / p0)^k through the two long probes."""
         import numpy as np
 
         prompt = np.asarray(prompt_tokens, dtype=np.float64)
@@ -75,7 +76,7 @@ class DemoLoad:
         m = self.model
         return (
             f"load rule: the slice's work fills {TARGET_BUSY:.0%} of {self.servers} parallel "
-            f"instances over {window_s:.0f} s; calibrated alone under the baseline: short "
+            f"instances over {window_s:.0f} s; calibrated alone under the baseline: short median "
             f"{m.short_s:.3f} s, long {m.long_low[1]:.2f} s at {m.long_low[0]} tokens and "
             f"{m.long_high[1]:.2f} s at {m.long_high[0]}\n"
             f"slice: the first {self.trace_window_s:.0f} s of the Azure traces "
@@ -149,7 +150,7 @@ async def calibrate(
     times = [await _service_alone(client, probe) for probe in plan_requests(probes, PROBE_SEED)]
     short_times = times[1 : len(picks)]  # the first short warms the path up, unmeasured
     return ServiceModel(
-        short_s=float(np.mean(short_times)),
+        short_s=float(np.median(short_times)),
         long_low=(low, times[-2]),
         long_high=(high, times[-1]),
     )

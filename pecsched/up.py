@@ -275,6 +275,13 @@ def status_line(snapshot: ClusterSnapshot) -> str:
     return " | ".join(parts)
 
 
+def _stderr_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return shutil.get_terminal_size().columns
+
+
 class _StatusThread(threading.Thread):
     """Prints the status line: in place on a terminal, else one line every 10 seconds."""
 
@@ -298,7 +305,9 @@ class _StatusThread(threading.Thread):
                             break
                         now = time.monotonic()
                         if tty:
-                            sys.stderr.write("\r\x1b[K" + status_line(snapshot))
+                            # Clipped to the width: a wrapped line would scroll on each redraw.
+                            line = status_line(snapshot)[: _stderr_columns() - 1]
+                            sys.stderr.write("\r\x1b[K" + line)
                             sys.stderr.flush()
                         elif now - last_print >= 10.0:
                             print(status_line(snapshot), file=sys.stderr, flush=True)
