@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dataplane,dev]'
 	@touch $@
 
-run: setup  ## The main job: a local cluster (control plane + 4 tiny CPU workers) serves one Azure trace slice under fifo, then pecsched, prints both side by side, then serves until Ctrl-C
+run: setup  ## The main job: a local cluster (control plane + one tiny CPU worker per core + a short-decode one) serves one Azure trace slice, at a calibrated load, under fifo, then pecsched, prints both side by side, then serves until Ctrl-C
 	$(VENV)/bin/pecsched up --demo
 
 sim: setup  ## One simulation: both Azure traces, 32 x A100, Mistral-7B, the four policies

@@ -8,16 +8,18 @@ printed side by side with the change, and a PNG of both runs' short queueing-del
 distributions is written to the log directory. Requests of the baseline still running when its
 drain deadline passes are cancelled before the switch, so they never run under the next policy.
 
-Load rule (CPU): the first 120 s of the merged Azure traces (519 requests, 15 of them long)
-at twice their arrival rate (time scale 0.5, 60 s). Replayed in real time, the previous demo,
-the slice left the `tiny` workers 49-82% idle. At twice the rate the workers are busy most of
-the run and shorts queue behind long prefills (contention), which is where policies differ,
-and both runs fit in the demo's 5-minute budget. (On the 2-core development box, loaded by
-other jobs, pecsched beat fifo in one of three runs at this load: BENCHMARKS.md, "The
-`make run` demo".) Lengths are scaled to what `tiny` on a CPU serves: shorts ~15-600
-prompt tokens, the trace's long prompts spread over 2,000-6,000 tokens, so that preemption,
-colocation, KV transfer and SP prefill all happen; the control plane's long threshold (1,024
-tokens) and chunk size are set to match (see `up.py`).
+Load rule (`pecsched/demo_load.py`): before the baseline's run, a short calibration on the
+cluster under the baseline measures a few requests alone; the arrival rate is then the one at
+which the slice's work fills 70% of the instances that really run in parallel (at most one per
+CPU core) over the replay window (60 s), and the slice is what arrives in that window. So the
+load follows the machine's speed (and whatever else loads it) instead of a fixed rate that left
+the workers idle on a quiet box and overloaded them on a busy one. On CPU `up` starts one
+general worker per core (at most 3) plus the short-decode worker, each with one torch thread,
+so a worker freed from a long prefill has a core to give to the shorts. Lengths are scaled to
+what `tiny` on a CPU serves: shorts ~15-600 prompt tokens, the trace's long prompts spread
+over 4,000-16,000 tokens (the model's 16,384 positions, less the outputs), so that a long
+prefill holds a worker for seconds and preemption, colocation and KV transfer all happen; the
+control plane's long threshold (1,024 tokens) and chunk size are set to match (see `up.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 BASELINE_POLICY = "fifo"
 DEMO_DURATION_S = 60.0  # seconds of (compressed) arrivals replayed under each policy
 PLOT_NAME = "demo-short-queueing-delay.png"
+_DEVICE_NAMES = {"cpu": "CPU cores", "cuda": "GPUs"}
 _PLOT_FLOOR_S = 1e-3  # a log axis cannot show 0: shorter delays are drawn at 1 ms
 
 
@@ -47,14 +50,13 @@ class DemoShape:
     token_scale: float  # short prompts and outputs
     long_rescale: str  # LOW:HIGH tokens for the trace's long prompts
     max_output_tokens: int
-    time_scale: float  # multiplies inter-arrival times (the load rule above)
 
 
 DEMO_SHAPES = {
-    "cpu": DemoShape(0.15, "2000:6000", 64, 0.5),  # tiny: threshold 1,024, 4,096-token pools
+    "cpu": DemoShape(0.15, "4000:16000", 64),  # tiny: threshold 1,024, 16,384-token pools
     # A real preset on one GPU: real short lengths, longs up to what a few workers hold
     # (NOTE(helper-9): not yet run on a GPU, so no load rule was measured there).
-    "cuda": DemoShape(1.0, "8000:32000", 256, 1.0),
+    "cuda": DemoShape(1.0, "8000:32000", 256),
 }
 
 
@@ -69,25 +71,49 @@ class StatusLine(Protocol):
 
 
 def run_demo(
-    args: argparse.Namespace, cluster: LocalCluster, status_line: Callable[[], StatusLine]
+    args: argparse.Namespace,
+    cluster: LocalCluster,
+    status_line: Callable[[], StatusLine],
+    parallel_devices: int,
 ) -> int:
-    """Replay the demo slice under BASELINE_POLICY and under `args.policy` on `cluster` (left
-    running `args.policy`), print both tables, the comparison and the plot's path.
+    """Calibrate the load (`pecsched/demo_load.py`) under BASELINE_POLICY, replay the slice
+    under it and under `args.policy` on `cluster` (left running `args.policy`), print the rule
+    and what it chose, both tables, the comparison and the plot's path. `parallel_devices`:
+    CPU cores (cpu) or GPUs (cuda) the workers share.
 
     Returns 0 when every request of both runs finished, else 1.
     """
+    import asyncio
+    import time
+
+    from pecsched.demo_load import plan_demo_load
+    from pecsched.replay import run_replay
     from pecsched.replay_report import format_comparison
 
     policies = [BASELINE_POLICY, args.policy] if args.policy != BASELINE_POLICY else [args.policy]
+    options = _replay_options(args)
+    servers = min(cluster.spec.num_instances, parallel_devices)
+    started = time.monotonic()
     reports: list[tuple[str, ReplayReport]] = []
     for policy in policies:
         if cluster.spec.policy != policy:
             print(f"switching the control plane to policy {policy}", flush=True)
             cluster.restart_controlplane(policy, ready_timeout_s=120.0)
+        if policy == policies[0]:
+            print(f"calibrating the demo's load under {policy}...", flush=True)
+            load = asyncio.run(plan_demo_load(_traces(args), options, cluster.spec.target, servers))
+            options.time_scale = load.time_scale
+            print(
+                f"demo: the same requests under {' and '.join(policies)} on "
+                f"{cluster.spec.num_instances} {cluster.spec.agents[0].model} workers sharing "
+                f"{parallel_devices} {_DEVICE_NAMES[args.device]} (1 torch thread each on cpu)\n"
+                f"{load.describe(options.duration)}",
+                flush=True,
+            )
         status = status_line()
         status.start()
         try:
-            report = _replay(args, cluster.spec.target)
+            report = asyncio.run(run_replay(_traces(args), options, cluster.spec.target, None))
         finally:
             status.stop()
         print(report.table, flush=True)
@@ -100,26 +126,29 @@ def run_demo(
     plot_path = Path(args.log_dir).resolve() / PLOT_NAME
     plot_short_queueing_delays([(name, r.short_queueing_delay_s) for name, r in reports], plot_path)
     print(f"plot of the short queueing delays: {plot_path}", flush=True)
+    print(
+        f"demo part (calibration, both runs, plot): {time.monotonic() - started:.0f} s", flush=True
+    )
     return 0 if all(r.num_failed == 0 for _, r in reports) else 1
 
 
-def _replay(args: argparse.Namespace, target: str) -> ReplayReport:
-    import asyncio
-
-    from pecsched.replay import replay_options, run_replay
-    from sim.workloads import AZURE_TRACES
+def _replay_options(args: argparse.Namespace) -> argparse.Namespace:
+    from pecsched.replay import replay_options
 
     shape = DEMO_SHAPES[args.device]
-    options = replay_options(
+    return replay_options(
         token_scale=shape.token_scale,
         long_rescale=shape.long_rescale,
         max_output_tokens=shape.max_output_tokens,
-        time_scale=shape.time_scale,
         duration=args.demo_duration,
         drain_timeout=max(60.0, args.demo_duration),
     )
-    traces = args.trace or [str(p) for p in AZURE_TRACES]
-    return asyncio.run(run_replay(traces, options, target, None))
+
+
+def _traces(args: argparse.Namespace) -> list[str]:
+    from sim.workloads import AZURE_TRACES
+
+    return args.trace or [str(p) for p in AZURE_TRACES]
 
 
 def _cancel_active(target: str) -> None:

@@ -118,6 +118,23 @@ def capacity_limits(snapshot: ClusterSnapshot) -> tuple[int | None, int | None]:
     return short_total, sum(general)
 
 
+def length_plan(
+    args: argparse.Namespace, short_total: int | None, long_total: int | None
+) -> LengthPlan:
+    """The LengthPlan of the replay flags in `args` and the cluster's capacity limits."""
+    return LengthPlan(
+        token_scale=args.token_scale,
+        long_threshold_tokens=args.long_threshold_tokens,
+        long_rescale=None
+        if args.long_rescale is None
+        else parse_low_high(args.long_rescale, "--long-rescale"),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_short_total_tokens=short_total,
+        max_long_total_tokens=long_total,
+    )
+
+
 def plan_requests(workload: Workload, seed: int) -> list[PlannedRequest]:
     """One PlannedRequest per workload entry, with seeded prompt token ids."""
     import numpy as np
@@ -297,18 +314,7 @@ async def run_replay(
         else:
             short_total, long_total = capacity_limits(snapshot)
             policy, num_instances = snapshot.policy, len(snapshot.instances)
-        lengths = LengthPlan(
-            token_scale=args.token_scale,
-            long_threshold_tokens=args.long_threshold_tokens,
-            long_rescale=None
-            if args.long_rescale is None
-            else parse_low_high(args.long_rescale, "--long-rescale"),
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_output_tokens=args.max_output_tokens,
-            max_short_total_tokens=short_total,
-            max_long_total_tokens=long_total,
-        )
-        workload = scale_lengths(workload, lengths)
+        workload = scale_lengths(workload, length_plan(args, short_total, long_total))
         plan = plan_requests(workload, args.seed)
         print(
             f"replaying {len(plan)} requests over {workload.duration_s:.0f} s against {target} "

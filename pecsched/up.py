@@ -12,6 +12,7 @@ and compares them (pecsched/demo.py), then keeps serving. `--demo-only` exits af
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 AGENT_DRAIN_ARGS = ("--drain-timeout", "5")
 CUDA_DEFAULT_MODEL = "llama-3.2-1b"
 CUDA_KV_BUDGET = "8GiB"  # per worker: N workers may share one GPU, so never "all free memory"
+# `tiny` on CPU: KV for the preset's 16,384 positions per worker (512 B a token: 8 MiB), so a
+# long prompt of the demo fits one worker.
+TINY_CPU_KV_BUDGET = "16384"
+CUDA_DEFAULT_WORKERS = 4
+MAX_CPU_GENERAL_WORKERS = 3
 # Scheduler settings for `tiny` on CPU (4,096-token KV per worker): prompts of 1,024+ tokens are
 # long, prefills run in 256-token chunks so a long one can be paused many times.
 CPU_CONFIG_TOML = """\
@@ -54,6 +60,20 @@ def config_toml(device: str, num_workers: int, num_gpus: int) -> str:
     return GPU_CONFIG_TOML
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(device: str) -> int:
+    """Workers `up` starts without --workers: on CPU one general worker per usable core (at
+    most MAX_CPU_GENERAL_WORKERS) plus the short-decode worker, since CPU workers that share a
+    core add no compute; CUDA_DEFAULT_WORKERS on cuda."""
+    if device == "cuda":
+        return CUDA_DEFAULT_WORKERS
+    return min(usable_cores(), MAX_CPU_GENERAL_WORKERS) + 1
+
+
 def register(subparsers: Any) -> None:
     """Add `up` to the `pecsched` command."""
     p = subparsers.add_parser(
@@ -64,9 +84,11 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=4,
-        help="worker processes (default 4); on cuda worker i uses GPU i mod #GPUs, so N workers "
-        "may share one GPU, each with --kv-budget of KV (the agent refuses shares that do not fit)",
+        help=f"worker processes (default: on cpu one general worker per core, at most "
+        f"{MAX_CPU_GENERAL_WORKERS}, plus the short-decode worker, here "
+        f"{default_workers('cpu')}; {CUDA_DEFAULT_WORKERS} on cuda); on cuda worker i uses GPU "
+        "i mod #GPUs, so N workers may share one GPU, each with --kv-budget of KV (the agent "
+        "refuses shares that do not fit)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -84,8 +106,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--kv-budget",
-        help=f"KV pool per worker (default: the agent's on cpu, {CUDA_KV_BUDGET} on cuda, "
-        "where the workers share one GPU)",
+        help=f"KV pool per worker (default: {TINY_CPU_KV_BUDGET} tokens for tiny on cpu, else "
+        f"the agent's on cpu; {CUDA_KV_BUDGET} on cuda, where the workers share one GPU)",
     )
     p.add_argument(
         "--otlp-endpoint",
@@ -120,11 +142,17 @@ def cluster_spec(args: argparse.Namespace, num_gpus: int = 0) -> ClusterSpec:
     """The ClusterSpec `up` starts for its flags (`num_gpus`: GPUs visible, for cuda)."""
     from pecsched.cluster import AgentSpec, ClusterSpec
 
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     if args.workers < 2:
         raise ValueError(f"--workers must be >= 2 (one is short-decode), got {args.workers}")
     model = args.model or ("tiny" if args.device == "cpu" else CUDA_DEFAULT_MODEL)
     roles = ("general",) * (args.workers - 1) + ("short_decode",)
-    kv_budget = args.kv_budget or (CUDA_KV_BUDGET if args.device == "cuda" else None)
+    kv_budget = args.kv_budget
+    if kv_budget is None and args.device == "cuda":
+        kv_budget = CUDA_KV_BUDGET
+    elif kv_budget is None and model == "tiny":
+        kv_budget = TINY_CPU_KV_BUDGET
     has_tokenizer = (Path(model) / "tokenizer.json").is_file()
     return ClusterSpec(
         db_url=args.db,
@@ -177,7 +205,12 @@ def _handle(args: argparse.Namespace) -> int:
         cluster.start(ready_timeout_s=180.0)
         print(f"ready: {spec.num_instances} instances registered", flush=True)
         if args.demo or args.demo_only:
-            code = run_demo(args, cluster, lambda: _StatusThread(spec.target, cluster))
+            code = run_demo(
+                args,
+                cluster,
+                lambda: _StatusThread(spec.target, cluster),
+                num_gpus if args.device == "cuda" else usable_cores(),
+            )
             if args.demo_only:
                 return code
         _print_usage(spec)
@@ -242,6 +275,13 @@ def status_line(snapshot: ClusterSnapshot) -> str:
     return " | ".join(parts)
 
 
+def _stderr_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return shutil.get_terminal_size().columns
+
+
 class _StatusThread(threading.Thread):
     """Prints the status line: in place on a terminal, else one line every 10 seconds."""
 
@@ -265,7 +305,9 @@ class _StatusThread(threading.Thread):
                             break
                         now = time.monotonic()
                         if tty:
-                            sys.stderr.write("\r\x1b[K" + status_line(snapshot))
+                            # Clipped to the width: a wrapped line would scroll on each redraw.
+                            line = status_line(snapshot)[: _stderr_columns() - 1]
+                            sys.stderr.write("\r\x1b[K" + line)
                             sys.stderr.flush()
                         elif now - last_print >= 10.0:
                             print(status_line(snapshot), file=sys.stderr, flush=True)
