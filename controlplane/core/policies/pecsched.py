@@ -409,6 +409,7 @@ class PecSchedPolicy(BasePolicy):
         Returns True when an aged long still waits.
         """
         st, cfg = self._state, self._config
+        regathered: set[str] = set()
         while (req := self._head(_LONG)) is not None:
             if cfg.long_aging_s is None or now_s - req.spec.arrival_s < cfg.long_aging_s:
                 return False
@@ -425,8 +426,12 @@ class PecSchedPolicy(BasePolicy):
                 held.append(inst)
                 free_tokens += st.ledger.free_tokens(inst.instance_id)
             if free_tokens < need or len(held) < wanted:
-                if len(held) >= cfg.max_sp_degree:
-                    st.release_holds(req)  # these can never hold it: gather afresh next time
+                if len(held) >= cfg.max_sp_degree and req.request_id not in regathered:
+                    # These can never hold it: gather afresh now (once per call). Waiting for
+                    # the next call could wait forever when nothing else changes.
+                    st.release_holds(req)
+                    regathered.add(req.request_id)
+                    continue
                 if self._reject_if_never_fits(req, out):
                     continue
                 return True

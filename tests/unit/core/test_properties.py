@@ -266,3 +266,40 @@ def test_a_prefill_whose_decode_instance_went_down_decodes_where_it_was_prefille
     # Assert
     states = {v.request_id: v.state for v in dp.policy.take_completed()}
     assert states == {"r04": RequestState.FINISHED, "r06": RequestState.FINISHED}
+
+
+def test_an_aged_long_whose_holds_can_never_hold_it_gathers_afresh_at_once() -> None:
+    # Prepare: shrunk from a random draw. r11 (150K tokens, SP of at most 2) holds i1 (30K,
+    # back up) and one 120K instance while r04 (priority 1) runs: two holds that can never
+    # hold it. Released "for next time", nothing else would ever wake the plan: it must
+    # gather afresh in the same call (i0 + i2).
+    sc = Scenario(
+        policy="pecsched-no-disagg",
+        instances=(
+            make_instance("i0", node_id="n0", kv_capacity_tokens=120_000),
+            make_instance("i1", node_id="n0", kv_capacity_tokens=30_000),
+            make_instance("i2", node_id="n1", kv_capacity_tokens=120_000),
+        ),
+        config={
+            "chunk_tokens": 8_192,
+            "max_pause_s": 0.0,
+            "max_decode_batch": 1,
+            "long_aging_s": 5.0,
+            "max_sp_degree": 2,
+            "max_kv_transfer_attempts": 1,
+        },
+        arrivals=(
+            (0, make_request("r00", prompt_tokens=96_411, max_new_tokens=1)),
+            (0, make_request("r11", prompt_tokens=150_000, max_new_tokens=1)),
+            (30, make_request("r04", prompt_tokens=120_009, priority=1, arrival_s=30.0)),
+        ),
+        faults=((0, "down", 1),),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute
+    dp = play(sc)
+
+    # Assert
+    states = {v.request_id: v.state for v in dp.policy.take_completed()}
+    assert states == dict.fromkeys(("r00", "r04", "r11"), RequestState.FINISHED)
