@@ -1,5 +1,6 @@
-"""Wire <-> domain conversion of the control plane; this module holds the client API's
-(pecsched.v1 inference.proto) and names every conversion, so callers import only `convert`.
+"""Wire <-> domain conversion of the control plane: the client API's messages (pecsched.v1
+inference.proto) convert here, and every conversion is importable from here, so callers
+import only `convert`.
 
 Protobuf messages exist only in controlplane/api; the runtime and the store see core and
 store values. Each conversion is written once: values shared by both APIs in
