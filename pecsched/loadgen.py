@@ -176,42 +176,8 @@ async def replay_workload(
             if sampler.first is not None:
                 break
             await asyncio.sleep(0.02)
-        started = time.monotonic()
-        ids: list[str | None] = [None] * len(plan)
-        errors: list[str] = []
-        num_ended = 0
-
-        async def one(index: int, item: PlannedRequest) -> None:
-            nonlocal num_ended
-            await asyncio.sleep(max(0.0, started + item.offset_s - time.monotonic()))
-            try:
-                ack = await client.submit(
-                    item.prompt_token_ids,
-                    max_new_tokens=item.max_new_tokens,
-                    sampling=Sampling(stop_at_eos=False),
-                )
-            except PecSchedError as exc:
-                errors.append(f"{exc}")
-                return
-            ids[index] = ack.request_id
-            try:
-                await client.result(ack.request_id)
-            except PecSchedError:
-                pass  # measured by Get below, whatever happened
-            num_ended += 1
-            if on_progress is not None:
-                on_progress(num_ended, sum(1 for i in ids if i is not None))
-
-        tasks = [asyncio.create_task(one(i, item)) for i, item in enumerate(plan)]
-        last_offset_s = plan[-1].offset_s if plan else 0.0
-        _, pending = await asyncio.wait(
-            tasks, timeout=max(0.0, started + last_offset_s - time.monotonic()) + drain_timeout_s
-        )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        wall_s = time.monotonic() - started
-        infos = await asyncio.gather(*(client.get(i) for i in ids if i is not None))
+        ids, errors, wall_s = await _submit_all(client, plan, drain_timeout_s, on_progress)
+        infos = await asyncio.gather(*(client.get(i) for i in ids))
         # One more snapshot interval so the counters include the last requests' events.
         await asyncio.sleep(SAMPLE_INTERVAL_S * 2)
     finally:
@@ -224,3 +190,53 @@ async def replay_workload(
         first_submit_error=errors[0] if errors else "",
         wall_s=wall_s,
     )
+
+
+async def _submit_all(
+    client: AsyncClient,
+    plan: Sequence[PlannedRequest],
+    drain_timeout_s: float,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[list[str], list[str], float]:
+    """Submit `plan` at its offsets and wait for the requests to end (see `replay_workload`).
+
+    Returns (ids of the accepted requests in plan order, refusal messages in arrival order,
+    seconds from the start to the end of the wait). Requests still running at the deadline are
+    left running; only the local tasks waiting on them are cancelled.
+    """
+    started = time.monotonic()
+    ids: list[str | None] = [None] * len(plan)
+    errors: list[str] = []
+    num_ended = 0
+
+    async def one(index: int, item: PlannedRequest) -> None:
+        nonlocal num_ended
+        await asyncio.sleep(max(0.0, started + item.offset_s - time.monotonic()))
+        try:
+            ack = await client.submit(
+                item.prompt_token_ids,
+                max_new_tokens=item.max_new_tokens,
+                sampling=Sampling(stop_at_eos=False),
+            )
+        except PecSchedError as exc:
+            errors.append(f"{exc}")
+            return
+        ids[index] = ack.request_id
+        try:
+            await client.result(ack.request_id)
+        except PecSchedError:
+            pass  # measured by Get below, whatever happened
+        num_ended += 1
+        if on_progress is not None:
+            on_progress(num_ended, sum(1 for i in ids if i is not None))
+
+    tasks = [asyncio.create_task(one(i, item)) for i, item in enumerate(plan)]
+    last_offset_s = plan[-1].offset_s if plan else 0.0
+    _, pending = await asyncio.wait(
+        tasks, timeout=max(0.0, started + last_offset_s - time.monotonic()) + drain_timeout_s
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    wall_s = time.monotonic() - started
+    return [i for i in ids if i is not None], errors, wall_s

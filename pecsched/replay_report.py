@@ -18,6 +18,7 @@ from sdk.types import RequestState
 from sim.metrics import (
     FloatArray,
     RequestRecords,
+    Summary,
     percentiles,
     queueing_delay_s,
     summarize,
@@ -122,8 +123,26 @@ def build_report(
     rows = class_rows(records, end_s)
     states = [r.state for r in outcome.requests]
     num_state = {s: states.count(s) for s in RequestState}
-    num_unfinished = sum(1 for s in states if not s.is_terminal)
     num_failed = len(states) - num_state[RequestState.FINISHED] + outcome.num_submit_errors
+    result = result_to_dict(PolicyResult(policy, summary, outcome.wall_s, 0, 0.0, 0))
+    if not counters.is_available:
+        result["gpu_idle_rate"] = None
+    result["live"] = _live_json(outcome, rows, num_state)
+    payload = {"config": {**config, "policies": [policy]}, "results": [result]}
+    return ReplayReport(
+        table=format_table(rows, _footer(outcome, summary, policy, num_failed)),
+        payload=payload,
+        num_failed=num_failed,
+        workload=workload,
+        rows=rows,
+        counters=counters,
+        short_queueing_delay_s=queueing_delay_s(records, ~records.is_long, end_s),
+    )
+
+
+def _footer(outcome: ReplayOutcome, summary: Summary, policy: str, num_failed: int) -> str:
+    """The table's last line: the cluster counters, short throughput, makespan, failures."""
+    counters = outcome.counters
     if counters.is_available:
         cluster = (
             f"{counters.preemptions} preemptions, {counters.colocations} colocations, "
@@ -137,11 +156,17 @@ def build_report(
     )
     if outcome.first_submit_error:
         footer += f" (first refused submit: {outcome.first_submit_error})"
-    result = result_to_dict(PolicyResult(policy, summary, outcome.wall_s, 0, 0.0, 0))
-    if not counters.is_available:
-        result["gpu_idle_rate"] = None
+    return footer
+
+
+def _live_json(
+    outcome: ReplayOutcome, rows: tuple[ClassRow, ClassRow], num_state: dict[RequestState, int]
+) -> dict[str, Any]:
+    """The result's `live` object: cluster counters (null without Watch), request outcomes
+    (`num_state`: requests per final state) and the per-class rows (NaN -> null)."""
+    counters = outcome.counters
     known = counters.is_available
-    result["live"] = {
+    return {
         "colocations_total": counters.colocations if known else None,
         "kv_transfers_total": counters.kv_transfers if known else None,
         "preemptions_counter": counters.preemptions if known else None,
@@ -150,7 +175,7 @@ def build_report(
         "finished": num_state[RequestState.FINISHED],
         "cancelled": num_state[RequestState.CANCELLED],
         "failed": num_state[RequestState.FAILED],
-        "unfinished": num_unfinished,
+        "unfinished": sum(1 for r in outcome.requests if not r.state.is_terminal),
         "submit_errors": outcome.num_submit_errors,
         "classes": {
             r.name: {
@@ -166,16 +191,6 @@ def build_report(
         },
         "request_ids": [r.request_id for r in outcome.requests],
     }
-    payload = {"config": {**config, "policies": [policy]}, "results": [result]}
-    return ReplayReport(
-        table=format_table(rows, footer),
-        payload=payload,
-        num_failed=num_failed,
-        workload=workload,
-        rows=rows,
-        counters=counters,
-        short_queueing_delay_s=queueing_delay_s(records, ~records.is_long, end_s),
-    )
 
 
 def _counter(value: int, report: ReplayReport) -> float:

@@ -81,6 +81,15 @@ def register(subparsers: Any) -> None:
         help="run a local cluster (control plane + agent) in the foreground",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
+    _add_cluster_args(p)
+    _add_service_args(p)
+    _add_runtime_args(p)
+    _add_demo_args(p)
+    p.set_defaults(handler=_handle)
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """What runs: how many workers, on which device, with which model."""
     p.add_argument(
         "--workers",
         type=int,
@@ -95,6 +104,10 @@ def register(subparsers: Any) -> None:
         "--model",
         help=f"preset or HF directory (default: tiny on cpu, {CUDA_DEFAULT_MODEL} on cuda)",
     )
+
+
+def _add_service_args(p: argparse.ArgumentParser) -> None:
+    """The control plane: its database, ports and scheduling policy."""
     p.add_argument("--db", default="sqlite:///pecsched.db", help="database URL")
     p.add_argument("--port", type=int, default=50051, help="control plane port on 127.0.0.1")
     p.add_argument("--policy", default="pecsched", help="scheduling policy")
@@ -104,6 +117,10 @@ def register(subparsers: Any) -> None:
         default=8000,
         help="OpenAI-compatible HTTP API on 127.0.0.1:PORT (default 8000; 0 disables)",
     )
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The workers' KV budget, where spans go and where the children log."""
     p.add_argument(
         "--kv-budget",
         help=f"KV pool per worker (default: {TINY_CPU_KV_BUDGET} tokens for tiny on cpu, else "
@@ -118,6 +135,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--log-dir", default="pecsched-logs", help="children's logs (default ./pecsched-logs)"
     )
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    """The demo: a fifo-vs-policy comparison on a trace slice before serving."""
     p.add_argument(
         "--demo", action="store_true", help="first compare fifo and --policy on a trace slice"
     )
@@ -135,7 +156,6 @@ def register(subparsers: Any) -> None:
         metavar="FILE",
         help="demo trace CSV (default: both Azure files)",
     )
-    p.set_defaults(handler=_handle)
 
 
 def cluster_spec(args: argparse.Namespace, num_gpus: int = 0) -> ClusterSpec:
