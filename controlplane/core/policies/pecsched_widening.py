@@ -1,6 +1,6 @@
 """PecSched's SP widening: how many instances a long prefill takes when some are idle.
 
-`widened_degree` is a pure read of `ClusterState`: with `widen_sp_when_idle`, a long prefill
+`widened_degree` only reads `ClusterState`: with `widen_sp_when_idle`, a long prefill
 takes its share of the open general instances (shared among the queued longs), leaving one plus
 one per running short prefill open for arriving shorts, never beyond `max_sp_degree` and never
 below the degree asked otherwise. Shorts take widened groups back by preemption at chunk
