@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 from dataplane.engine.types import KVExport, KVMetadata
-from dataplane.parallel.kv_transfer import (
-    TransferState,
+from dataplane.parallel.kv_transfer import TransferState
+from dataplane.parallel.kv_wire import (
     metadata_from_header,
     metadata_header,
     token_ids_to_bytes,

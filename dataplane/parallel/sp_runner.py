@@ -112,12 +112,20 @@ class SpRequest:
         self._failed: str | None = None
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
-        self._cache: HeadShardedKV | SeqShardedKV
+        self._cache = self._make_cache(len(prompt_token_ids), max_new_tokens, dtype, pool)
+        self._counts = [0] * group.size  # tokens each member holds (ring decode placement)
+
+    def _make_cache(
+        self, num_prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype, pool: KVCache | None
+    ) -> HeadShardedKV | SeqShardedKV:
+        """This member's KV of the request: its KV heads of every token (Ulysses; sets `heads`),
+        or every head of its own prompt tokens plus room for all decode tokens (ring)."""
+        shape, group = self.model.shape, self.group
         if self.kind is SpKind.ULYSSES:
             self.heads = head_shards(shape.num_q_heads, shape.num_kv_heads, group.size)
             mine = self.heads[group.rank]
-            capacity = len(prompt_token_ids) + max_new_tokens
-            self._cache = HeadShardedKV(
+            capacity = num_prompt_tokens + max_new_tokens
+            return HeadShardedKV(
                 shape.num_layers,
                 capacity,
                 mine.num_kv_heads,
@@ -125,23 +133,21 @@ class SpRequest:
                 dtype,
                 self.device,
                 pool,
-                request_id,
+                self.request_id,
             )
-        else:
-            own = sum(lens[group.rank] for lens in self.splits)
-            # Decode tokens go to the least-loaded member; reserving all of them is safe.
-            capacity = own + max_new_tokens
-            self._cache = SeqShardedKV(
-                shape.num_layers,
-                capacity,
-                shape.num_kv_heads,
-                shape.head_dim,
-                dtype,
-                self.device,
-                pool,
-                request_id,
-            )
-        self._counts = [0] * group.size  # tokens each member holds (ring decode placement)
+        own = sum(lens[group.rank] for lens in self.splits)
+        # Decode tokens go to the least-loaded member; reserving all of them is safe.
+        capacity = own + max_new_tokens
+        return SeqShardedKV(
+            shape.num_layers,
+            capacity,
+            shape.num_kv_heads,
+            shape.head_dim,
+            dtype,
+            self.device,
+            pool,
+            self.request_id,
+        )
 
     @property
     def num_chunks(self) -> int:
