@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy, rank_order
+from controlplane.core.chunk_timing import ChunkClass, ChunkTimeEstimator
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
 from controlplane.core.decode_slo import DecodeBatchEstimator
 from controlplane.core.events import (
@@ -125,6 +126,10 @@ class PecSchedPolicy(BasePolicy):
         self._decode_batch = DecodeBatchEstimator(config.short_tbt_slo_s, config.max_decode_batch)
         # long prefills' chunk clocks, to pause the one nearest a chunk boundary
         self._chunk_marks: dict[str, _ChunkMark] = {}
+        budget, target = config.chunk_budget_token_pairs, config.long_chunk_target_s
+        self._chunk_timing = (
+            None if budget is None or target is None else ChunkTimeEstimator(target, budget)
+        )
         # shorts colocated on a decoder: request -> (start s, iterations, decoder batch then)
         self._colocated: dict[str, tuple[float, int, int]] = {}
 
@@ -136,6 +141,7 @@ class PecSchedPolicy(BasePolicy):
             if isinstance(event, PrefillChunkDone):
                 mark = self._chunk_marks.get(event.request_id)
                 last_s = math.nan if mark is None else event.at_s - mark.started_s
+                self._learn_chunk(event, last_s)
                 self._chunk_marks[event.request_id] = _ChunkMark(event.at_s, last_s)
             elif isinstance(event, RequestCancelled | RequestFailed):
                 self._chunk_marks.pop(event.request_id, None)
@@ -146,6 +152,20 @@ class PecSchedPolicy(BasePolicy):
                 if isinstance(event, PrefillDone):
                     self._learn_colocation(event)
                 self._learn_decode(event)
+
+    def _learn_chunk(self, event: PrefillChunkDone, seconds: float) -> None:
+        """A long prefill's chunk on general instances ran `seconds` (NaN: unknown): feed
+        the chunk-time estimator of their class."""
+        req = self._state.requests.get(event.request_id)
+        if self._chunk_timing is None or req is None or not req.prefill_ids:
+            return
+        inst = self._state.instances.get(req.prefill_ids[0])
+        if inst is not None and req.request_class is _LONG and inst.role is _GENERAL:
+            spec = inst.spec
+            self._chunk_timing.prefill_chunk_ran(
+                ChunkClass(spec.tp, spec.kv_capacity_tokens), seconds,
+                req.spec.prompt_tokens, req.chunks_total, event.chunk_index, len(req.prefill_ids),
+            )  # fmt: skip
 
     def _learn_decode(self, event: KVTransferDone | PrefillDone | RequestFinished) -> None:
         """A short's decode on a short-decode instance starts (KV arrived, or colocated prefill
@@ -292,13 +312,19 @@ class PecSchedPolicy(BasePolicy):
         the chunk of that base degree, not of its width: each member's chunk runs about
         width / base times shorter, so a short that preempts the group waits less for its
         boundary, for more chunks (measured: BENCHMARKS.md, "Short queueing on TP4 models at
-        light load"). None (the config's rule) for a group of its base size."""
+        light load"). With `long_chunk_target_s`, at the token-pair budget learned for the
+        group's instance class (`ChunkTimeEstimator`). None (the config's rule) for a group of
+        its base size without a target."""
         st = self._state
         free = sorted((st.ledger.free_tokens(i.instance_id) for i in group), reverse=True)
         base = kv_base_degree(free, req.spec.total_tokens)
-        if base >= len(group):
+        timing, spec = self._chunk_timing, group[0].spec
+        budget = (
+            timing.budget_pairs(ChunkClass(spec.tp, spec.kv_capacity_tokens)) if timing else None
+        )
+        if base >= len(group) and budget is None:
             return None
-        return self._config.prefill_chunk_tokens(req.spec.prompt_tokens, base)
+        return self._config.prefill_chunk_tokens(req.spec.prompt_tokens, base, budget)
 
     def _is_empty(self, inst: InstanceRecord) -> bool:
         st = self._state
