@@ -38,8 +38,10 @@ Each schedule():
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
    widened with `widen_sp_when_idle` to the long's share of the open general instances (the
    queued longs share them; one plus one per running short prefill stay open for shorts), up
-   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`; a widened group's chunk is
-   the one of the fewest instances that hold its KV, so its members' chunks end sooner),
+   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`, at the token-pair budget
+   that makes a chunk take `long_chunk_target_s` on the group's instance class, learned from
+   the chunk times observed: `ChunkTimeEstimator`; a widened group's chunk is the one of the
+   fewest instances that hold its KV, so its members' chunks end sooner),
    decoding in place on the same group. Shorts take widened groups back by preemption at chunk
    boundaries. A long no
    group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
