@@ -23,6 +23,14 @@ the full `chunk_tokens` up to ~31K). Measured in the simulator (Azure trace, 32 
 2048 tokens at 500K, for +2-5% long JCT."""
 
 
+LONG_CHUNK_TARGET_S = 1.0
+"""Default time of a long prefill's longest chunk. Rule: the TTFT SLO (1 s): a short that must
+preempt waits for the victim's chunk in flight, at most about its longest one. On Mistral-7B
+(32 x A100) the token-pair budget's last chunks take 0.9-1.1 s at 100-500K tokens, so this
+keeps them and gives every other model chunks of the same time (Llama-3.1-70B's ~1.4x fewer
+tokens)."""
+
+
 PROTECTED_DUTY_CYCLE_CHUNKS = 4
 """Default duty cycle of protected long prefills (measured: core-requests.md)."""
 
@@ -69,6 +77,14 @@ class SchedulerConfig:
     )
     min_chunk_tokens: int = field(
         default=512, metadata={"help": "smallest chunk chunk_budget_token_pairs may give"}
+    )
+    long_chunk_target_s: float | None = field(
+        default=LONG_CHUNK_TARGET_S,
+        metadata={
+            "help": "pecsched: a long prefill's chunk budget is learned per instance class so "
+            "that its longest chunk (the prompt's last) takes about this long, from the chunk "
+            "times reported (chunk_budget_token_pairs until the first); None: the fixed budget"
+        },
     )
     sp_kind: SpKind = field(
         default=SpKind.ULYSSES, metadata={"help": "SP attention for long prefills"}
@@ -308,14 +324,19 @@ class SchedulerConfig:
             if expected is not None:
                 raise InvalidArgumentError(name, f"must be {expected}, got {value}")
 
-    def prefill_chunk_tokens(self, prompt_tokens: int, sp_degree: int) -> int:
+    def prefill_chunk_tokens(
+        self, prompt_tokens: int, sp_degree: int, budget_pairs: int | None = None
+    ) -> int:
         """Chunk size of a prefill of `prompt_tokens` on `sp_degree` instances.
 
         Fixed `chunk_tokens` without a budget, or without preemption unless
         `chunk_budget_without_preemption`; else clamp(budget x sp_degree // prompt,
-        min_chunk_tokens, chunk_tokens).
+        min_chunk_tokens, chunk_tokens), the budget `budget_pairs` when given (a learned one)
+        else `chunk_budget_token_pairs`.
         """
         budget = self.chunk_budget_token_pairs
+        if budget is not None and budget_pairs is not None:
+            budget = budget_pairs
         if budget is None or not (self.preemption or self.chunk_budget_without_preemption):
             return self.chunk_tokens
         by_budget = budget * sp_degree // max(1, prompt_tokens)
@@ -354,6 +375,10 @@ def _finite_non_negative(value: float, config: SchedulerConfig) -> str | None:
 
 def _finite_positive(value: float, config: SchedulerConfig) -> str | None:
     return "finite and > 0" if not (math.isfinite(value) and value > 0.0) else None
+
+
+def _finite_positive_or_none(value: float | None, config: SchedulerConfig) -> str | None:
+    return None if value is None else _finite_positive(value, config)
 
 
 def _finite_non_negative_or_none(value: float | None, config: SchedulerConfig) -> str | None:
@@ -403,6 +428,7 @@ _RULES: tuple[tuple[str, _Rule], ...] = (
     ("short_preempt_delay_s", _finite_non_negative),
     ("short_tbt_slo_s", _finite_positive),
     ("long_aging_s", _finite_non_negative_or_none),
+    ("long_chunk_target_s", _finite_positive_or_none),
 )
 """Every field's validity rule as (field, rule); a rule returns None when the value is valid,
 else what it must be (the error reads "must be <that>, got <value>")."""

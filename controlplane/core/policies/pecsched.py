@@ -39,8 +39,10 @@ Each schedule():
    whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
    widened with `widen_sp_when_idle` to the long's share of the open general instances (the
    queued longs share them; one plus one per running short prefill stay open for shorts), up
-   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`; a widened group's chunk is
-   the one of the fewest instances that hold its KV, so its members' chunks end sooner),
+   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`, at the token-pair budget
+   that makes a chunk take `long_chunk_target_s` on the group's instance class, learned from
+   the chunk times observed: `ChunkTimeEstimator`; a widened group's chunk is the one of the
+   fewest instances that hold its KV, so its members' chunks end sooner),
    decoding in place on the same group. Shorts take widened groups back by preemption at chunk
    boundaries. A long no
    group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
@@ -57,8 +59,9 @@ from collections.abc import Sequence
 
 from controlplane.core.actions import Action
 from controlplane.core.base import BasePolicy
+from controlplane.core.chunk_timing import ChunkClass, ChunkTimeEstimator
 from controlplane.core.config import LongDecodeSharing, SchedulerConfig
-from controlplane.core.events import Event
+from controlplane.core.events import Event, PrefillChunkDone
 from controlplane.core.policies.pecsched_decoders import ShortDecodePool
 from controlplane.core.policies.pecsched_starvation import (
     AgedLongs,
@@ -105,14 +108,34 @@ class PecSchedPolicy(BasePolicy):
         self._decoders = ShortDecodePool(config, self._state)
         self._aged = AgedLongs(config, self._state)
         self._preemption = Preemption(config, self._state)
+        budget, target = config.chunk_budget_token_pairs, config.long_chunk_target_s
+        self._chunk_timing = (
+            None if budget is None or target is None else ChunkTimeEstimator(target, budget)
+        )
 
     def observe(self, events: Sequence[Event]) -> None:
         """Apply events, then learn from them: long prefills' chunk clocks (`Preemption`) and
         the TBT of shorts decoding on short-decode instances (`ShortDecodePool`)."""
         super().observe(events)
         for event in events:
-            self._preemption.observe(event)
+            chunk_s = self._preemption.observe(event)
+            if isinstance(event, PrefillChunkDone):
+                self._learn_chunk(event, chunk_s)
             self._decoders.observe(event)
+
+    def _learn_chunk(self, event: PrefillChunkDone, seconds: float) -> None:
+        """A long prefill's chunk on general instances ran `seconds` (NaN: unknown): feed
+        the chunk-time estimator of their class."""
+        req = self._state.requests.get(event.request_id)
+        if self._chunk_timing is None or req is None or not req.prefill_ids:
+            return
+        inst = self._state.instances.get(req.prefill_ids[0])
+        if inst is not None and req.request_class is _LONG and inst.role is _GENERAL:
+            spec = inst.spec
+            self._chunk_timing.prefill_chunk_ran(
+                ChunkClass(spec.tp, spec.kv_capacity_tokens), seconds,
+                req.spec.prompt_tokens, req.chunks_total, event.chunk_index, len(req.prefill_ids),
+            )  # fmt: skip
 
     def _decode_batch_limit(self) -> int:
         """Shorts one short-decode instance takes: the learned batch within the TBT target."""
@@ -186,13 +209,19 @@ class PecSchedPolicy(BasePolicy):
         the chunk of that base degree, not of its width: each member's chunk runs about
         width / base times shorter, so a short that preempts the group waits less for its
         boundary, for more chunks (measured: BENCHMARKS.md, "Short queueing on TP4 models at
-        light load"). None (the config's rule) for a group of its base size."""
+        light load"). With `long_chunk_target_s`, at the token-pair budget learned for the
+        group's instance class (`ChunkTimeEstimator`). None (the config's rule) for a group of
+        its base size without a target."""
         st = self._state
         free = sorted((st.ledger.free_tokens(i.instance_id) for i in group), reverse=True)
         base = kv_base_degree(free, req.spec.total_tokens)
-        if base >= len(group):
+        timing, spec = self._chunk_timing, group[0].spec
+        budget = (
+            timing.budget_pairs(ChunkClass(spec.tp, spec.kv_capacity_tokens)) if timing else None
+        )
+        if base >= len(group) and budget is None:
             return None
-        return self._config.prefill_chunk_tokens(req.spec.prompt_tokens, base)
+        return self._config.prefill_chunk_tokens(req.spec.prompt_tokens, base, budget)
 
     def _next_timer_s(self, now_s: float) -> float:
         """The next starvation bound, the head long's aging, the head short's preemption."""

@@ -58,9 +58,11 @@ class Preemption:
         # long prefills' chunk clocks, to pause the one nearest a chunk boundary
         self._chunk_marks: dict[str, _ChunkMark] = {}
 
-    def observe(self, event: Event) -> None:
+    def observe(self, event: Event) -> float:
         """Keep the chunk clocks: a chunk's end starts the next; a prefill that ended, was
-        cancelled or failed is forgotten."""
+        cancelled or failed is forgotten. Returns how long the chunk a PrefillChunkDone ends
+        ran (NaN: unknown, or another event)."""
+        last_s = math.nan
         if isinstance(event, PrefillChunkDone):
             mark = self._chunk_marks.get(event.request_id)
             last_s = math.nan if mark is None else event.at_s - mark.started_s
@@ -70,6 +72,7 @@ class Preemption:
             RequestCancelled | RequestFailed | KVTransferDone | PrefillDone | RequestFinished,
         ):
             self._chunk_marks.pop(event.request_id, None)
+        return last_s
 
     def resumed(self, request_id: str, now_s: float) -> None:
         """A paused long prefill resumed at `now_s`: its chunk in flight starts then."""
