@@ -136,6 +136,7 @@ class FakeDataPlane:
     def _apply(self, action: act.Action) -> None:
         match action:
             case act.StartPrefill():
+                self.mixed.discard(action.request_id)  # placed again, as a plain prefill
                 self.jobs[action.request_id] = Job(
                     action.request_id,
                     action.num_chunks,
@@ -146,6 +147,8 @@ class FakeDataPlane:
             case act.Colocate():
                 if action.mixed_batch_tokens:
                     self.mixed.add(action.request_id)
+                else:
+                    self.mixed.discard(action.request_id)
                 self.jobs[action.request_id] = Job(
                     action.request_id,
                     action.num_chunks,

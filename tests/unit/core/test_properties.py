@@ -303,3 +303,38 @@ def test_an_aged_long_whose_holds_can_never_hold_it_gathers_afresh_at_once() -> 
     # Assert
     states = {v.request_id: v.state for v in dp.policy.take_completed()}
     assert states == dict.fromkeys(("r00", "r04", "r11"), RequestState.FINISHED)
+
+
+def test_a_mixed_prefill_placed_again_as_a_plain_one_holds_its_slots() -> None:
+    # Prepare: shrunk from a random draw. sarathi mixes r09 into i4's batch; i4 goes down and
+    # r09 is placed again as an SP prefill on (i1, i2), which holds their slots: the fake data
+    # plane must stop counting it as a mixed prefill (it did, and the slot check failed).
+    sc = Scenario(
+        policy="sarathi",
+        instances=tuple(
+            make_instance(f"i{k}", node_id=f"n{k // 2}", kv_capacity_tokens=30_000)
+            for k in range(4)
+        )
+        + (make_instance("i4", node_id="n2", kv_capacity_tokens=60_000),),
+        config={
+            "chunk_tokens": 2_000,
+            "max_pause_s": 0.0,
+            "max_decode_batch": 1,
+            "long_aging_s": None,
+            "max_sp_degree": 2,
+            "max_kv_transfer_attempts": 1,
+        },
+        arrivals=(
+            (0, make_request("r08", prompt_tokens=1, max_new_tokens=1)),
+            (0, make_request("r09", prompt_tokens=29_971, max_new_tokens=30)),
+        ),
+        faults=((3, "down", 4),),
+        transfer_fault_rate=0.0,
+    )
+
+    # Execute
+    dp = play(sc)
+
+    # Assert
+    states = {v.request_id: v.state for v in dp.policy.take_completed()}
+    assert states == dict.fromkeys(("r08", "r09"), RequestState.FINISHED)
