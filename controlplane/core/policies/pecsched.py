@@ -1,54 +1,51 @@
 """`pecsched` and its ablations: shorts first, colocation, preemption at chunk boundaries.
 
 Each schedule():
-0. Short-decode pool sized by demand (`short_decode_elastic`, with `disaggregation`): it
-   keeps `ShortDecodePool.decoders_needed()` instances = the shorts now prefilling, transferring KV or
+0. Short-decode pool sized by demand (`short_decode_elastic`, with `disaggregation`): it keeps
+   `ShortDecodePool.decoders_needed()` instances = the shorts now prefilling, transferring KV or
    decoding, divided by the batch one instance decodes within `short_tbt_slo_s` (learned from
    finished decodes, `DecodeBatchEstimator`), and never fewer than one: empty members beyond
    that go back to GENERAL, empty GENERAL instances join while fewer are there or a transfer
    waits for a place. A decoder takes no more shorts than that batch.
 1. Starvation bound: a paused long prefill whose total pause time reached `max_pause_s` (or,
    with the anti-thrash bound `max_preemptions_per_long`, that was paused that many times) is
-   protected: its group takes no new short work until it resumes, and it is paused again
-   only for one short prefill after every `protected_duty_cycle_chunks` chunks it runs
-   (None: never), its group held for it meanwhile.
+   protected: its group takes no new short work until it resumes, and it is paused again only
+   for one short prefill after every `protected_duty_cycle_chunks` chunks it runs (None: never),
+   its group held for it meanwhile.
 2. Aging (off by default): once the oldest long request has waited `long_aging_s`, it goes
-   before any short; when it does not fit, it holds open instances as they appear (shorts
-   cannot take them) until the held ones can take it. Shorts keep every other instance.
-3. Short requests, first-come-first-served (higher `priority` first), each on the first of:
-   an open general instance (most free KV); colocated on a short-decode instance whose batch
-   is below the TBT target's, decoding there (`short_decode_colocation`; its prompt tokens a
-   step priced so each iteration stays within `short_tbt_slo_s`, none when that takes more
-   than `_MAX_COLOCATED_ITERATIONS` steps, pecsched_decoders.py); an instance
-   decoding a long request (Colocate with a per-iteration prefill budget, or a stalling
-   StartPrefill when `long_decode_sharing` is STALL: the /CoL ablation, which also turns off
-   colocation on decoders); an instance whose long prefill is already paused; else, with
-   `preemption` and once the short has waited `short_preempt_delay_s` (a decoder or an
-   instance may free up first; earlier with `short_preempt_early`: at once in a burst, when
-   more shorts are queued than short prefills are running, else a victim whose chunk ends
-   before the delay would), pause a running long prefill and take one of its instances:
-   among the first `_MAX_VICTIMS_TRIED` running longs in order (smallest SP group, least
-   paused so far, newest; never one on its last chunk), the one whose chunk in flight should
-   end first (its last chunk's length, observed), so the short waits least
-   (pecsched_victims.py). With
-   `disaggregation` a short prefilled on a general instance decodes on the most loaded
-   short-decode instance with room after a KV transfer (bin packing lets spare members empty
-   out); else where it prefilled.
+   before any short; when it does not fit, it holds open instances as they appear (shorts cannot
+   take them) until the held ones can take it. Shorts keep every other instance.
+3. Short requests, first-come-first-served (higher `priority` first), each on the first of: an
+   open general instance (most free KV); colocated on a short-decode instance whose batch is
+   below the TBT target's, decoding there (`short_decode_colocation`; its prompt tokens a step
+   priced so each iteration stays within `short_tbt_slo_s`, none when that takes more than
+   `_MAX_COLOCATED_ITERATIONS` steps, pecsched_decoders.py); an instance decoding a long request
+   (Colocate with a per-iteration prefill budget, or a stalling StartPrefill when
+   `long_decode_sharing` is STALL: the /CoL ablation, which also turns off colocation on
+   decoders); an instance whose long prefill is already paused; else, with `preemption` and once
+   the short has waited `short_preempt_delay_s` (a decoder or an instance may free up first;
+   earlier with `short_preempt_early`: at once in a burst, when more shorts are queued than
+   short prefills are running, else a victim whose chunk ends before the delay would), pause a
+   running long prefill and take one of its instances: among the first `_MAX_VICTIMS_TRIED`
+   running longs in order (smallest SP group, least paused so far, newest; never one on its last
+   chunk), the one whose chunk in flight should end first (its last chunk's length, observed),
+   so the short waits least (pecsched_victims.py). With `disaggregation` a short prefilled on a
+   general instance decodes on the most loaded short-decode instance with room after a KV
+   transfer (bin packing lets spare members empty out); else where it prefilled.
 4. Resume paused long prefills whose whole group is free (protected ones first).
-5. Long requests, first-come-first-served: the smallest SP group of open general instances
-   whose free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks),
-   widened with `widen_sp_when_idle` to the long's share of the open general instances (the
-   queued longs share them; one plus one per running short prefill stay open for shorts), up
-   to `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`, at the token-pair budget
-   that makes a chunk take `long_chunk_target_s` on the group's instance class, learned from
-   the chunk times observed: `ChunkTimeEstimator`; a widened group's chunk is the one of the
-   fewest instances that hold its KV, so its members' chunks end sooner),
-   decoding in place on the same group. Shorts take widened groups back by preemption at chunk
-   boundaries. A long no
-   group can take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it
-   prefills inside that decoder's iterations at a small budget a step and decodes there,
-   only while the decoder's batch is below half the TBT target's (never paused; the decoder
-   keeps its role, so shorts keep decoding there).
+5. Long requests, first-come-first-served: the smallest SP group of open general instances whose
+   free KV holds prompt + output (larger if `target_prefill_tokens_per_instance` asks), widened
+   with `widen_sp_when_idle` to the long's share of the open general instances (the queued longs
+   share them; one plus one per running short prefill stay open for shorts), up to
+   `max_sp_degree`; prefilled in chunks (`prefill_chunk_tokens`, at the token-pair budget that
+   makes a chunk take `long_chunk_target_s` on the group's instance class, learned from the
+   chunk times observed: `ChunkTimeEstimator`; a widened group's chunk is the one of the fewest
+   instances that hold its KV, so its members' chunks end sooner), decoding in place on the same
+   group. Shorts take widened groups back by preemption at chunk boundaries. A long no group can
+   take is lent a short-decode instance's slack (`lend_decoder_to_longs`): it prefills inside
+   that decoder's iterations at a small budget a step and decodes there, only while the
+   decoder's batch is below half the TBT target's (never paused; the decoder keeps its role, so
+   shorts keep decoding there).
 
 The ablations are this class with one switch of `SchedulerConfig` flipped (see registry.py).
 """
