@@ -65,7 +65,7 @@ from controlplane.core.policies.pecsched_starvation import (
     protect_starving,
     resume_paused,
 )
-from controlplane.core.policies.pecsched_victims import Preemption
+from controlplane.core.policies.pecsched_victims import ShortPreemption
 from controlplane.core.policies.pecsched_widening import widened_degree
 from controlplane.core.records import InstanceRecord, RequestRecord, Slot
 from controlplane.core.roles import all_general, short_decode_plan
@@ -104,15 +104,16 @@ class PecSchedPolicy(BasePolicy):
         self._short_slots = tuple(slots)
         self._decoders = ShortDecodePool(config, self._state)
         self._aged = AgedLongs(config, self._state)
-        self._preemption = Preemption(config, self._state)
+        self._preemption = ShortPreemption(config, self._state)
         budget, target = config.chunk_budget_token_pairs, config.long_chunk_target_s
         self._chunk_timing = (
             None if budget is None or target is None else ChunkTimeEstimator(target, budget)
         )
 
     def observe(self, events: Sequence[Event]) -> None:
-        """Apply events, then learn from them: long prefills' chunk clocks (`Preemption`) and
-        the TBT of shorts decoding on short-decode instances (`ShortDecodePool`)."""
+        """Apply events, then learn from them: long prefills' chunk clocks (`ShortPreemption`),
+        their chunk times (`ChunkTimeEstimator`) and the TBT of shorts decoding on short-decode
+        instances (`ShortDecodePool`)."""
         super().observe(events)
         for event in events:
             chunk_s = self._preemption.observe(event)

@@ -1,7 +1,7 @@
 """PecSched's preemption: when a queued short may pause a running long prefill, and which one.
 
-`Preemption` owns the long prefills' chunk clocks (when the chunk in flight started, how long
-the last one ran) and decides, for one short request:
+`ShortPreemption` owns the long prefills' chunk clocks (when the chunk in flight started, how
+long the last one ran) and decides, for one short request:
 - `wake_s`: when the head of the short queue will have waited `short_preempt_delay_s` (the
   policy's timer);
 - `deadline_s`: the latest end of a victim's chunk in flight at which the short may pause it
@@ -49,7 +49,7 @@ class _ChunkMark(NamedTuple):
     last_s: float  # how long its last chunk ran, start to end (NaN until one did)
 
 
-class Preemption:
+class ShortPreemption:
     """Pauses the running long prefill nearest a chunk boundary for a waiting short."""
 
     def __init__(self, config: SchedulerConfig, state: ClusterState) -> None:
