@@ -168,6 +168,21 @@ def test_pecsched_chunks_run_once_each_despite_pauses(sc: Scenario) -> None:
             assert dp.chunks_run[view.request_id] == list(range(view.chunks_total)), view
 
 
+def _drawn_config(
+    *, max_sp_degree: int, long_aging_s: float | None = None, chunk_tokens: int = 2_000
+) -> dict[str, object]:
+    """The config of a shrunk random draw: no pause budget, decode batches of one, one transfer
+    attempt; what the draws varied is given."""
+    return {
+        "chunk_tokens": chunk_tokens,
+        "max_pause_s": 0.0,
+        "max_decode_batch": 1,
+        "long_aging_s": long_aging_s,
+        "max_sp_degree": max_sp_degree,
+        "max_kv_transfer_attempts": 1,
+    }
+
+
 def test_an_instance_that_went_down_while_held_is_held_once_when_back() -> None:
     # Prepare: shrunk from a random draw. Two longs wait behind 23 one-token shorts; the aged
     # long holds i0, i0 goes down and comes back up (a new record, free), and the long must not
@@ -184,14 +199,7 @@ def test_an_instance_that_went_down_while_held_is_held_once_when_back() -> None:
             for k in range(4)
         )
         + (make_instance("i4", node_id="n2", kv_capacity_tokens=60_000),),
-        config={
-            "chunk_tokens": 2_000,
-            "max_pause_s": 0.0,
-            "max_decode_batch": 1,
-            "long_aging_s": 5.0,
-            "max_sp_degree": 8,
-            "max_kv_transfer_attempts": 1,
-        },
+        config=_drawn_config(max_sp_degree=8, long_aging_s=5.0),
         arrivals=arrivals,
         faults=((6, "down", 0),),
         transfer_fault_rate=0.0,
@@ -216,7 +224,7 @@ def test_an_instance_back_up_is_offered_once() -> None:
             make_instance("i1", node_id="n0", kv_capacity_tokens=60_000),
             make_instance("i2", node_id="n1", kv_capacity_tokens=30_000),
         ),
-        config={"chunk_tokens": 2_000, "max_decode_batch": 1, "max_sp_degree": 2},
+        config=_drawn_config(max_sp_degree=2),
         arrivals=((1, make_request("r06", prompt_tokens=4_096, arrival_s=1.0)),),
         faults=((0, "down", 1), (0, "down", 1)),
         transfer_fault_rate=0.0,
@@ -244,14 +252,7 @@ def test_a_prefill_whose_decode_instance_went_down_decodes_where_it_was_prefille
                 "i4", node_id="n2", kv_capacity_tokens=30_000, role=InstanceRole.SHORT_DECODE
             ),
         ),
-        config={
-            "chunk_tokens": 2_000,
-            "max_pause_s": 0.0,
-            "max_decode_batch": 1,
-            "long_aging_s": None,
-            "max_sp_degree": 1,
-            "max_kv_transfer_attempts": 1,
-        },
+        config=_drawn_config(max_sp_degree=1),
         arrivals=(
             (0, make_request("r04", prompt_tokens=215, max_new_tokens=15)),
             (0, make_request("r06", prompt_tokens=63_394, max_new_tokens=27)),
@@ -280,14 +281,7 @@ def test_an_aged_long_whose_holds_can_never_hold_it_gathers_afresh_at_once() -> 
             make_instance("i1", node_id="n0", kv_capacity_tokens=30_000),
             make_instance("i2", node_id="n1", kv_capacity_tokens=120_000),
         ),
-        config={
-            "chunk_tokens": 8_192,
-            "max_pause_s": 0.0,
-            "max_decode_batch": 1,
-            "long_aging_s": 5.0,
-            "max_sp_degree": 2,
-            "max_kv_transfer_attempts": 1,
-        },
+        config=_drawn_config(max_sp_degree=2, long_aging_s=5.0, chunk_tokens=8_192),
         arrivals=(
             (0, make_request("r00", prompt_tokens=96_411, max_new_tokens=1)),
             (0, make_request("r11", prompt_tokens=150_000, max_new_tokens=1)),
@@ -316,14 +310,7 @@ def test_a_mixed_prefill_placed_again_as_a_plain_one_holds_its_slots() -> None:
             for k in range(4)
         )
         + (make_instance("i4", node_id="n2", kv_capacity_tokens=60_000),),
-        config={
-            "chunk_tokens": 2_000,
-            "max_pause_s": 0.0,
-            "max_decode_batch": 1,
-            "long_aging_s": None,
-            "max_sp_degree": 2,
-            "max_kv_transfer_attempts": 1,
-        },
+        config=_drawn_config(max_sp_degree=2),
         arrivals=(
             (0, make_request("r08", prompt_tokens=1, max_new_tokens=1)),
             (0, make_request("r09", prompt_tokens=29_971, max_new_tokens=30)),
